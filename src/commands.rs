@@ -1,0 +1,166 @@
+//! What each `runner` subcommand does; `main.rs` only parses arguments and prints errors.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::backend::{self, BackendJob};
+use crate::config::{self, Overrides, Pipeline};
+use crate::pipeline::{self, Cache, Plan, RunDir, RunLog};
+use crate::stages::StageKind;
+
+pub struct RunArgs {
+    pub pipeline: PathBuf,
+    pub overrides: Overrides,
+    pub force: Vec<String>,
+    pub dry_run: bool,
+}
+
+pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline> {
+    Ok(config::load(path, overrides)?)
+}
+
+/// `runner run`: plans, then executes (or, with `--dry-run`, prints the plan).
+pub fn run(args: &RunArgs, cache: &Cache) -> Result<()> {
+    let pipeline = load(&args.pipeline, &args.overrides)?;
+    let p = &pipeline.pipeline;
+    let device_name = backend::device_name(p.backend, p.device);
+    let plan = pipeline::plan(&pipeline, cache, &args.force, &device_name)?;
+    if args.dry_run {
+        print!("{}", pipeline::describe(&plan));
+        return Ok(());
+    }
+    let run_dir = RunDir::create(&pipeline)?;
+    run_dir.log.info(&format!(
+        "pipeline {} ({}) on {} [{device_name}], run directory {}",
+        p.name,
+        args.pipeline.display(),
+        p.backend,
+        run_dir.path.display()
+    ));
+    for line in pipeline::describe(&plan).lines() {
+        run_dir.log.info(line);
+    }
+    let job = Execute { pipeline: &pipeline, plan: &plan, cache, device_name: &device_name, run_dir: &run_dir.path, log: &run_dir.log };
+    backend::dispatch(p.backend, p.device, job)?;
+    run_dir.log.info(&format!("finished; results in {}", p.results_dir.join(&p.name).display()));
+    Ok(())
+}
+
+struct Execute<'a> {
+    pipeline: &'a Pipeline,
+    plan: &'a Plan,
+    cache: &'a Cache,
+    device_name: &'a str,
+    run_dir: &'a Path,
+    log: &'a RunLog,
+}
+
+impl BackendJob for Execute<'_> {
+    type Output = Vec<pipeline::StageRecord>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output> {
+        pipeline::execute::<B>(self.pipeline, self.plan, self.cache, &device, self.device_name, Some(self.run_dir), self.log)
+    }
+}
+
+/// `runner show`: every resolved value and the layer it came from.
+pub fn show(path: &Path, overrides: &Overrides) -> Result<String> {
+    let pipeline = load(path, overrides)?;
+    let rows = pipeline.provenance();
+    let width = rows.iter().map(|(k, v, _)| k.len() + v.len() + 3).max().unwrap_or(0);
+    let mut out = String::new();
+    let mut section = String::new();
+    for (key, value, origin) in rows {
+        let top = key.split('.').take(if key.starts_with("stages.") { 2 } else { 1 }).collect::<Vec<_>>().join(".");
+        if top != section {
+            out.push_str(&format!("\n[{top}]\n"));
+            section = top;
+        }
+        let line = format!("{key} = {value}");
+        out.push_str(&format!("{line:<width$}  # {origin}\n"));
+    }
+    out.push_str("\nstage order and inputs:\n");
+    for s in &pipeline.stages {
+        out.push_str(&format!("  {} ({}) <- {}\n", s.name, s.kind.name(), s.input.as_deref().unwrap_or("nothing")));
+    }
+    Ok(out.trim_start().to_string())
+}
+
+/// `runner stages`: every stage kind, its keys, types, defaults and docs.
+pub fn stages() -> String {
+    let mut out = String::from("Every stage table takes `kind` and `input` (the stage whose model it consumes; default: the previous stage).\n");
+    for kind in StageKind::ALL {
+        out.push_str(&format!("\n{}: {}\n", kind.name(), kind.doc()));
+        let defaults = serde_json::to_value(kind.default_settings()).unwrap_or_default();
+        for (key, ty, doc) in kind.keys() {
+            let default = match &defaults[*key] {
+                serde_json::Value::Null => "unset".to_string(),
+                v => v.to_string(),
+            };
+            out.push_str(&format!("  {key:<20} {ty:<8} default {default:<10} {doc}\n"));
+        }
+    }
+    out.push_str("\nnot implemented in this version: profile_latency, hessian_scores, prune, distill, report\n");
+    out
+}
+
+/// `runner cache ls`.
+pub fn cache_ls(cache: &Cache) -> Result<String> {
+    let mut out = format!("{:<22} {:<14} {:<16} {:<16} {:>10}  last used\n", "key", "stage", "kind", "pipeline", "size");
+    for e in cache.entries()? {
+        let (stage, kind, pipeline) = match &e.manifest {
+            Some(m) => (m.stage.clone(), m.kind.clone(), m.pipeline.clone()),
+            None => ("(incomplete)".into(), String::new(), String::new()),
+        };
+        let used = e
+            .last_used
+            .map(|t| chrono::DateTime::<chrono::Local>::from(t).format("%Y-%m-%d %H:%M").to_string())
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!("{:<22} {stage:<14} {kind:<16} {pipeline:<16} {:>10}  {used}\n", e.key, human_bytes(e.bytes)));
+    }
+    Ok(out)
+}
+
+/// `runner cache gc`: removes entries that no pipeline under `dir` references. Entries of a
+/// pipeline that cannot be resolved now (its dataset is missing, say) are kept.
+pub fn cache_gc(cache: &Cache, dir: &Path) -> Result<String> {
+    let mut keep = HashSet::new();
+    let mut kept_pipelines = HashSet::new();
+    let mut notes = String::new();
+    for entry in walkdir::WalkDir::new(dir).sort_by_file_name().into_iter().filter_map(|e| e.ok()) {
+        if entry.path().extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let plan = load(entry.path(), &Overrides::default()).and_then(|p| {
+            let name = backend::device_name(p.pipeline.backend, p.pipeline.device);
+            pipeline::plan(&p, cache, &[], &name).map(|plan| (p, plan))
+        });
+        match plan {
+            Ok((_, plan)) => keep.extend(plan.stages.into_iter().map(|s| s.key)),
+            Err(e) => {
+                let stem = entry.path().file_stem().unwrap().to_string_lossy().into_owned();
+                notes.push_str(&format!("kept entries of {}: it does not resolve now ({})\n", entry.path().display(), e.to_string().lines().next().unwrap_or("")));
+                kept_pipelines.insert(stem);
+            }
+        }
+    }
+    for e in cache.entries()? {
+        if e.manifest.as_ref().is_some_and(|m| kept_pipelines.contains(&m.pipeline)) {
+            keep.insert(e.key);
+        }
+    }
+    let removed = cache.gc(&keep).context("collecting the cache")?;
+    let bytes: u64 = removed.iter().map(|(_, b)| b).sum();
+    Ok(format!("{notes}removed {} entries ({}), kept {}\n", removed.len(), human_bytes(bytes), keep.len()))
+}
+
+fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}

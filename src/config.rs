@@ -1,0 +1,630 @@
+//! Pipeline files: what the user wrote, layered and checked.
+//!
+//! A pipeline is read in layers, each overriding the one before:
+//! built-in defaults < the `extends` chain < the file < `RUNNER_SECTION__KEY` environment
+//! variables < `--set key.path=value`. [`load`] resolves the layers with figment (which keeps,
+//! for every value, the layer it came from, for `runner show`), then checks the result as a
+//! whole: every unknown key, wrong type and impossible value is reported at once, each naming
+//! the file and key path at fault.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider, Source};
+use serde::{Deserialize, Serialize};
+
+use crate::data::DatasetConfig;
+use crate::model::ModelSection;
+use crate::stages::{StageKind, StageSettings};
+
+/// Every error found in a pipeline, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct ConfigErrors(pub Vec<String>);
+
+/// `[pipeline]`: what runs where.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSection {
+    /// Name of the pipeline: names `runs/<name>/` and `results/<name>/`. Default: the file stem.
+    pub name: String,
+    /// Burn backend: `ndarray` (CPU), `wgpu` or `cuda`. Default `ndarray`.
+    pub backend: BackendKind,
+    /// Device index on the backend. Default 0.
+    pub device: usize,
+    /// Seed for initialization, shuffling and augmentation. Default 42.
+    pub seed: u64,
+    /// Where CSV results go. Default `results`.
+    pub results_dir: PathBuf,
+    /// Where run directories go. Default `runs`.
+    pub runs_dir: PathBuf,
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            backend: BackendKind::Ndarray,
+            device: 0,
+            seed: 42,
+            results_dir: "results".into(),
+            runs_dir: "runs".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Ndarray,
+    Wgpu,
+    Cuda,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Ndarray => "ndarray",
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Cuda => "cuda",
+        })
+    }
+}
+
+/// One `[stages.NAME]` table, resolved.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StageSpec {
+    pub name: String,
+    pub kind: StageKind,
+    /// The stage whose model this one consumes; `None` for a stage that starts from nothing.
+    pub input: Option<String>,
+    pub settings: StageSettings,
+}
+
+/// A pipeline after layering and validation: everything a run needs to know.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pipeline {
+    /// The file it was read from.
+    pub path: PathBuf,
+    pub pipeline: PipelineSection,
+    pub dataset: DatasetConfig,
+    pub model: ModelSection,
+    /// Stages in file order (bases first), which is also the order they run in.
+    pub stages: Vec<StageSpec>,
+    /// The layered figment, kept to say where each value came from.
+    #[serde(skip)]
+    pub figment: Figment,
+}
+
+/// What the layers above the file contribute.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--set key.path=value`, in order.
+    pub set: Vec<String>,
+    /// Whether to read `RUNNER_SECTION__KEY` variables (tests turn it off).
+    pub env: bool,
+}
+
+/// Reads, layers and validates a pipeline file.
+pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors> {
+    let mut errors = Vec::new();
+    let chain = read_extends_chain(path).map_err(|e| ConfigErrors(vec![e]))?;
+
+    let mut figment = Figment::new()
+        .merge(Serialized::defaults(SectionDefaults::default()).profile(Profile::Default));
+    let mut stage_order: Vec<String> = Vec::new();
+    for (file, doc) in &chain {
+        figment = figment.merge(Toml::file_exact(file));
+        if let Some(toml::Value::Table(stages)) = doc.get("stages") {
+            for name in stages.keys() {
+                if !stage_order.contains(name) {
+                    stage_order.push(name.clone());
+                }
+            }
+        }
+    }
+    if overrides.env {
+        figment = figment.merge(
+            Env::prefixed("RUNNER_")
+                .filter(|k| k.as_str().contains("__"))
+                .split("__"),
+        );
+    }
+    for item in &overrides.set {
+        match SetOverride::parse(item) {
+            Ok(provider) => {
+                if let Some(stage) = provider.stage_name() {
+                    if !stage_order.contains(&stage) {
+                        stage_order.push(stage);
+                    }
+                }
+                figment = figment.merge(provider);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+
+    let default_name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "pipeline".into());
+    figment = figment.join(Serialized::default("pipeline.name", default_name));
+
+    // Stage defaults depend on each stage's kind, so they join once the kinds are known.
+    let root = match figment.data() {
+        Ok(mut data) => data.remove(&Profile::Default).unwrap_or_default(),
+        Err(e) => return Err(ConfigErrors(vec![format_figment_error(&e)])),
+    };
+    let mut kinds = BTreeMap::new();
+    check_unknown_keys(&figment, &root, &mut errors, &mut kinds);
+    for (name, kind) in &kinds {
+        figment = figment.join(Serialized::default(
+            &format!("stages.{name}"),
+            kind.default_settings(),
+        ));
+    }
+
+    let pipeline = extract_or_push::<PipelineSection>(&figment, "pipeline", &mut errors);
+    let dataset = extract_or_push::<DatasetConfig>(&figment, "dataset", &mut errors);
+    let model = extract_or_push::<ModelSection>(&figment, "model", &mut errors);
+    let mut dataset = dataset;
+    if let Some(d) = dataset.as_mut() {
+        let root_is_default = figment.find_metadata("dataset.root").is_none_or(|m| describe_source(m) == "default");
+        if d.kind == crate::data::DatasetKind::Imagefolder && root_is_default && overrides.env {
+            if let Some(root) = std::env::var_os("RUNNER_IMAGENET") {
+                d.root = root.into();
+            }
+        }
+    }
+
+    let mut stages = Vec::new();
+    let mut previous: Option<String> = None;
+    for name in stage_order.iter().filter(|n| kinds.contains_key(*n)) {
+        let kind = kinds[name];
+        let key = format!("stages.{name}");
+        let input_key = format!("{key}.input");
+        let given = match figment.find_value(&input_key) {
+            Err(_) => Ok(None),
+            Ok(_) => figment.extract_inner::<String>(&input_key).map(Some),
+        };
+        let input = match given {
+            Ok(Some(input)) if input.is_empty() || input == "none" => None,
+            Ok(Some(input)) => Some(input),
+            Ok(None) if kind.starts_from_nothing() => None,
+            Ok(None) => previous.clone(),
+            Err(e) => {
+                errors.push(format_figment_error(&e));
+                None
+            }
+        };
+        let settings = {
+            let mut table = match figment.find_value(&key) {
+                Ok(Value::Dict(_, dict)) => dict,
+                _ => Dict::new(),
+            };
+            table.remove("kind");
+            table.remove("input");
+            let focused = Figment::from(Serialized::defaults(table));
+            match kind.parse_settings(&focused) {
+                Ok(settings) => Some(settings),
+                Err(e) => {
+                    let message = format_figment_error_at(&figment, &key, &e);
+                    if !message.is_empty() {
+                        errors.push(message);
+                    }
+                    None
+                }
+            }
+        };
+        if let Some(settings) = settings {
+            stages.push(StageSpec { name: name.clone(), kind, input, settings });
+        }
+        previous = Some(name.clone());
+    }
+
+    let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+    for stage in &stages {
+        if let Some(input) = &stage.input {
+            let position = names.iter().position(|n| n == input);
+            let own = names.iter().position(|n| *n == stage.name);
+            match position {
+                None => errors.push(located(
+                    &figment,
+                    &format!("stages.{}.input", stage.name),
+                    &format!("names no stage `{input}`{}", did_you_mean(input, &names)),
+                )),
+                Some(p) if Some(p) >= own => errors.push(located(
+                    &figment,
+                    &format!("stages.{}.input", stage.name),
+                    &format!("names `{input}`, which does not come before it; stages run in file order"),
+                )),
+                _ => {}
+            }
+        }
+        for problem in stage.settings.validate() {
+            let (key, message) = problem;
+            errors.push(located(&figment, &format!("stages.{}.{key}", stage.name), &message));
+        }
+    }
+    if let Some(dataset) = &dataset {
+        for (key, message) in dataset.validate() {
+            errors.push(located(&figment, &format!("dataset.{key}"), &message));
+        }
+    }
+    if let Some(model) = &model {
+        for (key, message) in model.validate() {
+            errors.push(located(&figment, &format!("model.{key}"), &message));
+        }
+    }
+    if stages.is_empty() && errors.is_empty() {
+        errors.push(format!("{}: the pipeline has no stages\n  hint: add a [stages.NAME] table with a `kind`", path.display()));
+    }
+
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Pipeline {
+        path: path.to_path_buf(),
+        pipeline: pipeline.expect("checked above"),
+        dataset: dataset.expect("checked above"),
+        model: model.expect("checked above"),
+        stages,
+        figment,
+    })
+}
+
+impl Pipeline {
+    pub fn stage(&self, name: &str) -> Option<&StageSpec> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// Every resolved value as `(key.path, value, where it came from)`, for `runner show`.
+    pub fn provenance(&self) -> Vec<(String, String, String)> {
+        let mut rows = Vec::new();
+        let root = self
+            .figment
+            .data()
+            .ok()
+            .and_then(|mut d| d.remove(&Profile::Default))
+            .unwrap_or_default();
+        flatten(&root, String::new(), &mut |path, value| {
+            let origin = self
+                .figment
+                .find_metadata(&path)
+                .map(describe_source)
+                .unwrap_or_else(|| "default".into());
+            rows.push((path, value_to_toml(value), origin));
+        });
+        rows
+    }
+
+    /// The resolved configuration as TOML, written into every run directory.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        let mut push = |header: &str, value: toml::Value| {
+            out.push_str(&format!("[{header}]\n"));
+            out.push_str(&toml::to_string(&value).unwrap_or_default());
+            out.push('\n');
+        };
+        push("pipeline", toml::Value::try_from(&self.pipeline).expect("serializable"));
+        push("dataset", toml::Value::try_from(&self.dataset).expect("serializable"));
+        push("model", toml::Value::try_from(&self.model).expect("serializable"));
+        for stage in &self.stages {
+            let mut table = match toml::Value::try_from(&stage.settings).expect("serializable") {
+                toml::Value::Table(t) => t,
+                _ => toml::map::Map::new(),
+            };
+            table.insert("kind".into(), toml::Value::String(stage.kind.name().into()));
+            if let Some(input) = &stage.input {
+                table.insert("input".into(), toml::Value::String(input.clone()));
+            }
+            push(&format!("stages.{}", stage.name), toml::Value::Table(table));
+        }
+        out
+    }
+}
+
+/// The defaults of the fixed sections, as the lowest layer.
+#[derive(Serialize, Default)]
+struct SectionDefaults {
+    pipeline: PipelineSection,
+    dataset: DatasetConfig,
+    model: ModelSection,
+}
+
+/// Reads `path` and the files it `extends`, base first.
+fn read_extends_chain(path: &Path) -> Result<Vec<(PathBuf, toml::Table)>, String> {
+    let mut chain = Vec::new();
+    let mut next = Some(path.to_path_buf());
+    while let Some(file) = next.take() {
+        if chain.iter().any(|(p, _): &(PathBuf, _)| p == &file) {
+            return Err(format!("{}: `extends` forms a cycle", file.display()));
+        }
+        let text = std::fs::read_to_string(&file).map_err(|e| {
+            format!("{}: cannot read pipeline file: {e}", file.display())
+        })?;
+        let doc: toml::Table = toml::from_str(&text)
+            .map_err(|e| format!("{}: invalid TOML: {}", file.display(), e.message()))?;
+        if let Some(base) = doc.get("extends") {
+            let base = base
+                .as_str()
+                .ok_or_else(|| format!("{}: `extends` must be a file name string", file.display()))?;
+            let base = file.parent().unwrap_or(Path::new(".")).join(base);
+            if !base.exists() {
+                return Err(format!(
+                    "{}: extends `{}`, which does not exist",
+                    file.display(),
+                    base.display()
+                ));
+            }
+            next = Some(base);
+        }
+        chain.push((file, doc));
+    }
+    chain.reverse();
+    Ok(chain)
+}
+
+/// `--set key.path=value`: the value is read as TOML (`0.5`, `true`, `[1, 2]`, `"x"`),
+/// falling back to a plain string (`--set dataset.kind=synthetic`).
+struct SetOverride {
+    key: String,
+    value: Value,
+    text: String,
+}
+
+impl SetOverride {
+    fn parse(item: &str) -> Result<Self, String> {
+        let (key, raw) = item
+            .split_once('=')
+            .ok_or_else(|| format!("--set {item}: expected key.path=value"))?;
+        let key = key.trim();
+        if key.is_empty() || key.split('.').any(str::is_empty) {
+            return Err(format!("--set {item}: `{key}` is not a key path like stages.train.lr"));
+        }
+        let raw = raw.trim();
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .map(|v| Value::serialize(v).expect("toml values serialize"))
+            .unwrap_or_else(|| Value::from(raw.to_string()));
+        Ok(Self { key: key.to_string(), value, text: item.to_string() })
+    }
+
+    fn stage_name(&self) -> Option<String> {
+        let mut parts = self.key.split('.');
+        (parts.next() == Some("stages")).then(|| parts.next().map(String::from)).flatten()
+    }
+}
+
+impl Provider for SetOverride {
+    fn metadata(&self) -> Metadata {
+        Metadata::from("--set", Source::Custom(self.text.clone()))
+    }
+
+    fn data(&self) -> figment::Result<Map<Profile, Dict>> {
+        Serialized::default(&self.key, &self.value).data()
+    }
+}
+
+/// Field names of a derived `Deserialize` struct, read through serde itself so that the
+/// list of valid keys can never drift from the struct.
+pub fn struct_fields<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    use serde::de::{self, Visitor};
+    struct Fields<'a>(&'a mut &'static [&'static str]);
+    impl<'de> de::Deserializer<'de> for Fields<'_> {
+        type Error = de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(de::Error::custom("fields read"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+            enum identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Fields(&mut fields));
+    fields
+}
+
+fn check_unknown_keys(
+    figment: &Figment,
+    root: &Dict,
+    errors: &mut Vec<String>,
+    kinds: &mut BTreeMap<String, StageKind>,
+) {
+    const TOP: &[&str] = &["extends", "pipeline", "dataset", "model", "stages"];
+    let sections: [(&str, &[&str]); 3] = [
+        ("pipeline", struct_fields::<PipelineSection>()),
+        ("dataset", struct_fields::<DatasetConfig>()),
+        ("model", struct_fields::<ModelSection>()),
+    ];
+    for key in root.keys() {
+        if !TOP.contains(&key.as_str()) {
+            errors.push(unknown_key(figment, key, key, TOP));
+        }
+    }
+    for (section, fields) in sections {
+        if let Some(Value::Dict(_, dict)) = root.get(section) {
+            for key in dict.keys() {
+                if !fields.contains(&key.as_str()) {
+                    errors.push(unknown_key(figment, &format!("{section}.{key}"), key, fields));
+                }
+            }
+        }
+    }
+    let Some(stages) = root.get("stages") else { return };
+    let Value::Dict(_, stages) = stages else {
+        errors.push(located(figment, "stages", "must be a table of [stages.NAME] tables"));
+        return;
+    };
+    for (name, table) in stages {
+        let path = format!("stages.{name}");
+        let Value::Dict(_, table) = table else {
+            errors.push(located(figment, &path, "must be a table"));
+            continue;
+        };
+        let kind = match table.get("kind") {
+            None => {
+                errors.push(located(
+                    figment,
+                    &path,
+                    &format!("has no `kind`\n  hint: one of {}", StageKind::names().join(", ")),
+                ));
+                continue;
+            }
+            Some(Value::String(_, kind)) => kind,
+            Some(_) => {
+                errors.push(located(figment, &format!("{path}.kind"), "must be a string"));
+                continue;
+            }
+        };
+        let kind = match StageKind::from_name(kind) {
+            Ok(kind) => kind,
+            Err(message) => {
+                errors.push(located(figment, &format!("{path}.kind"), &message));
+                continue;
+            }
+        };
+        let mut valid: Vec<&str> = vec!["kind", "input"];
+        valid.extend_from_slice(kind.fields());
+        for key in table.keys() {
+            if !valid.contains(&key.as_str()) {
+                errors.push(unknown_key(figment, &format!("{path}.{key}"), key, &valid));
+            }
+        }
+        kinds.insert(name.clone(), kind);
+    }
+}
+
+fn unknown_key(figment: &Figment, path: &str, key: &str, valid: &[&str]) -> String {
+    located(figment, path, &format!("unknown key{}", did_you_mean(key, valid)))
+        .replacen(&format!("{path}: unknown key"), &format!("unknown key `{path}`"), 1)
+}
+
+/// ` (did you mean `x`?)` when some valid name is close to `given`.
+pub fn did_you_mean(given: &str, valid: &[&str]) -> String {
+    valid
+        .iter()
+        .map(|v| (strsim::damerau_levenshtein(given, v), v))
+        .filter(|(d, v)| *d <= 2.max(v.len() / 3))
+        .min()
+        .map(|(_, v)| format!("; did you mean `{v}`?"))
+        .unwrap_or_default()
+}
+
+/// `file: key.path: message`, naming the layer that supplied `path` (or its nearest parent).
+fn located(figment: &Figment, path: &str, message: &str) -> String {
+    let mut probe = path.to_string();
+    let origin = loop {
+        if let Some(meta) = figment.find_metadata(&probe) {
+            break describe_source(meta);
+        }
+        match probe.rsplit_once('.') {
+            Some((parent, _)) => probe = parent.to_string(),
+            None => break "pipeline".into(),
+        }
+    };
+    format!("{origin}: {path}: {message}")
+}
+
+fn describe_source(meta: &Metadata) -> String {
+    match &meta.source {
+        Some(Source::File(p)) => display_path(p),
+        Some(Source::Custom(c)) if meta.name == "--set" => format!("--set {c}"),
+        Some(Source::Custom(c)) => c.clone(),
+        _ if meta.name.contains("environment") => "environment (RUNNER_*)".into(),
+        _ => "default".into(),
+    }
+}
+
+/// Paths under the working directory are shown relative to it, as the user typed them.
+fn display_path(p: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| p.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+fn extract_or_push<'de, T: Deserialize<'de>>(
+    figment: &Figment,
+    section: &str,
+    errors: &mut Vec<String>,
+) -> Option<T> {
+    figment
+        .extract_inner::<T>(section)
+        .map_err(|e| {
+            let message = format_figment_error(&e);
+            if !message.is_empty() {
+                errors.push(message);
+            }
+        })
+        .ok()
+}
+
+fn format_figment_error(e: &figment::Error) -> String {
+    e.clone()
+        .into_iter()
+        .filter(|e| !matches!(e.kind, figment::error::Kind::UnknownField(..)))
+        .map(|e| {
+            let origin = e.metadata.as_ref().map(describe_source).unwrap_or_else(|| "pipeline".into());
+            let path = e.path.join(".");
+            if path.is_empty() {
+                format!("{origin}: {}", e.kind)
+            } else {
+                format!("{origin}: {path}: {}", e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Stage settings are extracted from a re-rooted copy of the stage table, so the error's path
+/// is relative to it; this puts the stage's own path and source back.
+fn format_figment_error_at(figment: &Figment, prefix: &str, e: &figment::Error) -> String {
+    e.clone()
+        .into_iter()
+        .filter(|e| !matches!(e.kind, figment::error::Kind::UnknownField(..)))
+        .map(|e| {
+            let path = if e.path.is_empty() {
+                prefix.to_string()
+            } else {
+                format!("{prefix}.{}", e.path.join("."))
+            };
+            located(figment, &path, &e.kind.to_string())
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn flatten(dict: &Dict, prefix: String, out: &mut impl FnMut(String, &Value)) {
+    for (key, value) in dict {
+        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        match value {
+            Value::Dict(_, inner) if !inner.is_empty() => flatten(inner, path, out),
+            _ => out(path, value),
+        }
+    }
+}
+
+fn value_to_toml(value: &Value) -> String {
+    match value {
+        Value::Empty(..) => "unset".into(),
+        _ => toml::Value::try_from(value).map_or_else(|_| format!("{value:?}"), |v| v.to_string()),
+    }
+}

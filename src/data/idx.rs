@@ -1,0 +1,190 @@
+//! MNIST-style IDX files (`train-images-idx3-ubyte[.gz]`, `t10k-labels-idx1-ubyte[.gz]`, ...),
+//! held in memory: Fashion-MNIST is 47 MB decoded.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, GrayImage};
+
+use super::{DataError, Dataset, Split};
+
+pub struct IdxDataset {
+    pixels: Vec<u8>,
+    labels: Vec<u8>,
+    rows: usize,
+    cols: usize,
+    num_classes: usize,
+}
+
+const IMAGES_MAGIC: u32 = 0x0000_0803;
+const LABELS_MAGIC: u32 = 0x0000_0801;
+
+fn stem(split: Split) -> &'static str {
+    match split {
+        Split::Train => "train",
+        Split::Val => "t10k",
+    }
+}
+
+/// `name` or `name.gz`, whichever exists.
+fn find(root: &Path, name: &str) -> Result<PathBuf, DataError> {
+    let raw = root.join(name);
+    let gz = root.join(format!("{name}.gz"));
+    if gz.exists() {
+        Ok(gz)
+    } else if raw.exists() {
+        Ok(raw)
+    } else {
+        Err(DataError::file(&raw, "missing IDX file (looked for it with and without .gz)"))
+    }
+}
+
+fn read_all(path: &Path) -> Result<Vec<u8>, DataError> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::file(path, e.to_string()))?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_end(&mut out)
+            .map_err(|e| DataError::file(path, format!("corrupt gzip: {e}")))?;
+        Ok(out)
+    } else {
+        Ok(bytes)
+    }
+}
+
+/// Checks the header and returns the dimensions and the payload.
+fn parse(path: &Path, bytes: &[u8], magic: u32, ndim: usize) -> Result<(Vec<usize>, Vec<u8>), DataError> {
+    let header = 4 + 4 * ndim;
+    if bytes.len() < header {
+        return Err(DataError::file(path, "truncated IDX header"));
+    }
+    let word = |i: usize| u32::from_be_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
+    if word(0) != magic {
+        return Err(DataError::file(path, format!("bad IDX magic {:#010x}, expected {magic:#010x}", word(0))));
+    }
+    let dims: Vec<usize> = (1..=ndim).map(|i| word(i) as usize).collect();
+    let expected = dims.iter().product::<usize>();
+    let payload = &bytes[header..];
+    if payload.len() != expected {
+        return Err(DataError::file(
+            path,
+            format!("header promises {expected} bytes of data ({dims:?}), file holds {}", payload.len()),
+        ));
+    }
+    Ok((dims, payload.to_vec()))
+}
+
+impl IdxDataset {
+    pub fn open(root: &Path, split: Split) -> Result<Self, DataError> {
+        let images = find(root, &format!("{}-images-idx3-ubyte", stem(split)))?;
+        let labels = find(root, &format!("{}-labels-idx1-ubyte", stem(split)))?;
+        let (dims, pixels) = parse(&images, &read_all(&images)?, IMAGES_MAGIC, 3)?;
+        let (ldims, labels_data) = parse(&labels, &read_all(&labels)?, LABELS_MAGIC, 1)?;
+        if ldims[0] != dims[0] {
+            return Err(DataError::file(
+                &labels,
+                format!("holds {} labels but {} holds {} images", ldims[0], images.display(), dims[0]),
+            ));
+        }
+        let num_classes = labels_data.iter().copied().max().map_or(0, |m| m as usize + 1);
+        Ok(Self { pixels, labels: labels_data, rows: dims[1], cols: dims[2], num_classes })
+    }
+
+    /// The files both splits read, for the cache's dataset identity.
+    pub fn files(root: &Path) -> Result<Vec<PathBuf>, DataError> {
+        let mut files = Vec::new();
+        for split in [Split::Train, Split::Val] {
+            for kind in ["images-idx3", "labels-idx1"] {
+                files.push(find(root, &format!("{}-{kind}-ubyte", stem(split)))?);
+            }
+        }
+        Ok(files)
+    }
+}
+
+impl Dataset for IdxDataset {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+    fn label(&self, index: usize) -> usize {
+        self.labels[index] as usize
+    }
+    fn image(&self, index: usize) -> Result<DynamicImage, DataError> {
+        let size = self.rows * self.cols;
+        let data = self.pixels[index * size..(index + 1) * size].to_vec();
+        let img = GrayImage::from_raw(self.cols as u32, self.rows as u32, data)
+            .expect("buffer size checked at open");
+        Ok(DynamicImage::ImageLuma8(img))
+    }
+}
+
+/// Writes an IDX pair, for tests and fixtures.
+pub fn write_idx(dir: &Path, prefix: &str, images: &[Vec<u8>], rows: usize, cols: usize, labels: &[u8]) -> std::io::Result<()> {
+    let mut img = Vec::new();
+    img.extend_from_slice(&IMAGES_MAGIC.to_be_bytes());
+    for d in [images.len(), rows, cols] {
+        img.extend_from_slice(&(d as u32).to_be_bytes());
+    }
+    for i in images {
+        img.extend_from_slice(i);
+    }
+    std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), img)?;
+    let mut lab = Vec::new();
+    lab.extend_from_slice(&LABELS_MAGIC.to_be_bytes());
+    lab.extend_from_slice(&(labels.len() as u32).to_be_bytes());
+    lab.extend_from_slice(labels);
+    std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn reads_raw_and_gzipped_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let images: Vec<Vec<u8>> = (0..6).map(|i| vec![i as u8 * 10; 4 * 5]).collect();
+        let labels = [0u8, 1, 2, 0, 1, 2];
+        write_idx(dir.path(), "train", &images, 4, 5, &labels).unwrap();
+        // The val split is gzipped, as Debian ships it.
+        write_idx(dir.path(), "t10k", &images[..3], 4, 5, &labels[..3]).unwrap();
+        for name in ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"] {
+            let raw = std::fs::read(dir.path().join(name)).unwrap();
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&raw).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.gz")), gz.finish().unwrap()).unwrap();
+            std::fs::remove_file(dir.path().join(name)).unwrap();
+        }
+        let train = IdxDataset::open(dir.path(), Split::Train).unwrap();
+        assert_eq!((train.len(), train.num_classes()), (6, 3));
+        assert_eq!(train.label(4), 1);
+        let img = train.image(3).unwrap().to_luma8();
+        assert_eq!((img.width(), img.height()), (5, 4));
+        assert!(img.pixels().all(|p| p.0[0] == 30));
+        let val = IdxDataset::open(dir.path(), Split::Val).unwrap();
+        assert_eq!(val.len(), 3);
+    }
+
+    #[test]
+    fn truncated_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write_idx(dir.path(), "train", &[vec![0; 4]], 2, 2, &[0]).unwrap();
+        let path = dir.path().join("train-images-idx3-ubyte");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        let err = IdxDataset::open(dir.path(), Split::Train).err().unwrap().to_string();
+        assert!(err.contains("train-images-idx3-ubyte"), "{err}");
+        assert!(err.contains("header promises 4 bytes"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = IdxDataset::open(dir.path(), Split::Val).err().unwrap().to_string();
+        assert!(err.contains("t10k-images-idx3-ubyte: missing IDX file"), "{err}");
+    }
+}

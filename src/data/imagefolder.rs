@@ -1,0 +1,163 @@
+//! ImageNet's layout: `root/<split>/<class>/<image>.{JPEG,jpg,png}`; classes are the
+//! sub-folder names, sorted, so `train/` and `val/` agree on label numbers.
+
+use std::path::{Path, PathBuf};
+
+use image::DynamicImage;
+use walkdir::WalkDir;
+
+use super::{DataError, Dataset, Split};
+
+pub struct ImageFolder {
+    files: Vec<(PathBuf, usize)>,
+    classes: Vec<String>,
+}
+
+fn split_dir(root: &Path, split: Split) -> Result<PathBuf, DataError> {
+    let name = match split {
+        Split::Train => "train",
+        Split::Val => "val",
+    };
+    let dir = root.join(name);
+    if dir.is_dir() {
+        Ok(dir)
+    } else {
+        Err(DataError::file(&dir, format!("missing `{name}/` folder of the ImageFolder layout (root/{name}/<class>/<image>)")))
+    }
+}
+
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpeg" | "jpg" | "png"))
+}
+
+impl ImageFolder {
+    pub fn open(root: &Path, split: Split) -> Result<Self, DataError> {
+        // Classes come from train/ so both splits number them alike.
+        let classes = Self::classes(&split_dir(root, Split::Train).or_else(|_| split_dir(root, split))?)?;
+        let dir = split_dir(root, split)?;
+        let mut files = Vec::new();
+        for entry in WalkDir::new(&dir).min_depth(2).max_depth(2).sort_by_file_name() {
+            let entry = entry.map_err(|e| DataError::file(&dir, e.to_string()))?;
+            if !entry.file_type().is_file() || !is_image(entry.path()) {
+                continue;
+            }
+            let class = entry.path().parent().and_then(|p| p.file_name()).unwrap().to_string_lossy();
+            let label = classes.iter().position(|c| *c == class).ok_or_else(|| {
+                DataError::file(entry.path(), format!("class `{class}` is not a folder of train/"))
+            })?;
+            files.push((entry.into_path(), label));
+        }
+        if files.is_empty() {
+            return Err(DataError::file(&dir, "holds no .JPEG, .jpg or .png images under <class>/ folders"));
+        }
+        Ok(Self { files, classes })
+    }
+
+    fn classes(dir: &Path) -> Result<Vec<String>, DataError> {
+        let mut classes: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|e| DataError::file(dir, e.to_string()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        classes.sort();
+        if classes.is_empty() {
+            return Err(DataError::file(dir, "holds no class folders"));
+        }
+        Ok(classes)
+    }
+
+    /// Every image of both splits that exist, for the cache's dataset identity.
+    pub fn index_files(root: &Path) -> Result<Vec<PathBuf>, DataError> {
+        let mut files = Vec::new();
+        for split in [Split::Train, Split::Val] {
+            if let Ok(dir) = split_dir(root, split) {
+                files.extend(
+                    WalkDir::new(dir)
+                        .min_depth(2)
+                        .max_depth(2)
+                        .sort_by_file_name()
+                        .into_iter()
+                        .filter_map(|e| e.ok())
+                        .filter(|e| e.file_type().is_file() && is_image(e.path()))
+                        .map(|e| e.into_path()),
+                );
+            }
+        }
+        if files.is_empty() {
+            return Err(DataError::file(root, "no images under train/<class>/ or val/<class>/"));
+        }
+        Ok(files)
+    }
+
+    pub fn class_names(&self) -> &[String] {
+        &self.classes
+    }
+}
+
+impl Dataset for ImageFolder {
+    fn len(&self) -> usize {
+        self.files.len()
+    }
+    fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+    fn label(&self, index: usize) -> usize {
+        self.files[index].1
+    }
+    fn image(&self, index: usize) -> Result<DynamicImage, DataError> {
+        let path = &self.files[index].0;
+        let reader = image::ImageReader::open(path)
+            .map_err(|e| DataError::file(path, e.to_string()))?
+            .with_guessed_format()
+            .map_err(|e| DataError::file(path, e.to_string()))?;
+        reader.decode().map_err(|source| DataError::BadImage { path: path.clone(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_tree(root: &Path) {
+        for (split, n) in [("train", 3), ("val", 1)] {
+            for (c, class) in ["cat", "ant", "bee"].iter().enumerate() {
+                let dir = root.join(split).join(class);
+                std::fs::create_dir_all(&dir).unwrap();
+                for i in 0..n {
+                    let img = image::RgbImage::from_pixel(8, 6, image::Rgb([c as u8 * 50, i as u8, 7]));
+                    let ext = if i % 2 == 0 { "JPEG" } else { "png" };
+                    img.save(dir.join(format!("{i}.{ext}"))).unwrap();
+                }
+            }
+        }
+        std::fs::write(root.join("train/ant/notes.txt"), "not an image").unwrap();
+    }
+
+    #[test]
+    fn labels_follow_sorted_class_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tree(dir.path());
+        let train = ImageFolder::open(dir.path(), Split::Train).unwrap();
+        assert_eq!(train.class_names(), ["ant", "bee", "cat"]);
+        assert_eq!(train.len(), 9);
+        assert_eq!(train.label(0), 0);
+        assert_eq!(train.label(8), 2);
+        let img = train.image(8).unwrap().to_rgb8();
+        assert_eq!((img.width(), img.height()), (8, 6));
+    }
+
+    #[test]
+    fn corrupt_image_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tree(dir.path());
+        let bad = dir.path().join("val/bee/0.JPEG");
+        std::fs::write(&bad, b"\xff\xd8\xff garbage").unwrap();
+        let val = ImageFolder::open(dir.path(), Split::Val).unwrap();
+        let err = (0..val.len()).find_map(|i| val.image(i).err()).unwrap().to_string();
+        assert!(err.contains("val/bee/0.JPEG"), "{err}");
+        assert!(err.contains("on_bad_image"), "{err}");
+    }
+}

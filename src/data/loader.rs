@@ -1,0 +1,192 @@
+//! Batches decoded and transformed on worker threads, a bounded number ahead of the consumer.
+//!
+//! Deterministic for a seed: the epoch's order comes from `(seed, epoch)` and each image's
+//! augmentation from `(seed, epoch, index)`, so the result does not depend on thread timing.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rayon::prelude::*;
+
+use super::{DataError, Dataset, OnBadImage, Transform};
+
+/// One batch, images as `[batch, channels, size, size]` in row-major order.
+pub struct Batch {
+    pub images: Vec<f32>,
+    pub labels: Vec<i64>,
+    pub shape: [usize; 4],
+}
+
+#[derive(Clone)]
+pub struct Loader {
+    dataset: Arc<dyn Dataset>,
+    transform: Arc<Transform>,
+    batch_size: usize,
+    shuffle: bool,
+    drop_last: bool,
+    seed: u64,
+    prefetch: usize,
+    on_bad_image: OnBadImage,
+    pool: Arc<rayon::ThreadPool>,
+    skipped: Arc<AtomicUsize>,
+}
+
+pub struct LoaderOptions {
+    pub batch_size: usize,
+    pub shuffle: bool,
+    pub drop_last: bool,
+    pub seed: u64,
+    pub workers: usize,
+    pub prefetch: usize,
+    pub on_bad_image: OnBadImage,
+}
+
+impl Loader {
+    pub fn new(dataset: Arc<dyn Dataset>, transform: Transform, options: LoaderOptions) -> Self {
+        let workers = if options.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            options.workers
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(workers)
+            .thread_name(|i| format!("loader-{i}"))
+            .build()
+            .expect("thread pool");
+        Self {
+            dataset,
+            transform: Arc::new(transform),
+            batch_size: options.batch_size.max(1),
+            shuffle: options.shuffle,
+            drop_last: options.drop_last,
+            seed: options.seed,
+            prefetch: options.prefetch.max(1),
+            on_bad_image: options.on_bad_image,
+            pool: Arc::new(pool),
+            skipped: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    pub fn dataset(&self) -> &Arc<dyn Dataset> {
+        &self.dataset
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        let n = self.dataset.len();
+        if self.drop_last {
+            n / self.batch_size
+        } else {
+            n.div_ceil(self.batch_size)
+        }
+    }
+
+    /// Images skipped so far because `on_bad_image = "skip"`.
+    pub fn skipped(&self) -> usize {
+        self.skipped.load(Ordering::Relaxed)
+    }
+
+    /// The batches of one epoch, produced on a background thread.
+    pub fn epoch(&self, epoch: u64) -> Receiver<Result<Batch, DataError>> {
+        let mut order: Vec<usize> = (0..self.dataset.len()).collect();
+        if self.shuffle {
+            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix(self.seed, epoch, u64::MAX)));
+        }
+        let mut chunks: Vec<Vec<usize>> = order.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
+        if self.drop_last && chunks.last().is_some_and(|c| c.len() < self.batch_size) {
+            chunks.pop();
+        }
+        let (tx, rx) = sync_channel(self.prefetch);
+        let this = self.clone();
+        std::thread::spawn(move || {
+            for chunk in chunks {
+                let batch = this.pool.install(|| this.make_batch(&chunk, epoch));
+                let stop = batch.is_err();
+                if tx.send(batch).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    fn make_batch(&self, indices: &[usize], epoch: u64) -> Result<Batch, DataError> {
+        let items: Vec<Option<(Vec<f32>, i64)>> = indices
+            .par_iter()
+            .map(|&i| {
+                let img = match self.dataset.image(i) {
+                    Ok(img) => img,
+                    Err(e @ DataError::BadImage { .. }) if self.on_bad_image == OnBadImage::Skip => {
+                        let _ = e;
+                        self.skipped.fetch_add(1, Ordering::Relaxed);
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                };
+                let mut rng = rand::rngs::StdRng::seed_from_u64(mix(self.seed, epoch, i as u64));
+                let mut out = Vec::new();
+                self.transform.apply(&img, &mut rng, &mut out);
+                Ok(Some((out, self.dataset.label(i) as i64)))
+            })
+            .collect::<Result<_, DataError>>()?;
+        let t = &self.transform;
+        let mut images = Vec::with_capacity(items.len() * t.channels * (t.size * t.size) as usize);
+        let mut labels = Vec::with_capacity(items.len());
+        for (pixels, label) in items.into_iter().flatten() {
+            images.extend_from_slice(&pixels);
+            labels.push(label);
+        }
+        let shape = [labels.len(), t.channels, t.size as usize, t.size as usize];
+        Ok(Batch { images, labels, shape })
+    }
+}
+
+/// SplitMix64 of three words: independent streams per (seed, epoch, index).
+fn mix(seed: u64, epoch: u64, index: u64) -> u64 {
+    let mut z = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::transforms::Mode;
+    use crate::data::Synthetic;
+
+    fn loader(workers: usize) -> Loader {
+        let transform = Transform {
+            size: 8,
+            channels: 3,
+            mean: vec![0.5; 3],
+            std: vec![0.5; 3],
+            mode: Mode::Train { crop_scale: [0.5, 1.0], hflip: true },
+        };
+        Loader::new(
+            Arc::new(Synthetic::new(4, 10, 12, 1)),
+            transform,
+            LoaderOptions { batch_size: 4, shuffle: true, drop_last: false, seed: 3, workers, prefetch: 2, on_bad_image: OnBadImage::Error },
+        )
+    }
+
+    #[test]
+    fn deterministic_whatever_the_thread_count() {
+        let collect = |l: &Loader, epoch| -> Vec<(Vec<i64>, Vec<f32>)> {
+            l.epoch(epoch).into_iter().map(|b| b.unwrap()).map(|b| (b.labels, b.images)).collect()
+        };
+        let (one, four) = (loader(1), loader(4));
+        let a = collect(&one, 0);
+        assert_eq!(a, collect(&four, 0));
+        assert_eq!(a.len(), 3);
+        assert_eq!(a[2].0.len(), 2);
+        assert_eq!(a[0].1.len(), 4 * 3 * 8 * 8);
+        assert_ne!(a, collect(&one, 1), "a new epoch reshuffles");
+    }
+}

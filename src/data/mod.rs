@@ -1,0 +1,289 @@
+//! Datasets, transforms and the batch loader.
+//!
+//! Three readers share one [`Dataset`] trait: `idx` (MNIST / Fashion-MNIST files, the embedded
+//! default from Debian's `dataset-fashion-mnist`), `imagefolder` (ImageNet's
+//! `train/<class>/*.JPEG` layout) and `synthetic` (generated images for smoke tests at any
+//! size). A reader only decodes; [`transforms`] resize, crop and normalize; [`loader`] batches
+//! on worker threads.
+
+mod idx;
+mod imagefolder;
+pub mod loader;
+mod synthetic;
+pub mod transforms;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use image::DynamicImage;
+use serde::{Deserialize, Serialize};
+
+pub use idx::{write_idx, IdxDataset};
+pub use imagefolder::ImageFolder;
+pub use loader::{Batch, Loader};
+pub use synthetic::Synthetic;
+pub use transforms::Transform;
+
+/// Where Debian's `dataset-fashion-mnist` installs its IDX files.
+pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{path}: cannot decode image: {source}\n  hint: set dataset.on_bad_image = \"skip\" to skip unreadable images")]
+    BadImage { path: PathBuf, source: image::ImageError },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl DataError {
+    pub fn file(path: &Path, message: impl Into<String>) -> Self {
+        DataError::File { path: path.to_path_buf(), message: message.into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetKind {
+    Idx,
+    Imagefolder,
+    Synthetic,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadImage {
+    Error,
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Val,
+}
+
+/// `[dataset]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// `idx`, `imagefolder` or `synthetic`. Default `idx`.
+    pub kind: DatasetKind,
+    /// Directory of the data (idx: the four IDX files; imagefolder: holds `train/` and `val/`).
+    /// Default: Fashion-MNIST as Debian installs it. `RUNNER_IMAGENET` fills it for imagefolder.
+    pub root: PathBuf,
+    /// Keep at most this many images of each class (both splits). Default: all.
+    pub limit_per_class: Option<usize>,
+    /// Keep at most this many images of each split, evenly strided. Default: all.
+    pub subset: Option<usize>,
+    /// Per-channel mean for normalization. Default: ImageNet's (its average for 1 channel).
+    pub mean: Option<Vec<f32>>,
+    /// Per-channel std for normalization. Default: ImageNet's (its average for 1 channel).
+    pub std: Option<Vec<f32>>,
+    /// Random-resized-crop area range for training. Default [0.08, 1.0].
+    pub crop_scale: [f32; 2],
+    /// Random horizontal flips for training. Default true.
+    pub hflip: bool,
+    /// Evaluation: resize the short side to image_size / crop_pct, then center-crop. Default 0.875.
+    pub eval_crop_pct: f32,
+    /// `error` stops on an unreadable image and names it; `skip` skips and counts. Default `error`.
+    pub on_bad_image: OnBadImage,
+    /// Decoding threads; 0 uses every core. Default 0.
+    pub workers: usize,
+    /// Batches decoded ahead of the consumer. Default 4.
+    pub prefetch: usize,
+    /// synthetic: number of classes. Default 10.
+    pub classes: usize,
+    /// synthetic: images in the train split. Default 512.
+    pub train_size: usize,
+    /// synthetic: images in the val split. Default 128.
+    pub val_size: usize,
+    /// synthetic: side of the generated images, in pixels. Default 32.
+    pub synthetic_size: u32,
+}
+
+impl Default for DatasetConfig {
+    fn default() -> Self {
+        Self {
+            kind: DatasetKind::Idx,
+            root: FASHION_MNIST_DIR.into(),
+            limit_per_class: None,
+            subset: None,
+            mean: None,
+            std: None,
+            crop_scale: [0.08, 1.0],
+            hflip: true,
+            eval_crop_pct: 0.875,
+            on_bad_image: OnBadImage::Error,
+            workers: 0,
+            prefetch: 4,
+            classes: 10,
+            train_size: 512,
+            val_size: 128,
+            synthetic_size: 32,
+        }
+    }
+}
+
+impl DatasetConfig {
+    /// Problems as `(key, message)`, relative to `[dataset]`.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, message: String| problems.push((key.to_string(), message));
+        if self.kind != DatasetKind::Synthetic && !self.root.exists() {
+            let hint = match self.kind {
+                DatasetKind::Idx if self.root == Path::new(FASHION_MNIST_DIR) => {
+                    "\n  hint: `sudo apt-get install dataset-fashion-mnist` installs it"
+                }
+                DatasetKind::Imagefolder => {
+                    "\n  hint: set dataset.root or RUNNER_IMAGENET to a folder holding train/ and val/"
+                }
+                _ => "",
+            };
+            bad("root", format!("`{}` does not exist{hint}", self.root.display()));
+        }
+        if !(0.0 < self.crop_scale[0] && self.crop_scale[0] <= self.crop_scale[1] && self.crop_scale[1] <= 1.0) {
+            bad("crop_scale", format!("must satisfy 0 < min <= max <= 1, got {:?}", self.crop_scale));
+        }
+        if !(self.eval_crop_pct > 0.0 && self.eval_crop_pct <= 1.0) {
+            bad("eval_crop_pct", format!("must be in (0, 1], got {}", self.eval_crop_pct));
+        }
+        if self.limit_per_class == Some(0) {
+            bad("limit_per_class", "must be at least 1".into());
+        }
+        if self.subset == Some(0) {
+            bad("subset", "must be at least 1".into());
+        }
+        if self.prefetch == 0 {
+            bad("prefetch", "must be at least 1".into());
+        }
+        if let (Some(m), Some(s)) = (&self.mean, &self.std) {
+            if m.len() != s.len() {
+                bad("std", format!("has {} values but mean has {}", s.len(), m.len()));
+            }
+        }
+        if self.std.as_ref().is_some_and(|s| s.iter().any(|v| *v <= 0.0)) {
+            bad("std", "values must be positive".into());
+        }
+        if self.kind == DatasetKind::Synthetic {
+            if self.classes < 2 {
+                bad("classes", format!("must be at least 2, got {}", self.classes));
+            }
+            if self.train_size == 0 || self.val_size == 0 {
+                bad("train_size", "synthetic splits need at least one image".into());
+            }
+        }
+        problems
+    }
+
+    /// Opens one split, applying `limit_per_class` and `subset`.
+    pub fn open(&self, split: Split, seed: u64) -> Result<Arc<dyn Dataset>, DataError> {
+        let dataset: Arc<dyn Dataset> = match self.kind {
+            DatasetKind::Idx => Arc::new(IdxDataset::open(&self.root, split)?),
+            DatasetKind::Imagefolder => Arc::new(ImageFolder::open(&self.root, split)?),
+            DatasetKind::Synthetic => Arc::new(Synthetic::new(
+                self.classes,
+                match split {
+                    Split::Train => self.train_size,
+                    Split::Val => self.val_size,
+                },
+                self.synthetic_size,
+                seed ^ (split as u64 + 1),
+            )),
+        };
+        if self.limit_per_class.is_none() && self.subset.is_none() {
+            return Ok(dataset);
+        }
+        let mut per_class = vec![0usize; dataset.num_classes()];
+        let mut indices: Vec<usize> = (0..dataset.len())
+            .filter(|&i| {
+                let c = dataset.label(i);
+                per_class[c] += 1;
+                self.limit_per_class.is_none_or(|limit| per_class[c] <= limit)
+            })
+            .collect();
+        if let Some(n) = self.subset {
+            if n < indices.len() {
+                let stride = indices.len() as f64 / n as f64;
+                indices = (0..n).map(|k| indices[(k as f64 * stride) as usize]).collect();
+            }
+        }
+        Ok(Arc::new(Subset { inner: dataset, indices }))
+    }
+
+    /// What identifies the data for the cache: file names, sizes and mtimes, not pixels.
+    pub fn identity(&self) -> Result<String, DataError> {
+        let files = match self.kind {
+            DatasetKind::Synthetic => return Ok("synthetic".into()),
+            DatasetKind::Idx => IdxDataset::files(&self.root)?,
+            DatasetKind::Imagefolder => ImageFolder::index_files(&self.root)?,
+        };
+        let mut hasher = sha2::Sha256::default();
+        use sha2::Digest;
+        let mut total = 0u64;
+        for f in &files {
+            let meta = std::fs::metadata(f).map_err(|e| DataError::file(f, e.to_string()))?;
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            total += meta.len();
+            hasher.update(format!("{}\t{}\t{}\n", f.display(), meta.len(), mtime));
+        }
+        Ok(format!(
+            "{} files, {} bytes, {}",
+            files.len(),
+            total,
+            hex::encode(&hasher.finalize()[..8])
+        ))
+    }
+
+    /// Per-channel normalization for `channels` output channels.
+    pub fn normalization(&self, channels: usize) -> (Vec<f32>, Vec<f32>) {
+        const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+        const STD: [f32; 3] = [0.229, 0.224, 0.225];
+        let pick = |given: &Option<Vec<f32>>, imagenet: [f32; 3]| match given {
+            Some(v) if v.len() == channels => v.clone(),
+            Some(v) if v.len() == 1 => vec![v[0]; channels],
+            _ if channels == 3 => imagenet.to_vec(),
+            _ => vec![imagenet.iter().sum::<f32>() / 3.0; channels],
+        };
+        (pick(&self.mean, MEAN), pick(&self.std, STD))
+    }
+}
+
+/// A split of a dataset: decoded images and their labels.
+pub trait Dataset: Send + Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn num_classes(&self) -> usize;
+    fn label(&self, index: usize) -> usize;
+    /// Decodes image `index`; the error names the file.
+    fn image(&self, index: usize) -> Result<DynamicImage, DataError>;
+}
+
+struct Subset {
+    inner: Arc<dyn Dataset>,
+    indices: Vec<usize>,
+}
+
+impl Dataset for Subset {
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+    fn num_classes(&self) -> usize {
+        self.inner.num_classes()
+    }
+    fn label(&self, index: usize) -> usize {
+        self.inner.label(self.indices[index])
+    }
+    fn image(&self, index: usize) -> Result<DynamicImage, DataError> {
+        self.inner.image(self.indices[index])
+    }
+}

@@ -1,0 +1,245 @@
+//! The DeiT-style ViT with per-block widths (METHOD.md section 1), its presets, parameter and
+//! FLOP counts, and timm checkpoint import/export.
+
+pub mod checkpoint;
+pub mod flops;
+mod vit;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use vit::{Vit, VitOutput};
+
+/// The widths of one transformer block: what NViT prunes. `E` is shared, so it lives in
+/// [`VitConfig`], not here.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct BlockDims {
+    pub heads: usize,
+    /// Per-head query/key width.
+    pub qk: usize,
+    /// Per-head value width.
+    pub v: usize,
+    /// MLP hidden width.
+    pub mlp: usize,
+}
+
+/// Everything that fixes a model's shapes; written as `dims.json` beside exported weights.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VitConfig {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub in_chans: usize,
+    pub embed_dim: usize,
+    pub num_classes: usize,
+    /// A `dist` token and `head_dist`, as DeiT-B distilled.
+    pub distilled: bool,
+    /// The per-head width of the model before pruning: the softmax scale is `head_dim^-0.5`
+    /// and stays so when `qk` shrinks, so a pruned model computes what it was pruned from.
+    pub head_dim: usize,
+    /// Stochastic depth at the last block (linearly less before it); training only.
+    #[serde(default)]
+    pub drop_path: f64,
+    pub blocks: Vec<BlockDims>,
+}
+
+impl VitConfig {
+    /// A uniform ViT, as DeiT's presets.
+    pub fn uniform(
+        image_size: usize,
+        patch_size: usize,
+        in_chans: usize,
+        embed_dim: usize,
+        depth: usize,
+        heads: usize,
+        mlp_ratio: f64,
+        num_classes: usize,
+        distilled: bool,
+    ) -> Self {
+        let head_dim = embed_dim / heads.max(1);
+        let mlp = (embed_dim as f64 * mlp_ratio).round() as usize;
+        Self {
+            image_size,
+            patch_size,
+            in_chans,
+            embed_dim,
+            num_classes,
+            distilled,
+            head_dim,
+            drop_path: 0.0,
+            blocks: vec![BlockDims { heads, qk: head_dim, v: head_dim, mlp }; depth],
+        }
+    }
+
+    /// `deit-tiny`, `deit-small`, `deit-base`, each optionally `-distilled`: 224 px, patch 16,
+    /// 1000 classes.
+    pub fn preset(name: &str) -> Option<Self> {
+        let (base, distilled) = match name.strip_suffix("-distilled") {
+            Some(base) => (base, true),
+            None => (name, false),
+        };
+        let (embed, heads) = match base {
+            "deit-tiny" => (192, 3),
+            "deit-small" => (384, 6),
+            "deit-base" => (768, 12),
+            _ => return None,
+        };
+        Some(Self::uniform(224, 16, 3, embed, 12, heads, 4.0, 1000, distilled))
+    }
+
+    pub const PRESETS: [&'static str; 6] = [
+        "deit-tiny",
+        "deit-small",
+        "deit-base",
+        "deit-tiny-distilled",
+        "deit-small-distilled",
+        "deit-base-distilled",
+    ];
+
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+
+    /// Prepended tokens: `cls`, and `dist` when distilled.
+    pub fn num_prefix_tokens(&self) -> usize {
+        1 + self.distilled as usize
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.num_patches() + self.num_prefix_tokens()
+    }
+
+    pub fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Shape problems as messages; empty when the model can be built.
+    pub fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+            problems.push(format!(
+                "image_size {} is not a multiple of patch_size {}",
+                self.image_size, self.patch_size
+            ));
+        }
+        for (key, value) in [("embed_dim", self.embed_dim), ("in_chans", self.in_chans), ("num_classes", self.num_classes), ("head_dim", self.head_dim)] {
+            if value == 0 {
+                problems.push(format!("{key} must be at least 1"));
+            }
+        }
+        if self.blocks.is_empty() {
+            problems.push("the model has no blocks (depth 0)".into());
+        }
+        for (b, d) in self.blocks.iter().enumerate() {
+            if d.heads == 0 || d.qk == 0 || d.v == 0 || d.mlp == 0 {
+                problems.push(format!("block {b} has a zero width: {d:?}"));
+            }
+        }
+        problems
+    }
+
+    pub fn read_json(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read dims file", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: not a valid dims.json", path.display()))
+    }
+}
+
+/// `[model]`: a preset, keys that override it, or per-block widths from a `dims.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// `deit-tiny`, `deit-small`, `deit-base`, each optionally `-distilled`. Default: none
+    /// (the keys below, falling back to deit-tiny's values).
+    pub preset: Option<String>,
+    /// Input side in pixels. Default 224.
+    pub image_size: Option<usize>,
+    /// Patch side in pixels. Default 16.
+    pub patch_size: Option<usize>,
+    /// Input channels. Default 3.
+    pub in_chans: Option<usize>,
+    /// Embedding width E. Default 192.
+    pub embed_dim: Option<usize>,
+    /// Number of blocks. Default 12.
+    pub depth: Option<usize>,
+    /// Heads per block. Default 3.
+    pub heads: Option<usize>,
+    /// MLP width as a multiple of E. Default 4.0.
+    pub mlp_ratio: Option<f64>,
+    /// Output classes. Default: the dataset's class count.
+    pub num_classes: Option<usize>,
+    /// A distillation token and head. Default false.
+    pub distilled: Option<bool>,
+    /// Stochastic depth rate at the last block, for training. Default 0.
+    pub drop_path: Option<f64>,
+    /// A `dims.json` giving every block's widths (as the prune stage writes). Default: none.
+    pub dims: Option<PathBuf>,
+}
+
+impl ModelSection {
+    /// Problems as `(key, message)`, relative to `[model]`.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        if let Some(p) = &self.preset {
+            if VitConfig::preset(p).is_none() {
+                problems.push((
+                    "preset".into(),
+                    format!(
+                        "unknown preset `{p}`{}\n  hint: one of {}",
+                        crate::config::did_you_mean(p, &VitConfig::PRESETS),
+                        VitConfig::PRESETS.join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(d) = &self.dims {
+            if !d.exists() {
+                problems.push(("dims".into(), format!("`{}` does not exist", d.display())));
+            }
+        }
+        if self.drop_path.is_some_and(|p| !(0.0..1.0).contains(&p)) {
+            problems.push(("drop_path".into(), format!("must be in [0, 1), got {}", self.drop_path.unwrap())));
+        }
+        if self.mlp_ratio.is_some_and(|r| r <= 0.0) {
+            problems.push(("mlp_ratio".into(), format!("must be positive, got {}", self.mlp_ratio.unwrap())));
+        }
+        problems
+    }
+
+    /// The model this section describes; `dataset_classes` fills `num_classes` when unset.
+    pub fn resolve(&self, dataset_classes: usize) -> anyhow::Result<VitConfig> {
+        let mut c = match &self.preset {
+            Some(p) => VitConfig::preset(p).ok_or_else(|| anyhow::anyhow!("model.preset: unknown preset `{p}`"))?,
+            None => VitConfig::preset("deit-tiny").expect("built-in preset"),
+        };
+        let depth = self.depth.unwrap_or(c.depth());
+        let heads = self.heads.unwrap_or(c.blocks[0].heads);
+        let embed = self.embed_dim.unwrap_or(c.embed_dim);
+        let mlp_ratio = self.mlp_ratio.unwrap_or(c.blocks[0].mlp as f64 / c.embed_dim as f64);
+        c = VitConfig::uniform(
+            self.image_size.unwrap_or(c.image_size),
+            self.patch_size.unwrap_or(c.patch_size),
+            self.in_chans.unwrap_or(c.in_chans),
+            embed,
+            depth,
+            heads,
+            mlp_ratio,
+            self.num_classes.unwrap_or(dataset_classes),
+            self.distilled.unwrap_or(c.distilled),
+        );
+        if let Some(path) = &self.dims {
+            let dims = VitConfig::read_json(path)?;
+            c.embed_dim = dims.embed_dim;
+            c.head_dim = dims.head_dim;
+            c.blocks = dims.blocks;
+        }
+        c.drop_path = self.drop_path.unwrap_or(0.0);
+        let problems = c.check();
+        if !problems.is_empty() {
+            anyhow::bail!("model: {}", problems.join("; "));
+        }
+        Ok(c)
+    }
+}

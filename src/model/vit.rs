@@ -1,0 +1,233 @@
+//! DeiT (Touvron et al., "Training data-efficient image transformers", 2021) with the per-block
+//! widths of NViT (Yang et al., CVPR 2023): Q, K and V are separate projections so each block
+//! can keep its own number of heads and its own query/key and value widths.
+//!
+//! Field names follow timm's checkpoint keys (`patch_embed`, `blocks.N.attn.q`, `mlp.fc1`, ...)
+//! so the struct tree is the weight-name tree. Burn's `Linear` stores `[d_in, d_out]`, the
+//! transpose of PyTorch's `[d_out, d_in]`.
+
+use burn::module::{Initializer, Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
+
+use super::{BlockDims, VitConfig};
+
+const LN_EPS: f64 = 1e-6;
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q: Linear<B>,
+    pub k: Linear<B>,
+    pub v: Linear<B>,
+    pub proj: Linear<B>,
+    pub heads: usize,
+    pub qk: usize,
+    pub v_dim: usize,
+    pub scale: f64,
+}
+
+impl<B: Backend> Attention<B> {
+    /// `[batch, tokens, embed] -> [batch, tokens, embed]`
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, n, _] = x.dims();
+        let h = self.heads;
+        let split = |t: Tensor<B, 3>, d: usize| t.reshape([b, n, h, d]).swap_dims(1, 2); // [b, h, n, d]
+        let q = split(self.q.forward(x.clone()), self.qk);
+        let k = split(self.k.forward(x.clone()), self.qk);
+        let v = split(self.v.forward(x), self.v_dim);
+        let attn = softmax(q.matmul(k.transpose()).mul_scalar(self.scale), 3); // [b, h, n, n]
+        let out = attn.matmul(v).swap_dims(1, 2).reshape([b, n, h * self.v_dim]);
+        self.proj.forward(out)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub norm1: LayerNorm<B>,
+    pub attn: Attention<B>,
+    pub norm2: LayerNorm<B>,
+    pub mlp: Mlp<B>,
+    pub drop_path: f64,
+}
+
+impl<B: Backend> Block<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let a = self.attn.forward(self.norm1.forward(x.clone()));
+        let x = x + self.drop_path(a);
+        let m = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(self.norm2.forward(x.clone()))));
+        x + self.drop_path(m)
+    }
+
+    /// Stochastic depth: drops the whole residual branch per sample, only under autodiff.
+    fn drop_path(&self, branch: Tensor<B, 3>) -> Tensor<B, 3> {
+        if self.drop_path == 0.0 || !B::ad_enabled(&branch.device()) {
+            return branch;
+        }
+        let keep = 1.0 - self.drop_path;
+        let [b, _, _] = branch.dims();
+        let mask = Tensor::<B, 3>::random([b, 1, 1], Distribution::Bernoulli(keep), &branch.device());
+        branch * mask.div_scalar(keep)
+    }
+}
+
+/// Both heads' logits: `cls` from the class token, `dist` from the distillation token.
+pub struct VitOutput<B: Backend> {
+    pub cls: Tensor<B, 2>,
+    pub dist: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> VitOutput<B> {
+    /// The prediction: the two heads averaged when distilled, as DeiT evaluates.
+    pub fn logits(self) -> Tensor<B, 2> {
+        match self.dist {
+            Some(dist) => (self.cls + dist).div_scalar(2.0),
+            None => self.cls,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Vit<B: Backend> {
+    pub patch_embed: Conv2d<B>,
+    pub cls_token: Param<Tensor<B, 3>>,
+    pub dist_token: Option<Param<Tensor<B, 3>>>,
+    pub pos_embed: Param<Tensor<B, 3>>,
+    pub blocks: Vec<Block<B>>,
+    pub norm: LayerNorm<B>,
+    pub head: Linear<B>,
+    pub head_dist: Option<Linear<B>>,
+    #[module(skip)]
+    pub config: VitConfig,
+}
+
+fn linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
+    LinearConfig::new(d_in, d_out)
+        .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+        .init(device)
+        .zero_bias()
+}
+
+trait ZeroBias {
+    fn zero_bias(self) -> Self;
+}
+
+impl<B: Backend> ZeroBias for Linear<B> {
+    fn zero_bias(mut self) -> Self {
+        self.bias = self.bias.map(|b| b.map(|t| t.zeros_like()));
+        self
+    }
+}
+
+fn layer_norm<B: Backend>(e: usize, device: &B::Device) -> LayerNorm<B> {
+    LayerNormConfig::new(e).with_epsilon(LN_EPS).init(device)
+}
+
+fn token<B: Backend>(shape: [usize; 3], device: &B::Device) -> Param<Tensor<B, 3>> {
+    Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, 0.02), device))
+}
+
+impl<B: Backend> Block<B> {
+    fn new(e: usize, d: BlockDims, scale: f64, drop_path: f64, device: &B::Device) -> Self {
+        Self {
+            norm1: layer_norm(e, device),
+            attn: Attention {
+                q: linear(e, d.heads * d.qk, device),
+                k: linear(e, d.heads * d.qk, device),
+                v: linear(e, d.heads * d.v, device),
+                proj: linear(d.heads * d.v, e, device),
+                heads: d.heads,
+                qk: d.qk,
+                v_dim: d.v,
+                scale,
+            },
+            norm2: layer_norm(e, device),
+            mlp: Mlp { fc1: linear(e, d.mlp, device), fc2: linear(d.mlp, e, device) },
+            drop_path,
+        }
+    }
+}
+
+impl VitConfig {
+    /// A randomly initialized model (timm's init: truncated-normal-like std 0.02, zero biases).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Vit<B> {
+        let e = self.embed_dim;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let depth = self.depth();
+        let blocks = self
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let rate = if depth > 1 { self.drop_path * i as f64 / (depth - 1) as f64 } else { self.drop_path };
+                Block::new(e, *d, scale, rate, device)
+            })
+            .collect();
+        Vit {
+            patch_embed: Conv2dConfig::new([self.in_chans, e], [self.patch_size, self.patch_size])
+                .with_stride([self.patch_size, self.patch_size])
+                .init(device),
+            cls_token: token([1, 1, e], device),
+            dist_token: self.distilled.then(|| token([1, 1, e], device)),
+            pos_embed: token([1, self.num_tokens(), e], device),
+            blocks,
+            norm: layer_norm(e, device),
+            head: linear(e, self.num_classes, device),
+            head_dist: self.distilled.then(|| linear(e, self.num_classes, device)),
+            config: self.clone(),
+        }
+    }
+}
+
+impl<B: Backend> Vit<B> {
+    /// `[batch, channels, height, width]` -> logits of both heads, `[batch, classes]` each.
+    pub fn forward(&self, images: Tensor<B, 4>) -> VitOutput<B> {
+        let x = self.patch_embed.forward(images); // [b, e, h/p, w/p]
+        let [b, e, gh, gw] = x.dims();
+        let x = x.reshape([b, e, gh * gw]).swap_dims(1, 2); // [b, patches, e]
+        let mut prefix = vec![self.cls_token.val().expand([b, 1, e])];
+        if let Some(dist) = &self.dist_token {
+            prefix.push(dist.val().expand([b, 1, e]));
+        }
+        prefix.push(x);
+        let mut x = Tensor::cat(prefix, 1) + self.pos_embed.val(); // [b, tokens, e]
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        let x = self.norm.forward(x);
+        let token = |i: usize| x.clone().slice([0..b, i..i + 1, 0..e]).reshape([b, e]);
+        VitOutput {
+            cls: self.head.forward(token(0)),
+            dist: self.head_dist.as_ref().map(|h| h.forward(token(1))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    #[test]
+    fn per_block_widths_shape_the_forward_pass() {
+        let device = Default::default();
+        let mut config = VitConfig::uniform(16, 4, 3, 24, 3, 2, 2.0, 5, true);
+        config.blocks[1] = BlockDims { heads: 1, qk: 5, v: 7, mlp: 9 };
+        let model = config.init::<NdArray>(&device);
+        assert_eq!(model.blocks[1].attn.q.weight.dims(), [24, 5]);
+        assert_eq!(model.blocks[1].attn.v.weight.dims(), [24, 7]);
+        assert_eq!(model.blocks[1].attn.proj.weight.dims(), [7, 24]);
+        assert_eq!(model.blocks[1].mlp.fc2.weight.dims(), [9, 24]);
+        let out = model.forward(Tensor::random([2, 3, 16, 16], Distribution::Default, &device));
+        assert_eq!(out.cls.dims(), [2, 5]);
+        assert_eq!(out.logits().dims(), [2, 5]);
+    }
+}

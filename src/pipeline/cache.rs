@@ -1,0 +1,229 @@
+//! The content-addressed stage cache.
+//!
+//! A stage's key is the hash of a [`KeyInput`]: its kind and resolved settings, the keys of the
+//! stages it consumes, the dataset's settings and identity, the model section, seed, backend
+//! and crate version. Its artifacts live in `<cache>/<key>/`; `manifest.json` is written last,
+//! so an entry without one (a killed run) never counts as done, and a manifest whose files are
+//! missing is a miss, not an error.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::atomic_write;
+
+pub const MANIFEST: &str = "manifest.json";
+const KEY_INPUT: &str = "key.json";
+const LAST_USED: &str = ".last_used";
+
+/// Everything a stage's output depends on. Its hash is the cache key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KeyInput {
+    pub version: String,
+    pub kind: String,
+    pub settings: serde_json::Value,
+    /// `(stage name, key)` of the stages this one consumes.
+    pub inputs: Vec<(String, String)>,
+    pub dataset: serde_json::Value,
+    pub dataset_identity: String,
+    pub model: serde_json::Value,
+    pub seed: u64,
+    pub backend: String,
+    /// Stage-specific facts, such as a checkpoint file's size and mtime.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl KeyInput {
+    pub fn key(&self) -> String {
+        let bytes = serde_json::to_vec(self).expect("serializable");
+        hex::encode(&Sha256::digest(&bytes)[..10])
+    }
+
+    /// What differs from `old`, as `what: old -> new` lines.
+    pub fn diff(&self, old: &KeyInput) -> Vec<String> {
+        let mut changes = Vec::new();
+        let j = |v: &dyn erased_serde_free::ToJson| v.to_json();
+        for (name, a, b) in [
+            ("settings", old.settings.clone(), self.settings.clone()),
+            ("dataset", old.dataset.clone(), self.dataset.clone()),
+            ("model", old.model.clone(), self.model.clone()),
+            ("seed", j(&old.seed), j(&self.seed)),
+            ("backend", j(&old.backend), j(&self.backend)),
+            ("version", j(&old.version), j(&self.version)),
+            ("extra", j(&old.extra), j(&self.extra)),
+        ] {
+            diff_json(name, &a, &b, &mut changes);
+        }
+        if old.dataset_identity != self.dataset_identity {
+            changes.push("the dataset's files changed".into());
+        }
+        for ((name, new), (_, prev)) in self.inputs.iter().zip(&old.inputs) {
+            if new != prev {
+                changes.push(format!("input `{name}` changed"));
+            }
+        }
+        if self.inputs.len() != old.inputs.len() {
+            changes.push("its inputs changed".into());
+        }
+        changes
+    }
+}
+
+mod erased_serde_free {
+    /// Lets values of different types sit in one list of fields to compare.
+    pub trait ToJson {
+        fn to_json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> ToJson for T {
+        fn to_json(&self) -> serde_json::Value {
+            serde_json::to_value(self).expect("serializable")
+        }
+    }
+}
+
+fn diff_json(path: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let null = Value::Null;
+                diff_json(&format!("{path}.{k}"), a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null), out);
+            }
+        }
+        (a, b) if a != b => out.push(format!("{path}: {a} -> {b}")),
+        _ => {}
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub key: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub kind: String,
+    pub created: String,
+    pub seconds: f64,
+    /// Files relative to the entry directory, with their sizes.
+    pub files: Vec<(String, u64)>,
+    /// What the stage measured, for results tables.
+    pub metrics: serde_json::Value,
+}
+
+pub struct Cache {
+    pub root: PathBuf,
+}
+
+pub struct EntryInfo {
+    pub key: String,
+    pub manifest: Option<Manifest>,
+    pub bytes: u64,
+    pub last_used: Option<SystemTime>,
+}
+
+impl Cache {
+    /// `RUNNER_CACHE` or `.runner-cache/`.
+    pub fn from_env() -> Self {
+        let root = std::env::var_os("RUNNER_CACHE").map(PathBuf::from).unwrap_or_else(|| ".runner-cache".into());
+        Self { root }
+    }
+
+    pub fn entry_dir(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    /// The manifest of a complete entry; `None` when absent, unreadable or missing a file.
+    pub fn complete(&self, key: &str) -> Option<Manifest> {
+        let dir = self.entry_dir(key);
+        let manifest: Manifest = serde_json::from_slice(&std::fs::read(dir.join(MANIFEST)).ok()?).ok()?;
+        manifest.files.iter().all(|(f, _)| dir.join(f).exists()).then_some(manifest)
+    }
+
+    pub fn key_input(&self, key: &str) -> Option<KeyInput> {
+        serde_json::from_slice(&std::fs::read(self.entry_dir(key).join(KEY_INPUT)).ok()?).ok()
+    }
+
+    /// Creates the entry directory and records what its key was made of.
+    pub fn begin(&self, key: &str, input: &KeyInput) -> Result<PathBuf> {
+        let dir = self.entry_dir(key);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating cache entry {}", dir.display()))?;
+        atomic_write(&dir.join(KEY_INPUT), &serde_json::to_vec_pretty(input)?)?;
+        Ok(dir)
+    }
+
+    /// Records the entry as complete: the manifest goes last.
+    pub fn commit(&self, manifest: &Manifest) -> Result<()> {
+        let dir = self.entry_dir(&manifest.key);
+        atomic_write(&dir.join(MANIFEST), &serde_json::to_vec_pretty(manifest)?)?;
+        self.touch(&manifest.key);
+        Ok(())
+    }
+
+    /// Forgets that an entry completed (for `--force`), keeping nothing of its partial work.
+    pub fn invalidate(&self, key: &str) -> Result<()> {
+        let dir = self.entry_dir(key);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    pub fn touch(&self, key: &str) {
+        let now = chrono::Utc::now().to_rfc3339();
+        let _ = atomic_write(&self.entry_dir(key).join(LAST_USED), now.as_bytes());
+    }
+
+    /// Every entry, complete or not.
+    pub fn entries(&self) -> Result<Vec<EntryInfo>> {
+        let mut out = Vec::new();
+        let Ok(read) = std::fs::read_dir(&self.root) else { return Ok(out) };
+        for entry in read.filter_map(|e| e.ok()) {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let key = entry.file_name().to_string_lossy().into_owned();
+            let bytes = walkdir::WalkDir::new(entry.path())
+                .into_iter()
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum();
+            let last_used = std::fs::metadata(entry.path().join(LAST_USED)).and_then(|m| m.modified()).ok();
+            out.push(EntryInfo { manifest: self.complete(&key), key, bytes, last_used });
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Removes every entry whose key is not in `keep`; returns the removed keys and bytes.
+    pub fn gc(&self, keep: &std::collections::HashSet<String>) -> Result<Vec<(String, u64)>> {
+        let mut removed = Vec::new();
+        for entry in self.entries()? {
+            if !keep.contains(&entry.key) {
+                self.invalidate(&entry.key)?;
+                removed.push((entry.key, entry.bytes));
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Size and modification time of a file, for keys that depend on a user's file.
+pub fn file_identity(path: &Path) -> String {
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let mtime = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            format!("{} bytes, mtime {mtime}", m.len())
+        }
+        Err(_) => "missing".into(),
+    }
+}

@@ -1,0 +1,385 @@
+//! Running a pipeline: plan (a cache key per stage and whether it must run, and why), run
+//! directories, the run log and progress, and the executor that skips cached stages.
+
+pub mod cache;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+pub use cache::{Cache, KeyInput, Manifest};
+
+use crate::config::{Pipeline, StageSpec};
+use crate::stages::{self, StageContext};
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
+/// reader never sees half a file and a crash leaves the old one.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), rand::random::<u32>()));
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::anyhow!("{}: cannot write: {e}", path.display())
+    })
+}
+
+/// The run log: every line goes to `runner.log` in the run directory and to stderr.
+pub struct RunLog {
+    file: Option<Mutex<File>>,
+    pub path: Option<PathBuf>,
+    quiet: bool,
+}
+
+impl RunLog {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::options().create(true).append(true).open(path).with_context(|| format!("opening log {}", path.display()))?;
+        Ok(Self { file: Some(Mutex::new(file)), path: Some(path.to_path_buf()), quiet: false })
+    }
+
+    /// A log that writes nowhere, for tests and dry runs.
+    pub fn silent() -> Self {
+        Self { file: None, path: None, quiet: true }
+    }
+
+    pub fn info(&self, message: &str) {
+        let line = format!("{} {message}", chrono::Local::now().format("%H:%M:%S"));
+        if let Some(f) = &self.file {
+            let _ = writeln!(f.lock().unwrap(), "{line}");
+        }
+        if !self.quiet {
+            eprintln!("{line}");
+        }
+    }
+
+    /// A progress bar for `steps` steps of `stage`; it also logs a line every 30 s, so a run
+    /// without a terminal (CI, nohup) shows progress in the log too.
+    pub fn progress(&self, stage: &str, steps: u64) -> Progress<'_> {
+        let bar = if self.quiet { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr()) };
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} (eta {eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(stage.to_string());
+        Progress { bar, log: self, stage: stage.to_string(), start: Instant::now(), last_log: Instant::now() }
+    }
+}
+
+pub struct Progress<'a> {
+    bar: ProgressBar,
+    log: &'a RunLog,
+    stage: String,
+    start: Instant,
+    last_log: Instant,
+}
+
+impl Progress<'_> {
+    pub fn set_position(&mut self, pos: u64) {
+        self.bar.set_position(pos);
+    }
+
+    /// Advances one step and shows `message` (loss, accuracy, throughput).
+    pub fn step(&mut self, message: &str) {
+        self.bar.inc(1);
+        self.bar.set_message(message.to_string());
+        if self.last_log.elapsed() > Duration::from_secs(30) {
+            self.last_log = Instant::now();
+            let (pos, len) = (self.bar.position(), self.bar.length().unwrap_or(0));
+            let eta = if pos > 0 { self.start.elapsed().as_secs_f64() / pos as f64 * (len - pos) as f64 } else { 0.0 };
+            self.bar.suspend(|| self.log.info(&format!("{}: step {pos}/{len} {message} (eta {:.0} s)", self.stage, eta)));
+        }
+    }
+
+    /// Logs a line without tearing the bar.
+    pub fn println(&self, message: &str) {
+        self.bar.suspend(|| self.log.info(message));
+    }
+
+    pub fn finish(self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Whether a stage runs, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Status {
+    Cached,
+    Run(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct PlannedStage {
+    pub spec: StageSpec,
+    pub key: String,
+    pub key_input: KeyInput,
+    pub status: Status,
+}
+
+pub struct Plan {
+    pub stages: Vec<PlannedStage>,
+}
+
+/// Which stages `--force` names: `all`, or stage names.
+pub fn check_force(pipeline: &Pipeline, force: &[String]) -> Result<()> {
+    for name in force {
+        if name != "all" && pipeline.stage(name).is_none() {
+            let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+            anyhow::bail!(
+                "--force {name}: the pipeline has no stage `{name}`{}\n  hint: stages are {}, or `all`",
+                crate::config::did_you_mean(name, &names),
+                names.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Computes every stage's key and whether it must run.
+pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &str) -> Result<Plan> {
+    check_force(pipeline, force)?;
+    let dataset_identity = pipeline.dataset.identity().context("reading the dataset's index for the cache key")?;
+    let mut dataset = serde_json::to_value(&pipeline.dataset)?;
+    if let Some(d) = dataset.as_object_mut() {
+        // How fast data is read does not change what a stage computes.
+        d.remove("workers");
+        d.remove("prefetch");
+    }
+    let index = read_index(cache, &pipeline.pipeline.name);
+    let mut keys: BTreeMap<String, String> = BTreeMap::new();
+    let mut stages = Vec::new();
+    let mut upstream_runs: HashSet<String> = HashSet::new();
+    for spec in &pipeline.stages {
+        let inputs: Vec<(String, String)> = spec.input.iter().map(|i| (i.clone(), keys[i].clone())).collect();
+        let key_input = KeyInput {
+            version: env!("CARGO_PKG_VERSION").into(),
+            kind: spec.kind.name().into(),
+            settings: serde_json::to_value(&spec.settings)?,
+            inputs,
+            dataset: dataset.clone(),
+            dataset_identity: dataset_identity.clone(),
+            model: serde_json::to_value(&pipeline.model)?,
+            seed: pipeline.pipeline.seed,
+            backend: pipeline.pipeline.backend.to_string(),
+            extra: stages::key_extra(spec, device_name),
+        };
+        let key = key_input.key();
+        keys.insert(spec.name.clone(), key.clone());
+        let forced = force.iter().any(|f| f == "all" || *f == spec.name);
+        let status = if forced {
+            Status::Run(vec!["forced with --force".into()])
+        } else if cache.complete(&key).is_some() {
+            Status::Cached
+        } else {
+            let mut why = Vec::new();
+            if cache.entry_dir(&key).exists() {
+                why.push("interrupted earlier (no manifest); resumes from its last checkpoint if it has one".into());
+            } else if let Some(prev) = index.get(&spec.name).and_then(|k| cache.key_input(k)) {
+                why.extend(prev.diff(&key_input).into_iter().map(|c| format!("changed: {c}")));
+                if why.is_empty() {
+                    why.push("its previous output was removed from the cache".into());
+                }
+            } else {
+                why.push("never run".into());
+            }
+            if let Some(i) = &spec.input {
+                if upstream_runs.contains(i) {
+                    why.push(format!("its input `{i}` will run"));
+                }
+            }
+            Status::Run(why)
+        };
+        if status != Status::Cached {
+            upstream_runs.insert(spec.name.clone());
+        }
+        stages.push(PlannedStage { spec: spec.clone(), key, key_input, status });
+    }
+    Ok(Plan { stages })
+}
+
+/// Last completed key of each stage of a pipeline, to say what changed since.
+fn index_path(cache: &Cache, pipeline: &str) -> PathBuf {
+    cache.root.join("index").join(format!("{pipeline}.json"))
+}
+
+fn read_index(cache: &Cache, pipeline: &str) -> BTreeMap<String, String> {
+    std::fs::read(index_path(cache, pipeline))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn record_in_index(cache: &Cache, pipeline: &str, stage: &str, key: &str) -> Result<()> {
+    let mut index = read_index(cache, pipeline);
+    index.insert(stage.to_string(), key.to_string());
+    atomic_write(&index_path(cache, pipeline), &serde_json::to_vec_pretty(&index)?)
+}
+
+/// One line per stage, for `--dry-run`.
+pub fn describe(plan: &Plan) -> String {
+    let mut out = String::new();
+    for s in &plan.stages {
+        match &s.status {
+            Status::Cached => out.push_str(&format!("{:<16} {:<16} cached ({})\n", s.spec.name, s.spec.kind.name(), s.key)),
+            Status::Run(why) => {
+                out.push_str(&format!("{:<16} {:<16} will run ({})\n", s.spec.name, s.spec.kind.name(), s.key));
+                for w in why {
+                    out.push_str(&format!("{:<33}- {w}\n", ""));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A run directory: `runs/<pipeline>/<timestamp>/` with the resolved config and the log.
+pub struct RunDir {
+    pub path: PathBuf,
+    pub log: RunLog,
+}
+
+impl RunDir {
+    pub fn create(pipeline: &Pipeline) -> Result<Self> {
+        let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S").to_string();
+        let base = pipeline.pipeline.runs_dir.join(&pipeline.pipeline.name);
+        let mut path = base.join(&stamp);
+        let mut n = 1;
+        while path.exists() {
+            path = base.join(format!("{stamp}-{n}"));
+            n += 1;
+        }
+        std::fs::create_dir_all(&path).with_context(|| format!("creating run directory {}", path.display()))?;
+        atomic_write(&path.join("config.toml"), pipeline.to_toml().as_bytes())?;
+        let log = RunLog::open(&path.join("runner.log"))?;
+        Ok(Self { path, log })
+    }
+}
+
+/// What a run used and produced, per stage; written as `artifacts.json` in the run directory.
+#[derive(Debug, Serialize)]
+pub struct StageRecord {
+    pub stage: String,
+    pub kind: String,
+    pub key: String,
+    pub status: String,
+    pub dir: PathBuf,
+    pub files: Vec<(String, u64)>,
+    pub seconds: f64,
+}
+
+/// Runs the planned stages in order on backend `B`, skipping cached ones.
+pub fn execute<B: AutodiffBackend>(
+    pipeline: &Pipeline,
+    plan: &Plan,
+    cache: &Cache,
+    device: &B::Device,
+    device_name: &str,
+    run_dir: Option<&Path>,
+    log: &RunLog,
+) -> Result<Vec<StageRecord>> {
+    let mut records: Vec<StageRecord> = Vec::new();
+    let write_records = |records: &Vec<StageRecord>| -> Result<()> {
+        if let Some(dir) = run_dir {
+            atomic_write(&dir.join("artifacts.json"), &serde_json::to_vec_pretty(records)?)?;
+        }
+        Ok(())
+    };
+    for planned in &plan.stages {
+        let spec = &planned.spec;
+        let dir = cache.entry_dir(&planned.key);
+        let manifest = match (&planned.status, cache.complete(&planned.key)) {
+            (Status::Cached, Some(manifest)) => {
+                log.info(&format!("{}: cached ({})", spec.name, dir.display()));
+                cache.touch(&planned.key);
+                manifest
+            }
+            (status, _) => {
+                if status != &Status::Cached && matches!(status, Status::Run(w) if w.iter().any(|w| w.starts_with("forced"))) {
+                    cache.invalidate(&planned.key)?;
+                }
+                let manifest = run_stage::<B>(pipeline, planned, cache, device, device_name, log)
+                    .with_context(|| format!("stage `{}` ({}) failed", spec.name, spec.kind.name()))?;
+                record_in_index(cache, &pipeline.pipeline.name, &spec.name, &planned.key)?;
+                manifest
+            }
+        };
+        stages::publish(pipeline, spec, &manifest, log)?;
+        records.push(StageRecord {
+            stage: spec.name.clone(),
+            kind: spec.kind.name().into(),
+            key: planned.key.clone(),
+            status: if planned.status == Status::Cached { "cached".into() } else { "ran".into() },
+            dir: dir.clone(),
+            files: manifest.files.clone(),
+            seconds: manifest.seconds,
+        });
+        write_records(&records)?;
+    }
+    Ok(records)
+}
+
+fn run_stage<B: AutodiffBackend>(
+    pipeline: &Pipeline,
+    planned: &PlannedStage,
+    cache: &Cache,
+    device: &B::Device,
+    device_name: &str,
+    log: &RunLog,
+) -> Result<Manifest> {
+    let spec = &planned.spec;
+    let dir = cache.begin(&planned.key, &planned.key_input)?;
+    // Two runners sharing a cache (a sweep) must not build the same entry at once.
+    let lock = File::create(dir.join(".lock"))?;
+    fs2::FileExt::lock_exclusive(&lock).with_context(|| format!("locking {}", dir.display()))?;
+    if let Some(done) = cache.complete(&planned.key) {
+        log.info(&format!("{}: completed by another runner meanwhile", spec.name));
+        return Ok(done);
+    }
+    log.info(&format!("{}: running {} -> {}", spec.name, spec.kind.name(), dir.display()));
+    let input = spec.input.as_ref().map(|name| {
+        let key = &planned.key_input.inputs[0].1;
+        (name.clone(), cache.entry_dir(key))
+    });
+    let start = Instant::now();
+    let ctx = StageContext::<B> { pipeline, spec, dir: dir.clone(), input, device: device.clone(), device_name, log };
+    let metrics = stages::run(&ctx)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let mut files = Vec::new();
+    for entry in walkdir::WalkDir::new(&dir).sort_by_file_name().into_iter().filter_map(|e| e.ok()) {
+        let rel = entry.path().strip_prefix(&dir).unwrap().to_string_lossy().into_owned();
+        let internal = rel.starts_with('.') || rel == cache::MANIFEST || rel == "key.json" || rel.starts_with("checkpoint");
+        if entry.file_type().is_file() && !internal {
+            files.push((rel, entry.metadata()?.len()));
+        }
+    }
+    let manifest = Manifest {
+        key: planned.key.clone(),
+        pipeline: pipeline.pipeline.name.clone(),
+        stage: spec.name.clone(),
+        kind: spec.kind.name().into(),
+        created: chrono::Utc::now().to_rfc3339(),
+        seconds,
+        files,
+        metrics,
+    };
+    cache.commit(&manifest)?;
+    // The checkpoint only served to resume this stage; the manifest now stands for it.
+    let _ = std::fs::remove_dir_all(dir.join("checkpoint"));
+    log.info(&format!("{}: done in {seconds:.1} s", spec.name));
+    Ok(manifest)
+}

@@ -1,0 +1,135 @@
+//! `evaluate`: top-1 and top-5 (the two heads averaged for distilled models), loss, params,
+//! FLOPs, and measured inference throughput on the chosen backend: images/s and per-batch
+//! latency at a stated batch size, after warm-up, the median of repeats.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Distribution, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{KeyDoc, StageContext};
+use crate::data::{DatasetKind, Split};
+use crate::train::{correct, scalar, to_tensors};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateSettings {
+    pub split: Split,
+    pub batch_size: usize,
+    pub throughput_batch: usize,
+    pub throughput_repeats: usize,
+    pub warmup: usize,
+    pub model_id: Option<String>,
+}
+
+pub const KEYS: &[KeyDoc] = &[
+    ("split", "string", "`val` or `train`"),
+    ("batch_size", "integer", "images per batch for accuracy"),
+    ("throughput_batch", "integer", "batch size at which throughput and latency are measured"),
+    ("throughput_repeats", "integer", "timed forward passes; the median is reported"),
+    ("warmup", "integer", "untimed forward passes before timing"),
+    ("model_id", "string", "the model's name in metrics.csv (unset: the input stage's name)"),
+];
+
+impl Default for EvaluateSettings {
+    fn default() -> Self {
+        Self { split: Split::Val, batch_size: 256, throughput_batch: 64, throughput_repeats: 10, warmup: 2, model_id: None }
+    }
+}
+
+impl EvaluateSettings {
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        for (key, v) in [("batch_size", self.batch_size), ("throughput_batch", self.throughput_batch), ("throughput_repeats", self.throughput_repeats)] {
+            if v == 0 {
+                p.push((key.into(), "must be at least 1".into()));
+            }
+        }
+        p
+    }
+}
+
+pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> Result<serde_json::Value> {
+    let device = &ctx.device;
+    let Some(model) = ctx.input_model::<B::InnerBackend>(device)? else {
+        anyhow::bail!("evaluate needs a model: give it an `input` stage (load_pretrained, train, ...)");
+    };
+    let config = model.config.clone();
+    let loader = ctx.loader(s.split, &config, s.batch_size, false)?;
+    let ce = CrossEntropyLossConfig::new().init(device);
+    let (mut top1, mut top5, mut seen, mut loss_sum) = (0usize, 0usize, 0usize, 0.0);
+    let mut progress = ctx.log.progress(&ctx.spec.name, loader.batches_per_epoch() as u64);
+    for batch in loader.epoch(0) {
+        let (images, labels) = to_tensors::<B::InnerBackend>(batch?, device);
+        let n = labels.dims()[0];
+        let logits = model.forward(images).logits();
+        loss_sum += scalar(ce.forward(logits.clone(), labels.clone())) * n as f64;
+        let (a, b) = correct(logits, labels, 5);
+        (top1, top5, seen) = (top1 + a, top5 + b, seen + n);
+        progress.step(&format!("top1 {:.4}", top1 as f64 / seen as f64));
+    }
+    progress.finish();
+    if seen == 0 {
+        anyhow::bail!("the {:?} split is empty", s.split);
+    }
+
+    // Throughput on random inputs: the data pipeline is not what is being measured.
+    let x = Tensor::<B::InnerBackend, 4>::random(
+        [s.throughput_batch, config.in_chans, config.image_size, config.image_size],
+        Distribution::Default,
+        device,
+    );
+    let time_one = || {
+        let start = Instant::now();
+        let _ = model.forward(x.clone()).logits().into_data();
+        let _ = B::InnerBackend::sync(device);
+        start.elapsed().as_secs_f64()
+    };
+    for _ in 0..s.warmup {
+        time_one();
+    }
+    let mut times: Vec<f64> = (0..s.throughput_repeats).map(|_| time_one()).collect();
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+
+    let data = &ctx.pipeline.dataset;
+    let dataset = match data.kind {
+        DatasetKind::Synthetic => format!("synthetic-{}c-{}px", data.classes, data.synthetic_size),
+        _ => data.root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| data.root.display().to_string()),
+    };
+    let model_id = s.model_id.clone().or_else(|| ctx.input.as_ref().map(|(n, _)| n.clone())).unwrap_or_default();
+    Ok(serde_json::json!({
+        "model": model_id,
+        "dataset": dataset,
+        "split": format!("{:?}", s.split).to_lowercase(),
+        "images": seen,
+        "top1": round(100.0 * top1 as f64 / seen as f64, 2),
+        "top5": round(100.0 * top5 as f64 / seen as f64, 2),
+        "loss": round(loss_sum / seen as f64, 4),
+        "params_m": round(config.params() as f64 / 1e6, 3),
+        "gflops": round(config.flops() as f64 / 1e9, 4),
+        "images_per_s": round(s.throughput_batch as f64 / median, 1),
+        "latency_ms": round(median * 1e3, 3),
+        "batch": s.throughput_batch,
+        "backend": ctx.pipeline.pipeline.backend.to_string(),
+        "device": ctx.device_name,
+        "pipeline": ctx.pipeline.pipeline.name,
+    }))
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let m = 10f64.powi(digits);
+    (x * m).round() / m
+}
+
+/// One line for the log.
+pub fn summary(m: &serde_json::Value) -> String {
+    format!(
+        "{} on {} {}: top-1 {}%, top-5 {}%, {} M params, {} GFLOPs, {} img/s at batch {}",
+        m["model"], m["dataset"], m["split"], m["top1"], m["top5"], m["params_m"], m["gflops"], m["images_per_s"], m["batch"]
+    )
+    .replace('"', "")
+}

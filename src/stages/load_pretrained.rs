@@ -1,0 +1,50 @@
+//! `load_pretrained`: reads a timm / DeiT checkpoint the user already has. Widths a fused
+//! `qkv` cannot tell (heads per block) come from `[model]`; everything else from the shapes.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+use super::{KeyDoc, StageContext};
+use crate::data::Split;
+use crate::model::checkpoint;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LoadPretrainedSettings {
+    pub path: PathBuf,
+}
+
+pub const KEYS: &[KeyDoc] = &[("path", "path", "the checkpoint: a timm/DeiT state dict as .safetensors")];
+
+impl LoadPretrainedSettings {
+    pub fn validate(&self) -> Vec<(String, String)> {
+        if self.path.as_os_str().is_empty() {
+            vec![("path".into(), "is required: the checkpoint file to load".into())]
+        } else if !self.path.exists() {
+            vec![("path".into(), format!("`{}` does not exist", self.path.display()))]
+        } else {
+            vec![]
+        }
+    }
+}
+
+pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &LoadPretrainedSettings) -> Result<serde_json::Value> {
+    let classes = ctx.open(Split::Val)?.num_classes();
+    let hint = ctx.pipeline.model.resolve(classes)?;
+    let model = checkpoint::load_pretrained::<B::InnerBackend>(&s.path, &hint, &ctx.device)?;
+    let c = &model.config;
+    ctx.log.info(&format!(
+        "{}: {} blocks, E = {}, {} classes, {:.1} M params, {:.2} GFLOPs",
+        ctx.spec.name,
+        c.depth(),
+        c.embed_dim,
+        c.num_classes,
+        c.params() as f64 / 1e6,
+        c.flops() as f64 / 1e9
+    ));
+    checkpoint::save(&model, &checkpoint::model_dir(&ctx.dir))?;
+    Ok(serde_json::json!({ "params": c.params(), "flops": c.flops() }))
+}

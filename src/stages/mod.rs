@@ -1,0 +1,258 @@
+//! Stage kinds: one file each. A stage reads its settings, the model of its input stage (if
+//! any) and the dataset, writes its artifacts into its cache entry directory, and returns the
+//! metrics it measured. Stages are generic over the backend and never name one.
+
+mod evaluate;
+mod load_pretrained;
+mod train;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use figment::Figment;
+use serde::Serialize;
+
+use crate::config::{Pipeline, StageSpec};
+use crate::data::loader::LoaderOptions;
+use crate::data::transforms::{Mode, Transform};
+use crate::data::{Dataset, Loader, Split};
+use crate::model::{checkpoint, Vit, VitConfig};
+use crate::pipeline::{Manifest, RunLog};
+
+pub use evaluate::EvaluateSettings;
+pub use load_pretrained::LoadPretrainedSettings;
+pub use train::TrainSettings;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum StageKind {
+    LoadPretrained,
+    Train,
+    Evaluate,
+}
+
+/// Kinds of the method that later versions add (METHOD.md sections 4 to 6 and the report):
+/// named so that a pipeline using one gets a precise message, not "unknown kind".
+const PLANNED: [&str; 5] = ["profile_latency", "hessian_scores", "prune", "distill", "report"];
+
+/// A stage's own keys: `(name, type, doc)`. Defaults come from the settings' `Default`.
+pub type KeyDoc = (&'static str, &'static str, &'static str);
+
+impl StageKind {
+    pub const ALL: [StageKind; 3] = [StageKind::LoadPretrained, StageKind::Train, StageKind::Evaluate];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StageKind::LoadPretrained => "load_pretrained",
+            StageKind::Train => "train",
+            StageKind::Evaluate => "evaluate",
+        }
+    }
+
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|k| k.name()).collect()
+    }
+
+    pub fn from_name(name: &str) -> Result<Self, String> {
+        if let Some(kind) = Self::ALL.iter().find(|k| k.name() == name) {
+            return Ok(*kind);
+        }
+        if PLANNED.contains(&name) {
+            return Err(format!(
+                "stage kind `{name}` is part of the method but not implemented in this version\n  hint: available kinds are {}",
+                Self::names().join(", ")
+            ));
+        }
+        let mut all = Self::names();
+        all.extend(PLANNED);
+        Err(format!(
+            "unknown stage kind `{name}`{}\n  hint: available kinds are {}",
+            crate::config::did_you_mean(name, &all),
+            Self::names().join(", ")
+        ))
+    }
+
+    pub fn doc(self) -> &'static str {
+        match self {
+            StageKind::LoadPretrained => "reads a timm/DeiT checkpoint (.safetensors) into the model",
+            StageKind::Train => "trains the model (from scratch, or its input's) with AdamW, warm-up + cosine, label smoothing",
+            StageKind::Evaluate => "measures top-1/top-5, loss, params, FLOPs and throughput; writes results/<pipeline>/metrics.csv",
+        }
+    }
+
+    pub fn keys(self) -> &'static [KeyDoc] {
+        match self {
+            StageKind::LoadPretrained => load_pretrained::KEYS,
+            StageKind::Train => train::KEYS,
+            StageKind::Evaluate => evaluate::KEYS,
+        }
+    }
+
+    /// Valid keys of the stage's table besides `kind` and `input`.
+    pub fn fields(self) -> &'static [&'static str] {
+        use crate::config::struct_fields;
+        match self {
+            StageKind::LoadPretrained => struct_fields::<LoadPretrainedSettings>(),
+            StageKind::Train => struct_fields::<TrainSettings>(),
+            StageKind::Evaluate => struct_fields::<EvaluateSettings>(),
+        }
+    }
+
+    /// Stages that never take an input model by default.
+    pub fn starts_from_nothing(self) -> bool {
+        self == StageKind::LoadPretrained
+    }
+
+    pub fn default_settings(self) -> StageSettings {
+        match self {
+            StageKind::LoadPretrained => StageSettings::LoadPretrained(Default::default()),
+            StageKind::Train => StageSettings::Train(Default::default()),
+            StageKind::Evaluate => StageSettings::Evaluate(Default::default()),
+        }
+    }
+
+    pub fn parse_settings(self, table: &Figment) -> Result<StageSettings, figment::Error> {
+        Ok(match self {
+            StageKind::LoadPretrained => StageSettings::LoadPretrained(table.extract()?),
+            StageKind::Train => StageSettings::Train(table.extract()?),
+            StageKind::Evaluate => StageSettings::Evaluate(table.extract()?),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum StageSettings {
+    LoadPretrained(LoadPretrainedSettings),
+    Train(TrainSettings),
+    Evaluate(EvaluateSettings),
+}
+
+impl StageSettings {
+    /// Impossible values as `(key, message)`.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        match self {
+            StageSettings::LoadPretrained(s) => s.validate(),
+            StageSettings::Train(s) => s.validate(),
+            StageSettings::Evaluate(s) => s.validate(),
+        }
+    }
+}
+
+/// Facts outside the settings that a stage's output depends on, for its cache key.
+pub fn key_extra(spec: &StageSpec, device_name: &str) -> BTreeMap<String, String> {
+    let mut extra = BTreeMap::new();
+    match &spec.settings {
+        StageSettings::LoadPretrained(s) => {
+            extra.insert("checkpoint".into(), crate::pipeline::cache::file_identity(&s.path));
+        }
+        // Throughput is a property of the device.
+        StageSettings::Evaluate(_) => {
+            extra.insert("device".into(), device_name.into());
+        }
+        StageSettings::Train(_) => {}
+    }
+    extra
+}
+
+/// What a running stage can see.
+pub struct StageContext<'a, B: AutodiffBackend> {
+    pub pipeline: &'a Pipeline,
+    pub spec: &'a StageSpec,
+    /// The stage's cache entry: everything it writes goes here.
+    pub dir: PathBuf,
+    /// The input stage's name and entry directory.
+    pub input: Option<(String, PathBuf)>,
+    pub device: B::Device,
+    pub device_name: &'a str,
+    pub log: &'a RunLog,
+}
+
+impl<B: AutodiffBackend> StageContext<'_, B> {
+    pub fn open(&self, split: Split) -> Result<Arc<dyn Dataset>> {
+        Ok(self.pipeline.dataset.open(split, self.pipeline.pipeline.seed)?)
+    }
+
+    /// The input stage's model, or `None` when the stage has no input.
+    pub fn input_model<BB: Backend>(&self, device: &BB::Device) -> Result<Option<Vit<BB>>> {
+        let Some((name, dir)) = &self.input else { return Ok(None) };
+        checkpoint::load(&checkpoint::model_dir(dir), device)
+            .with_context(|| format!("loading the model of input stage `{name}`"))
+            .map(Some)
+    }
+
+    /// A loader for `split` shaped for `model`: training transforms (random-resized crop,
+    /// flip) when `train`, evaluation transforms otherwise.
+    pub fn loader(&self, split: Split, model: &VitConfig, batch_size: usize, train: bool) -> Result<Loader> {
+        let data = &self.pipeline.dataset;
+        let dataset = self.open(split)?;
+        if dataset.num_classes() > model.num_classes {
+            anyhow::bail!(
+                "the dataset has {} classes but the model's head has {}\n  hint: set model.num_classes or leave it unset to take the dataset's",
+                dataset.num_classes(),
+                model.num_classes
+            );
+        }
+        let (mean, std) = data.normalization(model.in_chans);
+        let mode = if train {
+            Mode::Train { crop_scale: data.crop_scale, hflip: data.hflip }
+        } else {
+            Mode::Eval { crop_pct: data.eval_crop_pct }
+        };
+        let transform = Transform { size: model.image_size as u32, channels: model.in_chans, mean, std, mode };
+        Ok(Loader::new(
+            dataset,
+            transform,
+            LoaderOptions {
+                batch_size,
+                shuffle: train,
+                drop_last: train,
+                seed: self.pipeline.pipeline.seed,
+                workers: data.workers,
+                prefetch: data.prefetch,
+                on_bad_image: data.on_bad_image,
+            },
+        ))
+    }
+}
+
+/// Runs a stage; returns its metrics for the manifest.
+pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>) -> Result<serde_json::Value> {
+    match &ctx.spec.settings {
+        StageSettings::LoadPretrained(s) => load_pretrained::run(ctx, s),
+        StageSettings::Train(s) => train::run(ctx, s),
+        StageSettings::Evaluate(s) => evaluate::run(ctx, s),
+    }
+}
+
+/// Writes what a completed stage (run now or cached) contributes to `results/`.
+pub fn publish(pipeline: &Pipeline, spec: &StageSpec, manifest: &Manifest, log: &RunLog) -> Result<()> {
+    if let StageSettings::Evaluate(_) = spec.settings {
+        let path = pipeline.pipeline.results_dir.join(&pipeline.pipeline.name).join("metrics.csv");
+        crate::report::upsert_metrics(&path, &manifest.metrics)?;
+        log.info(&format!("{}: {} -> {}", spec.name, evaluate::summary(&manifest.metrics), path.display()));
+    }
+    Ok(())
+}
+
+/// Checks shared by stage settings.
+pub(crate) fn positive(problems: &mut Vec<(String, String)>, key: &str, value: f64) {
+    if !(value > 0.0) || !value.is_finite() {
+        problems.push((key.into(), format!("must be positive, got {value}")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_keys_are_exactly_the_settings_fields() {
+        for kind in StageKind::ALL {
+            let documented: Vec<&str> = kind.keys().iter().map(|k| k.0).collect();
+            assert_eq!(documented, kind.fields(), "{}", kind.name());
+        }
+    }
+}

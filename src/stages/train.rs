@@ -1,0 +1,235 @@
+//! `train`: trains the model from scratch (for when no checkpoint exists) or continues its
+//! input's, with AdamW, linear warm-up + cosine decay, label smoothing and optional gradient
+//! clipping. It checkpoints after every epoch and resumes from there when re-run.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+use super::{positive, KeyDoc, StageContext};
+use crate::data::Split;
+use crate::model::{checkpoint, Vit};
+use crate::pipeline::atomic_write;
+use crate::train::{check_finite, classification_loss, correct, scalar, to_tensors, Schedule};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSettings {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_epochs: f64,
+    pub weight_decay: f64,
+    pub label_smoothing: f64,
+    pub grad_clip: Option<f64>,
+    pub steps_per_epoch: Option<usize>,
+    pub augment: bool,
+}
+
+pub const KEYS: &[KeyDoc] = &[
+    ("epochs", "integer", "passes over the training split"),
+    ("batch_size", "integer", "images per optimizer step"),
+    ("lr", "float", "peak learning rate, reached after warm-up"),
+    ("min_lr", "float", "learning rate at the end of the cosine decay"),
+    ("warmup_epochs", "float", "linear warm-up length, in epochs"),
+    ("weight_decay", "float", "AdamW's decoupled weight decay"),
+    ("label_smoothing", "float", "label smoothing of the cross-entropy, in [0, 1)"),
+    ("grad_clip", "float", "clip the gradient's global norm to this (unset: no clipping)"),
+    ("steps_per_epoch", "integer", "cap on optimizer steps per epoch, for quick runs (unset: the whole split)"),
+    ("augment", "bool", "random-resized crop and flips (else the evaluation transform)"),
+];
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            epochs: 10,
+            batch_size: 128,
+            lr: 5e-4,
+            min_lr: 1e-5,
+            warmup_epochs: 1.0,
+            weight_decay: 0.05,
+            label_smoothing: 0.1,
+            grad_clip: None,
+            steps_per_epoch: None,
+            augment: true,
+        }
+    }
+}
+
+impl TrainSettings {
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.epochs == 0 {
+            p.push(("epochs".into(), "must be at least 1".into()));
+        }
+        if self.batch_size == 0 {
+            p.push(("batch_size".into(), "must be at least 1".into()));
+        }
+        positive(&mut p, "lr", self.lr);
+        if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            p.push(("min_lr".into(), format!("must be in [0, lr = {}], got {}", self.lr, self.min_lr)));
+        }
+        if !(self.warmup_epochs >= 0.0) {
+            p.push(("warmup_epochs".into(), format!("must not be negative, got {}", self.warmup_epochs)));
+        }
+        if !(self.weight_decay >= 0.0) {
+            p.push(("weight_decay".into(), format!("must not be negative, got {}", self.weight_decay)));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            p.push(("label_smoothing".into(), format!("must be in [0, 1), got {}", self.label_smoothing)));
+        }
+        if let Some(c) = self.grad_clip {
+            positive(&mut p, "grad_clip", c);
+        }
+        if self.steps_per_epoch == Some(0) {
+            p.push(("steps_per_epoch".into(), "must be at least 1".into()));
+        }
+        p
+    }
+}
+
+/// What survives a killed run: written after each epoch, `state.json` last.
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    epochs_done: usize,
+    last_loss: f64,
+    last_accuracy: f64,
+}
+
+type Rec = BinFileRecorder<FullPrecisionSettings>;
+
+pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Result<serde_json::Value> {
+    let device = &ctx.device;
+    let seed = ctx.pipeline.pipeline.seed;
+    B::seed(device, seed);
+    let mut model: Vit<B> = match ctx.input_model::<B>(device)? {
+        Some(model) => model,
+        None => {
+            let classes = ctx.open(Split::Train)?.num_classes();
+            ctx.pipeline.model.resolve(classes)?.init(device)
+        }
+    };
+    let config = model.config.clone();
+    let loader = ctx.loader(Split::Train, &config, s.batch_size, s.augment)?;
+    let steps_per_epoch = s.steps_per_epoch.map_or(loader.batches_per_epoch(), |c| c.min(loader.batches_per_epoch()));
+    if steps_per_epoch == 0 {
+        anyhow::bail!(
+            "the training split has {} images, fewer than one batch of {}\n  hint: lower batch_size",
+            loader.dataset().len(),
+            s.batch_size
+        );
+    }
+    let schedule = Schedule {
+        lr: s.lr,
+        min_lr: s.min_lr,
+        warmup_steps: (s.warmup_epochs * steps_per_epoch as f64).round() as usize,
+        total_steps: s.epochs * steps_per_epoch,
+    };
+    let mut optim_config = AdamWConfig::new().with_weight_decay(s.weight_decay as f32);
+    if let Some(c) = s.grad_clip {
+        optim_config = optim_config.with_grad_clipping(Some(GradientClippingConfig::Norm(c as f32)));
+    }
+    let mut optim = optim_config.init::<B, Vit<B>>();
+
+    let ckpt = ctx.dir.join("checkpoint");
+    let mut start_epoch = 0;
+    let (mut last_loss, mut last_accuracy) = (f64::NAN, f64::NAN);
+    if let Some(state) = read_state(&ckpt) {
+        model = model
+            .load_file(ckpt.join("model"), &Rec::new(), device)
+            .with_context(|| format!("resuming from {}", ckpt.display()))?;
+        let record = Recorder::<B>::load(&Rec::new(), ckpt.join("optim"), device)
+            .with_context(|| format!("resuming the optimizer from {}", ckpt.display()))?;
+        optim = optim.load_record(record);
+        start_epoch = state.epochs_done;
+        (last_loss, last_accuracy) = (state.last_loss, state.last_accuracy);
+        ctx.log.info(&format!("{}: resuming after epoch {start_epoch} of {}", ctx.spec.name, s.epochs));
+    }
+
+    let mut progress = ctx.log.progress(&ctx.spec.name, (s.epochs * steps_per_epoch) as u64);
+    progress.set_position((start_epoch * steps_per_epoch) as u64);
+    let started = Instant::now();
+    let mut images_seen = 0usize;
+    for epoch in start_epoch..s.epochs {
+        let (mut loss_sum, mut hits, mut seen) = (0.0, 0usize, 0usize);
+        for (i, batch) in loader.epoch(epoch as u64).into_iter().take(steps_per_epoch).enumerate() {
+            let step = epoch * steps_per_epoch + i;
+            let (images, labels) = to_tensors::<B>(batch?, device);
+            let n = labels.dims()[0];
+            let output = model.forward(images);
+            let logits = match &output.dist {
+                Some(d) => (output.cls.clone() + d.clone()).div_scalar(2.0),
+                None => output.cls.clone(),
+            };
+            let loss = classification_loss(output, labels.clone(), s.label_smoothing);
+            let loss_value = scalar(loss.clone());
+            check_finite(loss_value, epoch, i)?;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(schedule.at(step), model, grads);
+            let (top1, _) = correct(logits.inner(), labels.inner(), 1);
+            loss_sum += loss_value * n as f64;
+            hits += top1;
+            seen += n;
+            images_seen += n;
+            let rate = images_seen as f64 / started.elapsed().as_secs_f64();
+            progress.step(&format!("epoch {} loss {loss_value:.4} acc {:.3} {rate:.0} img/s", epoch + 1, hits as f64 / seen as f64));
+        }
+        (last_loss, last_accuracy) = (loss_sum / seen as f64, hits as f64 / seen as f64);
+        progress.println(&format!(
+            "{}: epoch {}/{} loss {last_loss:.4} train acc {last_accuracy:.4}",
+            ctx.spec.name,
+            epoch + 1,
+            s.epochs
+        ));
+        save_checkpoint(&ckpt, &model, &optim, &CheckpointState { epochs_done: epoch + 1, last_loss, last_accuracy })?;
+    }
+    progress.finish();
+    if loader.skipped() > 0 {
+        ctx.log.info(&format!("{}: skipped {} unreadable images", ctx.spec.name, loader.skipped()));
+    }
+    checkpoint::save(&model.valid(), &checkpoint::model_dir(&ctx.dir))?;
+    Ok(serde_json::json!({
+        "epochs": s.epochs,
+        "steps": s.epochs * steps_per_epoch,
+        "final_train_loss": last_loss,
+        "final_train_accuracy": last_accuracy,
+        "skipped_images": loader.skipped(),
+    }))
+}
+
+fn read_state(ckpt: &Path) -> Option<CheckpointState> {
+    // A kill between removing the old checkpoint and renaming the new one leaves only the
+    // new one, complete (its state.json is written last).
+    let tmp = ckpt.with_extension("tmp");
+    if !ckpt.join("state.json").exists() && tmp.join("state.json").exists() {
+        std::fs::rename(&tmp, ckpt).ok()?;
+    }
+    serde_json::from_slice(&std::fs::read(ckpt.join("state.json")).ok()?).ok()
+}
+
+/// Writes the checkpoint beside the old one and swaps it in, so a kill at any moment leaves
+/// one complete checkpoint.
+fn save_checkpoint<B: AutodiffBackend, O: Optimizer<Vit<B>, B>>(
+    ckpt: &Path,
+    model: &Vit<B>,
+    optim: &O,
+    state: &CheckpointState,
+) -> Result<()> {
+    let tmp = ckpt.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    model.clone().save_file(tmp.join("model"), &Rec::new()).context("saving the model checkpoint")?;
+    Recorder::<B>::record(&Rec::new(), optim.to_record(), tmp.join("optim")).context("saving the optimizer checkpoint")?;
+    atomic_write(&tmp.join("state.json"), &serde_json::to_vec(state)?)?;
+    let _ = std::fs::remove_dir_all(ckpt);
+    std::fs::rename(&tmp, ckpt).with_context(|| format!("moving checkpoint into {}", ckpt.display()))?;
+    Ok(())
+}
