@@ -113,8 +113,15 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
     let mut errors = Vec::new();
     let chain = read_extends_chain(path).map_err(|e| ConfigErrors(vec![e]))?;
 
-    let mut figment = Figment::new()
-        .merge(Serialized::defaults(SectionDefaults::default()).profile(Profile::Default));
+    let default_name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "pipeline".into());
+    let defaults = SectionDefaults {
+        pipeline: PipelineSection { name: default_name, ..Default::default() },
+        ..Default::default()
+    };
+    let mut figment = Figment::new().merge(Serialized::defaults(defaults).profile(Profile::Default));
     let mut stage_order: Vec<String> = Vec::new();
     for (file, doc) in &chain {
         figment = figment.merge(Toml::file_exact(file));
@@ -147,11 +154,6 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
         }
     }
 
-    let default_name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "pipeline".into());
-    figment = figment.join(Serialized::default("pipeline.name", default_name));
 
     // Stage defaults depend on each stage's kind, so they join once the kinds are known.
     let root = match figment.data() {

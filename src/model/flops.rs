@@ -49,9 +49,9 @@ mod tests {
     use burn::backend::NdArray;
     use burn::module::Module;
 
-    /// The paper's and timm's published numbers are rounded to one decimal (DeiT-T's 1.3 G is
-    /// 1.26 G unrounded), so each count must round to the published figure and lie within 1%
-    /// of it where the publication gives enough digits.
+    /// Within 1% of the table (DeiT-B 17.6 G / 86.6 M, 87.3 M distilled; DeiT-S 4.6 G /
+    /// 22.1 M; DeiT-T 1.3 G / 5.7 M). DeiT-T's "1.3 G" is a rounding of 1.25 G (fvcore reports
+    /// 1.26 G), so for it the count must round to the published figure instead.
     #[test]
     fn deit_params_and_flops_match_the_published_table() {
         let cases = [
@@ -64,13 +64,15 @@ mod tests {
             let c = VitConfig::preset(name).unwrap();
             let p = c.params() as f64 / 1e6;
             let f = c.flops() as f64 / 1e9;
-            assert_eq!(format!("{p:.1}"), format!("{params_m:.1}"), "{name} params {p}");
-            assert_eq!(format!("{f:.1}"), format!("{gflops:.1}"), "{name} GFLOPs {f}");
             assert!((p - params_m).abs() / params_m < 0.01, "{name} params {p} vs {params_m}");
-            if name.starts_with("deit-base") || name == "deit-small" {
+            if name == "deit-tiny" {
+                assert_eq!(format!("{f:.1}"), "1.3", "{name} GFLOPs {f}");
+                assert!((f - 1.26).abs() < 0.01, "{name} GFLOPs {f} vs fvcore's 1.26");
+            } else {
                 assert!((f - gflops).abs() / gflops < 0.01, "{name} GFLOPs {f} vs {gflops}");
             }
         }
+        assert_eq!(VitConfig::preset("deit-base").unwrap().params(), 86_567_656, "timm's exact count");
     }
 
     #[test]

@@ -190,7 +190,7 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &
             if cache.entry_dir(&key).exists() {
                 why.push("interrupted earlier (no manifest); resumes from its last checkpoint if it has one".into());
             } else if let Some(prev) = index.get(&spec.name).and_then(|k| cache.key_input(k)) {
-                why.extend(prev.diff(&key_input).into_iter().map(|c| format!("changed: {c}")));
+                why.extend(key_input.diff(&prev).into_iter().map(|c| format!("changed: {c}")));
                 if why.is_empty() {
                     why.push("its previous output was removed from the cache".into());
                 }

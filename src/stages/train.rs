@@ -100,7 +100,8 @@ impl TrainSettings {
 #[derive(Serialize, Deserialize)]
 struct CheckpointState {
     epochs_done: usize,
-    last_loss: f64,
+    /// Mean training loss of each epoch so far.
+    epoch_losses: Vec<f64>,
     last_accuracy: f64,
 }
 
@@ -141,7 +142,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
 
     let ckpt = ctx.dir.join("checkpoint");
     let mut start_epoch = 0;
-    let (mut last_loss, mut last_accuracy) = (f64::NAN, f64::NAN);
+    let (mut epoch_losses, mut last_accuracy) = (Vec::new(), f64::NAN);
     if let Some(state) = read_state(&ckpt) {
         model = model
             .load_file(ckpt.join("model"), &Rec::new(), device)
@@ -150,7 +151,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
             .with_context(|| format!("resuming the optimizer from {}", ckpt.display()))?;
         optim = optim.load_record(record);
         start_epoch = state.epochs_done;
-        (last_loss, last_accuracy) = (state.last_loss, state.last_accuracy);
+        (epoch_losses, last_accuracy) = (state.epoch_losses, state.last_accuracy);
         ctx.log.info(&format!("{}: resuming after epoch {start_epoch} of {}", ctx.spec.name, s.epochs));
     }
 
@@ -182,14 +183,16 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
             let rate = images_seen as f64 / started.elapsed().as_secs_f64();
             progress.step(&format!("epoch {} loss {loss_value:.4} acc {:.3} {rate:.0} img/s", epoch + 1, hits as f64 / seen as f64));
         }
-        (last_loss, last_accuracy) = (loss_sum / seen as f64, hits as f64 / seen as f64);
+        let last_loss = loss_sum / seen as f64;
+        last_accuracy = hits as f64 / seen as f64;
+        epoch_losses.push(last_loss);
         progress.println(&format!(
             "{}: epoch {}/{} loss {last_loss:.4} train acc {last_accuracy:.4}",
             ctx.spec.name,
             epoch + 1,
             s.epochs
         ));
-        save_checkpoint(&ckpt, &model, &optim, &CheckpointState { epochs_done: epoch + 1, last_loss, last_accuracy })?;
+        save_checkpoint(&ckpt, &model, &optim, &CheckpointState { epochs_done: epoch + 1, epoch_losses: epoch_losses.clone(), last_accuracy })?;
     }
     progress.finish();
     if loader.skipped() > 0 {
@@ -199,7 +202,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
     Ok(serde_json::json!({
         "epochs": s.epochs,
         "steps": s.epochs * steps_per_epoch,
-        "final_train_loss": last_loss,
+        "epoch_losses": epoch_losses,
         "final_train_accuracy": last_accuracy,
         "skipped_images": loader.skipped(),
     }))

@@ -1,0 +1,96 @@
+//! The stage cache: a changed setting re-runs exactly the stages it affects, and an
+//! interrupted stage (no manifest) is re-run.
+
+mod common;
+
+use common::*;
+use nvit::pipeline::Cache;
+
+#[test]
+fn changing_one_setting_reruns_exactly_the_affected_stages() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache { root: dir.path().join("cache") };
+    let path = tiny_pipeline(dir.path(), "");
+
+    let p = load(&path, &[]);
+    let first = plan(&p, &cache);
+    assert_eq!(statuses(&first), [("train".into(), "run"), ("evaluate".into(), "run")]);
+    assert_eq!(reasons(&first, "train"), ["never run"]);
+    execute(&p, &first, &cache);
+    assert_eq!(statuses(&plan(&p, &cache)), [("train".into(), "cached"), ("evaluate".into(), "cached")]);
+
+    // An evaluation setting: only evaluate runs, and it says why.
+    let p = load(&path, &["stages.evaluate.batch_size=16"]);
+    let pl = plan(&p, &cache);
+    assert_eq!(statuses(&pl), [("train".into(), "cached"), ("evaluate".into(), "run")]);
+    assert_eq!(reasons(&pl, "evaluate"), ["changed: settings.batch_size: 32 -> 16"]);
+
+    // A training setting: train and everything downstream.
+    let p = load(&path, &["stages.train.lr=0.001"]);
+    let pl = plan(&p, &cache);
+    assert_eq!(statuses(&pl), [("train".into(), "run"), ("evaluate".into(), "run")]);
+    assert_eq!(reasons(&pl, "train"), ["changed: settings.lr: 0.002 -> 0.001"]);
+    assert!(reasons(&pl, "evaluate").contains(&"its input `train` will run".to_string()), "{:?}", reasons(&pl, "evaluate"));
+
+    // How fast data is read changes nothing.
+    let p = load(&path, &["dataset.workers=1", "dataset.prefetch=1"]);
+    assert_eq!(statuses(&plan(&p, &cache)), [("train".into(), "cached"), ("evaluate".into(), "cached")]);
+
+    // What the data is changes everything.
+    let p = load(&path, &["dataset.classes=5"]);
+    assert_eq!(statuses(&plan(&p, &cache)), [("train".into(), "run"), ("evaluate".into(), "run")]);
+}
+
+#[test]
+fn a_stage_without_manifest_is_rerun_and_forcing_reruns_one_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache { root: dir.path().join("cache") };
+    let path = tiny_pipeline(dir.path(), "");
+    let p = load(&path, &[]);
+    let pl = plan(&p, &cache);
+    execute(&p, &pl, &cache);
+
+    let eval_key = pl.stages[1].key.clone();
+    std::fs::remove_file(cache.entry_dir(&eval_key).join("manifest.json")).unwrap();
+    let pl = plan(&p, &cache);
+    assert_eq!(statuses(&pl), [("train".into(), "cached"), ("evaluate".into(), "run")]);
+    assert!(reasons(&pl, "evaluate")[0].starts_with("interrupted earlier (no manifest)"));
+    execute(&p, &pl, &cache);
+    assert!(cache.complete(&eval_key).is_some());
+
+    // A manifest whose files are gone is a miss, not an error.
+    std::fs::remove_file(cache.entry_dir(&pl.stages[0].key).join("model/model.safetensors")).unwrap();
+    assert_eq!(statuses(&plan(&p, &cache))[0], ("train".into(), "run"));
+
+    let forced = nvit::pipeline::plan(&p, &cache, &["evaluate".into()], "test-cpu").unwrap();
+    assert_eq!(reasons(&forced, "evaluate"), ["forced with --force"]);
+    let err = nvit::pipeline::plan(&p, &cache, &["evaluat".into()], "test-cpu").err().unwrap().to_string();
+    assert!(err.starts_with("--force evaluat: the pipeline has no stage `evaluat`; did you mean `evaluate`?"), "{err}");
+}
+
+#[test]
+fn evaluate_writes_its_row_and_training_lowers_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache { root: dir.path().join("cache") };
+    let path = tiny_pipeline(dir.path(), "");
+    let p = load(&path, &["stages.train.epochs=6", "dataset.train_size=256"]);
+    let pl = plan(&p, &cache);
+    execute(&p, &pl, &cache);
+
+    let manifest = cache.complete(&pl.stages[0].key).unwrap();
+    let losses: Vec<f64> = serde_json::from_value(manifest.metrics["epoch_losses"].clone()).unwrap();
+    assert_eq!(losses.len(), 6);
+    assert!(losses[5] < losses[0] * 0.9, "training did not lower the loss: {losses:?}");
+
+    let csv = std::fs::read_to_string(dir.path().join("results/tiny/metrics.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next().unwrap(), "model,dataset,split,images,top1,top5,loss,params_m,gflops,images_per_s,latency_ms,batch,backend,device,pipeline");
+    let row: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!(&row[..4], ["train", "synthetic-4c-16px", "val", "32"]);
+    let top1: f64 = row[4].parse().unwrap();
+    assert!(top1 > 25.0, "a trained model beats chance (25%) on its synthetic classes: {top1}");
+    assert_eq!(row[11], "8");
+    assert!(row[9].parse::<f64>().unwrap() > 0.0);
+    assert_eq!(&row[12..], ["ndarray", "test-cpu", "tiny"]);
+    assert!(lines.next().is_none());
+}

@@ -1,0 +1,108 @@
+//! What a user sees from the `runner` binary.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn runner(dir: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_runner"));
+    c.env("RUNNER_CACHE", dir.join("cache")).current_dir(dir);
+    c
+}
+
+fn output(c: &mut Command) -> (i32, String, String) {
+    let o = c.output().unwrap();
+    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+}
+
+#[test]
+fn stages_lists_kinds_with_keys_types_and_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, _) = output(runner(dir.path()).arg("stages"));
+    assert_eq!(code, 0);
+    assert!(out.contains("train: trains the model"), "{out}");
+    assert!(out.lines().any(|l| l.trim_start().starts_with("lr") && l.contains("float") && l.contains("default 0.0005")), "{out}");
+    assert!(out.contains("evaluate: measures top-1/top-5"), "{out}");
+}
+
+#[test]
+fn invalid_pipeline_exits_2_with_every_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "[stages.extra]\nkind = \"evaluate\"\nbatchsize = 2\n");
+    let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--set", "stages.train.lr=-1"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.starts_with("error: the pipeline is invalid:\n"), "{err}");
+    assert!(err.contains("unknown key `stages.extra.batchsize`; did you mean `batch_size`?"), "{err}");
+    assert!(err.contains("--set stages.train.lr=-1: stages.train.lr: must be positive, got -1"), "{err}");
+}
+
+#[test]
+fn missing_backend_feature_says_how_to_build_it() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--backend", "cuda"]));
+    assert_eq!(code, 1);
+    assert!(err.contains("error: backend `cuda` is not compiled into this runner\n  hint: build it with `cargo build --release --features cuda`"), "{err}");
+}
+
+#[test]
+fn show_and_dry_run_explain_the_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let (code, out, err) = output(runner(dir.path()).args(["show", path.to_str().unwrap(), "--set", "stages.train.epochs=3"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().any(|l| l.starts_with("stages.train.epochs = 3") && l.ends_with("# --set stages.train.epochs=3")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("stages.train.min_lr = 0.00001") && l.ends_with("# default")), "{out}");
+    assert!(out.contains("evaluate (evaluate) <- train"), "{out}");
+
+    let (code, out, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().next().unwrap().contains("will run"), "{out}");
+    assert!(out.contains("- never run"), "{out}");
+    assert!(!dir.path().join("runs").exists(), "a dry run creates no run directory");
+}
+
+/// Kill the runner once the first epoch's checkpoint exists; the next run resumes from it and
+/// the one after finishes from the cache.
+#[test]
+fn a_killed_run_resumes_from_its_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let args = ["run", path.to_str().unwrap(), "--set", "stages.train.epochs=40"];
+    let mut child = runner(dir.path()).args(args).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let start = Instant::now();
+    let state = loop {
+        let found = std::fs::read_dir(dir.path().join("cache"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("checkpoint/state.json"))
+            .find(|p| p.exists());
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!state.parent().unwrap().parent().unwrap().join("manifest.json").exists(), "killed before finishing");
+
+    let (code, _, err) = output(runner(dir.path()).args(args));
+    assert_eq!(code, 0, "{err}");
+    let resumed = err.lines().find(|l| l.contains("train: resuming after epoch")).unwrap_or_else(|| panic!("{err}"));
+    let epoch: usize = resumed.split("after epoch ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!((1..40).contains(&epoch), "{resumed}");
+
+    let (code, _, err) = output(runner(dir.path()).args(args));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("train: cached") && err.contains("evaluate: cached"), "{err}");
+    let runs: Vec<_> = std::fs::read_dir(dir.path().join("runs/tiny")).unwrap().collect();
+    assert_eq!(runs.len(), 3);
+    let run = runs[0].as_ref().unwrap().path();
+    assert!(run.join("config.toml").exists() && run.join("runner.log").exists());
+}

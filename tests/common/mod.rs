@@ -1,0 +1,87 @@
+//! A tiny pipeline on synthetic data, fast enough for 2 cores in a release test build.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::{Autodiff, NdArray};
+use nvit::config::{Overrides, Pipeline};
+use nvit::pipeline::{self, Cache, Plan, RunLog, StageRecord, Status};
+
+pub type B = Autodiff<NdArray<f32>>;
+
+pub fn tiny_pipeline(dir: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[pipeline]
+name = "tiny"
+results_dir = "{d}/results"
+runs_dir = "{d}/runs"
+
+[dataset]
+kind = "synthetic"
+classes = 4
+train_size = 64
+val_size = 32
+synthetic_size = 16
+crop_scale = [0.5, 1.0]
+eval_crop_pct = 1.0
+workers = 2
+
+[model]
+image_size = 16
+patch_size = 4
+embed_dim = 16
+depth = 2
+heads = 2
+mlp_ratio = 2.0
+distilled = true
+
+[stages.train]
+kind = "train"
+epochs = 2
+batch_size = 16
+lr = 2e-3
+warmup_epochs = 0
+
+[stages.evaluate]
+kind = "evaluate"
+batch_size = 32
+throughput_batch = 8
+throughput_repeats = 2
+warmup = 1
+{extra}
+"#,
+        d = dir.display()
+    );
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn load(path: &Path, set: &[&str]) -> Pipeline {
+    let overrides = Overrides { set: set.iter().map(|s| s.to_string()).collect(), env: false };
+    nvit::config::load(path, &overrides).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn plan(p: &Pipeline, cache: &Cache) -> Plan {
+    pipeline::plan(p, cache, &[], "test-cpu").unwrap()
+}
+
+pub fn execute(p: &Pipeline, plan: &Plan, cache: &Cache) -> Vec<StageRecord> {
+    pipeline::execute::<B>(p, plan, cache, &Default::default(), "test-cpu", None, &RunLog::silent()).unwrap()
+}
+
+/// `(stage, "cached" | "run")` for each planned stage.
+pub fn statuses(plan: &Plan) -> Vec<(String, &'static str)> {
+    plan.stages
+        .iter()
+        .map(|s| (s.spec.name.clone(), if s.status == Status::Cached { "cached" } else { "run" }))
+        .collect()
+}
+
+pub fn reasons(plan: &Plan, stage: &str) -> Vec<String> {
+    match &plan.stages.iter().find(|s| s.spec.name == stage).unwrap().status {
+        Status::Run(why) => why.clone(),
+        Status::Cached => vec![],
+    }
+}

@@ -1,0 +1,104 @@
+//! Every configuration error names the file, the key and what is wrong, before any work.
+
+use nvit::config::{load, Overrides};
+
+fn errors(toml: &str, set: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("base.toml"), "[stages.train]\nkind = \"train\"\n[dataset]\nkind = \"synthetic\"\n").unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, toml).unwrap();
+    let overrides = Overrides { set: set.iter().map(|s| s.to_string()).collect(), env: false };
+    let err = load(&path, &overrides).err().expect("the pipeline should be rejected").to_string();
+    err.replace(&format!("{}/", dir.path().display()), "")
+}
+
+const OK: &str = "extends = \"base.toml\"\n";
+
+#[test]
+fn misspelled_keys_name_file_path_and_nearest_key() {
+    let e = errors(&format!("{OK}[pipeline]\nseeed = 1\n[stages.train]\nlearning_rate = 1.0\nbatchsize = 3\n"), &[]);
+    assert!(e.contains("p.toml: unknown key `pipeline.seeed`; did you mean `seed`?"), "{e}");
+    assert!(e.contains("p.toml: unknown key `stages.train.batchsize`; did you mean `batch_size`?"), "{e}");
+    assert!(e.contains("p.toml: unknown key `stages.train.learning_rate`"), "{e}");
+    assert!(e.contains("p.toml: unknown key `stages.train.learning_rate`\n") || e.ends_with("learning_rate`"), "no suggestion for a far name: {e}");
+}
+
+#[test]
+fn unknown_top_level_table_and_dataset_key() {
+    let e = errors(&format!("{OK}[modle]\ndepth = 2\n[dataset]\nroots = \"x\"\n"), &[]);
+    assert!(e.contains("p.toml: unknown key `modle`; did you mean `model`?"), "{e}");
+    assert!(e.contains("p.toml: unknown key `dataset.roots`; did you mean `root`?"), "{e}");
+}
+
+#[test]
+fn wrong_types_are_reported_with_the_key() {
+    let e = errors(&format!("{OK}[stages.train]\nepochs = \"many\"\n"), &[]);
+    assert!(e.contains("p.toml: stages.train.epochs: invalid type: found string \"many\", expected usize"), "{e}");
+}
+
+#[test]
+fn impossible_values_are_errors_before_any_work() {
+    let e = errors(&format!("{OK}[stages.train]\nlr = -0.1\nlabel_smoothing = 1.5\nepochs = 0\n"), &[]);
+    assert!(e.contains("p.toml: stages.train.lr: must be positive, got -0.1"), "{e}");
+    assert!(e.contains("p.toml: stages.train.label_smoothing: must be in [0, 1), got 1.5"), "{e}");
+    assert!(e.contains("p.toml: stages.train.epochs: must be at least 1"), "{e}");
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let e = errors(&format!("{OK}[pipeline]\nseeed = 1\n[stages.train]\nlr = -1.0\n[model]\npreset = \"deit-bse\"\n"), &[]);
+    assert_eq!(e.lines().filter(|l| l.starts_with("p.toml:")).count(), 3, "{e}");
+    assert!(e.contains("model.preset: unknown preset `deit-bse`; did you mean `deit-base`?"), "{e}");
+}
+
+#[test]
+fn missing_files_are_named() {
+    let e = errors("[dataset]\nkind = \"idx\"\nroot = \"/no/such/dir\"\n[stages.t]\nkind = \"train\"\n", &[]);
+    assert!(e.contains("p.toml: dataset.root: `/no/such/dir` does not exist"), "{e}");
+    let e = errors("extends = \"nothere.toml\"\n", &[]);
+    assert!(e.contains("p.toml: extends `") && e.contains("nothere.toml`, which does not exist"), "{e}");
+    let e = errors(&format!("{OK}[stages.load]\nkind = \"load_pretrained\"\npath = \"/no/deit.safetensors\"\n"), &[]);
+    assert!(e.contains("p.toml: stages.load.path: `/no/deit.safetensors` does not exist"), "{e}");
+    let missing = load(std::path::Path::new("/no/pipeline.toml"), &Overrides::default()).err().unwrap().to_string();
+    assert!(missing.starts_with("/no/pipeline.toml: cannot read pipeline file"), "{missing}");
+}
+
+#[test]
+fn stage_kinds_and_inputs_are_checked() {
+    let e = errors(&format!("{OK}[stages.x]\nkind = \"trian\"\n[stages.e]\nkind = \"evaluate\"\ninput = \"trainn\"\n"), &[]);
+    assert!(e.contains("p.toml: stages.x.kind: unknown stage kind `trian`; did you mean `train`?"), "{e}");
+    assert!(e.contains("p.toml: stages.e.input: names no stage `trainn`; did you mean `train`?"), "{e}");
+    let e = errors(&format!("{OK}[stages.p]\nkind = \"prune\"\n"), &[]);
+    assert!(e.contains("stages.p.kind: stage kind `prune` is part of the method but not implemented in this version"), "{e}");
+    let e = errors(&format!("{OK}[stages.e]\nkind = \"evaluate\"\n[stages.late]\nkind = \"train\"\n[stages.e2]\nkind = \"evaluate\"\ninput = \"e3\"\n[stages.e3]\nkind = \"evaluate\"\n"), &[]);
+    assert!(e.contains("stages.e2.input: names `e3`, which does not come before it"), "{e}");
+}
+
+#[test]
+fn set_overrides_are_checked_and_named() {
+    let e = errors(OK, &["stages.train.lr=-3"]);
+    assert!(e.contains("--set stages.train.lr=-3: stages.train.lr: must be positive, got -3"), "{e}");
+    let e = errors(OK, &["stages.train.lr"]);
+    assert!(e.contains("--set stages.train.lr: expected key.path=value"), "{e}");
+    let e = errors(OK, &["stages.train.lrr=1"]);
+    assert!(e.contains("--set stages.train.lrr=1: unknown key `stages.train.lrr`; did you mean `lr`?"), "{e}");
+}
+
+#[test]
+fn layers_override_in_order_and_say_where_values_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("base.toml"), "[dataset]\nkind = \"synthetic\"\n[stages.train]\nkind = \"train\"\nlr = 0.1\nepochs = 3\n").unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, "extends = \"base.toml\"\n[stages.train]\nlr = 0.2\n[stages.eval]\nkind = \"evaluate\"\n").unwrap();
+    let overrides = Overrides { set: vec!["stages.train.epochs=5".into()], env: false };
+    let p = load(&path, &overrides).unwrap();
+    let rows = p.provenance();
+    let find = |k: &str| rows.iter().find(|r| r.0 == k).unwrap_or_else(|| panic!("{k}")).clone();
+    assert_eq!(find("stages.train.lr").1, "0.2");
+    assert!(find("stages.train.lr").2.ends_with("p.toml"));
+    assert_eq!(find("stages.train.epochs").1, "5");
+    assert_eq!(find("stages.train.epochs").2, "--set stages.train.epochs=5");
+    assert_eq!(find("stages.train.batch_size").2, "default");
+    assert_eq!(find("pipeline.name").1, "\"p\"");
+    assert_eq!(p.stages.iter().map(|s| (s.name.as_str(), s.input.as_deref())).collect::<Vec<_>>(), [("train", None), ("eval", Some("train"))]);
+}
