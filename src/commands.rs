@@ -164,3 +164,55 @@ fn human_bytes(b: u64) -> String {
         b => format!("{b} B"),
     }
 }
+
+/// `runner bench loader`: images/s of the loader on an ImageFolder of JPEGs, with the training
+/// transform (decode, random-resized crop to `size`, flip, normalize) on every core.
+pub fn bench_loader(root: Option<&Path>, images: usize, size: u32, batch: usize, out: &Path) -> Result<String> {
+    use crate::data::transforms::{Mode, Transform};
+    use crate::data::{loader::LoaderOptions, Dataset, ImageFolder, Loader, OnBadImage, Split};
+    let tmp;
+    let (root, source) = match root {
+        Some(r) => (r.to_path_buf(), r.display().to_string()),
+        None => {
+            // ImageNet's average image is about 400x350; q90 JPEGs of smooth noise are close in size.
+            tmp = tempfile::tempdir()?;
+            for i in 0..images {
+                let dir = tmp.path().join("train").join(format!("class{}", i % 10));
+                std::fs::create_dir_all(&dir)?;
+                let img = image::RgbImage::from_fn(500, 375, |x, y| {
+                    let v = ((x * 7 + y * 13 + i as u32 * 31) % 255) as u8;
+                    image::Rgb([v, v.wrapping_mul(3), 255 - v])
+                });
+                img.save(dir.join(format!("{i}.JPEG")))?;
+            }
+            (tmp.path().to_path_buf(), format!("{images} generated 500x375 JPEGs"))
+        }
+    };
+    let dataset = std::sync::Arc::new(ImageFolder::open(&root, Split::Train)?);
+    let n = dataset.len().min(images);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let transform = Transform {
+        size,
+        channels: 3,
+        mean: vec![0.485, 0.456, 0.406],
+        std: vec![0.229, 0.224, 0.225],
+        mode: Mode::Train { crop_scale: [0.08, 1.0], hflip: true },
+    };
+    let options = LoaderOptions { batch_size: batch, shuffle: true, drop_last: false, seed: 0, workers, prefetch: 4, on_bad_image: OnBadImage::Error };
+    let loader = Loader::new(dataset, transform, options);
+    let start = std::time::Instant::now();
+    let mut seen = 0;
+    for b in loader.epoch(0) {
+        seen += b?.labels.len();
+        if seen >= n {
+            break;
+        }
+    }
+    let rate = seen as f64 / start.elapsed().as_secs_f64();
+    let cpu = backend::device_name(crate::config::BackendKind::Ndarray, 0);
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["what", "source", "images", "size", "batch", "workers", "images_per_s", "device"])?;
+    w.write_record(["loader train transform", &source, &seen.to_string(), &size.to_string(), &batch.to_string(), &workers.to_string(), &format!("{rate:.1}"), &cpu])?;
+    crate::pipeline::atomic_write(out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    Ok(format!("{seen} images in {:.2} s: {rate:.1} images/s ({workers} workers, {cpu}) -> {}\n", start.elapsed().as_secs_f64(), out.display()))
+}

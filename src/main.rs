@@ -48,6 +48,29 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Benchmarks whose output is committed under results/bench/.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Loader throughput (decode + train transform) on an ImageFolder of JPEGs.
+    Loader {
+        /// An ImageFolder root (with train/); default: generate JPEGs in a temporary folder.
+        #[arg(long)]
+        root: Option<PathBuf>,
+        #[arg(long, default_value_t = 2000)]
+        images: usize,
+        #[arg(long, default_value_t = 224)]
+        size: u32,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value = "results/bench/loader.csv")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -115,6 +138,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cache { command: CacheCommand::Ls } => {
             print!("{}", commands::cache_ls(&cache)?);
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Loader { root, images, size, batch, out } } => {
+            print!("{}", commands::bench_loader(root.as_deref(), images, size, batch, &out)?);
             Ok(())
         }
         Command::Cache { command: CacheCommand::Gc { pipelines } } => {

@@ -106,3 +106,47 @@ fn a_killed_run_resumes_from_its_last_checkpoint() {
     let run = runs[0].as_ref().unwrap().path();
     assert!(run.join("config.toml").exists() && run.join("runner.log").exists());
 }
+
+#[test]
+fn cache_ls_and_gc_keep_what_pipelines_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipelines = dir.path().join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let path = {
+        let p = pipelines.join("tiny.toml");
+        std::fs::rename(&path, &p).unwrap();
+        p
+    };
+    for lr in ["0.002", "0.001"] {
+        let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--set", &format!("stages.train.lr={lr}")]));
+        assert_eq!(code, 0, "{err}");
+    }
+    let (_, ls, _) = output(runner(dir.path()).args(["cache", "ls"]));
+    assert_eq!(ls.lines().count(), 1 + 4, "{ls}");
+    assert_eq!(ls.lines().filter(|l| l.contains(" train ")).count(), 2, "{ls}");
+
+    // The file says lr = 0.002: the entries of the lr = 0.001 run are garbage.
+    let (code, out, err) = output(runner(dir.path()).args(["cache", "gc", "--pipelines", pipelines.to_str().unwrap()]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("removed 2 entries"), "{out}");
+    let (_, out, _) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(out.lines().filter(|l| l.contains(" cached ")).count(), 2, "{out}");
+}
+
+/// The shipped quickstart resolves and plans (it reads Fashion-MNIST from Debian's
+/// `dataset-fashion-mnist`, which the README's set-up command and `.ci/run` install).
+#[test]
+fn quickstart_shows_and_plans() {
+    let dir = tempfile::tempdir().unwrap();
+    let quickstart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/quickstart.toml");
+    let (code, out, err) = output(runner(dir.path()).args(["show", quickstart.to_str().unwrap()]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("dataset.root = \"/usr/share/datasets/fashion-mnist\""), "{out}");
+    let (code, out, err) = output(runner(dir.path()).args(["run", quickstart.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().filter(|l| !l.trim_start().starts_with('-')).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("train ") && lines[0].contains("will run"), "{out}");
+    assert!(lines[1].starts_with("evaluate ") && lines[1].contains("will run"), "{out}");
+}

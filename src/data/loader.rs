@@ -189,4 +189,30 @@ mod tests {
         assert_eq!(a[0].1.len(), 4 * 3 * 8 * 8);
         assert_ne!(a, collect(&one, 1), "a new epoch reshuffles");
     }
+
+    #[test]
+    fn bad_images_stop_with_their_name_or_are_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        for (class, n) in [("a", 3), ("b", 3)] {
+            let d = dir.path().join("train").join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..n {
+                image::RgbImage::new(10, 10).save(d.join(format!("{i}.png"))).unwrap();
+            }
+        }
+        std::fs::write(dir.path().join("train/b/1.png"), b"not a png").unwrap();
+        let dataset: Arc<dyn Dataset> = Arc::new(crate::data::ImageFolder::open(dir.path(), crate::data::Split::Train).unwrap());
+        let transform = Transform { size: 8, channels: 3, mean: vec![0.0; 3], std: vec![1.0; 3], mode: Mode::Eval { crop_pct: 1.0 } };
+        let make = |on_bad_image| {
+            let options = LoaderOptions { batch_size: 4, shuffle: false, drop_last: false, seed: 0, workers: 2, prefetch: 1, on_bad_image };
+            Loader::new(dataset.clone(), transform.clone(), options)
+        };
+        let strict = make(OnBadImage::Error);
+        let err = strict.epoch(0).into_iter().find_map(|b| b.err()).expect("an error").to_string();
+        assert!(err.contains("train/b/1.png: cannot decode image"), "{err}");
+
+        let lenient = make(OnBadImage::Skip);
+        let seen: usize = lenient.epoch(0).into_iter().map(|b| b.unwrap().labels.len()).sum();
+        assert_eq!((seen, lenient.skipped()), (5, 1));
+    }
 }

@@ -1,0 +1,65 @@
+//! Parity with timm: `tests/fixtures/make_timm_fixture.py` wrote a random distilled DeiT
+//! (32 px, patch 8, width 48, depth 2, 3 heads), an input batch and timm's eval logits.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::NdArray;
+use burn::tensor::{Tensor, TensorData};
+use nvit::model::checkpoint::{self, StateDict};
+use nvit::model::VitConfig;
+use nvit::pipeline::Cache;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/timm_deit_tiny_distilled_32px")
+}
+
+#[test]
+fn logits_match_timm_to_1e4() {
+    let device = Default::default();
+    let hint = VitConfig::uniform(32, 8, 3, 48, 2, 3, 4.0, 10, true);
+    let model = checkpoint::load_pretrained::<NdArray>(&fixture().join("model.safetensors"), &hint, &device).unwrap();
+    assert_eq!(model.config, hint, "widths read from the checkpoint's shapes");
+
+    let io = StateDict::read(&fixture().join("io.safetensors")).unwrap();
+    let (shape, input) = &io.tensors["input"];
+    assert_eq!(shape, &[4, 3, 32, 32]);
+    let x = Tensor::<NdArray, 4>::from_data(TensorData::new(input.clone(), [4, 3, 32, 32]), &device);
+    let ours = model.forward(x).logits().into_data().to_vec::<f32>().unwrap();
+    let (_, timm) = &io.tensors["logits"];
+    assert_eq!(ours.len(), timm.len());
+    let worst = ours.iter().zip(timm).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let scale = timm.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "max |ours - timm| = {worst} (logits up to {scale})");
+    assert!(scale > 0.1, "the fixture's logits are not trivially small");
+}
+
+#[test]
+fn load_pretrained_stage_reads_the_checkpoint_and_evaluate_runs_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache { root: dir.path().join("cache") };
+    let stages = format!(
+        "[stages.load]\nkind = \"load_pretrained\"\npath = \"{}\"\n",
+        fixture().join("model.safetensors").display()
+    );
+    let path = common::tiny_pipeline(dir.path(), "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // The same data at the fixture's geometry; load replaces train as evaluate's input.
+    let text = text
+        .replace("synthetic_size = 16", "synthetic_size = 32\nclasses = 10")
+        .replace("classes = 4\n", "")
+        .replace("[stages.train]\nkind = \"train\"\nepochs = 2\nbatch_size = 16\nlr = 2e-3\nwarmup_epochs = 0\n", &stages)
+        .replace("image_size = 16\npatch_size = 4\nembed_dim = 16\ndepth = 2\nheads = 2", "heads = 3");
+    std::fs::write(&path, text).unwrap();
+    let p = common::load(&path, &[]);
+    let plan = common::plan(&p, &cache);
+    assert_eq!(common::statuses(&plan), [("load".into(), "run"), ("evaluate".into(), "run")]);
+    common::execute(&p, &plan, &cache);
+    let csv = std::fs::read_to_string(dir.path().join("results/tiny/metrics.csv")).unwrap();
+    let row: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    assert_eq!(&row[..4], ["load", "synthetic-10c-32px", "val", "32"]);
+    let params_m: f64 = row[7].parse().unwrap();
+    let expected = VitConfig::uniform(32, 8, 3, 48, 2, 3, 4.0, 10, true).params() as f64 / 1e6;
+    assert!((params_m - expected).abs() < 1e-3, "{params_m} vs {expected}");
+}
