@@ -186,6 +186,9 @@ impl Cache {
                 continue;
             }
             let key = entry.file_name().to_string_lossy().into_owned();
+            if key.starts_with('.') {
+                continue; // the runner's own bookkeeping, such as `.index/`
+            }
             let bytes = walkdir::WalkDir::new(entry.path())
                 .into_iter()
                 .filter_map(|e| e.ok())

@@ -214,7 +214,7 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &
 
 /// Last completed key of each stage of a pipeline, to say what changed since.
 fn index_path(cache: &Cache, pipeline: &str) -> PathBuf {
-    cache.root.join("index").join(format!("{pipeline}.json"))
+    cache.root.join(".index").join(format!("{pipeline}.json"))
 }
 
 fn read_index(cache: &Cache, pipeline: &str) -> BTreeMap<String, String> {
