@@ -63,3 +63,28 @@ fn load_pretrained_stage_reads_the_checkpoint_and_evaluate_runs_on_it() {
     let expected = VitConfig::uniform(32, 8, 3, 48, 2, 3, 4.0, 10, true).params() as f64 / 1e6;
     assert!((params_m - expected).abs() < 1e-3, "{params_m} vs {expected}");
 }
+
+#[test]
+fn pth_with_state_dict_under_model_reads_the_same_tensors() {
+    let pth = StateDict::read(&fixture().join("model.pth")).unwrap();
+    let st = StateDict::read(&fixture().join("model.safetensors")).unwrap();
+    assert_eq!(pth.tensors.len(), 35);
+    assert_eq!(pth, st);
+}
+
+#[test]
+fn pth_never_executes_code_and_broken_files_are_named() {
+    let marker = Path::new("/tmp/nvit-pth-executed-code");
+    let _ = std::fs::remove_file(marker);
+    let err = StateDict::read(&fixture().join("evil.pth")).err().expect("evil.pth must be rejected").to_string();
+    assert!(!marker.exists(), "reading evil.pth ran its payload");
+    assert!(err.contains("evil.pth: cannot read PyTorch checkpoint"), "{err}");
+    assert!(err.contains("posix.system"), "the error names the object it refused: {err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture().join("model.pth")).unwrap();
+    let truncated = dir.path().join("truncated.pth");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let err = StateDict::read(&truncated).err().unwrap().to_string();
+    assert!(err.starts_with(&format!("{}: cannot read PyTorch checkpoint", truncated.display())), "{err}");
+}

@@ -29,15 +29,46 @@ pub struct StateDict {
 }
 
 impl StateDict {
+    /// Reads `.safetensors`, or a PyTorch `.pth`/`.pt` (its state dict under `model` or
+    /// `state_dict`, as DeiT's release files and training checkpoints hold it, or at the top).
     pub fn read(path: &Path) -> Result<Self> {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if ext != "safetensors" {
-            bail!(
-                "{}: unsupported checkpoint format `.{ext}`\n  hint: convert it with `python -c \"import torch, safetensors.torch as s; sd = torch.load('{}', map_location='cpu'); s.save_file(sd.get('model', sd), 'model.safetensors')\"`",
-                path.display(),
-                path.display()
-            );
+        match ext {
+            "safetensors" => Self::read_safetensors(path),
+            "pth" | "pt" | "bin" => Self::read_pytorch(path),
+            _ => bail!("{}: unknown checkpoint format `.{ext}`\n  hint: give a .safetensors or a PyTorch .pth file", path.display()),
         }
+    }
+
+    /// burn-store's reader interprets only the pickle opcodes and the `torch._utils` tensor
+    /// rebuilders: a `.pth` never runs code here, and anything else in it is an error.
+    fn read_pytorch(path: &Path) -> Result<Self> {
+        use burn_store::pytorch::PytorchReader;
+        if !path.exists() {
+            bail!("{}: checkpoint does not exist", path.display());
+        }
+        let reader = ["model", "state_dict"]
+            .iter()
+            .find_map(|key| PytorchReader::with_top_level_key(path, key).ok().filter(|r| !r.is_empty()))
+            .map(Ok)
+            .unwrap_or_else(|| PytorchReader::new(path))
+            .map_err(|e| anyhow::anyhow!("{}: cannot read PyTorch checkpoint (truncated, corrupt, or holding objects other than tensors): {e}", path.display()))?;
+        let mut tensors = BTreeMap::new();
+        for (name, snapshot) in reader.into_tensors() {
+            let data = snapshot
+                .to_data()
+                .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e:?}", path.display()))?;
+            let shape = data.shape.to_vec();
+            let values = data
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e:?}", path.display()))?;
+            tensors.insert(name, (shape, values));
+        }
+        Ok(Self { tensors })
+    }
+
+    fn read_safetensors(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
