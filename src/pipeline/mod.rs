@@ -129,6 +129,8 @@ pub struct PlannedStage {
     pub key: String,
     pub key_input: KeyInput,
     pub status: Status,
+    /// `--force` named it: its entry, partial work included, is discarded before it runs.
+    pub forced: bool,
 }
 
 pub struct Plan {
@@ -207,7 +209,7 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &
         if status != Status::Cached {
             upstream_runs.insert(spec.name.clone());
         }
-        stages.push(PlannedStage { spec: spec.clone(), key, key_input, status });
+        stages.push(PlannedStage { spec: spec.clone(), key, key_input, status, forced });
     }
     Ok(Plan { stages })
 }
@@ -308,8 +310,8 @@ pub fn execute<B: AutodiffBackend>(
                 cache.touch(&planned.key);
                 manifest
             }
-            (status, _) => {
-                if status != &Status::Cached && matches!(status, Status::Run(w) if w.iter().any(|w| w.starts_with("forced"))) {
+            _ => {
+                if planned.forced {
                     cache.invalidate(&planned.key)?;
                 }
                 let manifest = run_stage::<B>(pipeline, planned, cache, device, device_name, log)
