@@ -72,12 +72,20 @@ fn random_resized_crop(img: &DynamicImage, size: u32, scale: [f32; 2], rng: &mut
         if cw >= 1.0 && ch >= 1.0 && cw <= w && ch <= h {
             let x = rng.random_range(0..=(w - cw) as u32);
             let y = rng.random_range(0..=(h - ch) as u32);
-            return img.crop_imm(x, y, cw as u32, ch as u32).resize_exact(size, size, FilterType::Triangle);
+            return resize_to(img.crop_imm(x, y, cw as u32, ch as u32), size);
         }
     }
     let side = w.min(h) as u32;
-    img.crop_imm((img.width() - side) / 2, (img.height() - side) / 2, side, side)
-        .resize_exact(size, size, FilterType::Triangle)
+    resize_to(img.crop_imm((img.width() - side) / 2, (img.height() - side) / 2, side, side), size)
+}
+
+/// A crop already at the target size is kept as is: resampling it would only blur it.
+fn resize_to(img: DynamicImage, size: u32) -> DynamicImage {
+    if img.width() == size && img.height() == size {
+        img
+    } else {
+        img.resize_exact(size, size, FilterType::Triangle)
+    }
 }
 
 fn resize_center_crop(img: &DynamicImage, size: u32, crop_pct: f32) -> DynamicImage {
@@ -121,6 +129,16 @@ mod tests {
         let img = DynamicImage::ImageRgb8(image::RgbImage::new(40, 20));
         let out = resize_center_crop(&img, 8, 0.5);
         assert_eq!((out.width(), out.height()), (8, 8));
+    }
+
+    #[test]
+    fn full_area_crop_of_a_target_size_image_is_exact() {
+        let img = DynamicImage::ImageLuma8(image::GrayImage::from_fn(8, 8, |x, y| image::Luma([(x * 30 + y) as u8])));
+        let t = transform(Mode::Train { crop_scale: [1.0, 1.0], hflip: false }, 1);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        t.apply(&img, &mut rand::rngs::StdRng::seed_from_u64(1), &mut a);
+        transform(Mode::Eval { crop_pct: 1.0 }, 1).apply(&img, &mut rand::rngs::StdRng::seed_from_u64(1), &mut b);
+        assert_eq!(a, b);
     }
 
     #[test]
