@@ -102,7 +102,7 @@ pub fn stages() -> String {
             out.push_str(&format!("  {key:<20} {ty:<8} default {default:<10} {doc}\n"));
         }
     }
-    out.push_str("\nnot implemented in this version: profile_latency, hessian_scores, prune, distill, report\n");
+    out.push_str("\nnot implemented in this version: prune, distill, report\n");
     out
 }
 

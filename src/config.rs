@@ -246,6 +246,17 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
                 _ => {}
             }
         }
+        for (key, name) in stage.settings.refs() {
+            let position = names.iter().position(|n| *n == name);
+            let own = names.iter().position(|n| *n == stage.name);
+            if position.is_none() || position >= own {
+                errors.push(located(
+                    &figment,
+                    &format!("stages.{}.{key}", stage.name),
+                    &format!("names `{name}`, which is not a stage before it{}", did_you_mean(name, &names)),
+                ));
+            }
+        }
         for problem in stage.settings.validate() {
             let (key, message) = problem;
             errors.push(located(&figment, &format!("stages.{}.{key}", stage.name), &message));

@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod model;
 pub mod pipeline;
+pub mod prune;
 pub mod report;
 pub mod stages;
 pub mod train;

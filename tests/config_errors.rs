@@ -68,8 +68,8 @@ fn stage_kinds_and_inputs_are_checked() {
     let e = errors(&format!("{OK}[stages.x]\nkind = \"trian\"\n[stages.e]\nkind = \"evaluate\"\ninput = \"trainn\"\n"), &[]);
     assert!(e.contains("p.toml: stages.x.kind: unknown stage kind `trian`; did you mean `train`?"), "{e}");
     assert!(e.contains("p.toml: stages.e.input: names no stage `trainn`; did you mean `train`?"), "{e}");
-    let e = errors(&format!("{OK}[stages.p]\nkind = \"prune\"\n"), &[]);
-    assert!(e.contains("stages.p.kind: stage kind `prune` is part of the method but not implemented in this version"), "{e}");
+    let e = errors(&format!("{OK}[stages.p]\nkind = \"distill\"\n"), &[]);
+    assert!(e.contains("stages.p.kind: stage kind `distill` is part of the method but not implemented in this version"), "{e}");
     let e = errors(&format!("{OK}[stages.e]\nkind = \"evaluate\"\n[stages.late]\nkind = \"train\"\n[stages.e2]\nkind = \"evaluate\"\ninput = \"e3\"\n[stages.e3]\nkind = \"evaluate\"\n"), &[]);
     assert!(e.contains("stages.e2.input: names `e3`, which does not come before it"), "{e}");
 }
@@ -101,4 +101,16 @@ fn layers_override_in_order_and_say_where_values_came_from() {
     assert_eq!(find("stages.train.batch_size").2, "default");
     assert_eq!(find("pipeline.name").1, "\"p\"");
     assert_eq!(p.stages.iter().map(|s| (s.name.as_str(), s.input.as_deref())).collect::<Vec<_>>(), [("train", None), ("eval", Some("train"))]);
+}
+
+#[test]
+fn prune_settings_and_stage_references_are_checked() {
+    let e = errors(
+        &format!("{OK}[stages.lat]\nkind = \"profile_latency\"\n[stages.p]\nkind = \"prune\"\nlatency = \"latncy\"\nlatency_target = 1.5\n"),
+        &[],
+    );
+    assert!(e.contains("p.toml: stages.p.latency: names `latncy`, which is not a stage before it; did you mean `lat`?") || e.contains("stages.p.latency: names `latncy`, which is not a stage before it"), "{e}");
+    assert!(e.contains("p.toml: stages.p.latency_target: must be in (0, 1], got 1.5"), "{e}");
+    let e = errors(&format!("{OK}[stages.p]\nkind = \"prune\"\n"), &[]);
+    assert!(e.contains("stages.p.latency: is required: the name of a profile_latency stage"), "{e}");
 }

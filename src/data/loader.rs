@@ -70,6 +70,12 @@ impl Loader {
         }
     }
 
+    /// The same loader reading the split in order, for deterministic passes.
+    pub fn without_shuffle(mut self) -> Self {
+        self.shuffle = false;
+        self
+    }
+
     pub fn dataset(&self) -> &Arc<dyn Dataset> {
         &self.dataset
     }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use safetensors::{Dtype, SafeTensors};
 
 use super::{BlockDims, Vit, VitConfig};
@@ -122,8 +122,17 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Exports a model in timm naming.
+/// Exports a model in timm naming: fused `qkv` where a block's `qk == v`.
 pub fn export<B: Backend>(model: &Vit<B>) -> StateDict {
+    export_with(model, true)
+}
+
+/// Exports with split `q`/`k`/`v` in every block, for code that slices them.
+pub fn export_split<B: Backend>(model: &Vit<B>) -> StateDict {
+    export_with(model, false)
+}
+
+fn export_with<B: Backend>(model: &Vit<B>, fuse: bool) -> StateDict {
     let mut sd = StateDict::default();
     let mut put = |name: String, shape: Vec<usize>, data: Vec<f32>| {
         sd.tensors.insert(name, (shape, data));
@@ -156,7 +165,7 @@ pub fn export<B: Backend>(model: &Vit<B>) -> StateDict {
         }
         let a = &block.attn;
         let (q, k, v) = (linear(&a.q), linear(&a.k), linear(&a.v));
-        if a.qk == a.v_dim {
+        if fuse && a.qk == a.v_dim {
             let rows = q.0[0] + k.0[0] + v.0[0];
             put(format!("{p}.attn.qkv.weight"), vec![rows, e], [q.1, k.1, v.1].concat());
             put(format!("{p}.attn.qkv.bias"), vec![rows], [q.2, k.2, v.2].concat());
@@ -307,22 +316,23 @@ pub fn import<B: Backend>(sd: &StateDict, config: &VitConfig, device: &B::Device
     }
 
     let get = |name: &str| &sd.tensors[name].1;
-    let tensor = |data: Vec<f32>, shape: Vec<usize>| Tensor::<B, 1>::from_data(TensorData::new(data, [shape.iter().product::<usize>()]), device);
+    let tensor = |data: Vec<f32>, shape: Vec<usize>| super::float_tensor::<B, 1>(data, [shape.iter().product::<usize>()], device);
     let param1 = |name: &str| Param::from_tensor(tensor(get(name).clone(), vec![get(name).len()]));
-    let param3 = |name: &str, shape: [usize; 3]| Param::from_tensor(Tensor::<B, 3>::from_data(TensorData::new(get(name).clone(), shape), device));
+    let param3 = |name: &str, shape: [usize; 3]| Param::from_tensor(super::float_tensor::<B, 3>(get(name).clone(), shape, device));
     // PyTorch `[out, in]` rows `rows` of a weight -> Burn `[in, out]`.
     let linear_rows = |w: &str, b: &str, rows: std::ops::Range<usize>, d_in: usize| {
         let n = rows.len();
         let wdata = &get(w)[rows.start * d_in..rows.end * d_in];
-        let weight = Tensor::<B, 2>::from_data(TensorData::new(transpose(wdata, n, d_in), [d_in, n]), device);
+        let weight = super::float_tensor::<B, 2>(transpose(wdata, n, d_in), [d_in, n], device);
         let bias = tensor(get(b)[rows].to_vec(), vec![n]);
         burn::nn::Linear { weight: Param::from_tensor(weight), bias: Some(Param::from_tensor(bias)) }
     };
     let linear = |p: &str, d_out: usize, d_in: usize| linear_rows(&format!("{p}.weight"), &format!("{p}.bias"), 0..d_out, d_in);
 
     let mut model = config.init::<B>(device);
-    model.patch_embed.weight = Param::from_tensor(Tensor::<B, 4>::from_data(
-        TensorData::new(get("patch_embed.proj.weight").clone(), [e, config.in_chans, config.patch_size, config.patch_size]),
+    model.patch_embed.weight = Param::from_tensor(super::float_tensor::<B, 4>(
+        get("patch_embed.proj.weight").clone(),
+        [e, config.in_chans, config.patch_size, config.patch_size],
         device,
     ));
     model.patch_embed.bias = Some(param1("patch_embed.proj.bias"));

@@ -9,7 +9,18 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use vit::{Vit, VitOutput};
+pub use vit::{Block, Vit, VitOutput};
+
+/// A float tensor from f32 values, stored in the backend's own float type: `from_data` would
+/// keep f32, and an f64 model would silently compute part of its graph in f32.
+pub fn float_tensor<B: burn::tensor::backend::Backend, const D: usize>(
+    values: Vec<f32>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> burn::tensor::Tensor<B, D> {
+    let data = burn::tensor::TensorData::new(values, shape).convert::<B::FloatElem>();
+    burn::tensor::Tensor::from_data(data, device)
+}
 
 /// The widths of one transformer block: what NViT prunes. `E` is shared, so it lives in
 /// [`VitConfig`], not here.

@@ -60,10 +60,15 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let a = self.attn.forward(self.norm1.forward(x.clone()));
+    /// `[batch, tokens, embed] -> [batch, tokens, embed]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_with(x, None)
+    }
+
+    fn forward_with(&self, x: Tensor<B, 3>, alive: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
+        let a = self.attn.forward(norm(&self.norm1, x.clone(), alive));
         let x = x + self.drop_path(a);
-        let m = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(self.norm2.forward(x.clone()))));
+        let m = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(norm(&self.norm2, x.clone(), alive))));
         x + self.drop_path(m)
     }
 
@@ -76,6 +81,25 @@ impl<B: Backend> Block<B> {
         let [b, _, _] = branch.dims();
         let mask = Tensor::<B, 3>::random([b, 1, 1], Distribution::Bernoulli(keep), &branch.device());
         branch * mask.div_scalar(keep)
+    }
+}
+
+/// LayerNorm over the embedding channels in `alive` only (all when `None`). A model whose
+/// pruned embedding channels are zeroed must not count them in the statistics, or it would
+/// not compute what its compact version computes.
+fn norm<B: Backend>(ln: &LayerNorm<B>, x: Tensor<B, 3>, alive: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
+    let Some(alive) = alive else { return ln.forward(x) };
+    let [b, n, e] = x.dims();
+    let m = alive.clone().reshape([1, 1, e]).expand([b, n, e]);
+    let count = alive.clone().sum().reshape([1, 1, 1]);
+    let mean = (x.clone() * m.clone()).sum_dim(2) / count.clone(); // [b, n, 1]
+    let centered = (x - mean) * m;
+    let var = centered.clone().powi_scalar(2).sum_dim(2) / count;
+    let y = centered / var.add_scalar(LN_EPS).sqrt();
+    let gamma = ln.gamma.val().reshape([1, 1, e]);
+    match &ln.beta {
+        Some(beta) => y * gamma + beta.val().reshape([1, 1, e]),
+        None => y * gamma,
     }
 }
 
@@ -107,6 +131,10 @@ pub struct Vit<B: Backend> {
     pub head_dist: Option<Linear<B>>,
     #[module(skip)]
     pub config: VitConfig,
+    /// 1 for each embedding channel that survives pruning, 0 for a pruned one; `None` when
+    /// nothing is pruned.
+    #[module(skip)]
+    pub emb_alive: Option<Vec<f32>>,
 }
 
 fn linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
@@ -122,7 +150,8 @@ trait ZeroBias {
 
 impl<B: Backend> ZeroBias for Linear<B> {
     fn zero_bias(mut self) -> Self {
-        self.bias = self.bias.map(|b| b.map(|t| t.zeros_like()));
+        // `zeros_like` is a new tensor: it must be marked trainable again.
+        self.bias = self.bias.map(|b| b.map(|t| t.zeros_like().require_grad()));
         self
     }
 }
@@ -136,7 +165,8 @@ fn token<B: Backend>(shape: [usize; 3], device: &B::Device) -> Param<Tensor<B, 3
 }
 
 impl<B: Backend> Block<B> {
-    fn new(e: usize, d: BlockDims, scale: f64, drop_path: f64, device: &B::Device) -> Self {
+    /// One block of width `e` with `d`'s widths, randomly initialized (for latency profiling).
+    pub fn new(e: usize, d: BlockDims, scale: f64, drop_path: f64, device: &B::Device) -> Self {
         Self {
             norm1: layer_norm(e, device),
             attn: Attention {
@@ -171,7 +201,7 @@ impl VitConfig {
                 Block::new(e, *d, scale, rate, device)
             })
             .collect();
-        Vit {
+        let model = Vit {
             patch_embed: Conv2dConfig::new([self.in_chans, e], [self.patch_size, self.patch_size])
                 .with_stride([self.patch_size, self.patch_size])
                 .init(device),
@@ -183,11 +213,32 @@ impl VitConfig {
             head: linear(e, self.num_classes, device),
             head_dist: self.distilled.then(|| linear(e, self.num_classes, device)),
             config: self.clone(),
-        }
+            emb_alive: None,
+        };
+        // Burn initializes parameters lazily, and a clone of an uninitialized parameter samples
+        // its own values: materialize them so every clone is the same model.
+        model.visit(&mut Materialize);
+        model
+    }
+}
+
+struct Materialize;
+
+impl<B: Backend> burn::module::ModuleVisitor<B> for Materialize {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let _ = param.val();
     }
 }
 
 impl<B: Backend> Vit<B> {
+    /// The model in evaluation mode: stochastic depth off even under autodiff.
+    pub fn without_drop_path(mut self) -> Self {
+        for b in &mut self.blocks {
+            b.drop_path = 0.0;
+        }
+        self
+    }
+
     /// `[batch, channels, height, width]` -> logits of both heads, `[batch, classes]` each.
     pub fn forward(&self, images: Tensor<B, 4>) -> VitOutput<B> {
         let x = self.patch_embed.forward(images); // [b, e, h/p, w/p]
@@ -199,10 +250,11 @@ impl<B: Backend> Vit<B> {
         }
         prefix.push(x);
         let mut x = Tensor::cat(prefix, 1) + self.pos_embed.val(); // [b, tokens, e]
+        let alive = self.emb_alive.as_ref().map(|a| super::float_tensor::<B, 1>(a.clone(), [a.len()], &x.device()));
         for block in &self.blocks {
-            x = block.forward(x);
+            x = block.forward_with(x, alive.as_ref());
         }
-        let x = self.norm.forward(x);
+        let x = norm(&self.norm, x, alive.as_ref());
         let token = |i: usize| x.clone().slice([0..b, i..i + 1, 0..e]).reshape([b, e]);
         VitOutput {
             cls: self.head.forward(token(0)),
@@ -217,11 +269,33 @@ mod tests {
     use burn::backend::NdArray;
 
     #[test]
+    fn every_parameter_of_a_new_model_is_trainable() {
+        use burn::backend::Autodiff;
+        let model = VitConfig::uniform(16, 4, 3, 24, 2, 2, 2.0, 5, true).init::<Autodiff<NdArray>>(&Default::default());
+        let x = Tensor::random([2, 3, 16, 16], Distribution::Default, &Default::default());
+        let grads = model.forward(x).logits().sum().backward();
+        let bias = model.blocks[1].mlp.fc1.bias.as_ref().unwrap();
+        assert!(bias.val().grad(&grads).is_some(), "biases get gradients");
+        let grads = burn::optim::GradientsParams::from_grads(grads, &model);
+        struct Count(usize);
+        impl<B: Backend> burn::module::ModuleVisitor<B> for Count {
+            fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<B, D>>) {
+                self.0 += 1;
+            }
+        }
+        let mut count = Count(0);
+        model.visit(&mut count);
+        assert_eq!(grads.len(), count.0, "a gradient for every parameter tensor");
+    }
+
+    #[test]
     fn per_block_widths_shape_the_forward_pass() {
         let device = Default::default();
         let mut config = VitConfig::uniform(16, 4, 3, 24, 3, 2, 2.0, 5, true);
         config.blocks[1] = BlockDims { heads: 1, qk: 5, v: 7, mlp: 9 };
         let model = config.init::<NdArray>(&device);
+        let copy = model.clone();
+        assert_eq!(copy.blocks[0].attn.q.weight.val().into_data(), model.blocks[0].attn.q.weight.val().into_data(), "a clone is the same model");
         assert_eq!(model.blocks[1].attn.q.weight.dims(), [24, 5]);
         assert_eq!(model.blocks[1].attn.v.weight.dims(), [24, 7]);
         assert_eq!(model.blocks[1].attn.proj.weight.dims(), [7, 24]);

@@ -167,7 +167,13 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &
     let mut stages = Vec::new();
     let mut upstream_runs: HashSet<String> = HashSet::new();
     for spec in &pipeline.stages {
-        let inputs: Vec<(String, String)> = spec.input.iter().map(|i| (i.clone(), keys[i].clone())).collect();
+        let inputs: Vec<(String, String)> = spec
+            .input
+            .iter()
+            .map(String::as_str)
+            .chain(spec.settings.refs().into_iter().map(|(_, name)| name))
+            .map(|i| (i.to_string(), keys[i].clone()))
+            .collect();
         let key_input = KeyInput {
             version: env!("CARGO_PKG_VERSION").into(),
             kind: spec.kind.name().into(),
@@ -199,7 +205,7 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &
             } else {
                 why.push("never run".into());
             }
-            if let Some(i) = &spec.input {
+            for (i, _) in &key_input.inputs {
                 if upstream_runs.contains(i) {
                     why.push(format!("its input `{i}` will run"));
                 }
@@ -353,12 +359,10 @@ fn run_stage<B: AutodiffBackend>(
         return Ok(done);
     }
     log.info(&format!("{}: running {} -> {}", spec.name, spec.kind.name(), dir.display()));
-    let input = spec.input.as_ref().map(|name| {
-        let key = &planned.key_input.inputs[0].1;
-        (name.clone(), cache.entry_dir(key))
-    });
+    let stages: Vec<(String, PathBuf)> = planned.key_input.inputs.iter().map(|(name, key)| (name.clone(), cache.entry_dir(key))).collect();
+    let input = spec.input.as_ref().map(|name| stages.iter().find(|(n, _)| n == name).cloned().expect("the input is planned"));
     let start = Instant::now();
-    let ctx = StageContext::<B> { pipeline, spec, dir: dir.clone(), input, device: device.clone(), device_name, log };
+    let ctx = StageContext::<B> { pipeline, spec, dir: dir.clone(), input, stages, device: device.clone(), device_name, log };
     let metrics = stages::run(&ctx)?;
     let seconds = start.elapsed().as_secs_f64();
     let mut files = Vec::new();

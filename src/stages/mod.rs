@@ -3,7 +3,10 @@
 //! metrics it measured. Stages are generic over the backend and never name one.
 
 mod evaluate;
+mod hessian_scores;
 mod load_pretrained;
+mod profile_latency;
+mod prune;
 mod train;
 
 use std::collections::BTreeMap;
@@ -23,6 +26,9 @@ use crate::model::{checkpoint, Vit, VitConfig};
 use crate::pipeline::{Manifest, RunLog};
 
 pub use evaluate::EvaluateSettings;
+pub use hessian_scores::HessianScoresSettings;
+pub use profile_latency::ProfileLatencySettings;
+pub use prune::PruneSettings;
 pub use load_pretrained::LoadPretrainedSettings;
 pub use train::TrainSettings;
 
@@ -30,23 +36,36 @@ pub use train::TrainSettings;
 pub enum StageKind {
     LoadPretrained,
     Train,
+    ProfileLatency,
+    HessianScores,
+    Prune,
     Evaluate,
 }
 
 /// Kinds of the method that later versions add (METHOD.md sections 4 to 6 and the report):
 /// named so that a pipeline using one gets a precise message, not "unknown kind".
-const PLANNED: [&str; 5] = ["profile_latency", "hessian_scores", "prune", "distill", "report"];
+const PLANNED: [&str; 2] = ["distill", "report"];
 
 /// A stage's own keys: `(name, type, doc)`. Defaults come from the settings' `Default`.
 pub type KeyDoc = (&'static str, &'static str, &'static str);
 
 impl StageKind {
-    pub const ALL: [StageKind; 3] = [StageKind::LoadPretrained, StageKind::Train, StageKind::Evaluate];
+    pub const ALL: [StageKind; 6] = [
+        StageKind::LoadPretrained,
+        StageKind::Train,
+        StageKind::ProfileLatency,
+        StageKind::HessianScores,
+        StageKind::Prune,
+        StageKind::Evaluate,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             StageKind::LoadPretrained => "load_pretrained",
             StageKind::Train => "train",
+            StageKind::ProfileLatency => "profile_latency",
+            StageKind::HessianScores => "hessian_scores",
+            StageKind::Prune => "prune",
             StageKind::Evaluate => "evaluate",
         }
     }
@@ -78,6 +97,9 @@ impl StageKind {
         match self {
             StageKind::LoadPretrained => "reads a timm/DeiT checkpoint (.safetensors) into the model",
             StageKind::Train => "trains the model (from scratch, or its input's) with AdamW, warm-up + cosine, label smoothing",
+            StageKind::ProfileLatency => "times one block over a grid of widths on the device; writes the latency table",
+            StageKind::HessianScores => "scores every unit of every structure (Hessian-aware saliency or a baseline); writes scores.csv",
+            StageKind::Prune => "prunes globally to a latency target while distilling from the dense model, then compacts",
             StageKind::Evaluate => "measures top-1/top-5, loss, params, FLOPs and throughput; writes results/<pipeline>/metrics.csv",
         }
     }
@@ -86,6 +108,9 @@ impl StageKind {
         match self {
             StageKind::LoadPretrained => load_pretrained::KEYS,
             StageKind::Train => train::KEYS,
+            StageKind::ProfileLatency => profile_latency::KEYS,
+            StageKind::HessianScores => hessian_scores::KEYS,
+            StageKind::Prune => prune::KEYS,
             StageKind::Evaluate => evaluate::KEYS,
         }
     }
@@ -96,6 +121,9 @@ impl StageKind {
         match self {
             StageKind::LoadPretrained => struct_fields::<LoadPretrainedSettings>(),
             StageKind::Train => struct_fields::<TrainSettings>(),
+            StageKind::ProfileLatency => struct_fields::<ProfileLatencySettings>(),
+            StageKind::HessianScores => struct_fields::<HessianScoresSettings>(),
+            StageKind::Prune => struct_fields::<PruneSettings>(),
             StageKind::Evaluate => struct_fields::<EvaluateSettings>(),
         }
     }
@@ -109,6 +137,9 @@ impl StageKind {
         match self {
             StageKind::LoadPretrained => StageSettings::LoadPretrained(Default::default()),
             StageKind::Train => StageSettings::Train(Default::default()),
+            StageKind::ProfileLatency => StageSettings::ProfileLatency(Default::default()),
+            StageKind::HessianScores => StageSettings::HessianScores(Default::default()),
+            StageKind::Prune => StageSettings::Prune(Default::default()),
             StageKind::Evaluate => StageSettings::Evaluate(Default::default()),
         }
     }
@@ -117,6 +148,9 @@ impl StageKind {
         Ok(match self {
             StageKind::LoadPretrained => StageSettings::LoadPretrained(table.extract()?),
             StageKind::Train => StageSettings::Train(table.extract()?),
+            StageKind::ProfileLatency => StageSettings::ProfileLatency(table.extract()?),
+            StageKind::HessianScores => StageSettings::HessianScores(table.extract()?),
+            StageKind::Prune => StageSettings::Prune(table.extract()?),
             StageKind::Evaluate => StageSettings::Evaluate(table.extract()?),
         })
     }
@@ -127,6 +161,9 @@ impl StageKind {
 pub enum StageSettings {
     LoadPretrained(LoadPretrainedSettings),
     Train(TrainSettings),
+    ProfileLatency(ProfileLatencySettings),
+    HessianScores(HessianScoresSettings),
+    Prune(PruneSettings),
     Evaluate(EvaluateSettings),
 }
 
@@ -136,7 +173,19 @@ impl StageSettings {
         match self {
             StageSettings::LoadPretrained(s) => s.validate(),
             StageSettings::Train(s) => s.validate(),
+            StageSettings::ProfileLatency(s) => s.validate(),
+            StageSettings::HessianScores(s) => s.validate(),
+            StageSettings::Prune(s) => s.validate(),
             StageSettings::Evaluate(s) => s.validate(),
+        }
+    }
+
+    /// Stages whose artifacts this one reads besides its input, as `(key, stage name)`: they
+    /// must come before it, and their cache keys are part of its own.
+    pub fn refs(&self) -> Vec<(&'static str, &str)> {
+        match self {
+            StageSettings::Prune(s) if !s.latency.is_empty() => vec![("latency", s.latency.as_str())],
+            _ => vec![],
         }
     }
 }
@@ -148,11 +197,15 @@ pub fn key_extra(spec: &StageSpec, device_name: &str) -> BTreeMap<String, String
         StageSettings::LoadPretrained(s) => {
             extra.insert("checkpoint".into(), crate::pipeline::cache::file_identity(&s.path));
         }
-        // Throughput is a property of the device.
-        StageSettings::Evaluate(_) => {
+        // Throughput and latency are properties of the device: a table measured on one device
+        // is never used for another by accident.
+        StageSettings::Evaluate(_) | StageSettings::ProfileLatency(_) => {
             extra.insert("device".into(), device_name.into());
+            if let StageSettings::ProfileLatency(ProfileLatencySettings { table: Some(path), .. }) = &spec.settings {
+                extra.insert("table".into(), crate::pipeline::cache::file_identity(path));
+            }
         }
-        StageSettings::Train(_) => {}
+        StageSettings::Train(_) | StageSettings::HessianScores(_) | StageSettings::Prune(_) => {}
     }
     extra
 }
@@ -165,12 +218,23 @@ pub struct StageContext<'a, B: AutodiffBackend> {
     pub dir: PathBuf,
     /// The input stage's name and entry directory.
     pub input: Option<(String, PathBuf)>,
+    /// Every stage this one reads (input and references), with its entry directory.
+    pub stages: Vec<(String, PathBuf)>,
     pub device: B::Device,
     pub device_name: &'a str,
     pub log: &'a RunLog,
 }
 
 impl<B: AutodiffBackend> StageContext<'_, B> {
+    /// The entry directory of a stage this one references.
+    pub fn stage_dir(&self, name: &str) -> Result<PathBuf> {
+        self.stages
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.clone())
+            .ok_or_else(|| anyhow::anyhow!("stage `{name}` is not an input of `{}`", self.spec.name))
+    }
+
     pub fn open(&self, split: Split) -> Result<Arc<dyn Dataset>> {
         Ok(self.pipeline.dataset.open(split, self.pipeline.pipeline.seed)?)
     }
@@ -223,6 +287,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>) -> Result<serde_json::Valu
     match &ctx.spec.settings {
         StageSettings::LoadPretrained(s) => load_pretrained::run(ctx, s),
         StageSettings::Train(s) => train::run(ctx, s),
+        StageSettings::ProfileLatency(s) => profile_latency::run(ctx, s),
+        StageSettings::HessianScores(s) => hessian_scores::run(ctx, s),
+        StageSettings::Prune(s) => prune::run(ctx, s),
         StageSettings::Evaluate(s) => evaluate::run(ctx, s),
     }
 }

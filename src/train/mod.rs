@@ -12,7 +12,7 @@ use crate::model::VitOutput;
 /// A loader batch on `device`: images `[batch, channels, size, size]` and labels `[batch]`.
 pub fn to_tensors<B: Backend>(batch: Batch, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
     let n = batch.labels.len();
-    let images = Tensor::from_data(TensorData::new(batch.images, batch.shape), device);
+    let images = crate::model::float_tensor(batch.images, batch.shape, device);
     let labels = Tensor::from_data(TensorData::new(batch.labels, [n]), device);
     (images, labels)
 }

@@ -1,0 +1,316 @@
+//! The latency lookup table of METHOD.md section 4: the latency of one block as a function of
+//! `(E, heads, qk, v, mlp)`, measured on a grid and interpolated multilinearly between grid
+//! points. A model's estimated latency is the sum over its blocks.
+//!
+//! The JSON layout is the reference implementation's:
+//! `{"EMB_768": {"QK_12_64": {"V_64": {"MLP_3072": seconds}}}}` (the QK key holds heads, then
+//! qk). An embedding width of 0 is an implicit grid point of latency 0, as the reference pads.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{BlockDims, VitConfig};
+
+/// The axes of the grid, each sorted ascending.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grid {
+    pub emb: Vec<usize>,
+    pub heads: Vec<usize>,
+    pub qk: Vec<usize>,
+    pub v: Vec<usize>,
+    pub mlp: Vec<usize>,
+}
+
+impl Grid {
+    /// The reference grid for DeiT-B (METHOD.md section 4).
+    pub fn reference() -> Self {
+        Self {
+            emb: vec![256, 512, 768],
+            heads: vec![1, 3, 6, 9, 12],
+            qk: vec![1, 16, 32, 48, 64],
+            v: vec![1, 16, 32, 48, 64],
+            mlp: std::iter::once(1).chain((1..=24).map(|i| i * 128)).collect(),
+        }
+    }
+
+    /// A small grid spanning a model's widths: the full width, halves and quarters, and 1.
+    pub fn spanning(model: &VitConfig) -> Self {
+        let max = |f: fn(&BlockDims) -> usize| model.blocks.iter().map(f).max().unwrap_or(1);
+        let axis = |top: usize| {
+            let mut a = vec![1, top / 4, top / 2, top];
+            a.retain(|&x| x >= 1);
+            a.sort_unstable();
+            a.dedup();
+            a
+        };
+        Self {
+            emb: axis(model.embed_dim).into_iter().filter(|&e| e > 1).collect(),
+            heads: axis(max(|d| d.heads)),
+            qk: axis(max(|d| d.qk)),
+            v: axis(max(|d| d.v)),
+            mlp: axis(max(|d| d.mlp)),
+        }
+    }
+
+    pub fn points(&self) -> Vec<(usize, BlockDims)> {
+        let mut out = Vec::new();
+        for &e in &self.emb {
+            for &heads in &self.heads {
+                for &qk in &self.qk {
+                    for &v in &self.v {
+                        for &mlp in &self.mlp {
+                            out.push((e, BlockDims { heads, qk, v, mlp }));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Problems as messages: empty, unsorted or zero axes.
+    pub fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (name, axis) in [("emb", &self.emb), ("heads", &self.heads), ("qk", &self.qk), ("v", &self.v), ("mlp", &self.mlp)] {
+            if axis.is_empty() {
+                problems.push(format!("grid.{name} is empty"));
+            } else if axis.windows(2).any(|w| w[0] >= w[1]) || axis[0] == 0 {
+                problems.push(format!("grid.{name} must be positive and strictly increasing, got {axis:?}"));
+            }
+        }
+        problems
+    }
+}
+
+/// Measured block latencies on a [`Grid`], in seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencyTable {
+    pub grid: Grid,
+    /// Row-major over (emb, heads, qk, v, mlp).
+    values: Vec<f64>,
+}
+
+/// Where `x` falls on `axis`: the two bracketing indices and the weight of the upper one.
+/// Outside the axis it clamps to the nearest end; `zero_below` adds an implicit point 0 -> 0.
+fn bracket(axis: &[usize], x: usize) -> [(Option<usize>, f64); 2] {
+    let x = x as f64;
+    let first = axis[0] as f64;
+    if x <= first {
+        return [(Some(0), 1.0), (None, 0.0)];
+    }
+    for i in 1..axis.len() {
+        let (lo, hi) = (axis[i - 1] as f64, axis[i] as f64);
+        if x <= hi {
+            let t = (x - lo) / (hi - lo);
+            return [(Some(i - 1), 1.0 - t), (Some(i), t)];
+        }
+    }
+    [(Some(axis.len() - 1), 1.0), (None, 0.0)]
+}
+
+impl LatencyTable {
+    pub fn new(grid: Grid, values: Vec<f64>) -> Result<Self> {
+        let n = grid.emb.len() * grid.heads.len() * grid.qk.len() * grid.v.len() * grid.mlp.len();
+        if values.len() != n {
+            bail!("a latency table on this grid needs {n} values, got {}", values.len());
+        }
+        Ok(Self { grid, values })
+    }
+
+    fn index(&self, i: [usize; 5]) -> usize {
+        let g = &self.grid;
+        (((i[0] * g.heads.len() + i[1]) * g.qk.len() + i[2]) * g.v.len() + i[3]) * g.mlp.len() + i[4]
+    }
+
+    /// The latency of one block of width `e` with `dims`, interpolated multilinearly.
+    pub fn lookup(&self, e: usize, dims: &BlockDims) -> f64 {
+        if e == 0 {
+            return 0.0;
+        }
+        let g = &self.grid;
+        // Below the smallest embedding width the reference interpolates towards E = 0, latency 0.
+        let emb: [(Option<usize>, f64); 2] = if e < g.emb[0] {
+            [(Some(0), e as f64 / g.emb[0] as f64), (None, 0.0)]
+        } else {
+            bracket(&g.emb, e)
+        };
+        let axes = [emb, bracket(&g.heads, dims.heads), bracket(&g.qk, dims.qk), bracket(&g.v, dims.v), bracket(&g.mlp, dims.mlp)];
+        let mut total = 0.0;
+        for corner in 0..32 {
+            let mut weight = 1.0;
+            let mut idx = [0usize; 5];
+            for (a, axis) in axes.iter().enumerate() {
+                let (i, w) = axis[(corner >> a) & 1];
+                match i {
+                    Some(i) if w != 0.0 => {
+                        idx[a] = i;
+                        weight *= w;
+                    }
+                    _ => {
+                        weight = 0.0;
+                        break;
+                    }
+                }
+            }
+            if weight != 0.0 {
+                total += weight * self.values[self.index(idx)];
+            }
+        }
+        total
+    }
+
+    /// The estimated latency of a model: the sum of its blocks'.
+    pub fn model_latency(&self, model: &VitConfig) -> f64 {
+        model.blocks.iter().map(|d| self.lookup(model.embed_dim, d)).sum()
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut root = serde_json::Map::new();
+        for (n, (e, d)) in self.grid.points().into_iter().enumerate() {
+            let emb = root.entry(format!("EMB_{e}")).or_insert_with(|| serde_json::json!({}));
+            let qk = emb.as_object_mut().unwrap().entry(format!("QK_{}_{}", d.heads, d.qk)).or_insert_with(|| serde_json::json!({}));
+            let v = qk.as_object_mut().unwrap().entry(format!("V_{}", d.v)).or_insert_with(|| serde_json::json!({}));
+            v.as_object_mut().unwrap().insert(format!("MLP_{}", d.mlp), serde_json::json!(self.values[n]));
+        }
+        serde_json::Value::Object(root)
+    }
+
+    /// Reads the reference layout; the grid is whatever keys the file holds, and it must be
+    /// complete (every combination measured).
+    pub fn from_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read latency table", path.display()))?;
+        type Nested = BTreeMap<String, BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>>;
+        let nested: Nested = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a latency table in the layout {{\"EMB_768\": {{\"QK_12_64\": {{\"V_64\": {{\"MLP_3072\": seconds}}}}}}}}", path.display()))?;
+        let parse = |key: &str, prefix: &str| -> Result<Vec<usize>> {
+            key.strip_prefix(prefix)
+                .map(|r| r.split('_').map(|n| n.parse::<usize>()).collect::<std::result::Result<Vec<_>, _>>())
+                .transpose()?
+                .with_context(|| format!("{}: key `{key}` should look like {prefix}N", path.display()))
+        };
+        let mut points = BTreeMap::new();
+        for (ek, qks) in &nested {
+            let e = parse(ek, "EMB_")?[0];
+            if e == 0 {
+                continue; // the reference's explicit zero padding
+            }
+            for (qkk, vs) in qks {
+                let hq = parse(qkk, "QK_")?;
+                if hq.len() != 2 {
+                    bail!("{}: key `{qkk}` should be QK_<heads>_<qk>", path.display());
+                }
+                for (vk, mlps) in vs {
+                    let v = parse(vk, "V_")?[0];
+                    for (mk, seconds) in mlps {
+                        let mlp = parse(mk, "MLP_")?[0];
+                        points.insert((e, hq[0], hq[1], v, mlp), *seconds);
+                    }
+                }
+            }
+        }
+        let axis = |f: fn(&(usize, usize, usize, usize, usize)) -> usize| {
+            let mut a: Vec<usize> = points.keys().map(f).collect();
+            a.sort_unstable();
+            a.dedup();
+            a
+        };
+        let grid = Grid { emb: axis(|k| k.0), heads: axis(|k| k.1), qk: axis(|k| k.2), v: axis(|k| k.3), mlp: axis(|k| k.4) };
+        let mut values = Vec::new();
+        for (e, d) in grid.points() {
+            match points.get(&(e, d.heads, d.qk, d.v, d.mlp)) {
+                Some(s) => values.push(*s),
+                None => bail!(
+                    "{}: the table has no entry EMB_{e} / QK_{}_{} / V_{} / MLP_{}; every grid combination must be measured",
+                    path.display(),
+                    d.heads,
+                    d.qk,
+                    d.v,
+                    d.mlp
+                ),
+            }
+        }
+        Self::new(grid, values)
+    }
+
+    /// `emb,heads,qk,v,mlp,seconds` rows.
+    pub fn to_csv(&self) -> String {
+        let mut out = String::from("emb,heads,qk,v,mlp,seconds\n");
+        for (n, (e, d)) in self.grid.points().into_iter().enumerate() {
+            out.push_str(&format!("{e},{},{},{},{},{:e}\n", d.heads, d.qk, d.v, d.mlp, self.values[n]));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(heads: usize, qk: usize, v: usize, mlp: usize) -> BlockDims {
+        BlockDims { heads, qk, v, mlp }
+    }
+
+    /// A table whose values are a known multilinear function, so interpolation must be exact.
+    fn linear_table() -> LatencyTable {
+        let grid = Grid { emb: vec![8, 16], heads: vec![1, 2, 4], qk: vec![1, 8], v: vec![1, 8], mlp: vec![1, 16, 32] };
+        let f = |e: usize, d: &BlockDims| 1e-3 * e as f64 * (1.0 + d.heads as f64) + 1e-4 * (d.qk + 2 * d.v) as f64 + 1e-5 * d.mlp as f64;
+        let values = grid.points().iter().map(|(e, d)| f(*e, d)).collect();
+        LatencyTable::new(grid, values).unwrap()
+    }
+
+    #[test]
+    fn exact_at_grid_points_and_linear_between() {
+        let t = linear_table();
+        for (n, (e, d)) in t.grid.points().into_iter().enumerate() {
+            assert_eq!(t.lookup(e, &d), t.values[n], "grid point {e} {d:?}");
+        }
+        let (a, b) = (t.lookup(8, &dims(2, 1, 8, 16)), t.lookup(8, &dims(2, 8, 8, 16)));
+        let mid = t.lookup(8, &dims(2, 4, 8, 16)); // qk 4 is 3/7 of the way from 1 to 8
+        assert!((mid - (a + (b - a) * 3.0 / 7.0)).abs() < 1e-15, "{mid} vs {a}..{b}");
+        let (lo, hi) = (t.lookup(8, &dims(1, 8, 8, 32)), t.lookup(16, &dims(1, 8, 8, 32)));
+        assert!((t.lookup(12, &dims(1, 8, 8, 32)) - (lo + hi) / 2.0).abs() < 1e-15);
+        // Below the smallest E, towards the implicit E = 0 point of latency 0.
+        assert!((t.lookup(4, &dims(1, 8, 8, 32)) - lo / 2.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn model_latency_is_the_sum_of_its_blocks() {
+        let t = linear_table();
+        let mut m = VitConfig::uniform(16, 4, 3, 16, 3, 4, 2.0, 10, false);
+        m.blocks[1] = dims(2, 5, 3, 20);
+        let expected: f64 = m.blocks.iter().map(|d| t.lookup(16, d)).sum();
+        assert_eq!(t.model_latency(&m), expected);
+        let by_hand = t.lookup(16, &m.blocks[0]) * 2.0 + t.lookup(16, &m.blocks[1]);
+        assert!((t.model_latency(&m) - by_hand).abs() < 1e-15);
+    }
+
+    #[test]
+    fn json_round_trip_in_the_reference_layout() {
+        let t = linear_table();
+        let json = t.to_json();
+        assert!(json["EMB_16"]["QK_4_8"]["V_1"]["MLP_32"].is_number());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lat.json");
+        std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+        assert_eq!(LatencyTable::from_json(&path).unwrap(), t);
+
+        let mut broken = json.clone();
+        broken["EMB_16"]["QK_4_8"]["V_1"].as_object_mut().unwrap().remove("MLP_32");
+        std::fs::write(&path, serde_json::to_vec(&broken).unwrap()).unwrap();
+        let err = LatencyTable::from_json(&path).unwrap_err().to_string();
+        assert!(err.ends_with("lat.json: the table has no entry EMB_16 / QK_4_8 / V_1 / MLP_32; every grid combination must be measured"), "{err}");
+    }
+
+    #[test]
+    fn reference_grid_has_the_papers_axes() {
+        let g = Grid::reference();
+        assert_eq!(g.mlp.len(), 25);
+        assert_eq!(*g.mlp.last().unwrap(), 3072);
+        assert_eq!(g.points().len(), 3 * 5 * 5 * 5 * 25);
+        assert!(g.check().is_empty());
+    }
+}

@@ -1,0 +1,419 @@
+//! `prune`: NViT's iterative global pruning (METHOD.md section 5). The model keeps training
+//! (AdamW, distillation from the dense input model) while saliencies accumulate over
+//! `interval` steps; then every unit's score is reduced by the latency it would save, units
+//! are grouped per structure and block, all groups of the network are ranked together, and
+//! the lowest `groups_per_step` are pruned (masked, and kept at zero after every step). It
+//! stops at `latency_target` x the dense latency (or `max_prune_steps`), writes
+//! `pruning_log.csv`, and compacts the model to its surviving widths.
+
+use anyhow::{Context, Result};
+use burn::module::AutodiffModule;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::{positive, KeyDoc, StageContext};
+use crate::data::Split;
+use crate::model::{checkpoint, BlockDims, Vit, VitConfig, VitOutput};
+use crate::pipeline::atomic_write;
+use crate::prune::saliency::{gate_gradients, rng, score};
+use crate::prune::{compact, Criterion, LatencyTable, Masks, Normalizers, ParamSet, Structure};
+use crate::train::{check_finite, scalar, to_tensors};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PruneSettings {
+    pub latency: String,
+    pub latency_target: f64,
+    pub criterion: Criterion,
+    pub interval: usize,
+    pub ema: f64,
+    pub eta: f64,
+    pub groups_per_step: usize,
+    pub group_emb: usize,
+    pub group_head: usize,
+    pub group_qk: usize,
+    pub group_v: usize,
+    pub group_mlp: usize,
+    pub max_prune_steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub kd_weight: f64,
+    pub temperature: f64,
+    pub augment: bool,
+}
+
+pub const KEYS: &[KeyDoc] = &[
+    ("latency", "string", "the profile_latency stage whose table estimates latency"),
+    ("latency_target", "float", "stop once the estimated latency is at most this fraction of the dense model's, in (0, 1]"),
+    ("criterion", "string", "`hessian`, `taylor`, `magnitude`, `weight-fisher` or `random`"),
+    ("interval", "integer", "optimizer steps between pruning steps (saliencies accumulate over them)"),
+    ("ema", "float", "momentum of the moving average of saliencies across intervals (0: none)"),
+    ("eta", "float", "weight of the latency saved, in seconds, subtracted from each saliency"),
+    ("groups_per_step", "integer", "groups pruned at each pruning step"),
+    ("group_emb", "integer", "EMB units per group"),
+    ("group_head", "integer", "heads per group"),
+    ("group_qk", "integer", "query/key dims per group"),
+    ("group_v", "integer", "value dims per group"),
+    ("group_mlp", "integer", "MLP units per group"),
+    ("max_prune_steps", "integer", "cap on pruning steps if the target is not reached"),
+    ("batch_size", "integer", "images per optimizer step"),
+    ("lr", "float", "AdamW learning rate while pruning"),
+    ("weight_decay", "float", "AdamW weight decay while pruning"),
+    ("kd_weight", "float", "weight of the distillation loss against the dense model"),
+    ("temperature", "float", "distillation temperature T"),
+    ("augment", "bool", "training transforms (else the evaluation transform)"),
+];
+
+impl Default for PruneSettings {
+    fn default() -> Self {
+        Self {
+            latency: String::new(),
+            latency_target: 0.5,
+            criterion: Criterion::Hessian,
+            interval: 100,
+            ema: 0.9,
+            eta: 5e-4,
+            groups_per_step: 2,
+            group_emb: 16,
+            group_head: 2,
+            group_qk: 8,
+            group_v: 8,
+            group_mlp: 16,
+            max_prune_steps: 1000,
+            batch_size: 64,
+            lr: 1e-4,
+            weight_decay: 0.05,
+            kd_weight: 1e5,
+            temperature: 3.0,
+            augment: true,
+        }
+    }
+}
+
+impl PruneSettings {
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.latency.is_empty() {
+            p.push(("latency".into(), "is required: the name of a profile_latency stage".into()));
+        }
+        if !(self.latency_target > 0.0 && self.latency_target <= 1.0) {
+            p.push(("latency_target".into(), format!("must be in (0, 1], got {}", self.latency_target)));
+        }
+        if !(0.0..1.0).contains(&self.ema) {
+            p.push(("ema".into(), format!("must be in [0, 1), got {}", self.ema)));
+        }
+        if !(self.eta >= 0.0) {
+            p.push(("eta".into(), format!("must not be negative, got {}", self.eta)));
+        }
+        for (key, v) in [
+            ("interval", self.interval),
+            ("groups_per_step", self.groups_per_step),
+            ("group_emb", self.group_emb),
+            ("group_head", self.group_head),
+            ("group_qk", self.group_qk),
+            ("group_v", self.group_v),
+            ("group_mlp", self.group_mlp),
+            ("max_prune_steps", self.max_prune_steps),
+            ("batch_size", self.batch_size),
+        ] {
+            if v == 0 {
+                p.push((key.into(), "must be at least 1".into()));
+            }
+        }
+        positive(&mut p, "lr", self.lr);
+        positive(&mut p, "temperature", self.temperature);
+        if !(self.kd_weight >= 0.0) {
+            p.push(("kd_weight".into(), format!("must not be negative, got {}", self.kd_weight)));
+        }
+        p
+    }
+
+    fn group_size(&self, s: Structure) -> usize {
+        match s {
+            Structure::Emb => self.group_emb,
+            Structure::Head => self.group_head,
+            Structure::Qk => self.group_qk,
+            Structure::V => self.group_v,
+            Structure::Mlp => self.group_mlp,
+        }
+    }
+}
+
+/// DeiT's soft distillation: `KL(teacher || student)` at temperature `T`, times `T^2`, over
+/// the number of logits.
+fn distillation<B: Backend>(student: Tensor<B, 2>, teacher: Tensor<B, 2>, t: f64) -> Tensor<B, 1> {
+    let numel = student.dims().iter().product::<usize>() as f64;
+    let log_s = log_softmax(student.div_scalar(t), 1);
+    let log_t = log_softmax(teacher.div_scalar(t), 1);
+    (log_t.clone().exp() * (log_t - log_s)).sum().mul_scalar(t * t / numel)
+}
+
+/// The widths below which the latency reduction is no longer credited (METHOD.md section 4).
+fn at_floor(s: Structure, d: &BlockDims) -> bool {
+    match s {
+        Structure::Head => d.heads <= 2,
+        Structure::Qk => d.qk <= 8,
+        Structure::V => d.v <= 8,
+        Structure::Mlp => d.mlp <= 16,
+        Structure::Emb => false,
+    }
+}
+
+fn minus_one(s: Structure, d: &BlockDims) -> BlockDims {
+    let mut d = *d;
+    match s {
+        Structure::Head => d.heads -= 1,
+        Structure::Qk => d.qk -= 1,
+        Structure::V => d.v -= 1,
+        Structure::Mlp => d.mlp -= 1,
+        Structure::Emb => {}
+    }
+    d
+}
+
+/// The latency one unit of `s` would save in each block (EMB: summed over blocks).
+fn latency_saved(table: &LatencyTable, e: usize, dims: &[BlockDims], s: Structure, block: usize) -> f64 {
+    match s {
+        Structure::Emb => dims.iter().map(|d| table.lookup(e, d) - table.lookup(e.saturating_sub(1), d)).sum(),
+        _ => {
+            let d = &dims[block];
+            if at_floor(s, d) {
+                0.0
+            } else {
+                table.lookup(e, d) - table.lookup(e, &minus_one(s, d))
+            }
+        }
+    }
+}
+
+/// A group of alive units of one structure in one block, and its score.
+struct Group {
+    structure: Structure,
+    block: usize,
+    units: Vec<usize>,
+    score: f64,
+}
+
+/// Groups the alive units of every structure and block by ascending adjusted score.
+fn groups(s: &PruneSettings, scores: &Masks, masks: &Masks, config: &VitConfig, table: &LatencyTable) -> Vec<Group> {
+    let (e, dims) = masks.surviving_dims();
+    let mut out = Vec::new();
+    for structure in Structure::ALL {
+        let blocks = if structure == Structure::Emb { 1 } else { config.depth() };
+        for block in 0..blocks {
+            let saved = s.eta * latency_saved(table, e, &dims, structure, block);
+            let mask = masks.get(structure, block);
+            let mut alive: Vec<(usize, f64)> = scores
+                .get(structure, block)
+                .iter()
+                .enumerate()
+                .filter(|(u, _)| mask[*u] != 0.0)
+                .map(|(u, v)| (u, *v as f64 - saved))
+                .collect();
+            alive.sort_by(|a, b| a.1.total_cmp(&b.1));
+            let size = s.group_size(structure);
+            for chunk in alive.chunks(size) {
+                out.push(Group { structure, block, units: chunk.iter().map(|u| u.0).collect(), score: chunk.iter().map(|u| u.1).sum() });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.score.total_cmp(&b.score));
+    out
+}
+
+/// Prunes the `n` lowest groups, never emptying a structure of a block (one unit stays, and
+/// for EMB one group).
+fn prune_lowest(groups: &[Group], masks: &mut Masks, n: usize, emb_group: usize) -> usize {
+    let mut pruned = 0;
+    for g in groups {
+        if pruned == n {
+            break;
+        }
+        let mask = masks.get_mut(g.structure, g.block);
+        let alive = mask.iter().filter(|m| **m != 0.0).count();
+        let floor = if g.structure == Structure::Emb { emb_group.min(alive) } else { 1 };
+        if alive < g.units.len() + floor {
+            continue;
+        }
+        for &u in &g.units {
+            mask[u] = 0.0;
+        }
+        pruned += 1;
+    }
+    pruned
+}
+
+pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Result<serde_json::Value> {
+    let device = &ctx.device;
+    let Some(dense) = ctx.input_model::<B>(device)? else {
+        anyhow::bail!("prune needs a model: give it an `input` stage");
+    };
+    let table = LatencyTable::from_json(&ctx.stage_dir(&s.latency)?.join("latency.json"))
+        .with_context(|| format!("reading the latency table of stage `{}`", s.latency))?;
+    // The student is in evaluation mode throughout: no stochastic depth.
+    let mut student = dense.without_drop_path();
+    let teacher: Vit<B::InnerBackend> = student.valid();
+    let config = student.config.clone();
+    let dense_latency = table.model_latency(&config);
+    let loader = ctx.loader(Split::Train, &config, s.batch_size, s.augment)?;
+    let mut optim = AdamWConfig::new().with_weight_decay(s.weight_decay as f32).init::<B, Vit<B>>();
+    let normalizers = Normalizers::default();
+    let mut random = rng(ctx.pipeline.pipeline.seed);
+    let ce = CrossEntropyLossConfig::new().init(device);
+
+    let mut masks = Masks::ones(&config);
+    let mut interval_sum = Masks::filled(&config, 0.0);
+    let mut smoothed: Option<Masks> = None;
+    let mut log = String::from("step,prune_step,est_latency_s,latency_ratio,params,flops,loss,embed_dim,widths\n");
+    let (mut step, mut prune_step, mut epoch) = (0usize, 0usize, 0u64);
+    let mut ratio: f64;
+    let mut last_loss: f64;
+    let mut progress = ctx.log.progress(&ctx.spec.name, s.max_prune_steps as u64);
+    'outer: loop {
+        let before = step;
+        for batch in loader.epoch(epoch) {
+            let (images, labels) = to_tensors::<B>(batch?, device);
+            let teacher_logits = Tensor::<B, 2>::from_inner(teacher.forward(images.clone().inner()).logits());
+            let (loss, grads, sums) = gate_gradients(&student, |m| {
+                let VitOutput { cls, dist } = m.forward(images);
+                let logits = match &dist {
+                    Some(d) => (cls.clone() + d.clone()).div_scalar(2.0),
+                    None => cls.clone(),
+                };
+                let hard = match dist {
+                    Some(d) => (ce.forward(cls, labels.clone()) + ce.forward(d, labels)).div_scalar(2.0),
+                    None => ce.forward(cls, labels),
+                };
+                hard + distillation(logits, teacher_logits, s.temperature).mul_scalar(s.kd_weight)
+            });
+            last_loss = scalar(loss);
+            check_finite(last_loss, epoch as usize, step)?;
+            interval_sum.add(&score(s.criterion, &student, &sums, &grads, &normalizers, &mut random));
+            let grads = GradientsParams::from_grads(grads, &student);
+            student = optim.step(s.lr, student, grads);
+            // Pruned slices stay exactly zero whatever AdamW's moments do.
+            student = masks.apply(student, ParamSet::Pruned);
+            step += 1;
+
+            if step % s.interval == 0 {
+                let mut avg = std::mem::replace(&mut interval_sum, Masks::filled(&config, 0.0));
+                avg.scale(1.0 / s.interval as f32);
+                let current = match smoothed.take() {
+                    Some(mut prev) if s.ema > 0.0 => {
+                        prev.scale(s.ema as f32);
+                        avg.scale(1.0 - s.ema as f32);
+                        prev.add(&avg);
+                        prev
+                    }
+                    _ => avg,
+                };
+                let ranked = groups(s, &current, &masks, &config, &table);
+                let pruned = prune_lowest(&ranked, &mut masks, s.groups_per_step, s.group_emb);
+                smoothed = Some(current);
+                student = masks.apply(student, ParamSet::Pruned);
+                prune_step += 1;
+                let (e, dims) = masks.surviving_dims();
+                let now = VitConfig { embed_dim: e, blocks: dims.clone(), ..config.clone() };
+                let latency = table.model_latency(&now);
+                ratio = latency / dense_latency;
+                let widths = dims.iter().map(|d| format!("{}/{}/{}/{}", d.heads, d.qk, d.v, d.mlp)).collect::<Vec<_>>().join(" ");
+                log.push_str(&format!("{step},{prune_step},{latency:e},{ratio:.5},{},{},{last_loss:.5},{e},{widths}\n", now.params(), now.flops()));
+                progress.step(&format!("latency {:.3} of dense, loss {last_loss:.4}", ratio));
+                if ratio <= s.latency_target || prune_step >= s.max_prune_steps || pruned == 0 {
+                    if pruned == 0 {
+                        ctx.log.info(&format!("{}: nothing left to prune above the floors", ctx.spec.name));
+                    }
+                    break 'outer;
+                }
+            }
+        }
+        if step == before {
+            anyhow::bail!("the training split gave no batch of {}", s.batch_size);
+        }
+        epoch += 1;
+    }
+    progress.finish();
+    atomic_write(&ctx.dir.join("pruning_log.csv"), log.as_bytes())?;
+    atomic_write(&ctx.dir.join("masks.json"), &serde_json::to_vec(&masks)?)?;
+    let small = compact(&student.valid(), &masks, device)?;
+    checkpoint::save(&small, &checkpoint::model_dir(&ctx.dir))?;
+    ctx.log.info(&format!(
+        "{}: {prune_step} pruning steps, estimated latency {:.3} of dense, {:.2} M params, {:.3} GFLOPs",
+        ctx.spec.name,
+        ratio,
+        small.config.params() as f64 / 1e6,
+        small.config.flops() as f64 / 1e9
+    ));
+    Ok(serde_json::json!({
+        "steps": step,
+        "prune_steps": prune_step,
+        "latency_ratio": ratio,
+        "params": small.config.params(),
+        "flops": small.config.flops(),
+        "final_loss": last_loss,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> LatencyTable {
+        let grid = crate::prune::Grid { emb: vec![8, 16], heads: vec![1, 4], qk: vec![1, 8], v: vec![1, 8], mlp: vec![1, 32] };
+        let values = grid.points().iter().map(|(e, d)| 1e-3 * (*e * (d.heads * (d.qk + d.v) + d.mlp)) as f64).collect();
+        LatencyTable::new(grid, values).unwrap()
+    }
+
+    #[test]
+    fn never_prunes_a_structure_below_one_unit() {
+        let c = VitConfig::uniform(16, 4, 3, 16, 2, 4, 2.0, 5, false);
+        let s = PruneSettings { group_head: 2, group_qk: 2, group_v: 2, group_mlp: 8, group_emb: 4, eta: 0.0, ..Default::default() };
+        let mut masks = Masks::ones(&c);
+        let scores = Masks::filled(&c, 0.0);
+        for _ in 0..200 {
+            let g = groups(&s, &scores, &masks, &c, &table());
+            prune_lowest(&g, &mut masks, 3, s.group_emb);
+        }
+        // Groups are pruned whole, so exactly one group of each structure stays.
+        let (e, dims) = masks.surviving_dims();
+        assert_eq!(e, 4, "one EMB group stays");
+        for d in dims {
+            assert_eq!(d, BlockDims { heads: 2, qk: 2, v: 2, mlp: 8 }, "one group of each structure stays");
+        }
+    }
+
+    #[test]
+    fn the_lowest_adjusted_groups_go_first_across_the_whole_network() {
+        let c = VitConfig::uniform(16, 4, 3, 16, 2, 4, 2.0, 5, false);
+        let s = PruneSettings { eta: 0.0, group_mlp: 4, ..Default::default() };
+        let mut scores = Masks::filled(&c, 10.0);
+        for u in [3, 9, 17, 30] {
+            scores.get_mut(Structure::Mlp, 1)[u] = 0.01;
+        }
+        let mut masks = Masks::ones(&c);
+        let g = groups(&s, &scores, &masks, &c, &table());
+        assert_eq!((g[0].structure, g[0].block), (Structure::Mlp, 1));
+        assert_eq!(g[0].units, [3, 9, 17, 30]);
+        prune_lowest(&g, &mut masks, 1, s.group_emb);
+        assert_eq!(masks.surviving_dims().1[1].mlp, 28);
+        assert_eq!(masks.surviving_dims().1[0].mlp, 32);
+    }
+
+    #[test]
+    fn latency_credit_favours_units_that_save_time_and_stops_at_the_floors() {
+        let t = table();
+        let d = BlockDims { heads: 4, qk: 8, v: 8, mlp: 32 };
+        assert!(latency_saved(&t, 16, &[d], Structure::Mlp, 0) > 0.0);
+        let floor = BlockDims { heads: 2, qk: 8, v: 8, mlp: 16 };
+        for s in [Structure::Head, Structure::Qk, Structure::V, Structure::Mlp] {
+            assert_eq!(latency_saved(&t, 16, &[floor], s, 0), 0.0, "{s:?}");
+        }
+        let emb = latency_saved(&t, 16, &[d, d], Structure::Emb, 0);
+        assert!((emb - 2.0 * (t.lookup(16, &d) - t.lookup(15, &d))).abs() < 1e-15);
+    }
+}

@@ -1,0 +1,120 @@
+//! The NViT stages that exist so far: latency profiling and unit scores, run as a pipeline.
+
+mod common;
+
+use common::*;
+use nvit::model::checkpoint;
+use nvit::pipeline::Cache;
+use nvit::prune::LatencyTable;
+
+const STAGES: &str = r#"
+[stages.latency]
+kind = "profile_latency"
+input = "train"
+batch_size = 4
+warmup = 0
+repeats = 1
+
+[stages.scores]
+kind = "hessian_scores"
+input = "train"
+batches = 3
+batch_size = 8
+shuffle = false
+augment = false
+"#;
+
+#[test]
+fn latency_table_and_scores_from_a_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache { root: dir.path().join("cache") };
+    let path = tiny_pipeline(dir.path(), STAGES);
+    let p = load(&path, &["stages.train.epochs=1"]);
+    let pl = plan(&p, &cache);
+    assert_eq!(statuses(&pl).iter().map(|s| s.0.as_str()).collect::<Vec<_>>(), ["train", "evaluate", "latency", "scores"]);
+    execute(&p, &pl, &cache);
+
+    let model_dir = checkpoint::model_dir(&cache.entry_dir(&pl.stages[0].key));
+    let config = nvit::model::VitConfig::read_json(&model_dir.join("dims.json")).unwrap();
+
+    // The spanning grid of a 16-wide, 2-head model; the dense estimate is the sum of its blocks.
+    let latency_dir = cache.entry_dir(&pl.stages[2].key);
+    let table = LatencyTable::from_json(&latency_dir.join("latency.json")).unwrap();
+    assert_eq!(table.grid.emb, [4, 8, 16]);
+    assert_eq!(table.grid.heads, [1, 2]);
+    let csv = std::fs::read_to_string(latency_dir.join("latency.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + table.grid.points().len());
+    let dense = table.model_latency(&config);
+    assert!(dense > 0.0);
+    let manifest = cache.complete(&pl.stages[2].key).unwrap();
+    assert_eq!(manifest.metrics["model_latency_s"].as_f64().unwrap(), dense);
+
+    // One row per unit; with shuffle and augmentation off, scoring is deterministic.
+    let scores_dir = cache.entry_dir(&pl.stages[3].key);
+    let scores = std::fs::read_to_string(scores_dir.join("scores.csv")).unwrap();
+    let units = 16 + 2 * (2 + 8 + 8 + 32);
+    assert_eq!(scores.lines().count(), 1 + units, "{scores}");
+    assert_eq!(scores.lines().next().unwrap(), "structure,block,unit,score");
+    assert!(scores.lines().nth(1).unwrap().starts_with("emb,,0,"));
+    assert!(scores.contains("\nmlp,1,31,"));
+    let values: Vec<f64> = scores.lines().skip(1).map(|l| l.rsplit(',').next().unwrap().parse().unwrap()).collect();
+    assert!(values.iter().all(|v| *v >= 0.0) && values.iter().any(|v| *v > 0.0), "squared saliencies");
+
+    let again = nvit::pipeline::plan(&p, &cache, &["scores".into()], "test-cpu").unwrap();
+    execute(&p, &again, &cache);
+    assert_eq!(std::fs::read_to_string(scores_dir.join("scores.csv")).unwrap(), scores);
+}
+
+#[test]
+fn imported_table_is_keyed_by_its_file_and_bad_grids_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_pipeline(dir.path(), STAGES);
+    let e = nvit::config::load(
+        &path,
+        &nvit::config::Overrides { set: vec!["stages.latency.grid_qk=[8, 4]".into(), "stages.latency.table=\"/no/lat.json\"".into()], env: false },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("stages.latency.grid_qk: must be positive and strictly increasing, got [8, 4]"), "{e}");
+    assert!(e.contains("stages.latency.table: `/no/lat.json` does not exist"), "{e}");
+}
+
+#[test]
+fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache { root: dir.path().join("cache") };
+    let stages = format!(
+        "{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nlatency_target = 0.6\ninterval = 2\ngroups_per_step = 2\ngroup_emb = 4\ngroup_qk = 2\ngroup_v = 2\ngroup_mlp = 4\nbatch_size = 16\nkd_weight = 1.0\n\n[stages.eval_pruned]\nkind = \"evaluate\"\nbatch_size = 32\nthroughput_batch = 8\nthroughput_repeats = 2\n"
+    );
+    let path = tiny_pipeline(dir.path(), &stages);
+    // A table that is a known function of the widths: measured latencies of so small a block
+    // are mostly overhead and noise.
+    let grid = nvit::prune::Grid { emb: vec![4, 16], heads: vec![1, 2], qk: vec![1, 8], v: vec![1, 8], mlp: vec![1, 32] };
+    let values = grid.points().iter().map(|(e, d)| 1e-6 * (*e * (d.heads * (d.qk + d.v) + d.mlp)) as f64).collect();
+    let table = dir.path().join("table.json");
+    std::fs::write(&table, serde_json::to_vec(&LatencyTable::new(grid, values).unwrap().to_json()).unwrap()).unwrap();
+    let p = load(&path, &["stages.train.epochs=1", &format!("stages.latency.table=\"{}\"", table.display())]);
+    let pl = plan(&p, &cache);
+    let prune = pl.stages.iter().find(|s| s.spec.name == "prune").unwrap();
+    assert_eq!(prune.key_input.inputs.iter().map(|i| i.0.as_str()).collect::<Vec<_>>(), ["train", "latency"]);
+    execute(&p, &pl, &cache);
+
+    let dir_of = |name: &str| cache.entry_dir(&pl.stages.iter().find(|s| s.spec.name == name).unwrap().key);
+    let log = std::fs::read_to_string(dir_of("prune").join("pruning_log.csv")).unwrap();
+    let ratios: Vec<f64> = log.lines().skip(1).map(|l| l.split(',').nth(3).unwrap().parse().unwrap()).collect();
+    assert!(ratios.len() >= 2, "{log}");
+    assert!(*ratios.last().unwrap() <= 0.6, "stopped at the target: {log}");
+    assert!(ratios[..ratios.len() - 1].iter().all(|r| *r > 0.6), "and not later: {log}");
+    assert!(ratios.windows(2).all(|w| w[1] <= w[0]), "latency only falls: {log}");
+
+    let masks: nvit::prune::Masks = serde_json::from_slice(&std::fs::read(dir_of("prune").join("masks.json")).unwrap()).unwrap();
+    let small = nvit::model::VitConfig::read_json(&checkpoint::model_dir(&dir_of("prune")).join("dims.json")).unwrap();
+    assert_eq!(masks.surviving_dims(), (small.embed_dim, small.blocks.clone()), "dims.json matches the masks");
+    let dense = nvit::model::VitConfig::read_json(&checkpoint::model_dir(&dir_of("train")).join("dims.json")).unwrap();
+    assert!(small.flops() < dense.flops());
+    assert_eq!(small.head_dim, dense.head_dim);
+
+    let csv = std::fs::read_to_string(dir.path().join("results/tiny/metrics.csv")).unwrap();
+    assert!(csv.lines().any(|l| l.starts_with("prune,")), "{csv}");
+}
