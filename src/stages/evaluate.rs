@@ -10,7 +10,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{KeyDoc, StageContext};
+use super::{at_least_one, KeyDoc, StageContext};
 use crate::data::{DatasetKind, Split};
 use crate::train::{correct, scalar, to_tensors};
 
@@ -43,11 +43,7 @@ impl Default for EvaluateSettings {
 impl EvaluateSettings {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
-        for (key, v) in [("batch_size", self.batch_size), ("throughput_batch", self.throughput_batch), ("throughput_repeats", self.throughput_repeats)] {
-            if v == 0 {
-                p.push((key.into(), "must be at least 1".into()));
-            }
-        }
+        at_least_one(&mut p, &[("batch_size", self.batch_size), ("throughput_batch", self.throughput_batch), ("throughput_repeats", self.throughput_repeats)]);
         p
     }
 }

@@ -5,7 +5,7 @@ use anyhow::Result;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use super::{positive, KeyDoc, StageContext};
+use super::{at_least_one, positive, KeyDoc, StageContext};
 use crate::data::Split;
 use crate::pipeline::atomic_write;
 use crate::prune::saliency::{gate_gradients, rng, score};
@@ -68,11 +68,7 @@ impl HessianScoresSettings {
 
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
-        for (key, v) in [("batches", self.batches), ("batch_size", self.batch_size)] {
-            if v == 0 {
-                p.push((key.into(), "must be at least 1".into()));
-            }
-        }
+        at_least_one(&mut p, &[("batches", self.batches), ("batch_size", self.batch_size)]);
         if let Some(c) = self.normalizer_emb {
             positive(&mut p, "normalizer_emb", c);
         }

@@ -304,6 +304,15 @@ pub fn publish(pipeline: &Pipeline, spec: &StageSpec, manifest: &Manifest, log: 
     Ok(())
 }
 
+/// Checks shared by stage settings: every count in `counts` is at least 1.
+pub(crate) fn at_least_one(problems: &mut Vec<(String, String)>, counts: &[(&str, usize)]) {
+    for (key, value) in counts {
+        if *value == 0 {
+            problems.push(((*key).into(), "must be at least 1".into()));
+        }
+    }
+}
+
 /// Checks shared by stage settings.
 pub(crate) fn positive(problems: &mut Vec<(String, String)>, key: &str, value: f64) {
     if !(value > 0.0) || !value.is_finite() {

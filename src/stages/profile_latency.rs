@@ -11,7 +11,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{KeyDoc, StageContext};
+use super::{at_least_one, KeyDoc, StageContext};
 use crate::pipeline::atomic_write;
 use crate::prune::{Grid, LatencyTable};
 
@@ -75,11 +75,7 @@ impl Default for ProfileLatencySettings {
 impl ProfileLatencySettings {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
-        for (key, v) in [("batch_size", self.batch_size), ("repeats", self.repeats)] {
-            if v == 0 {
-                p.push((key.into(), "must be at least 1".into()));
-            }
-        }
+        at_least_one(&mut p, &[("batch_size", self.batch_size), ("repeats", self.repeats)]);
         if let Some(t) = &self.table {
             if !t.exists() {
                 p.push(("table".into(), format!("`{}` does not exist", t.display())));

@@ -15,7 +15,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{positive, KeyDoc, StageContext};
+use super::{at_least_one, positive, KeyDoc, StageContext};
 use crate::data::Split;
 use crate::model::{checkpoint, BlockDims, Vit, VitConfig, VitOutput};
 use crate::pipeline::atomic_write;
@@ -110,21 +110,20 @@ impl PruneSettings {
         if !(self.eta >= 0.0) {
             p.push(("eta".into(), format!("must not be negative, got {}", self.eta)));
         }
-        for (key, v) in [
-            ("interval", self.interval),
-            ("groups_per_step", self.groups_per_step),
-            ("group_emb", self.group_emb),
-            ("group_head", self.group_head),
-            ("group_qk", self.group_qk),
-            ("group_v", self.group_v),
-            ("group_mlp", self.group_mlp),
-            ("max_prune_steps", self.max_prune_steps),
-            ("batch_size", self.batch_size),
-        ] {
-            if v == 0 {
-                p.push((key.into(), "must be at least 1".into()));
-            }
-        }
+        at_least_one(
+            &mut p,
+            &[
+                ("interval", self.interval),
+                ("groups_per_step", self.groups_per_step),
+                ("group_emb", self.group_emb),
+                ("group_head", self.group_head),
+                ("group_qk", self.group_qk),
+                ("group_v", self.group_v),
+                ("group_mlp", self.group_mlp),
+                ("max_prune_steps", self.max_prune_steps),
+                ("batch_size", self.batch_size),
+            ],
+        );
         positive(&mut p, "lr", self.lr);
         positive(&mut p, "temperature", self.temperature);
         if !(self.kd_weight >= 0.0) {

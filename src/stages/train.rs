@@ -13,7 +13,7 @@ use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use super::{positive, KeyDoc, StageContext};
+use super::{at_least_one, positive, KeyDoc, StageContext};
 use crate::data::Split;
 use crate::model::{checkpoint, Vit};
 use crate::pipeline::atomic_write;
@@ -67,12 +67,7 @@ impl Default for TrainSettings {
 impl TrainSettings {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
-        if self.epochs == 0 {
-            p.push(("epochs".into(), "must be at least 1".into()));
-        }
-        if self.batch_size == 0 {
-            p.push(("batch_size".into(), "must be at least 1".into()));
-        }
+        at_least_one(&mut p, &[("epochs", self.epochs), ("batch_size", self.batch_size)]);
         positive(&mut p, "lr", self.lr);
         if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             p.push(("min_lr".into(), format!("must be in [0, lr = {}], got {}", self.lr, self.min_lr)));
@@ -89,8 +84,8 @@ impl TrainSettings {
         if let Some(c) = self.grad_clip {
             positive(&mut p, "grad_clip", c);
         }
-        if self.steps_per_epoch == Some(0) {
-            p.push(("steps_per_epoch".into(), "must be at least 1".into()));
+        if let Some(n) = self.steps_per_epoch {
+            at_least_one(&mut p, &[("steps_per_epoch", n)]);
         }
         p
     }
