@@ -111,10 +111,10 @@ pub struct VitOutput<B: Backend> {
 
 impl<B: Backend> VitOutput<B> {
     /// The prediction: the two heads averaged when distilled, as DeiT evaluates.
-    pub fn logits(self) -> Tensor<B, 2> {
-        match self.dist {
-            Some(dist) => (self.cls + dist).div_scalar(2.0),
-            None => self.cls,
+    pub fn logits(&self) -> Tensor<B, 2> {
+        match &self.dist {
+            Some(dist) => (self.cls.clone() + dist.clone()).div_scalar(2.0),
+            None => self.cls.clone(),
         }
     }
 }

@@ -47,18 +47,6 @@ impl Structure {
             Structure::Mlp => 1.0,
         }
     }
-
-    /// Number of units in `block` (EMB ignores the block: it is shared).
-    pub fn units(self, config: &VitConfig, block: usize) -> usize {
-        let d = &config.blocks[block.min(config.depth() - 1)];
-        match self {
-            Structure::Emb => config.embed_dim,
-            Structure::Head => d.heads,
-            Structure::Qk => d.qk,
-            Structure::V => d.v,
-            Structure::Mlp => d.mlp,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -314,6 +314,13 @@ pub(crate) fn at_least_one(problems: &mut Vec<(String, String)>, counts: &[(&str
 }
 
 /// Checks shared by stage settings.
+pub(crate) fn non_negative(problems: &mut Vec<(String, String)>, key: &str, value: f64) {
+    if !(value >= 0.0) {
+        problems.push((key.into(), format!("must not be negative, got {value}")));
+    }
+}
+
+/// Checks shared by stage settings.
 pub(crate) fn positive(problems: &mut Vec<(String, String)>, key: &str, value: f64) {
     if !(value > 0.0) || !value.is_finite() {
         problems.push((key.into(), format!("must be positive, got {value}")));

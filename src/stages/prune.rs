@@ -8,20 +8,19 @@
 
 use anyhow::{Context, Result};
 use burn::module::AutodiffModule;
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{at_least_one, positive, KeyDoc, StageContext};
+use super::{at_least_one, non_negative, positive, KeyDoc, StageContext};
 use crate::data::Split;
-use crate::model::{checkpoint, BlockDims, Vit, VitConfig, VitOutput};
+use crate::model::{checkpoint, BlockDims, Vit, VitConfig};
 use crate::pipeline::atomic_write;
 use crate::prune::saliency::{gate_gradients, rng, score};
 use crate::prune::{compact, Criterion, LatencyTable, Masks, Normalizers, ParamSet, Structure};
-use crate::train::{check_finite, scalar, to_tensors};
+use crate::train::{check_finite, classification_loss, scalar, to_tensors};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -107,9 +106,7 @@ impl PruneSettings {
         if !(0.0..1.0).contains(&self.ema) {
             p.push(("ema".into(), format!("must be in [0, 1), got {}", self.ema)));
         }
-        if !(self.eta >= 0.0) {
-            p.push(("eta".into(), format!("must not be negative, got {}", self.eta)));
-        }
+        non_negative(&mut p, "eta", self.eta);
         at_least_one(
             &mut p,
             &[
@@ -126,9 +123,7 @@ impl PruneSettings {
         );
         positive(&mut p, "lr", self.lr);
         positive(&mut p, "temperature", self.temperature);
-        if !(self.kd_weight >= 0.0) {
-            p.push(("kd_weight".into(), format!("must not be negative, got {}", self.kd_weight)));
-        }
+        non_negative(&mut p, "kd_weight", self.kd_weight);
         p
     }
 
@@ -263,7 +258,6 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     let mut optim = AdamWConfig::new().with_weight_decay(s.weight_decay as f32).init::<B, Vit<B>>();
     let normalizers = Normalizers::default();
     let mut random = rng(ctx.pipeline.pipeline.seed);
-    let ce = CrossEntropyLossConfig::new().init(device);
 
     let mut masks = Masks::ones(&config);
     let mut interval_sum = Masks::filled(&config, 0.0);
@@ -279,16 +273,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
             let (images, labels) = to_tensors::<B>(batch?, device);
             let teacher_logits = Tensor::<B, 2>::from_inner(teacher.forward(images.clone().inner()).logits());
             let (loss, grads, sums) = gate_gradients(&student, |m| {
-                let VitOutput { cls, dist } = m.forward(images);
-                let logits = match &dist {
-                    Some(d) => (cls.clone() + d.clone()).div_scalar(2.0),
-                    None => cls.clone(),
-                };
-                let hard = match dist {
-                    Some(d) => (ce.forward(cls, labels.clone()) + ce.forward(d, labels)).div_scalar(2.0),
-                    None => ce.forward(cls, labels),
-                };
-                hard + distillation(logits, teacher_logits, s.temperature).mul_scalar(s.kd_weight)
+                let output = m.forward(images);
+                let soft = distillation(output.logits(), teacher_logits, s.temperature).mul_scalar(s.kd_weight);
+                classification_loss(output, labels, 0.0) + soft
             });
             last_loss = scalar(loss);
             check_finite(last_loss, epoch as usize, step)?;

@@ -13,7 +13,7 @@ use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use super::{at_least_one, positive, KeyDoc, StageContext};
+use super::{at_least_one, non_negative, positive, KeyDoc, StageContext};
 use crate::data::Split;
 use crate::model::{checkpoint, Vit};
 use crate::pipeline::atomic_write;
@@ -72,12 +72,8 @@ impl TrainSettings {
         if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             p.push(("min_lr".into(), format!("must be in [0, lr = {}], got {}", self.lr, self.min_lr)));
         }
-        if !(self.warmup_epochs >= 0.0) {
-            p.push(("warmup_epochs".into(), format!("must not be negative, got {}", self.warmup_epochs)));
-        }
-        if !(self.weight_decay >= 0.0) {
-            p.push(("weight_decay".into(), format!("must not be negative, got {}", self.weight_decay)));
-        }
+        non_negative(&mut p, "warmup_epochs", self.warmup_epochs);
+        non_negative(&mut p, "weight_decay", self.weight_decay);
         if !(0.0..1.0).contains(&self.label_smoothing) {
             p.push(("label_smoothing".into(), format!("must be in [0, 1), got {}", self.label_smoothing)));
         }
@@ -161,10 +157,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
             let (images, labels) = to_tensors::<B>(batch?, device);
             let n = labels.dims()[0];
             let output = model.forward(images);
-            let logits = match &output.dist {
-                Some(d) => (output.cls.clone() + d.clone()).div_scalar(2.0),
-                None => output.cls.clone(),
-            };
+            let logits = output.logits();
             let loss = classification_loss(output, labels.clone(), s.label_smoothing);
             let loss_value = scalar(loss.clone());
             check_finite(loss_value, epoch, i)?;
