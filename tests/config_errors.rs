@@ -114,3 +114,12 @@ fn prune_settings_and_stage_references_are_checked() {
     let e = errors(&format!("{OK}[stages.p]\nkind = \"prune\"\n"), &[]);
     assert!(e.contains("stages.p.latency: is required: the name of a profile_latency stage"), "{e}");
 }
+
+#[test]
+fn hessian_scores_settings_are_checked() {
+    let e = errors(&format!("{OK}[stages.s]\nkind = \"hessian_scores\"\nbatches = 0\nnormalizer_head = -1.0\ncriterion = \"fisher\"\n"), &[]);
+    assert!(e.contains("p.toml: stages.s.criterion: unknown variant: found `fisher`"), "{e}");
+    let e = errors(&format!("{OK}[stages.s]\nkind = \"hessian_scores\"\nbatches = 0\nnormalizer_head = -1.0\n"), &[]);
+    assert!(e.contains("p.toml: stages.s.batches: must be at least 1"), "{e}");
+    assert!(e.contains("p.toml: stages.s.normalizer_head: must be positive, got -1"), "{e}");
+}
