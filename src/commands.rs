@@ -168,7 +168,7 @@ fn human_bytes(b: u64) -> String {
 /// `runner bench loader`: images/s of the loader on an ImageFolder of JPEGs, with the training
 /// transform (decode, random-resized crop to `size`, flip, normalize) on every core.
 pub fn bench_loader(root: Option<&Path>, images: usize, size: u32, batch: usize, out: &Path) -> Result<String> {
-    use crate::data::transforms::{Mode, Transform};
+    use crate::data::transforms::{Mode, TrainAugment, Transform};
     use crate::data::{loader::LoaderOptions, Dataset, ImageFolder, Loader, OnBadImage, Split};
     let tmp;
     let (root, source) = match root {
@@ -196,7 +196,7 @@ pub fn bench_loader(root: Option<&Path>, images: usize, size: u32, batch: usize,
         channels: 3,
         mean: vec![0.485, 0.456, 0.406],
         std: vec![0.229, 0.224, 0.225],
-        mode: Mode::Train { crop_scale: [0.08, 1.0], hflip: true },
+        mode: Mode::Train(TrainAugment::basic([0.08, 1.0], true)),
     };
     let options = LoaderOptions { batch_size: batch, shuffle: true, drop_last: false, seed: 0, workers, prefetch: 4, on_bad_image: OnBadImage::Error };
     let loader = Loader::new(dataset, transform, options);

@@ -247,15 +247,14 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
             }
         }
         for (key, name) in stage.settings.refs() {
-            let position = names.iter().position(|n| *n == name);
-            let own = names.iter().position(|n| *n == stage.name);
-            if position.is_none() || position >= own {
-                errors.push(located(
-                    &figment,
-                    &format!("stages.{}.{key}", stage.name),
-                    &format!("names `{name}`, which is not a stage before it{}", did_you_mean(name, &names)),
-                ));
-            }
+            let message = match names.iter().position(|n| *n == name) {
+                None => format!("names no stage `{name}`{}", did_you_mean(name, &names)),
+                Some(p) if p >= names.iter().position(|n| *n == stage.name).unwrap_or(0) => {
+                    format!("names `{name}`, which does not come before it; stages run in file order")
+                }
+                Some(_) => continue,
+            };
+            errors.push(located(&figment, &format!("stages.{}.{key}", stage.name), &message));
         }
         for problem in stage.settings.validate() {
             let (key, message) = problem;
@@ -542,13 +541,19 @@ pub fn did_you_mean(given: &str, valid: &[&str]) -> String {
 /// `file: key.path: message`, naming the layer that supplied `path` (or its nearest parent).
 fn located(figment: &Figment, path: &str, message: &str) -> String {
     let mut probe = path.to_string();
+    // A key left at its default (a required one, say) is named in the file of its table.
+    let mut fallback = None;
     let origin = loop {
         if let Some(meta) = figment.find_metadata(&probe) {
-            break describe_source(meta);
+            let origin = describe_source(meta);
+            if origin != "default" {
+                break origin;
+            }
+            fallback.get_or_insert(origin);
         }
         match probe.rsplit_once('.') {
             Some((parent, _)) => probe = parent.to_string(),
-            None => break "pipeline".into(),
+            None => break fallback.unwrap_or_else(|| "pipeline".into()),
         }
     };
     format!("{origin}: {path}: {message}")

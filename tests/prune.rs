@@ -85,7 +85,7 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache { root: dir.path().join("cache") };
     let stages = format!(
-        "{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nlatency_target = 0.6\ninterval = 2\ngroups_per_step = 2\ngroup_emb = 4\ngroup_qk = 2\ngroup_v = 2\ngroup_mlp = 4\nbatch_size = 16\nkd_weight = 1.0\n\n[stages.eval_pruned]\nkind = \"evaluate\"\nbatch_size = 32\nthroughput_batch = 8\nthroughput_repeats = 2\n"
+        "{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nlatency_target = 0.6\ninterval = 2\ngroups_per_step = 2\ngroup_emb = 4\ngroup_qk = 2\ngroup_v = 2\ngroup_mlp = 4\nbatch_size = 16\nkd_weight = 1.0\n\n[stages.distill]\nkind = \"distill\"\nteacher = \"train\"\nepochs = 2\nbatch_size = 16\nwarmup_epochs = 0\nlr = 1e-3\nrandaugment_ops = 2\nkd_weight = 10.0\n\n[stages.eval_pruned]\nkind = \"evaluate\"\nbatch_size = 32\nthroughput_batch = 8\nthroughput_repeats = 2\n"
     );
     let path = tiny_pipeline(dir.path(), &stages);
     // A table that is a known function of the widths: measured latencies of so small a block
@@ -115,6 +115,18 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
     assert!(small.flops() < dense.flops());
     assert_eq!(small.head_dim, dense.head_dim);
 
+    // distill fine-tunes the compact model (its input) against the dense one (its teacher),
+    // with the whole DeiT recipe on: the widths stay, the weights move, the loss stays finite.
+    let distill = pl.stages.iter().find(|s| s.spec.name == "distill").unwrap();
+    assert_eq!(distill.key_input.inputs.iter().map(|i| i.0.as_str()).collect::<Vec<_>>(), ["prune", "train"]);
+    let tuned = nvit::model::VitConfig::read_json(&checkpoint::model_dir(&dir_of("distill")).join("dims.json")).unwrap();
+    assert_eq!((tuned.embed_dim, tuned.blocks.clone()), (small.embed_dim, small.blocks.clone()));
+    let weights = |name: &str| std::fs::read(checkpoint::model_dir(&dir_of(name)).join("model.safetensors")).unwrap();
+    assert_ne!(weights("distill"), weights("prune"));
+    let manifest = cache.complete(&distill.key).unwrap();
+    let losses = manifest.metrics["epoch_losses"].as_array().unwrap();
+    assert!(losses.len() == 2 && losses.iter().all(|l| l.as_f64().unwrap().is_finite()), "{losses:?}");
+
     let csv = std::fs::read_to_string(dir.path().join("results/tiny/metrics.csv")).unwrap();
-    assert!(csv.lines().any(|l| l.starts_with("prune,")), "{csv}");
+    assert!(csv.lines().any(|l| l.starts_with("distill,")), "the evaluated model is the distilled one: {csv}");
 }

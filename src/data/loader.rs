@@ -173,7 +173,7 @@ mod tests {
             channels: 3,
             mean: vec![0.5; 3],
             std: vec![0.5; 3],
-            mode: Mode::Train { crop_scale: [0.5, 1.0], hflip: true },
+            mode: Mode::Train(crate::data::TrainAugment::basic([0.5, 1.0], true)),
         };
         Loader::new(
             Arc::new(Synthetic::new(4, 10, 12, 1)),

@@ -9,6 +9,8 @@
 mod idx;
 mod imagefolder;
 pub mod loader;
+pub mod mix;
+pub mod randaugment;
 mod synthetic;
 pub mod transforms;
 
@@ -22,7 +24,7 @@ pub use idx::{write_idx, IdxDataset};
 pub use imagefolder::ImageFolder;
 pub use loader::{Batch, Loader};
 pub use synthetic::Synthetic;
-pub use transforms::Transform;
+pub use transforms::{TrainAugment, Transform};
 
 /// Where Debian's `dataset-fashion-mnist` installs its IDX files.
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";

@@ -1,10 +1,13 @@
-//! Training and evaluation transforms, as DeiT uses them: random-resized crop + flip for
-//! training, resize + center crop for evaluation; both end in per-channel normalization into
-//! a `[channels, size, size]` f32 buffer.
+//! Training and evaluation transforms, as DeiT uses them: random-resized crop + flip (+
+//! RandAugment and random erasing where configured) for training, resize + center crop for
+//! evaluation; both end in per-channel normalization into a `[channels, size, size]` f32 buffer.
 
 use image::imageops::FilterType;
 use image::DynamicImage;
 use rand::Rng;
+use rand_distr::StandardNormal;
+
+use super::randaugment::RandAugment;
 
 #[derive(Debug, Clone)]
 pub struct Transform {
@@ -17,25 +20,77 @@ pub struct Transform {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode {
-    Train { crop_scale: [f32; 2], hflip: bool },
+    Train(TrainAugment),
     Eval { crop_pct: f32 },
+}
+
+/// The per-image training augmentation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainAugment {
+    pub crop_scale: [f32; 2],
+    pub hflip: bool,
+    pub randaugment: Option<RandAugment>,
+    /// Probability of erasing one random rectangle (timm's `RandomErasing`, per-pixel noise).
+    pub erasing: f32,
+}
+
+impl TrainAugment {
+    /// Crop and flip only.
+    pub fn basic(crop_scale: [f32; 2], hflip: bool) -> Self {
+        Self { crop_scale, hflip, randaugment: None, erasing: 0.0 }
+    }
 }
 
 impl Transform {
     /// Appends the transformed image, `channels * size * size` values in CHW order, to `out`.
     pub fn apply(&self, img: &DynamicImage, rng: &mut impl Rng, out: &mut Vec<f32>) {
-        let img = match self.mode {
-            Mode::Train { crop_scale, hflip } => {
-                let cropped = random_resized_crop(img, self.size, crop_scale, rng);
-                if hflip && rng.random_bool(0.5) {
-                    cropped.fliph()
-                } else {
-                    cropped
+        let start = out.len();
+        match self.mode {
+            Mode::Train(aug) => {
+                let mut img = random_resized_crop(img, self.size, aug.crop_scale, rng);
+                if aug.hflip && rng.random_bool(0.5) {
+                    img = img.fliph();
+                }
+                if let Some(ra) = aug.randaugment {
+                    let mut rgb = img.to_rgb8();
+                    let fill = std::array::from_fn(|c| (self.mean[c.min(self.mean.len() - 1)] * 255.0).round() as u8);
+                    ra.apply(&mut rgb, fill, rng);
+                    img = DynamicImage::ImageRgb8(rgb);
+                }
+                self.normalize(&img, out);
+                if aug.erasing > 0.0 && rng.random_bool(aug.erasing as f64) {
+                    self.erase(&mut out[start..], rng);
                 }
             }
-            Mode::Eval { crop_pct } => resize_center_crop(img, self.size, crop_pct),
-        };
-        self.normalize(&img, out);
+            Mode::Eval { crop_pct } => self.normalize(&resize_center_crop(img, self.size, crop_pct), out),
+        }
+    }
+
+    /// timm's RandomErasing (mode "pixel"): one rectangle of 2% to 1/3 of the area, aspect
+    /// ratio in [0.3, 3.3] (log-uniform), filled with standard normal noise in normalized
+    /// space; ten tries to fit it.
+    fn erase(&self, chw: &mut [f32], rng: &mut impl Rng) {
+        let size = self.size as usize;
+        let area = (size * size) as f32;
+        let (lo, hi) = (0.3f32.ln(), (1.0f32 / 0.3).ln());
+        for _ in 0..10 {
+            let target = area * rng.random_range(0.02..=1.0 / 3.0);
+            let ratio = rng.random_range(lo..=hi).exp();
+            let h = (target * ratio).sqrt().round() as usize;
+            let w = (target / ratio).sqrt().round() as usize;
+            if h == 0 || w == 0 || h >= size || w >= size {
+                continue;
+            }
+            let (top, left) = (rng.random_range(0..=size - h), rng.random_range(0..=size - w));
+            for c in 0..self.channels {
+                for y in top..top + h {
+                    for x in left..left + w {
+                        chw[c * size * size + y * size + x] = rng.sample(StandardNormal);
+                    }
+                }
+            }
+            return;
+        }
     }
 
     fn normalize(&self, img: &DynamicImage, out: &mut Vec<f32>) {
@@ -134,7 +189,7 @@ mod tests {
     #[test]
     fn full_area_crop_of_a_target_size_image_is_exact() {
         let img = DynamicImage::ImageLuma8(image::GrayImage::from_fn(8, 8, |x, y| image::Luma([(x * 30 + y) as u8])));
-        let t = transform(Mode::Train { crop_scale: [1.0, 1.0], hflip: false }, 1);
+        let t = transform(Mode::Train(TrainAugment::basic([1.0, 1.0], false)), 1);
         let (mut a, mut b) = (Vec::new(), Vec::new());
         t.apply(&img, &mut rand::rngs::StdRng::seed_from_u64(1), &mut a);
         transform(Mode::Eval { crop_pct: 1.0 }, 1).apply(&img, &mut rand::rngs::StdRng::seed_from_u64(1), &mut b);
@@ -144,7 +199,7 @@ mod tests {
     #[test]
     fn train_crops_are_deterministic_for_a_seed() {
         let img = DynamicImage::ImageRgb8(image::RgbImage::from_fn(32, 24, |x, y| image::Rgb([x as u8 * 7, y as u8 * 9, 3])));
-        let t = transform(Mode::Train { crop_scale: [0.08, 1.0], hflip: true }, 3);
+        let t = transform(Mode::Train(TrainAugment::basic([0.08, 1.0], true)), 3);
         let run = |seed| {
             let mut out = Vec::new();
             t.apply(&img, &mut rand::rngs::StdRng::seed_from_u64(seed), &mut out);
@@ -152,5 +207,35 @@ mod tests {
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn erasing_replaces_one_rectangle_with_noise() {
+        let img = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(16, 16, image::Luma([128])));
+        let mut t = transform(Mode::Train(TrainAugment { erasing: 1.0, ..TrainAugment::basic([1.0, 1.0], false) }), 1);
+        t.size = 16;
+        let mut out = Vec::new();
+        t.apply(&img, &mut rand::rngs::StdRng::seed_from_u64(5), &mut out);
+        let plain = (128.0 / 255.0 - 0.5) / 0.25;
+        let erased = out.iter().filter(|&&v| v != plain).count();
+        assert!((256 * 2 / 100..=256 / 3 + 16).contains(&erased), "{erased} of 256 erased");
+    }
+
+    #[test]
+    fn randaugment_runs_inside_the_train_transform_on_grayscale() {
+        let img = DynamicImage::ImageLuma8(image::GrayImage::from_fn(8, 8, |x, y| image::Luma([(x * 30 + y) as u8])));
+        let ra = Some(RandAugment { ops: 2, magnitude: 9.0 });
+        let t = transform(Mode::Train(TrainAugment { randaugment: ra, ..TrainAugment::basic([1.0, 1.0], false) }), 1);
+        let plain = transform(Mode::Eval { crop_pct: 1.0 }, 1);
+        let changed = (0..20)
+            .filter(|&s| {
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                t.apply(&img, &mut rand::rngs::StdRng::seed_from_u64(s), &mut a);
+                plain.apply(&img, &mut rand::rngs::StdRng::seed_from_u64(s), &mut b);
+                assert_eq!(a.len(), 64);
+                a != b
+            })
+            .count();
+        assert!(changed > 5, "{changed} of 20 changed");
     }
 }

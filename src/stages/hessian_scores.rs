@@ -5,7 +5,7 @@ use anyhow::Result;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use super::{at_least_one, positive, KeyDoc, StageContext};
+use super::{at_least_one, positive, Extras, KeyDoc, StageContext};
 use crate::data::Split;
 use crate::pipeline::atomic_write;
 use crate::prune::saliency::{gate_gradients, rng, score};
@@ -86,7 +86,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &HessianScoresSettings)
     };
     // Scores are taken in evaluation mode: no stochastic depth.
     let model = model.without_drop_path();
-    let mut loader = ctx.loader(s.split, &model.config, s.batch_size, s.augment)?;
+    let mut loader = ctx.loader(s.split, &model.config, s.batch_size, s.augment.then(Extras::default))?;
     if !s.shuffle {
         loader = loader.without_shuffle();
     }

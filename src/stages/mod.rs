@@ -2,6 +2,7 @@
 //! any) and the dataset, writes its artifacts into its cache entry directory, and returns the
 //! metrics it measured. Stages are generic over the backend and never name one.
 
+mod distill;
 mod evaluate;
 mod hessian_scores;
 mod load_pretrained;
@@ -20,11 +21,13 @@ use serde::Serialize;
 
 use crate::config::{Pipeline, StageSpec};
 use crate::data::loader::LoaderOptions;
-use crate::data::transforms::{Mode, Transform};
+use crate::data::randaugment::RandAugment;
+use crate::data::transforms::{Mode, TrainAugment, Transform};
 use crate::data::{Dataset, Loader, Split};
 use crate::model::{checkpoint, Vit, VitConfig};
 use crate::pipeline::{Manifest, RunLog};
 
+pub use distill::DistillSettings;
 pub use evaluate::EvaluateSettings;
 pub use hessian_scores::HessianScoresSettings;
 pub use profile_latency::ProfileLatencySettings;
@@ -39,23 +42,25 @@ pub enum StageKind {
     ProfileLatency,
     HessianScores,
     Prune,
+    Distill,
     Evaluate,
 }
 
-/// Kinds of the method that later versions add (METHOD.md sections 4 to 6 and the report):
-/// named so that a pipeline using one gets a precise message, not "unknown kind".
-const PLANNED: [&str; 2] = ["distill", "report"];
+/// Kinds of the method that later versions add: named so that a pipeline using one gets a
+/// precise message, not "unknown kind".
+const PLANNED: [&str; 1] = ["report"];
 
 /// A stage's own keys: `(name, type, doc)`. Defaults come from the settings' `Default`.
 pub type KeyDoc = (&'static str, &'static str, &'static str);
 
 impl StageKind {
-    pub const ALL: [StageKind; 6] = [
+    pub const ALL: [StageKind; 7] = [
         StageKind::LoadPretrained,
         StageKind::Train,
         StageKind::ProfileLatency,
         StageKind::HessianScores,
         StageKind::Prune,
+        StageKind::Distill,
         StageKind::Evaluate,
     ];
 
@@ -66,6 +71,7 @@ impl StageKind {
             StageKind::ProfileLatency => "profile_latency",
             StageKind::HessianScores => "hessian_scores",
             StageKind::Prune => "prune",
+            StageKind::Distill => "distill",
             StageKind::Evaluate => "evaluate",
         }
     }
@@ -96,10 +102,11 @@ impl StageKind {
     pub fn doc(self) -> &'static str {
         match self {
             StageKind::LoadPretrained => "reads a timm/DeiT checkpoint (.safetensors) into the model",
-            StageKind::Train => "trains the model (from scratch, or its input's) with AdamW, warm-up + cosine, label smoothing",
+            StageKind::Train => "trains the model (from scratch, or its input's) with AdamW, warm-up + cosine, DeiT augmentation, optional teacher",
             StageKind::ProfileLatency => "times one block over a grid of widths on the device; writes the latency table",
             StageKind::HessianScores => "scores every unit of every structure (Hessian-aware saliency or a baseline); writes scores.csv",
             StageKind::Prune => "prunes globally to a latency target while distilling from the dense model, then compacts",
+            StageKind::Distill => "fine-tunes the compact model against the dense one (KL at T on both heads + CE, DeiT recipe)",
             StageKind::Evaluate => "measures top-1/top-5, loss, params, FLOPs and throughput; writes results/<pipeline>/metrics.csv",
         }
     }
@@ -111,6 +118,7 @@ impl StageKind {
             StageKind::ProfileLatency => profile_latency::KEYS,
             StageKind::HessianScores => hessian_scores::KEYS,
             StageKind::Prune => prune::KEYS,
+            StageKind::Distill => train::KEYS,
             StageKind::Evaluate => evaluate::KEYS,
         }
     }
@@ -124,6 +132,7 @@ impl StageKind {
             StageKind::ProfileLatency => struct_fields::<ProfileLatencySettings>(),
             StageKind::HessianScores => struct_fields::<HessianScoresSettings>(),
             StageKind::Prune => struct_fields::<PruneSettings>(),
+            StageKind::Distill => struct_fields::<DistillSettings>(),
             StageKind::Evaluate => struct_fields::<EvaluateSettings>(),
         }
     }
@@ -140,6 +149,7 @@ impl StageKind {
             StageKind::ProfileLatency => StageSettings::ProfileLatency(Default::default()),
             StageKind::HessianScores => StageSettings::HessianScores(Default::default()),
             StageKind::Prune => StageSettings::Prune(Default::default()),
+            StageKind::Distill => StageSettings::Distill(Default::default()),
             StageKind::Evaluate => StageSettings::Evaluate(Default::default()),
         }
     }
@@ -151,6 +161,7 @@ impl StageKind {
             StageKind::ProfileLatency => StageSettings::ProfileLatency(table.extract()?),
             StageKind::HessianScores => StageSettings::HessianScores(table.extract()?),
             StageKind::Prune => StageSettings::Prune(table.extract()?),
+            StageKind::Distill => StageSettings::Distill(table.extract()?),
             StageKind::Evaluate => StageSettings::Evaluate(table.extract()?),
         })
     }
@@ -164,6 +175,7 @@ pub enum StageSettings {
     ProfileLatency(ProfileLatencySettings),
     HessianScores(HessianScoresSettings),
     Prune(PruneSettings),
+    Distill(DistillSettings),
     Evaluate(EvaluateSettings),
 }
 
@@ -176,6 +188,7 @@ impl StageSettings {
             StageSettings::ProfileLatency(s) => s.validate(),
             StageSettings::HessianScores(s) => s.validate(),
             StageSettings::Prune(s) => s.validate(),
+            StageSettings::Distill(s) => s.validate(),
             StageSettings::Evaluate(s) => s.validate(),
         }
     }
@@ -185,6 +198,8 @@ impl StageSettings {
     pub fn refs(&self) -> Vec<(&'static str, &str)> {
         match self {
             StageSettings::Prune(s) if !s.latency.is_empty() => vec![("latency", s.latency.as_str())],
+            StageSettings::Train(TrainSettings { teacher: Some(t), .. })
+            | StageSettings::Distill(DistillSettings(TrainSettings { teacher: Some(t), .. })) => vec![("teacher", t.as_str())],
             _ => vec![],
         }
     }
@@ -205,9 +220,16 @@ pub fn key_extra(spec: &StageSpec, device_name: &str) -> BTreeMap<String, String
                 extra.insert("table".into(), crate::pipeline::cache::file_identity(path));
             }
         }
-        StageSettings::Train(_) | StageSettings::HessianScores(_) | StageSettings::Prune(_) => {}
+        StageSettings::Train(_) | StageSettings::Distill(_) | StageSettings::HessianScores(_) | StageSettings::Prune(_) => {}
     }
     extra
+}
+
+/// Training augmentation beyond the dataset's crop and flip, from a stage's settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extras {
+    pub randaugment: Option<RandAugment>,
+    pub erasing: f32,
 }
 
 /// What a running stage can see.
@@ -247,9 +269,9 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
             .map(Some)
     }
 
-    /// A loader for `split` shaped for `model`: training transforms (random-resized crop,
-    /// flip) when `train`, evaluation transforms otherwise.
-    pub fn loader(&self, split: Split, model: &VitConfig, batch_size: usize, train: bool) -> Result<Loader> {
+    /// A loader for `split` shaped for `model`: the dataset's random-resized crop and flip plus
+    /// `augment`'s extras when `augment` is given, evaluation transforms otherwise.
+    pub fn loader(&self, split: Split, model: &VitConfig, batch_size: usize, augment: Option<Extras>) -> Result<Loader> {
         let data = &self.pipeline.dataset;
         let dataset = self.open(split)?;
         if dataset.num_classes() > model.num_classes {
@@ -260,10 +282,14 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
             );
         }
         let (mean, std) = data.normalization(model.in_chans);
-        let mode = if train {
-            Mode::Train { crop_scale: data.crop_scale, hflip: data.hflip }
-        } else {
-            Mode::Eval { crop_pct: data.eval_crop_pct }
+        let train = augment.is_some();
+        let mode = match augment {
+            Some(extras) => Mode::Train(TrainAugment {
+                randaugment: extras.randaugment,
+                erasing: extras.erasing,
+                ..TrainAugment::basic(data.crop_scale, data.hflip)
+            }),
+            None => Mode::Eval { crop_pct: data.eval_crop_pct },
         };
         let transform = Transform { size: model.image_size as u32, channels: model.in_chans, mean, std, mode };
         Ok(Loader::new(
@@ -290,6 +316,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>) -> Result<serde_json::Valu
         StageSettings::ProfileLatency(s) => profile_latency::run(ctx, s),
         StageSettings::HessianScores(s) => hessian_scores::run(ctx, s),
         StageSettings::Prune(s) => prune::run(ctx, s),
+        StageSettings::Distill(s) => distill::run(ctx, s),
         StageSettings::Evaluate(s) => evaluate::run(ctx, s),
     }
 }

@@ -9,18 +9,17 @@
 use anyhow::{Context, Result};
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use super::{at_least_one, non_negative, positive, KeyDoc, StageContext};
+use super::{at_least_one, non_negative, positive, Extras, KeyDoc, StageContext};
 use crate::data::Split;
 use crate::model::{checkpoint, BlockDims, Vit, VitConfig};
 use crate::pipeline::atomic_write;
 use crate::prune::saliency::{gate_gradients, rng, score};
 use crate::prune::{compact, Criterion, LatencyTable, Masks, Normalizers, ParamSet, Structure};
-use crate::train::{check_finite, classification_loss, scalar, to_tensors};
+use crate::data::mix::soft_targets;
+use crate::train::{check_finite, classification_loss, distillation_loss, scalar, targets_tensor, teacher_output, to_tensors};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -138,15 +137,6 @@ impl PruneSettings {
     }
 }
 
-/// DeiT's soft distillation: `KL(teacher || student)` at temperature `T`, times `T^2`, over
-/// the number of logits.
-fn distillation<B: Backend>(student: Tensor<B, 2>, teacher: Tensor<B, 2>, t: f64) -> Tensor<B, 1> {
-    let numel = student.dims().iter().product::<usize>() as f64;
-    let log_s = log_softmax(student.div_scalar(t), 1);
-    let log_t = log_softmax(teacher.div_scalar(t), 1);
-    (log_t.clone().exp() * (log_t - log_s)).sum().mul_scalar(t * t / numel)
-}
-
 /// The widths below which the latency reduction is no longer credited (METHOD.md section 4).
 fn at_floor(s: Structure, d: &BlockDims) -> bool {
     match s {
@@ -254,7 +244,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     let teacher: Vit<B::InnerBackend> = student.valid();
     let config = student.config.clone();
     let dense_latency = table.model_latency(&config);
-    let loader = ctx.loader(Split::Train, &config, s.batch_size, s.augment)?;
+    let loader = ctx.loader(Split::Train, &config, s.batch_size, s.augment.then(Extras::default))?;
     let mut optim = AdamWConfig::new().with_weight_decay(s.weight_decay as f32).init::<B, Vit<B>>();
     let normalizers = Normalizers::default();
     let mut random = rng(ctx.pipeline.pipeline.seed);
@@ -270,12 +260,14 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     'outer: loop {
         let before = step;
         for batch in loader.epoch(epoch) {
-            let (images, labels) = to_tensors::<B>(batch?, device);
-            let teacher_logits = Tensor::<B, 2>::from_inner(teacher.forward(images.clone().inner()).logits());
+            let batch = batch?;
+            let targets = targets_tensor::<B>(soft_targets(&batch.labels, config.num_classes, 0.0, 1.0), config.num_classes, device);
+            let (images, _) = to_tensors::<B>(batch, device);
+            let taught = teacher_output::<B>(&teacher, &images);
             let (loss, grads, sums) = gate_gradients(&student, |m| {
                 let output = m.forward(images);
-                let soft = distillation(output.logits(), teacher_logits, s.temperature).mul_scalar(s.kd_weight);
-                classification_loss(output, labels, 0.0) + soft
+                let soft = distillation_loss(&output, &taught, s.temperature).mul_scalar(s.kd_weight);
+                classification_loss(&output, targets) + soft
             });
             last_loss = scalar(loss);
             check_finite(last_loss, epoch as usize, step)?;

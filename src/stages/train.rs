@@ -1,6 +1,9 @@
 //! `train`: trains the model from scratch (for when no checkpoint exists) or continues its
-//! input's, with AdamW, linear warm-up + cosine decay, label smoothing and optional gradient
-//! clipping. It checkpoints after every epoch and resumes from there when re-run.
+//! input's, with AdamW, linear warm-up + cosine decay, label smoothing, optional gradient
+//! clipping, DeiT's augmentation (RandAugment, random erasing, Mixup/CutMix) as configured,
+//! and distillation from a `teacher` stage's model when one is named (the `distill` stage is
+//! this loop with the teacher required). It checkpoints after every epoch and resumes from
+//! there when re-run.
 
 use std::path::Path;
 use std::time::Instant;
@@ -13,11 +16,17 @@ use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use super::{at_least_one, non_negative, positive, KeyDoc, StageContext};
+use rand::SeedableRng;
+
+use super::{at_least_one, non_negative, positive, Extras, KeyDoc, StageContext};
+use crate::data::mix::Mixer;
+use crate::data::randaugment::RandAugment;
 use crate::data::Split;
 use crate::model::{checkpoint, Vit};
 use crate::pipeline::atomic_write;
-use crate::train::{check_finite, classification_loss, correct, scalar, to_tensors, Schedule};
+use crate::train::{
+    check_finite, classification_loss, correct, distillation_loss, scalar, targets_tensor, teacher_output, to_tensors, Schedule,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +41,14 @@ pub struct TrainSettings {
     pub grad_clip: Option<f64>,
     pub steps_per_epoch: Option<usize>,
     pub augment: bool,
+    pub randaugment_ops: usize,
+    pub randaugment_magnitude: f64,
+    pub random_erasing: f64,
+    pub mixup: f64,
+    pub cutmix: f64,
+    pub teacher: Option<String>,
+    pub kd_weight: f64,
+    pub temperature: f64,
 }
 
 pub const KEYS: &[KeyDoc] = &[
@@ -45,6 +62,14 @@ pub const KEYS: &[KeyDoc] = &[
     ("grad_clip", "float", "clip the gradient's global norm to this (unset: no clipping)"),
     ("steps_per_epoch", "integer", "cap on optimizer steps per epoch, for quick runs (unset: the whole split)"),
     ("augment", "bool", "random-resized crop and flips (else the evaluation transform)"),
+    ("randaugment_ops", "integer", "RandAugment operations per image (0: off); needs augment"),
+    ("randaugment_magnitude", "float", "RandAugment magnitude in [0, 10] (DeiT: 9)"),
+    ("random_erasing", "float", "probability of erasing a random rectangle of an image; needs augment"),
+    ("mixup", "float", "Mixup's Beta parameter (0: off)"),
+    ("cutmix", "float", "CutMix's Beta parameter (0: off); with mixup too, each batch picks one"),
+    ("teacher", "string", "a stage whose model the student distills from (unset: labels only)"),
+    ("kd_weight", "float", "weight of the distillation loss against the teacher"),
+    ("temperature", "float", "distillation temperature T"),
 ];
 
 impl Default for TrainSettings {
@@ -60,6 +85,14 @@ impl Default for TrainSettings {
             grad_clip: None,
             steps_per_epoch: None,
             augment: true,
+            randaugment_ops: 0,
+            randaugment_magnitude: 9.0,
+            random_erasing: 0.0,
+            mixup: 0.0,
+            cutmix: 0.0,
+            teacher: None,
+            kd_weight: 1e5,
+            temperature: 3.0,
         }
     }
 }
@@ -83,7 +116,30 @@ impl TrainSettings {
         if let Some(n) = self.steps_per_epoch {
             at_least_one(&mut p, &[("steps_per_epoch", n)]);
         }
+        if !(0.0..=10.0).contains(&self.randaugment_magnitude) {
+            p.push(("randaugment_magnitude".into(), format!("must be in [0, 10], got {}", self.randaugment_magnitude)));
+        }
+        if !(0.0..=1.0).contains(&self.random_erasing) {
+            p.push(("random_erasing".into(), format!("must be a probability in [0, 1], got {}", self.random_erasing)));
+        }
+        if !self.augment {
+            for (key, on) in [("randaugment_ops", self.randaugment_ops > 0), ("random_erasing", self.random_erasing > 0.0)] {
+                if on {
+                    p.push((key.into(), "is an image augmentation but augment = false\n  hint: set augment = true or turn it off".into()));
+                }
+            }
+        }
+        non_negative(&mut p, "mixup", self.mixup);
+        non_negative(&mut p, "cutmix", self.cutmix);
+        non_negative(&mut p, "kd_weight", self.kd_weight);
+        positive(&mut p, "temperature", self.temperature);
         p
+    }
+
+    fn extras(&self) -> Option<Extras> {
+        let randaugment = (self.randaugment_ops > 0)
+            .then_some(RandAugment { ops: self.randaugment_ops, magnitude: self.randaugment_magnitude as f32 });
+        self.augment.then_some(Extras { randaugment, erasing: self.random_erasing as f32 })
     }
 }
 
@@ -110,7 +166,25 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
         }
     };
     let config = model.config.clone();
-    let loader = ctx.loader(Split::Train, &config, s.batch_size, s.augment)?;
+    let teacher: Option<Vit<B::InnerBackend>> = match &s.teacher {
+        Some(name) => Some(
+            checkpoint::load(&checkpoint::model_dir(&ctx.stage_dir(name)?), device)
+                .with_context(|| format!("loading the model of teacher stage `{name}`"))?,
+        ),
+        None => None,
+    };
+    if let Some(t) = &teacher {
+        if t.config.num_classes != config.num_classes {
+            anyhow::bail!(
+                "teacher `{}` predicts {} classes but the model {}",
+                s.teacher.as_deref().unwrap_or_default(),
+                t.config.num_classes,
+                config.num_classes
+            );
+        }
+    }
+    let mixer = Mixer { mixup: s.mixup, cutmix: s.cutmix, label_smoothing: s.label_smoothing, classes: config.num_classes };
+    let loader = ctx.loader(Split::Train, &config, s.batch_size, s.extras())?;
     let steps_per_epoch = s.steps_per_epoch.map_or(loader.batches_per_epoch(), |c| c.min(loader.batches_per_epoch()));
     if steps_per_epoch == 0 {
         anyhow::bail!(
@@ -154,11 +228,19 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
         let (mut loss_sum, mut hits, mut seen) = (0.0, 0usize, 0usize);
         for (i, batch) in loader.epoch(epoch as u64).into_iter().take(steps_per_epoch).enumerate() {
             let step = epoch * steps_per_epoch + i;
-            let (images, labels) = to_tensors::<B>(batch?, device);
+            let mut batch = batch?;
+            // Seeded by the step, so a resumed run mixes as an uninterrupted one would.
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let targets = targets_tensor::<B>(mixer.apply(&mut batch, &mut rng), config.num_classes, device);
+            let (images, labels) = to_tensors::<B>(batch, device);
             let n = labels.dims()[0];
-            let output = model.forward(images);
+            let output = model.forward(images.clone());
             let logits = output.logits();
-            let loss = classification_loss(output, labels.clone(), s.label_smoothing);
+            let mut loss = classification_loss(&output, targets);
+            if let Some(teacher) = &teacher {
+                let taught = teacher_output::<B>(teacher, &images);
+                loss = loss + distillation_loss(&output, &taught, s.temperature).mul_scalar(s.kd_weight);
+            }
             let loss_value = scalar(loss.clone());
             check_finite(loss_value, epoch, i)?;
             let grads = GradientsParams::from_grads(loss.backward(), &model);

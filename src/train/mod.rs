@@ -1,13 +1,14 @@
 //! The pieces of a training loop that stages share: batches as tensors, the classification
-//! loss on one or both heads, the learning-rate schedule, and checks that stop a diverging run.
+//! and distillation losses on one or both heads, the learning-rate schedule, and checks that
+//! stop a diverging run.
 
 use anyhow::{bail, Result};
-use burn::nn::loss::CrossEntropyLossConfig;
-use burn::tensor::backend::Backend;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
 use crate::data::Batch;
-use crate::model::VitOutput;
+use crate::model::{Vit, VitOutput};
 
 /// A loader batch on `device`: images `[batch, channels, size, size]` and labels `[batch]`.
 pub fn to_tensors<B: Backend>(batch: Batch, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
@@ -17,15 +18,45 @@ pub fn to_tensors<B: Backend>(batch: Batch, device: &B::Device) -> (Tensor<B, 4>
     (images, labels)
 }
 
-/// Cross-entropy with label smoothing; for a distilled model without a teacher both heads
-/// learn the labels and their losses are averaged.
-pub fn classification_loss<B: Backend>(output: VitOutput<B>, labels: Tensor<B, 1, Int>, smoothing: f64) -> Tensor<B, 1> {
-    let device = labels.device();
-    let smoothing = (smoothing > 0.0).then_some(smoothing as f32);
-    let ce = CrossEntropyLossConfig::new().with_smoothing(smoothing).init(&device);
-    match output.dist {
-        Some(dist) => (ce.forward(output.cls, labels.clone()) + ce.forward(dist, labels)).div_scalar(2.0),
-        None => ce.forward(output.cls, labels),
+/// Soft targets (`data::mix::soft_targets`, or mixed by `data::mix::Mixer`) as a
+/// `[batch, classes]` tensor.
+pub fn targets_tensor<B: Backend>(targets: Vec<f32>, classes: usize, device: &B::Device) -> Tensor<B, 2> {
+    let n = targets.len() / classes;
+    crate::model::float_tensor(targets, [n, classes], device)
+}
+
+/// Cross-entropy against soft targets `[batch, classes]` (smoothed, mixed or one-hot labels),
+/// mean over the batch; a distilled model's two heads both learn them, losses averaged.
+pub fn classification_loss<B: Backend>(output: &VitOutput<B>, targets: Tensor<B, 2>) -> Tensor<B, 1> {
+    let ce = |logits: Tensor<B, 2>| (log_softmax(logits, 1) * targets.clone()).sum_dim(1).mean().neg();
+    match &output.dist {
+        Some(dist) => (ce(output.cls.clone()) + ce(dist.clone())).div_scalar(2.0),
+        None => ce(output.cls.clone()),
+    }
+}
+
+/// The teacher's output on `images`, computed without a graph, as constants of the student's.
+pub fn teacher_output<B: AutodiffBackend>(teacher: &Vit<B::InnerBackend>, images: &Tensor<B, 4>) -> VitOutput<B> {
+    let out = teacher.forward(images.clone().inner());
+    VitOutput { cls: Tensor::from_inner(out.cls), dist: out.dist.map(Tensor::from_inner) }
+}
+
+/// DeiT's soft distillation, head by head: `KL(teacher || student)` at temperature `t`, times
+/// `t^2`, over the number of logits. A distilled student's heads learn the teacher's
+/// counterparts (its class head where the teacher has only one); the two terms are averaged.
+pub fn distillation_loss<B: Backend>(student: &VitOutput<B>, teacher: &VitOutput<B>, t: f64) -> Tensor<B, 1> {
+    let kl = |s: Tensor<B, 2>, te: Tensor<B, 2>| {
+        let numel = s.dims().iter().product::<usize>() as f64;
+        let log_s = log_softmax(s.div_scalar(t), 1);
+        let log_t = log_softmax(te.div_scalar(t), 1);
+        (log_t.clone().exp() * (log_t - log_s)).sum().mul_scalar(t * t / numel)
+    };
+    match &student.dist {
+        Some(dist) => {
+            let teacher_dist = teacher.dist.clone().unwrap_or_else(|| teacher.cls.clone());
+            (kl(student.cls.clone(), teacher.cls.clone()) + kl(dist.clone(), teacher_dist)).div_scalar(2.0)
+        }
+        None => kl(student.cls.clone(), teacher.logits()),
     }
 }
 
@@ -94,6 +125,30 @@ mod tests {
         let labels = Tensor::<NdArray, 1, Int>::from_data([1, 2, 0], &device);
         assert_eq!(correct(logits.clone(), labels.clone(), 1), (1, 1));
         assert_eq!(correct(logits, labels, 2), (1, 2));
+    }
+
+    fn output(cls: [[f32; 3]; 2], dist: Option<[[f32; 3]; 2]>) -> VitOutput<NdArray> {
+        let device = Default::default();
+        VitOutput { cls: Tensor::from_data(cls, &device), dist: dist.map(|d| Tensor::from_data(d, &device)) }
+    }
+
+    #[test]
+    fn classification_loss_is_cross_entropy_averaged_over_heads() {
+        let out = output([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], Some([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]]));
+        let targets = targets_tensor::<NdArray>(crate::data::mix::soft_targets(&[0, 1], 3, 0.0, 1.0), 3, &Default::default());
+        let ce = |z: [f64; 3], y: usize| -(z[y] - z.iter().map(|v| v.exp()).sum::<f64>().ln());
+        let cls = (ce([2.0, 0.0, 0.0], 0) + ce([0.0, 1.0, 0.0], 1)) / 2.0;
+        let dist = (ce([0.0; 3], 0) + ce([0.0, 1.0, 0.0], 1)) / 2.0;
+        assert!((scalar(classification_loss(&out, targets)) - (cls + dist) / 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn distillation_is_zero_against_itself_and_matches_heads_to_heads() {
+        let a = output([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], Some([[0.0, 3.0, 0.0], [1.0, 1.0, 0.0]]));
+        assert!(scalar(distillation_loss(&a, &a, 3.0)).abs() < 1e-7);
+        // Swapping the teacher's heads makes it a different teacher.
+        let swapped = VitOutput { cls: a.dist.clone().unwrap(), dist: Some(a.cls.clone()) };
+        assert!(scalar(distillation_loss(&a, &swapped, 3.0)) > 1e-3);
     }
 
     #[test]
