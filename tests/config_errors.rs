@@ -69,8 +69,9 @@ fn stage_kinds_and_inputs_are_checked() {
     let e = errors(&format!("{OK}[stages.x]\nkind = \"trian\"\n[stages.e]\nkind = \"evaluate\"\ninput = \"trainn\"\n"), &[]);
     assert!(e.contains("p.toml: stages.x.kind: unknown stage kind `trian`; did you mean `train`?"), "{e}");
     assert!(e.contains("p.toml: stages.e.input: names no stage `trainn`; did you mean `train`?"), "{e}");
-    let e = errors(&format!("{OK}[stages.r]\nkind = \"report\"\n"), &[]);
-    assert!(e.contains("stages.r.kind: stage kind `report` is part of the method but not implemented in this version"), "{e}");
+    let e = errors(&format!("{OK}[stages.r]\nkind = \"report\"\n[stages.r2]\nkind = \"report\"\nmodels = [\"train\", \"evalute\"]\n"), &[]);
+    assert!(e.contains("p.toml: stages.r.models: is required"), "{e}");
+    assert!(e.contains("p.toml: stages.r2.models: names no stage `evalute`"), "{e}");
     let e = errors(&format!("{OK}[stages.d]\nkind = \"distill\"\nmixup = -1\n[stages.d2]\nkind = \"distill\"\nteacher = \"later\"\naugment = false\nrandom_erasing = 0.25\n[stages.later]\nkind = \"train\"\n"), &[]);
     assert!(e.contains("p.toml: stages.d.teacher: is required"), "{e}");
     assert!(e.contains("stages.d.mixup: must not be negative, got -1"), "{e}");

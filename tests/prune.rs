@@ -85,7 +85,7 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache { root: dir.path().join("cache") };
     let stages = format!(
-        "{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nlatency_target = 0.6\ninterval = 2\ngroups_per_step = 2\ngroup_emb = 4\ngroup_qk = 2\ngroup_v = 2\ngroup_mlp = 4\nbatch_size = 16\nkd_weight = 1.0\n\n[stages.distill]\nkind = \"distill\"\nteacher = \"train\"\nepochs = 2\nbatch_size = 16\nwarmup_epochs = 0\nlr = 1e-3\nrandaugment_ops = 2\nkd_weight = 10.0\n\n[stages.eval_pruned]\nkind = \"evaluate\"\nbatch_size = 32\nthroughput_batch = 8\nthroughput_repeats = 2\n"
+        "{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nlatency_target = 0.6\ninterval = 2\ngroups_per_step = 2\ngroup_emb = 4\ngroup_qk = 2\ngroup_v = 2\ngroup_mlp = 4\nbatch_size = 16\nkd_weight = 1.0\n\n[stages.distill]\nkind = \"distill\"\nteacher = \"train\"\nepochs = 2\nbatch_size = 16\nwarmup_epochs = 0\nlr = 1e-3\nrandaugment_ops = 2\nkd_weight = 10.0\n\n[stages.eval_pruned]\nkind = \"evaluate\"\nbatch_size = 32\nthroughput_batch = 8\nthroughput_repeats = 2\n\n[stages.report]\nkind = \"report\"\nmodels = [\"evaluate\", \"eval_pruned\"]\nprunes = [\"prune\"]\n"
     );
     let path = tiny_pipeline(dir.path(), &stages);
     // A table that is a known function of the widths: measured latencies of so small a block
@@ -102,6 +102,7 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
 
     let dir_of = |name: &str| cache.entry_dir(&pl.stages.iter().find(|s| s.spec.name == name).unwrap().key);
     let log = std::fs::read_to_string(dir_of("prune").join("pruning_log.csv")).unwrap();
+    assert_eq!(std::fs::read_to_string(dir.path().join("results/tiny/pruning_log_prune.csv")).unwrap(), log, "published");
     let ratios: Vec<f64> = log.lines().skip(1).map(|l| l.split(',').nth(3).unwrap().parse().unwrap()).collect();
     assert!(ratios.len() >= 2, "{log}");
     assert!(*ratios.last().unwrap() <= 0.6, "stopped at the target: {log}");
@@ -129,4 +130,23 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
 
     let csv = std::fs::read_to_string(dir.path().join("results/tiny/metrics.csv")).unwrap();
     assert!(csv.lines().any(|l| l.starts_with("distill,")), "the evaluated model is the distilled one: {csv}");
+
+    // The report: both measured models (speedup over the first) above the paper's rows, the
+    // widths of each, and the figures, all in results/tiny/.
+    let results = dir.path().join("results/tiny");
+    let mut reader = csv::Reader::from_path(results.join("table.csv")).unwrap();
+    let rows: Vec<nvit::report::table::Row> = reader.deserialize().map(Result::unwrap).collect();
+    assert_eq!(rows.iter().map(|r| (r.source.as_str(), r.model.as_str())).take(3).collect::<Vec<_>>(), [("measured", "train"), ("measured", "distill"), ("paper", "DeiT-B")]);
+    assert_eq!(rows[0].speedup, Some(1.0));
+    assert_eq!(rows[1].latency_target, Some(0.6));
+    assert_eq!(rows[1].params_m, (tuned.params() as f64 / 1e6 * 1e3).round() / 1e3);
+    assert_eq!(rows.iter().filter(|r| r.source == "paper").count(), 7);
+    let dims = std::fs::read_to_string(results.join("dims.csv")).unwrap();
+    assert_eq!(dims.lines().next().unwrap(), "model,block,embed_dim,heads,qk,v,mlp");
+    let d = &tuned.blocks[1];
+    assert!(dims.contains(&format!("\ndistill,1,{},{},{},{},{}\n", tuned.embed_dim, d.heads, d.qk, d.v, d.mlp)), "{dims}");
+    for file in ["widths.svg", "trajectory.svg", "README.md"] {
+        assert!(results.join(file).exists(), "{file}");
+    }
+    assert!(std::fs::read_to_string(results.join("README.md")).unwrap().contains("![per-block widths](widths.svg)"));
 }

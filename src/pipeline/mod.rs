@@ -15,7 +15,7 @@ use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-pub use cache::{Cache, KeyInput, Manifest};
+pub use cache::{Cache, KeyInput, Manifest, MANIFEST};
 
 use crate::config::{Pipeline, StageSpec};
 use crate::stages::{self, StageContext};
@@ -326,7 +326,7 @@ pub fn execute<B: AutodiffBackend>(
                 manifest
             }
         };
-        stages::publish(pipeline, spec, &manifest, log)?;
+        stages::publish(pipeline, spec, &dir, &manifest, log)?;
         records.push(StageRecord {
             stage: spec.name.clone(),
             kind: spec.kind.name().into(),

@@ -113,6 +113,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
         "backend": ctx.pipeline.pipeline.backend.to_string(),
         "device": ctx.device_name,
         "pipeline": ctx.pipeline.pipeline.name,
+        "image_size": config.image_size,
+        "embed_dim": config.embed_dim,
+        "blocks": config.blocks,
     }))
 }
 

@@ -8,10 +8,11 @@ mod hessian_scores;
 mod load_pretrained;
 mod profile_latency;
 mod prune;
+mod report;
 mod train;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -25,13 +26,14 @@ use crate::data::randaugment::RandAugment;
 use crate::data::transforms::{Mode, TrainAugment, Transform};
 use crate::data::{Dataset, Loader, Split};
 use crate::model::{checkpoint, Vit, VitConfig};
-use crate::pipeline::{Manifest, RunLog};
+use crate::pipeline::{atomic_write, Manifest, RunLog};
 
 pub use distill::DistillSettings;
 pub use evaluate::EvaluateSettings;
 pub use hessian_scores::HessianScoresSettings;
 pub use profile_latency::ProfileLatencySettings;
 pub use prune::PruneSettings;
+pub use report::ReportSettings;
 pub use load_pretrained::LoadPretrainedSettings;
 pub use train::TrainSettings;
 
@@ -44,17 +46,15 @@ pub enum StageKind {
     Prune,
     Distill,
     Evaluate,
+    Report,
 }
 
-/// Kinds of the method that later versions add: named so that a pipeline using one gets a
-/// precise message, not "unknown kind".
-const PLANNED: [&str; 1] = ["report"];
 
 /// A stage's own keys: `(name, type, doc)`. Defaults come from the settings' `Default`.
 pub type KeyDoc = (&'static str, &'static str, &'static str);
 
 impl StageKind {
-    pub const ALL: [StageKind; 7] = [
+    pub const ALL: [StageKind; 8] = [
         StageKind::LoadPretrained,
         StageKind::Train,
         StageKind::ProfileLatency,
@@ -62,6 +62,7 @@ impl StageKind {
         StageKind::Prune,
         StageKind::Distill,
         StageKind::Evaluate,
+        StageKind::Report,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +74,7 @@ impl StageKind {
             StageKind::Prune => "prune",
             StageKind::Distill => "distill",
             StageKind::Evaluate => "evaluate",
+            StageKind::Report => "report",
         }
     }
 
@@ -84,17 +86,9 @@ impl StageKind {
         if let Some(kind) = Self::ALL.iter().find(|k| k.name() == name) {
             return Ok(*kind);
         }
-        if PLANNED.contains(&name) {
-            return Err(format!(
-                "stage kind `{name}` is part of the method but not implemented in this version\n  hint: available kinds are {}",
-                Self::names().join(", ")
-            ));
-        }
-        let mut all = Self::names();
-        all.extend(PLANNED);
         Err(format!(
             "unknown stage kind `{name}`{}\n  hint: available kinds are {}",
-            crate::config::did_you_mean(name, &all),
+            crate::config::did_you_mean(name, &Self::names()),
             Self::names().join(", ")
         ))
     }
@@ -108,6 +102,7 @@ impl StageKind {
             StageKind::Prune => "prunes globally to a latency target while distilling from the dense model, then compacts",
             StageKind::Distill => "fine-tunes the compact model against the dense one (KL at T on both heads + CE, DeiT recipe)",
             StageKind::Evaluate => "measures top-1/top-5, loss, params, FLOPs and throughput; writes results/<pipeline>/metrics.csv",
+            StageKind::Report => "the paper's Table 1 (measured beside paper rows), per-block widths and figures in results/<pipeline>/",
         }
     }
 
@@ -120,6 +115,7 @@ impl StageKind {
             StageKind::Prune => prune::KEYS,
             StageKind::Distill => train::KEYS,
             StageKind::Evaluate => evaluate::KEYS,
+            StageKind::Report => report::KEYS,
         }
     }
 
@@ -134,12 +130,13 @@ impl StageKind {
             StageKind::Prune => struct_fields::<PruneSettings>(),
             StageKind::Distill => struct_fields::<DistillSettings>(),
             StageKind::Evaluate => struct_fields::<EvaluateSettings>(),
+            StageKind::Report => struct_fields::<ReportSettings>(),
         }
     }
 
     /// Stages that never take an input model by default.
     pub fn starts_from_nothing(self) -> bool {
-        self == StageKind::LoadPretrained
+        matches!(self, StageKind::LoadPretrained | StageKind::Report)
     }
 
     pub fn default_settings(self) -> StageSettings {
@@ -151,6 +148,7 @@ impl StageKind {
             StageKind::Prune => StageSettings::Prune(Default::default()),
             StageKind::Distill => StageSettings::Distill(Default::default()),
             StageKind::Evaluate => StageSettings::Evaluate(Default::default()),
+            StageKind::Report => StageSettings::Report(Default::default()),
         }
     }
 
@@ -163,6 +161,7 @@ impl StageKind {
             StageKind::Prune => StageSettings::Prune(table.extract()?),
             StageKind::Distill => StageSettings::Distill(table.extract()?),
             StageKind::Evaluate => StageSettings::Evaluate(table.extract()?),
+            StageKind::Report => StageSettings::Report(table.extract()?),
         })
     }
 }
@@ -177,6 +176,7 @@ pub enum StageSettings {
     Prune(PruneSettings),
     Distill(DistillSettings),
     Evaluate(EvaluateSettings),
+    Report(ReportSettings),
 }
 
 impl StageSettings {
@@ -190,6 +190,7 @@ impl StageSettings {
             StageSettings::Prune(s) => s.validate(),
             StageSettings::Distill(s) => s.validate(),
             StageSettings::Evaluate(s) => s.validate(),
+            StageSettings::Report(s) => s.validate(),
         }
     }
 
@@ -200,6 +201,7 @@ impl StageSettings {
             StageSettings::Prune(s) if !s.latency.is_empty() => vec![("latency", s.latency.as_str())],
             StageSettings::Train(TrainSettings { teacher: Some(t), .. })
             | StageSettings::Distill(DistillSettings(TrainSettings { teacher: Some(t), .. })) => vec![("teacher", t.as_str())],
+            StageSettings::Report(s) => s.refs(),
             _ => vec![],
         }
     }
@@ -220,7 +222,11 @@ pub fn key_extra(spec: &StageSpec, device_name: &str) -> BTreeMap<String, String
                 extra.insert("table".into(), crate::pipeline::cache::file_identity(path));
             }
         }
-        StageSettings::Train(_) | StageSettings::Distill(_) | StageSettings::HessianScores(_) | StageSettings::Prune(_) => {}
+        StageSettings::Train(_)
+        | StageSettings::Distill(_)
+        | StageSettings::HessianScores(_)
+        | StageSettings::Prune(_)
+        | StageSettings::Report(_) => {}
     }
     extra
 }
@@ -318,15 +324,36 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>) -> Result<serde_json::Valu
         StageSettings::Prune(s) => prune::run(ctx, s),
         StageSettings::Distill(s) => distill::run(ctx, s),
         StageSettings::Evaluate(s) => evaluate::run(ctx, s),
+        StageSettings::Report(s) => report::run(ctx, s),
     }
 }
 
 /// Writes what a completed stage (run now or cached) contributes to `results/`.
-pub fn publish(pipeline: &Pipeline, spec: &StageSpec, manifest: &Manifest, log: &RunLog) -> Result<()> {
-    if let StageSettings::Evaluate(_) = spec.settings {
-        let path = pipeline.pipeline.results_dir.join(&pipeline.pipeline.name).join("metrics.csv");
-        crate::report::upsert_metrics(&path, &manifest.metrics)?;
-        log.info(&format!("{}: {} -> {}", spec.name, evaluate::summary(&manifest.metrics), path.display()));
+pub fn publish(pipeline: &Pipeline, spec: &StageSpec, entry: &Path, manifest: &Manifest, log: &RunLog) -> Result<()> {
+    let results = pipeline.pipeline.results_dir.join(&pipeline.pipeline.name);
+    match spec.settings {
+        StageSettings::Evaluate(_) => {
+            let path = results.join("metrics.csv");
+            crate::report::upsert_metrics(&path, &manifest.metrics)?;
+            log.info(&format!("{}: {} -> {}", spec.name, evaluate::summary(&manifest.metrics), path.display()));
+        }
+        StageSettings::Prune(_) => {
+            // Named after the stage: a pipeline may prune more than once.
+            let path = results.join(format!("pruning_log_{}.csv", spec.name));
+            let log_csv = entry.join("pruning_log.csv");
+            let bytes = std::fs::read(&log_csv).with_context(|| format!("reading {}", log_csv.display()))?;
+            atomic_write(&path, &bytes)?;
+            log.info(&format!("{}: pruning trajectory -> {}", spec.name, path.display()));
+        }
+        StageSettings::Report(_) => {
+            for file in report::OUTPUTS {
+                if let Ok(bytes) = std::fs::read(entry.join(file)) {
+                    atomic_write(&results.join(file), &bytes)?;
+                }
+            }
+            log.info(&format!("{}: table, widths and figures -> {}", spec.name, results.display()));
+        }
+        _ => {}
     }
     Ok(())
 }

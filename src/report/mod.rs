@@ -1,4 +1,8 @@
-//! Results tables under `results/<pipeline>/`.
+//! What lands under `results/<pipeline>/`: `metrics.csv` (one row per evaluated model), and
+//! the report stage's Table 1, per-block widths and figures.
+
+pub mod plots;
+pub mod table;
 
 use std::path::Path;
 

@@ -1,0 +1,132 @@
+//! SVG figures: per-block widths of each model (the paper's parameter-redistribution figure)
+//! and the pruning trajectory (estimated latency and loss against step).
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use super::table::{PruneStep, Widths};
+use crate::model::BlockDims;
+
+const COLORS: [RGBColor; 6] = [BLACK, RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(255, 127, 14)];
+
+fn color(i: usize) -> RGBColor {
+    COLORS[i % COLORS.len()]
+}
+
+/// One panel: a line with markers per series, x = `xs`, a legend in the upper right.
+fn panel(
+    area: &DrawingArea<SVGBackend, Shift>,
+    title: &str,
+    x_desc: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow!("plotting `{title}`: {e}");
+    let (mut x_lo, mut x_hi, mut y_hi) = (f64::INFINITY, f64::NEG_INFINITY, 0f64);
+    for (_, points) in series {
+        for &(x, y) in points {
+            (x_lo, x_hi, y_hi) = (x_lo.min(x), x_hi.max(x), y_hi.max(y));
+        }
+    }
+    if !x_lo.is_finite() {
+        return Ok(());
+    }
+    let pad = ((x_hi - x_lo) * 0.05).max(0.5);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 16))
+        .margin(8)
+        .x_label_area_size(32)
+        .y_label_area_size(48)
+        .build_cartesian_2d(x_lo - pad..x_hi + pad, 0f64..(y_hi * 1.1).max(1e-9))
+        .map_err(|e| err(&e))?;
+    chart.configure_mesh().x_desc(x_desc).light_line_style(WHITE).draw().map_err(|e| err(&e))?;
+    for (i, (name, points)) in series.iter().enumerate() {
+        let c = color(i);
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
+        if points.len() <= 64 {
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, c.filled()))).map_err(|e| err(&e))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// Heads, total QK width, total V width and MLP width per block, one line per model.
+pub fn widths(path: &Path, models: &[Widths]) -> Result<()> {
+    let root = SVGBackend::new(path, (1000, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let panels = root.split_evenly((2, 2));
+    let per_block = |f: fn(&BlockDims) -> usize| -> Vec<(String, Vec<(f64, f64)>)> {
+        models
+            .iter()
+            .map(|w| {
+                let name = format!("{} (EMB {})", w.model, w.embed_dim);
+                (name, w.blocks.iter().enumerate().map(|(b, d)| (b as f64, f(d) as f64)).collect())
+            })
+            .collect()
+    };
+    panel(&panels[0], "heads", "block", &per_block(|d| d.heads))?;
+    panel(&panels[1], "QK width (heads x qk)", "block", &per_block(|d| d.heads * d.qk))?;
+    panel(&panels[2], "V width (heads x v)", "block", &per_block(|d| d.heads * d.v))?;
+    panel(&panels[3], "MLP width", "block", &per_block(|d| d.mlp))?;
+    root.present().map_err(|e| anyhow!("writing {}: {e}", path.display()))
+}
+
+/// Estimated latency (fraction of dense) and training loss against optimizer step.
+pub fn trajectory(path: &Path, logs: &[(String, Vec<PruneStep>)]) -> Result<()> {
+    let root = SVGBackend::new(path, (1000, 400)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let panels = root.split_evenly((1, 2));
+    let series = |f: fn(&PruneStep) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
+        logs.iter().map(|(name, steps)| (name.clone(), steps.iter().map(|s| (s.step as f64, f(s))).collect())).collect()
+    };
+    panel(&panels[0], "estimated latency / dense", "step", &series(|s| s.latency_ratio))?;
+    panel(&panels[1], "loss (CE + KD)", "step", &series(|s| s.loss))?;
+    root.present().map_err(|e| anyhow!("writing {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_are_svg_with_every_model_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = |heads, mlp| BlockDims { heads, qk: 8, v: 8, mlp };
+        let models = [
+            Widths { model: "dense".into(), embed_dim: 32, blocks: vec![d(4, 64), d(4, 64)] },
+            Widths { model: "pruned".into(), embed_dim: 24, blocks: vec![d(2, 16), d(3, 48)] },
+        ];
+        let path = dir.path().join("widths.svg");
+        widths(&path, &models).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("pruned (EMB 24)") && svg.contains("MLP width"), "{svg}");
+
+        let step = |step, latency_ratio| PruneStep {
+            step,
+            prune_step: step / 10,
+            est_latency_s: latency_ratio,
+            latency_ratio,
+            params: 1,
+            flops: 1,
+            loss: 0.5,
+            embed_dim: 32,
+            widths: String::new(),
+        };
+        let path = dir.path().join("trajectory.svg");
+        trajectory(&path, &[("prune".into(), vec![step(10, 0.9), step(20, 0.7)])]).unwrap();
+        assert!(std::fs::read_to_string(&path).unwrap().contains("estimated latency / dense"));
+    }
+}

@@ -1,0 +1,222 @@
+//! The paper's Table 1 as CSV: measured rows from `evaluate` stages beside the paper's own
+//! (METHOD.md section 7), and the per-block widths behind the parameter-redistribution figure.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::model::BlockDims;
+use crate::pipeline::atomic_write;
+
+/// One row of `table.csv`. `source` is `measured` (this repo's code, on `backend`/`device`) or
+/// `paper` (copied from the paper, V100 at batch 256; it gives no top-5 or throughput).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub source: String,
+    pub model: String,
+    pub dataset: String,
+    pub top1: f64,
+    pub top5: Option<f64>,
+    pub params_m: f64,
+    pub gflops: f64,
+    pub images_per_s: Option<f64>,
+    /// Throughput over the first (dense) model's, on the same device.
+    pub speedup: Option<f64>,
+    pub resolution: usize,
+    pub latency_target: Option<f64>,
+    pub backend: String,
+    pub device: String,
+}
+
+/// The paper's Table 1 (NViT, ImageNet-1K, 224 px, from DeiT-B distilled): model, top-1,
+/// params (M), GFLOPs, speedup on a V100 at batch 256, latency target.
+const PAPER: [(&str, f64, f64, f64, f64, Option<f64>); 7] = [
+    ("DeiT-B", 83.36, 86.0, 17.6, 1.00, None),
+    ("NViT-B", 83.29, 34.0, 6.8, 1.86, Some(0.54)),
+    ("NViT-H", 82.95, 30.0, 6.2, 2.01, Some(0.50)),
+    ("NViT-S", 82.19, 21.0, 4.2, 2.52, Some(0.39)),
+    ("NViT-T", 76.21, 6.9, 1.3, 4.97, Some(0.19)),
+    ("DeiT-S", 81.20, 22.0, 4.6, 2.44, None),
+    ("DeiT-T", 74.50, 5.6, 1.2, 5.18, None),
+];
+
+pub fn paper_rows() -> Vec<Row> {
+    PAPER
+        .iter()
+        .map(|&(model, top1, params_m, gflops, speedup, latency_target)| Row {
+            source: "paper".into(),
+            model: model.into(),
+            dataset: "imagenet-1k".into(),
+            top1,
+            top5: None,
+            params_m,
+            gflops,
+            images_per_s: None,
+            speedup: Some(speedup),
+            resolution: 224,
+            latency_target,
+            backend: String::new(),
+            device: "V100, batch 256".into(),
+        })
+        .collect()
+}
+
+/// Measured rows from `evaluate` metrics, the first being the dense baseline of `speedup`;
+/// each with the latency target its model was pruned to, if any.
+pub fn measured_rows(models: &[(serde_json::Value, Option<f64>)]) -> Result<Vec<Row>> {
+    let base = models.first().and_then(|(m, _)| m["images_per_s"].as_f64());
+    models
+        .iter()
+        .map(|(m, latency_target)| {
+            let num = |key: &str| m[key].as_f64().with_context(|| format!("the evaluate metrics have no number `{key}`"));
+            let text = |key: &str| m[key].as_str().unwrap_or_default().to_string();
+            let images_per_s = num("images_per_s")?;
+            Ok(Row {
+                source: "measured".into(),
+                model: text("model"),
+                dataset: text("dataset"),
+                top1: num("top1")?,
+                top5: m["top5"].as_f64(),
+                params_m: num("params_m")?,
+                gflops: num("gflops")?,
+                images_per_s: Some(images_per_s),
+                speedup: base.map(|b| (images_per_s / b * 100.0).round() / 100.0),
+                resolution: m["image_size"].as_u64().unwrap_or_default() as usize,
+                latency_target: *latency_target,
+                backend: text("backend"),
+                device: text("device"),
+            })
+        })
+        .collect()
+}
+
+/// Per-block widths of one model, as `dims.csv` lists them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Widths {
+    pub model: String,
+    pub embed_dim: usize,
+    pub blocks: Vec<BlockDims>,
+}
+
+impl Widths {
+    /// From `evaluate` metrics (`embed_dim` and `blocks`).
+    pub fn from_metrics(m: &serde_json::Value) -> Result<Self> {
+        let model = m["model"].as_str().unwrap_or_default().to_string();
+        let embed_dim = m["embed_dim"].as_u64().with_context(|| format!("the evaluate metrics of `{model}` have no `embed_dim`"))?;
+        let blocks = serde_json::from_value(m["blocks"].clone()).with_context(|| format!("the evaluate metrics of `{model}` have no `blocks`"))?;
+        Ok(Self { model, embed_dim: embed_dim as usize, blocks })
+    }
+}
+
+pub fn write_csv<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    for row in rows {
+        writer.serialize(row)?;
+    }
+    atomic_write(path, &writer.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)
+}
+
+/// `dims.csv`: one row per model and block; `qk` and `v` are per head.
+pub fn write_dims(path: &Path, models: &[Widths]) -> Result<()> {
+    #[derive(Serialize)]
+    struct DimsRow<'a> {
+        model: &'a str,
+        block: usize,
+        embed_dim: usize,
+        heads: usize,
+        qk: usize,
+        v: usize,
+        mlp: usize,
+    }
+    let rows: Vec<DimsRow> = models
+        .iter()
+        .flat_map(|w| {
+            w.blocks.iter().enumerate().map(|(block, d)| DimsRow {
+                model: &w.model,
+                block,
+                embed_dim: w.embed_dim,
+                heads: d.heads,
+                qk: d.qk,
+                v: d.v,
+                mlp: d.mlp,
+            })
+        })
+        .collect();
+    write_csv(path, &rows)
+}
+
+/// One line of a prune stage's `pruning_log.csv`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PruneStep {
+    pub step: usize,
+    pub prune_step: usize,
+    pub est_latency_s: f64,
+    pub latency_ratio: f64,
+    pub params: u64,
+    pub flops: u64,
+    pub loss: f64,
+    pub embed_dim: usize,
+    pub widths: String,
+}
+
+pub fn read_pruning_log(path: &Path) -> Result<Vec<PruneStep>> {
+    let mut reader = csv::Reader::from_path(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    reader
+        .deserialize()
+        .enumerate()
+        .map(|(i, r)| r.with_context(|| format!("{}: malformed row {}", path.display(), i + 2)))
+        .collect()
+}
+
+/// A Markdown rendering of the table for the generated README.
+pub fn markdown(rows: &[Row]) -> String {
+    let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_else(|| "—".into());
+    let mut s = String::from(
+        "| source | model | dataset | top-1 | top-5 | params (M) | GFLOPs | img/s | speedup | res | latency target | device |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.source,
+            r.model,
+            r.dataset,
+            r.top1,
+            opt(r.top5),
+            r.params_m,
+            r.gflops,
+            opt(r.images_per_s),
+            opt(r.speedup),
+            r.resolution,
+            opt(r.latency_target),
+            if r.backend.is_empty() { r.device.clone() } else { format!("{} {}", r.backend, r.device) }
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn speedup_is_over_the_first_model_and_paper_rows_are_marked() {
+        let m = |model: &str, ips: f64| {
+            serde_json::json!({"model": model, "dataset": "d", "top1": 80.0, "top5": 95.0, "params_m": 1.0, "gflops": 0.5,
+                "images_per_s": ips, "image_size": 28, "backend": "ndarray", "device": "cpu"})
+        };
+        let rows = measured_rows(&[(m("dense", 100.0), None), (m("pruned", 166.0), Some(0.5))]).unwrap();
+        assert_eq!(rows[0].speedup, Some(1.0));
+        assert_eq!(rows[1].speedup, Some(1.66));
+        assert_eq!(rows[1].latency_target, Some(0.5));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("table.csv");
+        let mut all = rows;
+        all.extend(paper_rows());
+        write_csv(&path, &all).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("source,model,dataset,top1,top5,params_m,gflops,images_per_s,speedup,resolution,latency_target,backend,device\n"));
+        assert!(text.contains("\npaper,NViT-B,imagenet-1k,83.29,,34.0,6.8,,1.86,224,0.54,,\"V100, batch 256\"\n"), "{text}");
+        assert!(measured_rows(&[(serde_json::json!({"model": "x"}), None)]).unwrap_err().to_string().contains("`images_per_s`"));
+    }
+}

@@ -1,0 +1,129 @@
+//! `report`: the paper's Table 1 for this pipeline. It reads the metrics of the `evaluate`
+//! stages it names (the first one is the dense baseline of the speedup column) and the
+//! trajectories of the `prune` stages it names, and writes `table.csv` (with the paper's rows
+//! beside the measured ones, marked `source = paper`), `dims.csv`, `widths.svg`,
+//! `trajectory.svg` and a `README.md` that shows them; `results/<pipeline>/` gets a copy.
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+use super::{KeyDoc, StageContext, StageSettings};
+use crate::pipeline::{atomic_write, Manifest, MANIFEST};
+use crate::report::{plots, table};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReportSettings {
+    pub models: Vec<String>,
+    pub prunes: Vec<String>,
+    pub paper: bool,
+}
+
+pub const KEYS: &[KeyDoc] = &[
+    ("models", "list of strings", "evaluate stages to tabulate; the first is the dense baseline of `speedup`"),
+    ("prunes", "list of strings", "prune stages whose trajectories are plotted"),
+    ("paper", "bool", "add the paper's Table 1 rows (ImageNet-1K, V100), marked source = paper"),
+];
+
+impl Default for ReportSettings {
+    fn default() -> Self {
+        Self { models: Vec::new(), prunes: Vec::new(), paper: true }
+    }
+}
+
+impl ReportSettings {
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.models.is_empty() {
+            p.push(("models".into(), "is required: the evaluate stages to tabulate, dense model first".into()));
+        }
+        p
+    }
+
+    pub fn refs(&self) -> Vec<(&'static str, &str)> {
+        let models = self.models.iter().map(|m| ("models", m.as_str()));
+        models.chain(self.prunes.iter().map(|p| ("prunes", p.as_str()))).collect()
+    }
+}
+
+/// Files the report writes, all copied to `results/<pipeline>/`.
+pub const OUTPUTS: [&str; 5] = ["table.csv", "dims.csv", "widths.svg", "trajectory.svg", "README.md"];
+
+pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ReportSettings) -> Result<serde_json::Value> {
+    let manifest = |name: &str, kind: &str| -> Result<Manifest> {
+        let path = ctx.stage_dir(name)?.join(MANIFEST);
+        let m: Manifest = serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
+            .with_context(|| format!("{}: not a stage manifest", path.display()))?;
+        if m.kind != kind {
+            bail!("report: `{name}` is a {} stage, but this list takes {kind} stages", m.kind);
+        }
+        Ok(m)
+    };
+    let mut evaluated = Vec::new();
+    let mut widths = Vec::new();
+    for name in &s.models {
+        let metrics = manifest(name, "evaluate")?.metrics;
+        widths.push(table::Widths::from_metrics(&metrics).with_context(|| format!("stage `{name}`: re-run it with --force {name}"))?);
+        evaluated.push((metrics, latency_target(ctx, name)));
+    }
+    let mut rows = table::measured_rows(&evaluated)?;
+    if s.paper {
+        rows.extend(table::paper_rows());
+    }
+    let mut trajectories = Vec::new();
+    for name in &s.prunes {
+        manifest(name, "prune")?;
+        trajectories.push((name.clone(), table::read_pruning_log(&ctx.stage_dir(name)?.join("pruning_log.csv"))?));
+    }
+
+    table::write_csv(&ctx.dir.join("table.csv"), &rows)?;
+    table::write_dims(&ctx.dir.join("dims.csv"), &widths)?;
+    plots::widths(&ctx.dir.join("widths.svg"), &widths)?;
+    if !trajectories.is_empty() {
+        plots::trajectory(&ctx.dir.join("trajectory.svg"), &trajectories)?;
+    }
+    atomic_write(&ctx.dir.join("README.md"), readme(ctx, &rows, &trajectories).as_bytes())?;
+    Ok(serde_json::json!({ "rows": rows.len(), "models": s.models, "prunes": s.prunes }))
+}
+
+/// The target of the first prune stage upstream of `stage` (its input, its input's, ...).
+fn latency_target<B: AutodiffBackend>(ctx: &StageContext<B>, stage: &str) -> Option<f64> {
+    let mut name = stage;
+    while let Some(spec) = ctx.pipeline.stages.iter().find(|st| st.name == name) {
+        if let StageSettings::Prune(p) = &spec.settings {
+            return Some(p.latency_target);
+        }
+        name = spec.input.as_deref()?;
+    }
+    None
+}
+
+fn readme<B: AutodiffBackend>(ctx: &StageContext<B>, rows: &[table::Row], trajectories: &[(String, Vec<table::PruneStep>)]) -> String {
+    let p = &ctx.pipeline.pipeline;
+    let mut s = format!(
+        "# {name}\n\nWritten by the `{stage}` stage of `runner run` on the pipeline `{name}` ({backend}, {device}); \
+         every `measured` row was measured by this repository's `evaluate` stage; `paper` rows are the paper's \
+         Table 1 (ImageNet-1K, V100 at batch 256), for comparison. `speedup` is throughput over the first \
+         measured row's, on the same device.\n\n{table}\n",
+        name = p.name,
+        stage = ctx.spec.name,
+        backend = p.backend,
+        device = ctx.device_name,
+        table = table::markdown(rows),
+    );
+    s.push_str("Files: [table.csv](table.csv), [dims.csv](dims.csv) (per-block widths; `qk` and `v` per head).\n\n");
+    s.push_str("## Where the widths went\n\n![per-block widths](widths.svg)\n\n");
+    if !trajectories.is_empty() {
+        s.push_str("## Pruning trajectory\n\n![estimated latency and loss against step](trajectory.svg)\n\n");
+        for (name, steps) in trajectories {
+            if let Some(last) = steps.last() {
+                s.push_str(&format!(
+                    "- `{name}`: {} pruning steps over {} optimizer steps, estimated latency {:.3} of dense, final widths (heads/qk/v/mlp per block) `{}`, EMB {}.\n",
+                    last.prune_step, last.step, last.latency_ratio, last.widths, last.embed_dim
+                ));
+            }
+        }
+    }
+    s
+}
