@@ -102,6 +102,9 @@ pub struct Pipeline {
 /// What the layers above the file contribute.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
+    /// `--with FILE`: TOML files layered over the pipeline file, in order (a smoke-test
+    /// profile, a site's paths).
+    pub with: Vec<PathBuf>,
     /// `--set key.path=value`, in order.
     pub set: Vec<String>,
     /// Whether to read `RUNNER_SECTION__KEY` variables (tests turn it off).
@@ -131,6 +134,20 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
                     stage_order.push(name.clone());
                 }
             }
+        }
+    }
+    for file in &overrides.with {
+        let doc = std::fs::read_to_string(file)
+            .map_err(|e| format!("{}: cannot read (--with): {e}", file.display()))
+            .and_then(|text| text.parse::<toml::Table>().map_err(|e| format!("{}: {e}", file.display())));
+        match doc {
+            Ok(doc) => {
+                figment = figment.merge(Toml::file_exact(file));
+                if let Some(toml::Value::Table(stages)) = doc.get("stages") {
+                    stage_order.extend(stages.keys().filter(|n| !stage_order.contains(n)).cloned().collect::<Vec<_>>());
+                }
+            }
+            Err(e) => errors.push(e),
         }
     }
     if overrides.env {
@@ -258,6 +275,11 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
         }
         for problem in stage.settings.validate() {
             let (key, message) = problem;
+            // A randomly initialized model reads no checkpoint, so its path may be absent.
+            let random = model.as_ref().is_some_and(|m| m.init == Some(crate::model::Init::Random));
+            if random && stage.kind == StageKind::LoadPretrained && key == "path" {
+                continue;
+            }
             errors.push(located(&figment, &format!("stages.{}.{key}", stage.name), &message));
         }
     }

@@ -19,6 +19,9 @@ enum Command {
     /// Run a pipeline: stages in order, each skipped when cached.
     Run {
         pipeline: PathBuf,
+        /// Layer a TOML file over the pipeline, e.g. `--with pipelines/smoke.toml` (repeatable).
+        #[arg(long = "with", value_name = "FILE")]
+        with: Vec<PathBuf>,
         /// Override a value: `--set stages.train.lr=1e-3` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -38,6 +41,8 @@ enum Command {
     /// Print the resolved configuration and where each value came from.
     Show {
         pipeline: PathBuf,
+        #[arg(long = "with", value_name = "FILE")]
+        with: Vec<PathBuf>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
@@ -113,7 +118,7 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let cache = Cache::from_env();
     match cli.command {
-        Command::Run { pipeline, mut set, backend, device, force, dry_run } => {
+        Command::Run { pipeline, with, mut set, backend, device, force, dry_run } => {
             if let Some(b) = backend {
                 let kind = match b {
                     Backend::Ndarray => BackendKind::Ndarray,
@@ -125,11 +130,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some(d) = device {
                 set.push(format!("pipeline.device={d}"));
             }
-            let overrides = Overrides { set, env: true };
+            let overrides = Overrides { with, set, env: true };
             commands::run(&RunArgs { pipeline, overrides, force, dry_run }, &cache)
         }
-        Command::Show { pipeline, set } => {
-            print!("{}", commands::show(&pipeline, &Overrides { set, env: true })?);
+        Command::Show { pipeline, with, set } => {
+            print!("{}", commands::show(&pipeline, &Overrides { with, set, env: true })?);
             Ok(())
         }
         Command::Stages => {

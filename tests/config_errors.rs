@@ -7,7 +7,7 @@ fn errors(toml: &str, set: &[&str]) -> String {
     std::fs::write(dir.path().join("base.toml"), "[stages.train]\nkind = \"train\"\n[dataset]\nkind = \"synthetic\"\n").unwrap();
     let path = dir.path().join("p.toml");
     std::fs::write(&path, toml).unwrap();
-    let overrides = Overrides { set: set.iter().map(|s| s.to_string()).collect(), env: false };
+    let overrides = Overrides { set: set.iter().map(|s| s.to_string()).collect(), env: false, with: vec![] };
     let err = load(&path, &overrides).err().expect("the pipeline should be rejected").to_string();
     err.replace(&format!("{}/", dir.path().display()), "")
 }
@@ -97,7 +97,7 @@ fn layers_override_in_order_and_say_where_values_came_from() {
     std::fs::write(dir.path().join("base.toml"), "[dataset]\nkind = \"synthetic\"\n[stages.train]\nkind = \"train\"\nlr = 0.1\nepochs = 3\n").unwrap();
     let path = dir.path().join("p.toml");
     std::fs::write(&path, "extends = \"base.toml\"\n[stages.train]\nlr = 0.2\n[stages.eval]\nkind = \"evaluate\"\n").unwrap();
-    let overrides = Overrides { set: vec!["stages.train.epochs=5".into()], env: false };
+    let overrides = Overrides { set: vec!["stages.train.epochs=5".into()], env: false, with: vec![] };
     let p = load(&path, &overrides).unwrap();
     let rows = p.provenance();
     let find = |k: &str| rows.iter().find(|r| r.0 == k).unwrap_or_else(|| panic!("{k}")).clone();
@@ -129,4 +129,32 @@ fn hessian_scores_settings_are_checked() {
     let e = errors(&format!("{OK}[stages.s]\nkind = \"hessian_scores\"\nbatches = 0\nnormalizer_head = -1.0\n"), &[]);
     assert!(e.contains("p.toml: stages.s.batches: must be at least 1"), "{e}");
     assert!(e.contains("p.toml: stages.s.normalizer_head: must be positive, got -1"), "{e}");
+}
+
+#[test]
+fn with_files_layer_over_the_pipeline_and_their_errors_name_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, "[dataset]\nkind = \"synthetic\"\n[stages.train]\nkind = \"train\"\nepochs = 3\n").unwrap();
+    let overlay = dir.path().join("smoke.toml");
+    std::fs::write(&overlay, "[stages.train]\nepochs = 1\n").unwrap();
+    let with = |files: Vec<std::path::PathBuf>, set: &[&str]| load(&path, &Overrides { with: files, set: set.iter().map(|s| s.to_string()).collect(), env: false });
+    let p = with(vec![overlay.clone()], &[]).unwrap();
+    assert_eq!(p.stages[0].settings, nvit::stages::StageSettings::Train(nvit::stages::TrainSettings { epochs: 1, ..Default::default() }));
+    let p = with(vec![overlay.clone()], &["stages.train.epochs=2"]).unwrap();
+    assert!(matches!(&p.stages[0].settings, nvit::stages::StageSettings::Train(t) if t.epochs == 2), "--set comes last");
+
+    std::fs::write(&overlay, "[stages.train]\nepohcs = 1\n").unwrap();
+    let e = with(vec![overlay.clone(), dir.path().join("nothere.toml")], &[]).err().unwrap().to_string();
+    assert!(e.contains("smoke.toml: unknown key `stages.train.epohcs`; did you mean `epochs`?"), "{e}");
+    assert!(e.contains("nothere.toml: cannot read (--with)"), "{e}");
+}
+
+#[test]
+fn random_init_needs_no_checkpoint_file() {
+    let toml = format!("{OK}[stages.load]\nkind = \"load_pretrained\"\npath = \"/no/deit.pth\"\n");
+    let e = errors(&toml, &[]);
+    assert!(e.contains("stages.load.path: `/no/deit.pth` does not exist"), "{e}");
+    let e = errors(&format!("{toml}[model]\ninit = \"random\"\n[stages.t2]\nkind = \"trian\"\n"), &[]);
+    assert!(!e.contains("stages.load.path"), "{e}");
 }

@@ -71,7 +71,7 @@ fn imported_table_is_keyed_by_its_file_and_bad_grids_are_rejected() {
     let path = tiny_pipeline(dir.path(), STAGES);
     let e = nvit::config::load(
         &path,
-        &nvit::config::Overrides { set: vec!["stages.latency.grid_qk=[8, 4]".into(), "stages.latency.table=\"/no/lat.json\"".into()], env: false },
+        &nvit::config::Overrides { set: vec!["stages.latency.grid_qk=[8, 4]".into(), "stages.latency.table=\"/no/lat.json\"".into()], env: false, with: vec![] },
     )
     .err()
     .unwrap()

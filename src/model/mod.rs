@@ -187,6 +187,17 @@ pub struct ModelSection {
     pub drop_path: Option<f64>,
     /// A `dims.json` giving every block's widths (as the prune stage writes). Default: none.
     pub dims: Option<PathBuf>,
+    /// `pretrained` (default): `load_pretrained` reads its checkpoint; `random`: it builds the
+    /// model from these keys with random weights instead, so a pipeline runs without the
+    /// checkpoint (smoke tests of the full-size graph).
+    pub init: Option<Init>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Init {
+    Pretrained,
+    Random,
 }
 
 impl ModelSection {

@@ -4,12 +4,12 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
 
 use super::{KeyDoc, StageContext};
 use crate::data::Split;
-use crate::model::checkpoint;
+use crate::model::{checkpoint, Init};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
@@ -34,7 +34,13 @@ impl LoadPretrainedSettings {
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &LoadPretrainedSettings) -> Result<serde_json::Value> {
     let classes = ctx.open(Split::Val)?.num_classes();
     let hint = ctx.pipeline.model.resolve(classes)?;
-    let model = checkpoint::load_pretrained::<B::InnerBackend>(&s.path, &hint, &ctx.device)?;
+    let model = if ctx.pipeline.model.init == Some(Init::Random) {
+        ctx.log.info(&format!("{}: model.init = random: random weights, `{}` is not read", ctx.spec.name, s.path.display()));
+        B::InnerBackend::seed(&ctx.device, ctx.pipeline.pipeline.seed);
+        hint.init::<B::InnerBackend>(&ctx.device)
+    } else {
+        checkpoint::load_pretrained::<B::InnerBackend>(&s.path, &hint, &ctx.device)?
+    };
     let c = &model.config;
     ctx.log.info(&format!(
         "{}: {} blocks, E = {}, {} classes, {:.1} M params, {:.2} GFLOPs",

@@ -269,6 +269,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
         ctx.log.info(&format!("{}: skipped {} unreadable images", ctx.spec.name, loader.skipped()));
     }
     checkpoint::save(&model.valid(), &checkpoint::model_dir(&ctx.dir))?;
+    // The optimizer's moments triple the model's size; once the final model is saved they are
+    // only worth keeping for a kill in the next instant.
+    let _ = std::fs::remove_dir_all(&ckpt);
     Ok(serde_json::json!({
         "epochs": s.epochs,
         "steps": s.epochs * steps_per_epoch,

@@ -59,7 +59,7 @@ warmup = 1
 }
 
 pub fn load(path: &Path, set: &[&str]) -> Pipeline {
-    let overrides = Overrides { set: set.iter().map(|s| s.to_string()).collect(), env: false };
+    let overrides = Overrides { set: set.iter().map(|s| s.to_string()).collect(), env: false, with: vec![] };
     nvit::config::load(path, &overrides).unwrap_or_else(|e| panic!("{e}"))
 }
 

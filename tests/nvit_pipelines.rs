@@ -1,0 +1,51 @@
+//! The paper's pipelines run end to end at full DeiT-B width, with neither ImageNet nor a
+//! checkpoint, through `--with pipelines/smoke.toml` (synthetic images, random weights, a few
+//! steps per stage): every stage of the full-size graph runs and the report is written.
+
+use std::path::Path;
+use std::process::Command;
+
+fn smoke_run(pipeline: &str, target: f64, model_id: &str) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .env("RUNNER_CACHE", dir.path().join("cache"))
+        .env_remove("RUNNER_IMAGENET")
+        .current_dir(dir.path())
+        .arg("run")
+        .arg(repo.join("pipelines").join(pipeline))
+        .arg("--with")
+        .arg(repo.join("pipelines/smoke.toml"))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{pipeline}: {log}");
+
+    let name = pipeline.trim_end_matches(".toml");
+    let results = dir.path().join("target/smoke/results").join(name);
+    let mut reader = csv::Reader::from_path(results.join("table.csv")).unwrap();
+    let rows: Vec<nvit::report::table::Row> = reader.deserialize().map(Result::unwrap).collect();
+    let measured: Vec<_> = rows.iter().filter(|r| r.source == "measured").collect();
+    assert_eq!(measured.len(), 2, "{pipeline}");
+    assert_eq!(measured[1].model, model_id);
+    assert_eq!(measured[1].latency_target, Some(target));
+    assert_eq!((measured[0].resolution, measured[0].params_m.round()), (224, 86.0), "dense DeiT-B width, 10-class head");
+    assert!(measured[1].params_m < measured[0].params_m, "pruned: {:?}", measured[1]);
+    assert!(rows.iter().any(|r| r.source == "paper" && r.model == model_id));
+    let dims = std::fs::read_to_string(results.join("dims.csv")).unwrap();
+    assert_eq!(dims.lines().filter(|l| l.starts_with(&format!("{model_id},"))).count(), 12, "{dims}");
+    assert!(results.join("widths.svg").exists() && results.join("trajectory.svg").exists());
+    let log_csv = std::fs::read_to_string(results.join("pruning_log_prune.csv")).unwrap();
+    assert_eq!(log_csv.lines().count(), 1 + 2, "two pruning steps, the smoke cap: {log_csv}");
+}
+
+/// One after another, each in its own directory removed before the next: a full-width cache
+/// entry set is a few GB.
+#[test]
+fn nvit_pipelines_run_end_to_end_at_full_width() {
+    for (pipeline, target, model_id) in
+        [("nvit-base.toml", 0.54, "NViT-B"), ("nvit-hybrid.toml", 0.50, "NViT-H"), ("nvit-small.toml", 0.39, "NViT-S"), ("nvit-tiny.toml", 0.19, "NViT-T")]
+    {
+        smoke_run(pipeline, target, model_id);
+    }
+}
