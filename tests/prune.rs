@@ -145,7 +145,7 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
     assert_eq!(dims.lines().next().unwrap(), "model,block,embed_dim,heads,qk,v,mlp");
     let d = &tuned.blocks[1];
     assert!(dims.contains(&format!("\ndistill,1,{},{},{},{},{}\n", tuned.embed_dim, d.heads, d.qk, d.v, d.mlp)), "{dims}");
-    for file in ["widths.svg", "trajectory.svg", "README.md"] {
+    for file in ["accuracy.svg", "widths.svg", "trajectory.svg", "README.md"] {
         assert!(results.join(file).exists(), "{file}");
     }
     assert!(std::fs::read_to_string(results.join("README.md")).unwrap().contains("![per-block widths](widths.svg)"));

@@ -189,7 +189,9 @@ pub struct ModelSection {
     pub dims: Option<PathBuf>,
     /// `pretrained` (default): `load_pretrained` reads its checkpoint; `random`: it builds the
     /// model from these keys with random weights instead, so a pipeline runs without the
-    /// checkpoint (smoke tests of the full-size graph).
+    /// checkpoint (smoke tests of the full-size graph). Left out of cache keys when unset, so
+    /// that models trained before it existed stay cached.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub init: Option<Init>,
 }
 

@@ -7,7 +7,7 @@ use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::table::{PruneStep, Widths};
+use super::table::{PruneStep, Row, Widths};
 use crate::model::BlockDims;
 
 const COLORS: [RGBColor; 6] = [BLACK, RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(255, 127, 14)];
@@ -84,6 +84,32 @@ pub fn widths(path: &Path, models: &[Widths]) -> Result<()> {
     root.present().map_err(|e| anyhow!("writing {}: {e}", path.display()))
 }
 
+/// Top-1 of each measured model against its measured speedup over the dense model, each point
+/// labelled: the accuracy-for-speed trade-off at a glance.
+pub fn accuracy(path: &Path, rows: &[Row]) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
+    let points: Vec<(f64, f64, &str)> = rows.iter().filter_map(|r| Some((r.speedup?, r.top1, r.model.as_str()))).collect();
+    let (lo, hi) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    let x_hi = points.iter().map(|p| p.0).fold(1.0, f64::max);
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let pad = ((hi - lo) * 0.15).max(0.5);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("top-1 against measured speedup", ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0.8f64..x_hi * 1.15, lo - pad..hi + pad)
+        .map_err(|e| err(&e))?;
+    chart.configure_mesh().x_desc("speedup over the dense model (measured)").y_desc("top-1 (%)").draw().map_err(|e| err(&e))?;
+    for (i, &(x, y, name)) in points.iter().enumerate() {
+        let c = color(i);
+        chart.draw_series([Circle::new((x, y), 4, c.filled())]).map_err(|e| err(&e))?;
+        chart.draw_series([Text::new(format!("{name} {y:.2}"), (x, y), ("sans-serif", 12).into_font().color(&c))]).map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))
+}
+
 /// Estimated latency (fraction of dense) and training loss against optimizer step.
 pub fn trajectory(path: &Path, logs: &[(String, Vec<PruneStep>)]) -> Result<()> {
     let root = SVGBackend::new(path, (1000, 400)).into_drawing_area();
@@ -128,5 +154,10 @@ mod tests {
         let path = dir.path().join("trajectory.svg");
         trajectory(&path, &[("prune".into(), vec![step(10, 0.9), step(20, 0.7)])]).unwrap();
         assert!(std::fs::read_to_string(&path).unwrap().contains("estimated latency / dense"));
+
+        let rows = crate::report::table::paper_rows();
+        let path = dir.path().join("accuracy.svg");
+        accuracy(&path, &rows).unwrap();
+        assert!(std::fs::read_to_string(&path).unwrap().contains("NViT-S 82.19"));
     }
 }

@@ -21,12 +21,22 @@ use crate::prune::{compact, Criterion, LatencyTable, Masks, Normalizers, ParamSe
 use crate::data::mix::soft_targets;
 use crate::train::{check_finite, classification_loss, distillation_loss, scalar, targets_tensor, teacher_output, to_tensors};
 
+/// How pruning is spread over the network: NViT's global ranking, or the ablation's baseline.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Allocation {
+    Global,
+    Uniform,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PruneSettings {
     pub latency: String,
     pub latency_target: f64,
     pub criterion: Criterion,
+    pub allocation: Allocation,
+    pub uniform_step: f64,
     pub interval: usize,
     pub ema: f64,
     pub eta: f64,
@@ -49,6 +59,8 @@ pub const KEYS: &[KeyDoc] = &[
     ("latency", "string", "the profile_latency stage whose table estimates latency"),
     ("latency_target", "float", "stop once the estimated latency is at most this fraction of the dense model's, in (0, 1]"),
     ("criterion", "string", "`hessian`, `taylor`, `magnitude`, `weight-fisher` or `random`"),
+    ("allocation", "string", "`global` (one ranking of all groups of the network) or `uniform` (the same fraction of every structure in every block)"),
+    ("uniform_step", "float", "with uniform allocation: the fraction of each original width removed per pruning step"),
     ("interval", "integer", "optimizer steps between pruning steps (saliencies accumulate over them)"),
     ("ema", "float", "momentum of the moving average of saliencies across intervals (0: none)"),
     ("eta", "float", "weight of the latency saved, in seconds, subtracted from each saliency"),
@@ -73,6 +85,8 @@ impl Default for PruneSettings {
             latency: String::new(),
             latency_target: 0.5,
             criterion: Criterion::Hessian,
+            allocation: Allocation::Global,
+            uniform_step: 0.05,
             interval: 100,
             ema: 0.9,
             eta: 5e-4,
@@ -106,6 +120,9 @@ impl PruneSettings {
             p.push(("ema".into(), format!("must be in [0, 1), got {}", self.ema)));
         }
         non_negative(&mut p, "eta", self.eta);
+        if !(self.uniform_step > 0.0 && self.uniform_step < 1.0) {
+            p.push(("uniform_step".into(), format!("must be in (0, 1), got {}", self.uniform_step)));
+        }
         at_least_one(
             &mut p,
             &[
@@ -232,6 +249,27 @@ fn prune_lowest(groups: &[Group], masks: &mut Masks, n: usize, emb_group: usize)
     pruned
 }
 
+/// Uniform allocation: every structure of every block keeps `keep` of its original width
+/// (at least one unit), its lowest-scored units going first. Returns the units pruned.
+fn prune_uniform(scores: &Masks, masks: &mut Masks, keep: f64, depth: usize) -> usize {
+    let mut pruned = 0;
+    for structure in Structure::ALL {
+        let blocks = if structure == Structure::Emb { 1 } else { depth };
+        for block in 0..blocks {
+            let score = scores.get(structure, block);
+            let mask = masks.get_mut(structure, block);
+            let target = ((mask.len() as f64 * keep).round() as usize).max(1);
+            let mut alive: Vec<usize> = (0..mask.len()).filter(|&u| mask[u] != 0.0).collect();
+            alive.sort_by(|&a, &b| score[a].total_cmp(&score[b]));
+            for &u in &alive[..alive.len().saturating_sub(target)] {
+                mask[u] = 0.0;
+                pruned += 1;
+            }
+        }
+    }
+    pruned
+}
+
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Result<serde_json::Value> {
     let device = &ctx.device;
     let Some(dense) = ctx.input_model::<B>(device)? else {
@@ -290,8 +328,18 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                     }
                     _ => avg,
                 };
-                let ranked = groups(s, &current, &masks, &config, &table);
-                let pruned = prune_lowest(&ranked, &mut masks, s.groups_per_step, s.group_emb);
+                let exhausted = match s.allocation {
+                    Allocation::Global => {
+                        let ranked = groups(s, &current, &masks, &config, &table);
+                        prune_lowest(&ranked, &mut masks, s.groups_per_step, s.group_emb) == 0
+                    }
+                    Allocation::Uniform => {
+                        // Rounding may leave a step with nothing to prune; only an empty keep ends it.
+                        let keep = 1.0 - (prune_step + 1) as f64 * s.uniform_step;
+                        prune_uniform(&current, &mut masks, keep.max(0.0), config.depth());
+                        keep <= 0.0
+                    }
+                };
                 smoothed = Some(current);
                 student = masks.apply(student, ParamSet::Pruned);
                 prune_step += 1;
@@ -302,8 +350,8 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                 let widths = dims.iter().map(|d| format!("{}/{}/{}/{}", d.heads, d.qk, d.v, d.mlp)).collect::<Vec<_>>().join(" ");
                 log.push_str(&format!("{step},{prune_step},{latency:e},{ratio:.5},{},{},{last_loss:.5},{e},{widths}\n", now.params(), now.flops()));
                 progress.step(&format!("latency {:.3} of dense, loss {last_loss:.4}", ratio));
-                if ratio <= s.latency_target || prune_step >= s.max_prune_steps || pruned == 0 {
-                    if pruned == 0 {
+                if ratio <= s.latency_target || prune_step >= s.max_prune_steps || exhausted {
+                    if exhausted {
                         ctx.log.info(&format!("{}: nothing left to prune above the floors", ctx.spec.name));
                     }
                     break 'outer;
@@ -345,6 +393,21 @@ mod tests {
         let grid = crate::prune::Grid { emb: vec![8, 16], heads: vec![1, 4], qk: vec![1, 8], v: vec![1, 8], mlp: vec![1, 32] };
         let values = grid.points().iter().map(|(e, d)| 1e-3 * (*e * (d.heads * (d.qk + d.v) + d.mlp)) as f64).collect();
         LatencyTable::new(grid, values).unwrap()
+    }
+
+    #[test]
+    fn uniform_allocation_keeps_the_same_fraction_everywhere_lowest_scores_first() {
+        let config = VitConfig { blocks: vec![BlockDims { heads: 4, qk: 8, v: 8, mlp: 40 }; 3], embed_dim: 20, ..VitConfig::preset("deit-tiny").unwrap() };
+        let mut scores = Masks::filled(&config, 1.0);
+        scores.get_mut(Structure::Mlp, 1)[7] = 0.0;
+        let mut masks = Masks::ones(&config);
+        prune_uniform(&scores, &mut masks, 0.75, config.depth());
+        let (e, dims) = masks.surviving_dims();
+        assert_eq!(e, 15);
+        assert!(dims.iter().all(|d| *d == BlockDims { heads: 3, qk: 6, v: 6, mlp: 30 }), "{dims:?}");
+        assert_eq!(masks.get(Structure::Mlp, 1)[7], 0.0, "the lowest-scored unit went first");
+        prune_uniform(&scores, &mut masks, 0.0, config.depth());
+        assert!(masks.surviving_dims().1.iter().all(|d| *d == BlockDims { heads: 1, qk: 1, v: 1, mlp: 1 }));
     }
 
     #[test]

@@ -48,7 +48,7 @@ impl ReportSettings {
 }
 
 /// Files the report writes, all copied to `results/<pipeline>/`.
-pub const OUTPUTS: [&str; 5] = ["table.csv", "dims.csv", "widths.svg", "trajectory.svg", "README.md"];
+pub const OUTPUTS: [&str; 6] = ["table.csv", "dims.csv", "accuracy.svg", "widths.svg", "trajectory.svg", "README.md"];
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ReportSettings) -> Result<serde_json::Value> {
     let manifest = |name: &str, kind: &str| -> Result<Manifest> {
@@ -79,6 +79,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ReportSettings) -> Res
 
     table::write_csv(&ctx.dir.join("table.csv"), &rows)?;
     table::write_dims(&ctx.dir.join("dims.csv"), &widths)?;
+    plots::accuracy(&ctx.dir.join("accuracy.svg"), &rows)?;
     plots::widths(&ctx.dir.join("widths.svg"), &widths)?;
     if !trajectories.is_empty() {
         plots::trajectory(&ctx.dir.join("trajectory.svg"), &trajectories)?;
@@ -113,6 +114,7 @@ fn readme<B: AutodiffBackend>(ctx: &StageContext<B>, rows: &[table::Row], trajec
         table = table::markdown(rows),
     );
     s.push_str("Files: [table.csv](table.csv), [dims.csv](dims.csv) (per-block widths; `qk` and `v` per head).\n\n");
+    s.push_str("![top-1 against measured speedup](accuracy.svg)\n\n");
     s.push_str("## Where the widths went\n\n![per-block widths](widths.svg)\n\n");
     if !trajectories.is_empty() {
         s.push_str("## Pruning trajectory\n\n![estimated latency and loss against step](trajectory.svg)\n\n");
