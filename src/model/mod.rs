@@ -193,6 +193,24 @@ pub struct ModelSection {
     /// that models trained before it existed stay cached.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init: Option<Init>,
+    /// The paper's ReViT rule for per-block widths (see [`redistributed`]), for training from
+    /// scratch. Default false.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redistribute: Option<bool>,
+}
+
+/// ReViT (the paper's parameter-redistribution rule): with `ε = 2` in the middle third of the
+/// blocks and 1 elsewhere, `heads = εE/100`, per-head `qk = εE/20`, per-head `v = 64` (here the
+/// base model's head width, 64 for DeiT), `mlp = 3εE`, rounded to whole units (at least one).
+pub fn redistributed(embed_dim: usize, depth: usize, head_width: usize) -> Vec<BlockDims> {
+    (0..depth)
+        .map(|b| {
+            let eps = if b >= depth / 3 && b < depth - depth / 3 { 2.0 } else { 1.0 };
+            let e = eps * embed_dim as f64;
+            let units = |x: f64| (x.round() as usize).max(1);
+            BlockDims { heads: units(e / 100.0), qk: units(e / 20.0), v: head_width, mlp: units(3.0 * e) }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -259,11 +277,33 @@ impl ModelSection {
             c.head_dim = dims.head_dim;
             c.blocks = dims.blocks;
         }
+        if self.redistribute == Some(true) {
+            c.blocks = redistributed(c.embed_dim, c.depth(), c.head_dim);
+        }
         c.drop_path = self.drop_path.unwrap_or(0.0);
         let problems = c.check();
         if !problems.is_empty() {
             anyhow::bail!("model: {}", problems.join("; "));
         }
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revit_widens_the_middle_third() {
+        let blocks = redistributed(768, 12, 64);
+        let edge = BlockDims { heads: 8, qk: 38, v: 64, mlp: 2304 };
+        let middle = BlockDims { heads: 15, qk: 77, v: 64, mlp: 4608 };
+        assert_eq!(blocks[..4], [edge; 4]);
+        assert_eq!(blocks[4..8], [middle; 4]);
+        assert_eq!(blocks[8..], [edge; 4]);
+        let section = ModelSection { redistribute: Some(true), embed_dim: Some(64), depth: Some(4), heads: Some(4), ..Default::default() };
+        let c = section.resolve(10).unwrap();
+        assert_eq!(c.blocks.iter().map(|d| d.heads).collect::<Vec<_>>(), [1, 1, 1, 1]);
+        assert_eq!(c.blocks.iter().map(|d| (d.qk, d.v, d.mlp)).collect::<Vec<_>>(), [(3, 16, 192), (6, 16, 384), (6, 16, 384), (3, 16, 192)]);
     }
 }

@@ -240,14 +240,16 @@ fn record_in_index(cache: &Cache, pipeline: &str, stage: &str, key: &str) -> Res
 
 /// One line per stage, for `--dry-run`.
 pub fn describe(plan: &Plan) -> String {
+    let width = plan.stages.iter().map(|s| s.spec.name.len()).max().unwrap_or(0).max(16);
     let mut out = String::new();
     for s in &plan.stages {
+        let (name, kind) = (&s.spec.name, s.spec.kind.name());
         match &s.status {
-            Status::Cached => out.push_str(&format!("{:<16} {:<16} cached ({})\n", s.spec.name, s.spec.kind.name(), s.key)),
+            Status::Cached => out.push_str(&format!("{name:<width$} {kind:<16} cached ({})\n", s.key)),
             Status::Run(why) => {
-                out.push_str(&format!("{:<16} {:<16} will run ({})\n", s.spec.name, s.spec.kind.name(), s.key));
+                out.push_str(&format!("{name:<width$} {kind:<16} will run ({})\n", s.key));
                 for w in why {
-                    out.push_str(&format!("{:<33}- {w}\n", ""));
+                    out.push_str(&format!("{:<indent$}- {w}\n", "", indent = width + 17));
                 }
             }
         }
