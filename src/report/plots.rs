@@ -39,13 +39,25 @@ fn panel(
         .margin(8)
         .x_label_area_size(32)
         .y_label_area_size(48)
-        .build_cartesian_2d(x_lo - pad..x_hi + pad, 0f64..(y_hi * 1.1).max(1e-9))
+        // Headroom above the data for the legend.
+        .build_cartesian_2d(x_lo - pad..x_hi + pad, 0f64..(y_hi * (1.0 + 0.12 * series.len() as f64 + 0.1)).max(1e-9))
         .map_err(|e| err(&e))?;
-    chart.configure_mesh().x_desc(x_desc).light_line_style(WHITE).draw().map_err(|e| err(&e))?;
+    let y_fmt = |y: &f64| if y_hi >= 10.0 { format!("{y:.0}") } else { format!("{y:.2}") };
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .x_labels(((x_hi - x_lo) as usize + 1).min(12))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&y_fmt)
+        .light_line_style(WHITE)
+        .draw()
+        .map_err(|e| err(&e))?;
     for (i, (name, points)) in series.iter().enumerate() {
         let c = color(i);
+        // The first series (the dense model) is drawn widest, so the others never hide it.
+        let width = if i == 0 && series.len() > 1 { 4 } else { 2 };
         chart
-            .draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(2)))
+            .draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(width)))
             .map_err(|e| err(&e))?
             .label(name.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
