@@ -130,6 +130,7 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
 
     let csv = std::fs::read_to_string(dir.path().join("results/tiny/metrics.csv")).unwrap();
     assert!(csv.lines().any(|l| l.starts_with("distill,")), "the evaluated model is the distilled one: {csv}");
+    assert!(csv.lines().skip(1).all(|l| l.ends_with(",tiny")), "rows name the pipeline that published them: {csv}");
 
     // The report: both measured models (speedup over the first) above the paper's rows, the
     // widths of each, and the figures, all in results/tiny/.

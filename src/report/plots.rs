@@ -10,7 +10,19 @@ use plotters::prelude::*;
 use super::table::{PruneStep, Row, Widths};
 use crate::model::BlockDims;
 
-const COLORS: [RGBColor; 6] = [BLACK, RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(255, 127, 14)];
+/// Black for the first (dense) model, then matplotlib's tab10.
+const COLORS: [RGBColor; 10] = [
+    BLACK,
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(23, 190, 207),
+];
 
 fn color(i: usize) -> RGBColor {
     COLORS[i % COLORS.len()]

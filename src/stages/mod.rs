@@ -334,7 +334,10 @@ pub fn publish(pipeline: &Pipeline, spec: &StageSpec, entry: &Path, manifest: &M
     match spec.settings {
         StageSettings::Evaluate(_) => {
             let path = results.join("metrics.csv");
-            crate::report::upsert_metrics(&path, &manifest.metrics)?;
+            // The entry may be shared with another pipeline that evaluated the same model.
+            let mut metrics = manifest.metrics.clone();
+            metrics["pipeline"] = serde_json::json!(pipeline.pipeline.name);
+            crate::report::upsert_metrics(&path, &metrics)?;
             log.info(&format!("{}: {} -> {}", spec.name, evaluate::summary(&manifest.metrics), path.display()));
         }
         StageSettings::Prune(_) => {
