@@ -102,11 +102,15 @@ fn latency_target<B: AutodiffBackend>(ctx: &StageContext<B>, stage: &str) -> Opt
 
 fn readme<B: AutodiffBackend>(ctx: &StageContext<B>, rows: &[table::Row], trajectories: &[(String, Vec<table::PruneStep>)]) -> String {
     let p = &ctx.pipeline.pipeline;
+    let paper = if rows.iter().any(|r| r.source == "paper") {
+        "; `paper` rows are the paper's Table 1 (ImageNet-1K, V100 at batch 256), for comparison"
+    } else {
+        ""
+    };
     let mut s = format!(
         "# {name}\n\nWritten by the `{stage}` stage of `runner run` on the pipeline `{name}` ({backend}, {device}); \
-         every `measured` row was measured by this repository's `evaluate` stage; `paper` rows are the paper's \
-         Table 1 (ImageNet-1K, V100 at batch 256), for comparison. `speedup` is throughput over the first \
-         measured row's, on the same device.\n\n{table}\n",
+         every `measured` row was measured by this repository's `evaluate` stage{paper}. `speedup` is \
+         throughput over the first measured row's, on the same device.\n\n{table}\n",
         name = p.name,
         stage = ctx.spec.name,
         backend = p.backend,
