@@ -191,16 +191,7 @@ impl VitConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Vit<B> {
         let e = self.embed_dim;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let depth = self.depth();
-        let blocks = self
-            .blocks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let rate = if depth > 1 { self.drop_path * i as f64 / (depth - 1) as f64 } else { self.drop_path };
-                Block::new(e, *d, scale, rate, device)
-            })
-            .collect();
+        let blocks = self.blocks.iter().map(|d| Block::new(e, *d, scale, 0.0, device)).collect();
         let model = Vit {
             patch_embed: Conv2dConfig::new([self.in_chans, e], [self.patch_size, self.patch_size])
                 .with_stride([self.patch_size, self.patch_size])
@@ -218,7 +209,7 @@ impl VitConfig {
         // Burn initializes parameters lazily, and a clone of an uninitialized parameter samples
         // its own values: materialize them so every clone is the same model.
         model.visit(&mut Materialize);
-        model
+        model.with_drop_path(self.drop_path)
     }
 }
 
@@ -232,10 +223,18 @@ impl<B: Backend> burn::module::ModuleVisitor<B> for Materialize {
 
 impl<B: Backend> Vit<B> {
     /// The model in evaluation mode: stochastic depth off even under autodiff.
-    pub fn without_drop_path(mut self) -> Self {
-        for b in &mut self.blocks {
-            b.drop_path = 0.0;
+    pub fn without_drop_path(self) -> Self {
+        self.with_drop_path(0.0)
+    }
+
+    /// Stochastic depth at `rate` in the last block, rising linearly from 0 in the first (as
+    /// `VitConfig::init` sets it).
+    pub fn with_drop_path(mut self, rate: f64) -> Self {
+        let depth = self.blocks.len();
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            b.drop_path = if depth > 1 { rate * i as f64 / (depth - 1) as f64 } else { rate };
         }
+        self.config.drop_path = rate;
         self
     }
 
@@ -267,6 +266,23 @@ impl<B: Backend> Vit<B> {
 mod tests {
     use super::*;
     use burn::backend::NdArray;
+
+    #[test]
+    fn drop_path_rises_linearly_to_the_last_block_and_only_under_autodiff() {
+        use burn::backend::Autodiff;
+        let config = VitConfig { drop_path: 0.3, ..VitConfig::uniform(16, 4, 3, 24, 4, 2, 2.0, 5, false) };
+        let model = config.init::<Autodiff<NdArray>>(&Default::default());
+        let rates: Vec<f64> = model.blocks.iter().map(|b| b.drop_path).collect();
+        assert!(rates.iter().zip([0.0, 0.1, 0.2, 0.3]).all(|(r, e)| (r - e).abs() < 1e-12), "{rates:?}");
+        let model = model.with_drop_path(0.6);
+        assert!((model.blocks[3].drop_path - 0.6).abs() < 1e-12 && model.config.drop_path == 0.6);
+        let x = Tensor::<Autodiff<NdArray>, 4>::random([8, 3, 16, 16], Distribution::Default, &Default::default());
+        let a = model.forward(x.clone()).logits().into_data();
+        let b = model.forward(x.clone()).logits().into_data();
+        assert_ne!(a, b, "stochastic under autodiff");
+        let eval = burn::module::AutodiffModule::valid(&model);
+        assert_eq!(eval.forward(x.clone().inner()).logits().into_data(), eval.forward(x.inner()).logits().into_data());
+    }
 
     #[test]
     fn every_parameter_of_a_new_model_is_trainable() {

@@ -46,6 +46,8 @@ pub struct TrainSettings {
     pub random_erasing: f64,
     pub mixup: f64,
     pub cutmix: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop_path: Option<f64>,
     pub teacher: Option<String>,
     pub kd_weight: f64,
     pub temperature: f64,
@@ -67,6 +69,7 @@ pub const KEYS: &[KeyDoc] = &[
     ("random_erasing", "float", "probability of erasing a random rectangle of an image; needs augment"),
     ("mixup", "float", "Mixup's Beta parameter (0: off)"),
     ("cutmix", "float", "CutMix's Beta parameter (0: off); with mixup too, each batch picks one"),
+    ("drop_path", "float", "stochastic depth rate of the last block while training (unset: the model's own)"),
     ("teacher", "string", "a stage whose model the student distills from (unset: labels only)"),
     ("kd_weight", "float", "weight of the distillation loss against the teacher"),
     ("temperature", "float", "distillation temperature T"),
@@ -90,6 +93,7 @@ impl Default for TrainSettings {
             random_erasing: 0.0,
             mixup: 0.0,
             cutmix: 0.0,
+            drop_path: None,
             teacher: None,
             kd_weight: 1e5,
             temperature: 3.0,
@@ -129,6 +133,11 @@ impl TrainSettings {
                 }
             }
         }
+        if let Some(d) = self.drop_path {
+            if !(0.0..1.0).contains(&d) {
+                p.push(("drop_path".into(), format!("must be in [0, 1), got {d}")));
+            }
+        }
         non_negative(&mut p, "mixup", self.mixup);
         non_negative(&mut p, "cutmix", self.cutmix);
         non_negative(&mut p, "kd_weight", self.kd_weight);
@@ -165,6 +174,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
             ctx.pipeline.model.resolve(classes)?.init(device)
         }
     };
+    if let Some(rate) = s.drop_path {
+        model = model.with_drop_path(rate);
+    }
     let config = model.config.clone();
     let teacher: Option<Vit<B::InnerBackend>> = match &s.teacher {
         Some(name) => Some(
