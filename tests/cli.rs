@@ -66,6 +66,32 @@ fn show_and_dry_run_explain_the_pipeline() {
     assert!(!dir.path().join("runs").exists(), "a dry run creates no run directory");
 }
 
+/// Two runners on one cache at once (as a sweep would start them): each stage is built once,
+/// the other runner waits for it and uses it, and each run gets its own run directory.
+#[test]
+fn two_runners_sharing_a_cache_build_each_stage_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let args = ["run", path.to_str().unwrap(), "--set", "stages.train.epochs=6"];
+    let children: Vec<_> = (0..2).map(|_| runner(dir.path()).args(args).stderr(std::process::Stdio::piped()).spawn().unwrap()).collect();
+    let logs: Vec<String> = children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            let log = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(out.status.success(), "{log}");
+            log
+        })
+        .collect();
+    for stage in ["train", "evaluate"] {
+        let built = logs.iter().filter(|l| l.contains(&format!("{stage}: running"))).count();
+        assert_eq!(built, 1, "{stage} built once: {logs:?}");
+        let reused = logs.iter().filter(|l| l.contains(&format!("{stage}: cached")) || l.contains(&format!("{stage}: completed by another runner"))).count();
+        assert_eq!(reused, 1, "{stage} reused by the other: {logs:?}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path().join("runs/tiny")).unwrap().count(), 2, "a run directory each");
+}
+
 /// Kill the runner once the first epoch's checkpoint exists; the next run resumes from it and
 /// the one after finishes from the cache.
 #[test]

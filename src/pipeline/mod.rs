@@ -267,13 +267,21 @@ impl RunDir {
     pub fn create(pipeline: &Pipeline) -> Result<Self> {
         let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S").to_string();
         let base = pipeline.pipeline.runs_dir.join(&pipeline.pipeline.name);
+        std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+        // `create_dir` fails on an existing directory, so two runners started in the same second
+        // get one directory each.
         let mut path = base.join(&stamp);
         let mut n = 1;
-        while path.exists() {
-            path = base.join(format!("{stamp}-{n}"));
-            n += 1;
+        loop {
+            match std::fs::create_dir(&path) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    path = base.join(format!("{stamp}-{n}"));
+                    n += 1;
+                }
+                Err(e) => return Err(e).with_context(|| format!("creating run directory {}", path.display())),
+            }
         }
-        std::fs::create_dir_all(&path).with_context(|| format!("creating run directory {}", path.display()))?;
         atomic_write(&path.join("config.toml"), pipeline.to_toml().as_bytes())?;
         let log = RunLog::open(&path.join("runner.log"))?;
         Ok(Self { path, log })
