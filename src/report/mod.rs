@@ -28,6 +28,13 @@ pub fn upsert_metrics(path: &Path, metrics: &serde_json::Value) -> Result<()> {
         v => v.to_string(),
     };
     let row: Vec<String> = METRICS_COLUMNS.iter().map(|c| cell(c)).collect();
+    // Runners sharing a results directory take turns: a read-modify-write must not lose a row.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let lock = std::fs::File::create(path.with_file_name(format!(".{name}.lock"))).with_context(|| format!("locking {}", path.display()))?;
+    fs2::FileExt::lock_exclusive(&lock).with_context(|| format!("locking {}", path.display()))?;
     let key_idx: Vec<usize> = METRICS_KEY.iter().map(|k| METRICS_COLUMNS.iter().position(|c| c == k).unwrap()).collect();
 
     let mut rows: Vec<Vec<String>> = Vec::new();
@@ -59,6 +66,19 @@ pub fn upsert_metrics(path: &Path, metrics: &serde_json::Value) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_upserts_lose_no_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.csv");
+        std::thread::scope(|s| {
+            for i in 0..8 {
+                let path = &path;
+                s.spawn(move || upsert_metrics(path, &serde_json::json!({"model": format!("m{i}"), "top1": i})).unwrap());
+            }
+        });
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1 + 8);
+    }
 
     #[test]
     fn upsert_replaces_the_row_of_the_same_model_and_device() {
