@@ -144,13 +144,11 @@ pub fn score<B: AutodiffBackend>(
     let mut out = sums.clone();
     match criterion {
         Criterion::Hessian | Criterion::Taylor => {
-            for s in Structure::ALL {
+            for (s, b) in out.slots() {
                 let c = normalizers.get(s, depth) as f32;
-                for b in 0..if s == Structure::Emb { 1 } else { depth } {
-                    for x in out.get_mut(s, b).iter_mut() {
-                        let v = *x / c;
-                        *x = if criterion == Criterion::Hessian { v * v } else { v.abs() };
-                    }
+                for x in out.get_mut(s, b).iter_mut() {
+                    let v = *x / c;
+                    *x = if criterion == Criterion::Hessian { v * v } else { v.abs() };
                 }
             }
         }
@@ -160,11 +158,9 @@ pub fn score<B: AutodiffBackend>(
             out = squared_sums(&products);
         }
         Criterion::Random => {
-            for s in Structure::ALL {
-                for b in 0..if s == Structure::Emb { 1 } else { depth } {
-                    for x in out.get_mut(s, b).iter_mut() {
-                        *x = rng.random::<f32>();
-                    }
+            for (s, b) in out.slots() {
+                for x in out.get_mut(s, b).iter_mut() {
+                    *x = rng.random::<f32>();
                 }
             }
         }

@@ -89,6 +89,15 @@ impl Masks {
         Self::filled(config, 1.0)
     }
 
+    /// Every `(structure, block)` holding units, structure by structure; EMB once, as block 0.
+    pub fn slots(&self) -> Vec<(Structure, usize)> {
+        let depth = self.blocks.len();
+        Structure::ALL
+            .into_iter()
+            .flat_map(|s| (0..if s == Structure::Emb { 1 } else { depth }).map(move |b| (s, b)))
+            .collect()
+    }
+
     /// The values of `structure` in `block` (EMB: `block` is ignored).
     pub fn get_mut(&mut self, structure: Structure, block: usize) -> &mut Vec<f32> {
         match structure {
@@ -112,24 +121,14 @@ impl Masks {
 
     /// Adds `other` unit by unit.
     pub fn add(&mut self, other: &Masks) {
-        let add = |a: &mut Vec<f32>, b: &[f32]| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-        add(&mut self.emb, &other.emb);
-        for (a, b) in self.blocks.iter_mut().zip(&other.blocks) {
-            add(&mut a.head, &b.head);
-            add(&mut a.qk, &b.qk);
-            add(&mut a.v, &b.v);
-            add(&mut a.mlp, &b.mlp);
+        for (s, b) in self.slots() {
+            self.get_mut(s, b).iter_mut().zip(other.get(s, b)).for_each(|(x, y)| *x += y);
         }
     }
 
     pub fn scale(&mut self, factor: f32) {
-        let s = |a: &mut Vec<f32>| a.iter_mut().for_each(|x| *x *= factor);
-        s(&mut self.emb);
-        for b in &mut self.blocks {
-            s(&mut b.head);
-            s(&mut b.qk);
-            s(&mut b.v);
-            s(&mut b.mlp);
+        for (s, b) in self.slots() {
+            self.get_mut(s, b).iter_mut().for_each(|x| *x *= factor);
         }
     }
 

@@ -201,26 +201,23 @@ struct Group {
 }
 
 /// Groups the alive units of every structure and block by ascending adjusted score.
-fn groups(s: &PruneSettings, scores: &Masks, masks: &Masks, config: &VitConfig, table: &LatencyTable) -> Vec<Group> {
+fn groups(s: &PruneSettings, scores: &Masks, masks: &Masks, table: &LatencyTable) -> Vec<Group> {
     let (e, dims) = masks.surviving_dims();
     let mut out = Vec::new();
-    for structure in Structure::ALL {
-        let blocks = if structure == Structure::Emb { 1 } else { config.depth() };
-        for block in 0..blocks {
-            let saved = s.eta * latency_saved(table, e, &dims, structure, block);
-            let mask = masks.get(structure, block);
-            let mut alive: Vec<(usize, f64)> = scores
-                .get(structure, block)
-                .iter()
-                .enumerate()
-                .filter(|(u, _)| mask[*u] != 0.0)
-                .map(|(u, v)| (u, *v as f64 - saved))
-                .collect();
-            alive.sort_by(|a, b| a.1.total_cmp(&b.1));
-            let size = s.group_size(structure);
-            for chunk in alive.chunks(size) {
-                out.push(Group { structure, block, units: chunk.iter().map(|u| u.0).collect(), score: chunk.iter().map(|u| u.1).sum() });
-            }
+    for (structure, block) in masks.slots() {
+        let saved = s.eta * latency_saved(table, e, &dims, structure, block);
+        let mask = masks.get(structure, block);
+        let mut alive: Vec<(usize, f64)> = scores
+            .get(structure, block)
+            .iter()
+            .enumerate()
+            .filter(|(u, _)| mask[*u] != 0.0)
+            .map(|(u, v)| (u, *v as f64 - saved))
+            .collect();
+        alive.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let size = s.group_size(structure);
+        for chunk in alive.chunks(size) {
+            out.push(Group { structure, block, units: chunk.iter().map(|u| u.0).collect(), score: chunk.iter().map(|u| u.1).sum() });
         }
     }
     out.sort_by(|a, b| a.score.total_cmp(&b.score));
@@ -250,24 +247,18 @@ fn prune_lowest(groups: &[Group], masks: &mut Masks, n: usize, emb_group: usize)
 }
 
 /// Uniform allocation: every structure of every block keeps `keep` of its original width
-/// (at least one unit), its lowest-scored units going first. Returns the units pruned.
-fn prune_uniform(scores: &Masks, masks: &mut Masks, keep: f64, depth: usize) -> usize {
-    let mut pruned = 0;
-    for structure in Structure::ALL {
-        let blocks = if structure == Structure::Emb { 1 } else { depth };
-        for block in 0..blocks {
-            let score = scores.get(structure, block);
-            let mask = masks.get_mut(structure, block);
-            let target = ((mask.len() as f64 * keep).round() as usize).max(1);
-            let mut alive: Vec<usize> = (0..mask.len()).filter(|&u| mask[u] != 0.0).collect();
-            alive.sort_by(|&a, &b| score[a].total_cmp(&score[b]));
-            for &u in &alive[..alive.len().saturating_sub(target)] {
-                mask[u] = 0.0;
-                pruned += 1;
-            }
+/// (at least one unit), its lowest-scored units going first.
+fn prune_uniform(scores: &Masks, masks: &mut Masks, keep: f64) {
+    for (structure, block) in masks.slots() {
+        let score = scores.get(structure, block);
+        let mask = masks.get_mut(structure, block);
+        let target = ((mask.len() as f64 * keep).round() as usize).max(1);
+        let mut alive: Vec<usize> = (0..mask.len()).filter(|&u| mask[u] != 0.0).collect();
+        alive.sort_by(|&a, &b| score[a].total_cmp(&score[b]));
+        for &u in &alive[..alive.len().saturating_sub(target)] {
+            mask[u] = 0.0;
         }
     }
-    pruned
 }
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Result<serde_json::Value> {
@@ -330,13 +321,13 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                 };
                 let exhausted = match s.allocation {
                     Allocation::Global => {
-                        let ranked = groups(s, &current, &masks, &config, &table);
+                        let ranked = groups(s, &current, &masks, &table);
                         prune_lowest(&ranked, &mut masks, s.groups_per_step, s.group_emb) == 0
                     }
                     Allocation::Uniform => {
                         // Rounding may leave a step with nothing to prune; only an empty keep ends it.
                         let keep = 1.0 - (prune_step + 1) as f64 * s.uniform_step;
-                        prune_uniform(&current, &mut masks, keep.max(0.0), config.depth());
+                        prune_uniform(&current, &mut masks, keep.max(0.0));
                         keep <= 0.0
                     }
                 };
@@ -401,12 +392,12 @@ mod tests {
         let mut scores = Masks::filled(&config, 1.0);
         scores.get_mut(Structure::Mlp, 1)[7] = 0.0;
         let mut masks = Masks::ones(&config);
-        prune_uniform(&scores, &mut masks, 0.75, config.depth());
+        prune_uniform(&scores, &mut masks, 0.75);
         let (e, dims) = masks.surviving_dims();
         assert_eq!(e, 15);
         assert!(dims.iter().all(|d| *d == BlockDims { heads: 3, qk: 6, v: 6, mlp: 30 }), "{dims:?}");
         assert_eq!(masks.get(Structure::Mlp, 1)[7], 0.0, "the lowest-scored unit went first");
-        prune_uniform(&scores, &mut masks, 0.0, config.depth());
+        prune_uniform(&scores, &mut masks, 0.0);
         assert!(masks.surviving_dims().1.iter().all(|d| *d == BlockDims { heads: 1, qk: 1, v: 1, mlp: 1 }));
     }
 
@@ -417,7 +408,7 @@ mod tests {
         let mut masks = Masks::ones(&c);
         let scores = Masks::filled(&c, 0.0);
         for _ in 0..200 {
-            let g = groups(&s, &scores, &masks, &c, &table());
+            let g = groups(&s, &scores, &masks, &table());
             prune_lowest(&g, &mut masks, 3, s.group_emb);
         }
         // Groups are pruned whole, so exactly one group of each structure stays.
@@ -437,7 +428,7 @@ mod tests {
             scores.get_mut(Structure::Mlp, 1)[u] = 0.01;
         }
         let mut masks = Masks::ones(&c);
-        let g = groups(&s, &scores, &masks, &c, &table());
+        let g = groups(&s, &scores, &masks, &table());
         assert_eq!((g[0].structure, g[0].block), (Structure::Mlp, 1));
         assert_eq!(g[0].units, [3, 9, 17, 30]);
         prune_lowest(&g, &mut masks, 1, s.group_emb);
