@@ -84,6 +84,15 @@ pub struct StageSpec {
     pub settings: StageSettings,
 }
 
+impl StageSpec {
+    /// Every stage this one reads, as `(key, stage name)`: its `input`, then the stages its
+    /// settings reference. They must come before it, and their cache keys are part of its own.
+    pub fn upstream(&self) -> Vec<(&'static str, &str)> {
+        let input = self.input.as_deref().map(|i| ("input", i));
+        input.into_iter().chain(self.settings.refs()).collect()
+    }
+}
+
 /// A pipeline after layering and validation: everything a run needs to know.
 #[derive(Debug, Clone, Serialize)]
 pub struct Pipeline {
@@ -245,39 +254,27 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
     }
 
     let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+    // A randomly initialized model reads no checkpoint, so its path may be absent.
+    let random_init = model.as_ref().is_some_and(|m| m.init == Some(crate::model::Init::Random));
     for stage in &stages {
-        if let Some(input) = &stage.input {
-            let position = names.iter().position(|n| n == input);
-            let own = names.iter().position(|n| *n == stage.name);
-            match position {
-                None => errors.push(located(
-                    &figment,
-                    &format!("stages.{}.input", stage.name),
-                    &format!("names no stage `{input}`{}", did_you_mean(input, &names)),
-                )),
-                Some(p) if Some(p) >= own => errors.push(located(
-                    &figment,
-                    &format!("stages.{}.input", stage.name),
-                    &format!("names `{input}`, which does not come before it; stages run in file order"),
-                )),
-                _ => {}
-            }
-        }
-        for (key, name) in stage.settings.refs() {
+        let own = names.iter().position(|n| *n == stage.name);
+        for (key, name) in stage.upstream() {
+            let expected = StageSettings::referenced_kind(key);
             let message = match names.iter().position(|n| *n == name) {
                 None => format!("names no stage `{name}`{}", did_you_mean(name, &names)),
-                Some(p) if p >= names.iter().position(|n| *n == stage.name).unwrap_or(0) => {
-                    format!("names `{name}`, which does not come before it; stages run in file order")
-                }
+                Some(p) if Some(p) >= own => format!("names `{name}`, which does not come before it; stages run in file order"),
+                Some(p) if expected.is_some_and(|k| k != stages[p].kind) => format!(
+                    "names `{name}`, a {} stage; it takes {} stages",
+                    stages[p].kind.name(),
+                    expected.map_or("", |k| k.name())
+                ),
                 Some(_) => continue,
             };
             errors.push(located(&figment, &format!("stages.{}.{key}", stage.name), &message));
         }
         for problem in stage.settings.validate() {
             let (key, message) = problem;
-            // A randomly initialized model reads no checkpoint, so its path may be absent.
-            let random = model.as_ref().is_some_and(|m| m.init == Some(crate::model::Init::Random));
-            if random && stage.kind == StageKind::LoadPretrained && key == "path" {
+            if random_init && stage.kind == StageKind::LoadPretrained && key == "path" {
                 continue;
             }
             errors.push(located(&figment, &format!("stages.{}.{key}", stage.name), &message));

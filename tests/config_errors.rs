@@ -72,6 +72,10 @@ fn stage_kinds_and_inputs_are_checked() {
     let e = errors(&format!("{OK}[stages.r]\nkind = \"report\"\n[stages.r2]\nkind = \"report\"\nmodels = [\"train\", \"evalute\"]\n"), &[]);
     assert!(e.contains("p.toml: stages.r.models: is required"), "{e}");
     assert!(e.contains("p.toml: stages.r2.models: names no stage `evalute`"), "{e}");
+    let e = errors(&format!("{OK}[stages.p]\nkind = \"prune\"\nlatency = \"train\"\n[stages.r]\nkind = \"report\"\nmodels = [\"p\"]\nprunes = [\"p\"]\n"), &[]);
+    assert!(e.contains("p.toml: stages.p.latency: names `train`, a train stage; it takes profile_latency stages"), "{e}");
+    assert!(e.contains("p.toml: stages.r.models: names `p`, a prune stage; it takes evaluate stages"), "{e}");
+    assert!(!e.contains("stages.r.prunes"), "{e}");
     let e = errors(&format!("{OK}[stages.d]\nkind = \"distill\"\nmixup = -1\n[stages.d2]\nkind = \"distill\"\nteacher = \"later\"\naugment = false\nrandom_erasing = 0.25\n[stages.later]\nkind = \"train\"\n"), &[]);
     assert!(e.contains("p.toml: stages.d.teacher: is required"), "{e}");
     assert!(e.contains("stages.d.mixup: must not be negative, got -1"), "{e}");

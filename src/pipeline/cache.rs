@@ -114,6 +114,15 @@ pub struct Manifest {
     pub metrics: serde_json::Value,
 }
 
+impl Manifest {
+    /// The manifest in an entry directory.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{}: not a stage manifest", path.display()))
+    }
+}
+
 pub struct Cache {
     pub root: PathBuf,
 }
@@ -139,7 +148,7 @@ impl Cache {
     /// The manifest of a complete entry; `None` when absent, unreadable or missing a file.
     pub fn complete(&self, key: &str) -> Option<Manifest> {
         let dir = self.entry_dir(key);
-        let manifest: Manifest = serde_json::from_slice(&std::fs::read(dir.join(MANIFEST)).ok()?).ok()?;
+        let manifest = Manifest::read(&dir).ok()?;
         manifest.files.iter().all(|(f, _)| dir.join(f).exists()).then_some(manifest)
     }
 

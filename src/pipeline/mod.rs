@@ -167,13 +167,7 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &
     let mut stages = Vec::new();
     let mut upstream_runs: HashSet<String> = HashSet::new();
     for spec in &pipeline.stages {
-        let inputs: Vec<(String, String)> = spec
-            .input
-            .iter()
-            .map(String::as_str)
-            .chain(spec.settings.refs().into_iter().map(|(_, name)| name))
-            .map(|i| (i.to_string(), keys[i].clone()))
-            .collect();
+        let inputs: Vec<(String, String)> = spec.upstream().into_iter().map(|(_, i)| (i.to_string(), keys[i].clone())).collect();
         let key_input = KeyInput {
             version: env!("CARGO_PKG_VERSION").into(),
             kind: spec.kind.name().into(),

@@ -194,8 +194,18 @@ impl StageSettings {
         }
     }
 
-    /// Stages whose artifacts this one reads besides its input, as `(key, stage name)`: they
-    /// must come before it, and their cache keys are part of its own.
+    /// The one kind of stage a reference `key` may name, where only one makes sense.
+    pub fn referenced_kind(key: &str) -> Option<StageKind> {
+        match key {
+            "latency" => Some(StageKind::ProfileLatency),
+            "models" => Some(StageKind::Evaluate),
+            "prunes" => Some(StageKind::Prune),
+            _ => None,
+        }
+    }
+
+    /// Stages whose artifacts this one reads besides its input, as `(key, stage name)`; see
+    /// [`StageSpec::upstream`].
     pub fn refs(&self) -> Vec<(&'static str, &str)> {
         match self {
             StageSettings::Prune(s) if !s.latency.is_empty() => vec![("latency", s.latency.as_str())],
@@ -269,10 +279,14 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
 
     /// The input stage's model, or `None` when the stage has no input.
     pub fn input_model<BB: Backend>(&self, device: &BB::Device) -> Result<Option<Vit<BB>>> {
-        let Some((name, dir)) = &self.input else { return Ok(None) };
-        checkpoint::load(&checkpoint::model_dir(dir), device)
-            .with_context(|| format!("loading the model of input stage `{name}`"))
-            .map(Some)
+        let Some((name, _)) = &self.input else { return Ok(None) };
+        self.stage_model(name, device).map(Some)
+    }
+
+    /// The model written by `name`, a stage this one reads.
+    pub fn stage_model<BB: Backend>(&self, name: &str, device: &BB::Device) -> Result<Vit<BB>> {
+        checkpoint::load(&checkpoint::model_dir(&self.stage_dir(name)?), device)
+            .with_context(|| format!("loading the model of stage `{name}`"))
     }
 
     /// A loader for `split` shaped for `model`: the dataset's random-resized crop and flip plus

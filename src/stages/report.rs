@@ -4,12 +4,12 @@
 //! beside the measured ones, marked `source = paper`), `dims.csv`, `widths.svg`,
 //! `trajectory.svg` and a `README.md` that shows them; `results/<pipeline>/` gets a copy.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use super::{KeyDoc, StageContext, StageSettings};
-use crate::pipeline::{atomic_write, Manifest, MANIFEST};
+use crate::pipeline::{atomic_write, Manifest};
 use crate::report::{plots, table};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -51,19 +51,10 @@ impl ReportSettings {
 pub const OUTPUTS: [&str; 6] = ["table.csv", "dims.csv", "accuracy.svg", "widths.svg", "trajectory.svg", "README.md"];
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ReportSettings) -> Result<serde_json::Value> {
-    let manifest = |name: &str, kind: &str| -> Result<Manifest> {
-        let path = ctx.stage_dir(name)?.join(MANIFEST);
-        let m: Manifest = serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
-            .with_context(|| format!("{}: not a stage manifest", path.display()))?;
-        if m.kind != kind {
-            bail!("report: `{name}` is a {} stage, but this list takes {kind} stages", m.kind);
-        }
-        Ok(m)
-    };
     let mut evaluated = Vec::new();
     let mut widths = Vec::new();
     for name in &s.models {
-        let metrics = manifest(name, "evaluate")?.metrics;
+        let metrics = Manifest::read(&ctx.stage_dir(name)?)?.metrics;
         widths.push(table::Widths::from_metrics(&metrics).with_context(|| format!("stage `{name}`: re-run it with --force {name}"))?);
         evaluated.push((metrics, latency_target(ctx, name)));
     }
@@ -73,7 +64,6 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ReportSettings) -> Res
     }
     let mut trajectories = Vec::new();
     for name in &s.prunes {
-        manifest(name, "prune")?;
         trajectories.push((name.clone(), table::read_pruning_log(&ctx.stage_dir(name)?.join("pruning_log.csv"))?));
     }
 

@@ -178,13 +178,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
         model = model.with_drop_path(rate);
     }
     let config = model.config.clone();
-    let teacher: Option<Vit<B::InnerBackend>> = match &s.teacher {
-        Some(name) => Some(
-            checkpoint::load(&checkpoint::model_dir(&ctx.stage_dir(name)?), device)
-                .with_context(|| format!("loading the model of teacher stage `{name}`"))?,
-        ),
-        None => None,
-    };
+    let teacher: Option<Vit<B::InnerBackend>> = s.teacher.as_deref().map(|name| ctx.stage_model(name, device)).transpose()?;
     if let Some(t) = &teacher {
         if t.config.num_classes != config.num_classes {
             anyhow::bail!(
