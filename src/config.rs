@@ -606,7 +606,13 @@ fn extract_or_push<'de, T: Deserialize<'de>>(
     figment
         .extract_inner::<T>(section)
         .map_err(|e| {
-            let message = format_figment_error(&e);
+            // figment appends the section to the error's path; it belongs in front.
+            let message = format_errors(e.into_iter().map(|mut e| {
+                if e.path.last().is_some_and(|last| last == section) {
+                    e.path.rotate_right(1);
+                }
+                e
+            }));
             if !message.is_empty() {
                 errors.push(message);
             }
@@ -615,8 +621,11 @@ fn extract_or_push<'de, T: Deserialize<'de>>(
 }
 
 fn format_figment_error(e: &figment::Error) -> String {
-    e.clone()
-        .into_iter()
+    format_errors(e.clone().into_iter())
+}
+
+fn format_errors(errors: impl Iterator<Item = figment::Error>) -> String {
+    errors
         .filter(|e| !matches!(e.kind, figment::error::Kind::UnknownField(..)))
         .map(|e| {
             let origin = e.metadata.as_ref().map(describe_source).unwrap_or_else(|| "pipeline".into());

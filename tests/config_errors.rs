@@ -162,3 +162,19 @@ fn random_init_needs_no_checkpoint_file() {
     let e = errors(&format!("{toml}[model]\ninit = \"random\"\n[stages.t2]\nkind = \"trian\"\n"), &[]);
     assert!(!e.contains("stages.load.path"), "{e}");
 }
+
+#[test]
+fn new_training_and_pruning_options_are_checked() {
+    let e = errors(
+        &format!("{OK}[stages.train]\ndrop_path = 1.5\nrandaugment_magnitude = 12\ntemperature = 0\n[stages.p]\nkind = \"prune\"\nlatency = \"train\"\nuniform_step = 1.0\n"),
+        &[],
+    );
+    assert!(e.contains("p.toml: stages.train.drop_path: must be in [0, 1), got 1.5"), "{e}");
+    assert!(e.contains("p.toml: stages.train.randaugment_magnitude: must be in [0, 10], got 12"), "{e}");
+    assert!(e.contains("p.toml: stages.train.temperature: must be positive, got 0"), "{e}");
+    assert!(e.contains("p.toml: stages.p.uniform_step: must be in (0, 1), got 1"), "{e}");
+    let e = errors(&format!("{OK}[stages.p]\nkind = \"prune\"\nlatency = \"train\"\nallocation = \"uniformm\"\n[model]\ninit = \"randm\"\n"), &[]);
+    assert!(e.contains("p.toml: stages.p.allocation: unknown variant: found `uniformm`"), "{e}");
+    // A section's path comes first, as the user wrote it (figment appends it).
+    assert!(e.contains("p.toml: model.init: unknown variant: found `randm`"), "{e}");
+}
