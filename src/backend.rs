@@ -1,5 +1,5 @@
 //! The one place where a concrete Burn backend is chosen. Everything else is generic over
-//! `B: AutodiffBackend` and receives its device from here.
+//! `B: AutodiffBackend` and receives its devices from here.
 
 use anyhow::{bail, Result};
 use burn::backend::Autodiff;
@@ -7,24 +7,39 @@ use burn::tensor::backend::AutodiffBackend;
 
 use crate::config::BackendKind;
 
-/// Work to run on whichever backend the pipeline names.
+/// Work to run on whichever backend the pipeline names, on `devices` (at least one; the first
+/// holds the model).
 pub trait BackendJob {
     type Output;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output>;
 }
 
-pub fn dispatch<J: BackendJob>(kind: BackendKind, index: usize, job: J) -> Result<J::Output> {
+pub fn dispatch<J: BackendJob>(kind: BackendKind, indices: &[usize], job: J) -> Result<J::Output> {
+    if indices.is_empty() {
+        bail!("pipeline.devices is empty");
+    }
     match kind {
         BackendKind::Ndarray => {
-            if index != 0 {
-                bail!("pipeline.device = {index}: the ndarray backend has one device, 0");
+            if let Some(i) = indices.iter().find(|&&i| i != 0) {
+                bail!(
+                    "pipeline.devices names {i}: the ndarray backend has one device, 0\n  hint: repeat it (devices = [0, 0]) to split each batch into shards on the CPU"
+                );
             }
-            job.run::<Autodiff<burn::backend::NdArray<f32>>>(burn::backend::ndarray::NdArrayDevice::Cpu)
+            let devices = vec![burn::backend::ndarray::NdArrayDevice::Cpu; indices.len()];
+            job.run::<Autodiff<burn::backend::NdArray<f32>>>(devices)
         }
         #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => job.run::<Autodiff<burn::backend::Wgpu>>(burn::backend::wgpu::WgpuDevice::DiscreteGpu(index)),
+        BackendKind::Wgpu => {
+            use burn::backend::wgpu::WgpuDevice;
+            // Device 0 is wgpu's pick of the best adapter: a discrete GPU where there is one,
+            // else an integrated, virtual or CPU one (lavapipe, in CI).
+            let device = |i: usize| if i == 0 { WgpuDevice::DefaultDevice } else { WgpuDevice::DiscreteGpu(i) };
+            job.run::<Autodiff<burn::backend::Wgpu>>(indices.iter().map(|&i| device(i)).collect())
+        }
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => job.run::<Autodiff<burn::backend::Cuda>>(burn::backend::cuda::CudaDevice::new(index)),
+        BackendKind::Cuda => {
+            job.run::<Autodiff<burn::backend::Cuda>>(indices.iter().map(|&i| burn::backend::cuda::CudaDevice::new(i)).collect())
+        }
         #[allow(unreachable_patterns)]
         other => bail!(
             "backend `{other}` is not compiled into this runner\n  hint: build it with `cargo build --release --features {other}`"
@@ -32,8 +47,9 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, index: usize, job: J) -> Resul
     }
 }
 
-/// A name for the device, for cache keys and results tables: throughput measured on one
-/// device is never taken for another's.
+/// A name for the device, for cache keys and results tables: throughput measured on one kind
+/// of device is never taken for another's, and is shared by identical ones (a latency table
+/// profiled on GPU 0 serves a sweep point on GPU 3 of the same model).
 pub fn device_name(kind: BackendKind, index: usize) -> String {
     match kind {
         BackendKind::Ndarray => {
@@ -44,6 +60,19 @@ pub fn device_name(kind: BackendKind, index: usize) -> String {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             format!("cpu {model} x{cores}")
         }
+        BackendKind::Cuda => nvidia_gpu_name(index).map_or_else(|| format!("cuda:{index}"), |name| format!("cuda {name}")),
         other => format!("{other}:{index}"),
     }
+}
+
+/// The model name of visible CUDA device `index` (`NVIDIA H100 80GB HBM3`), from nvidia-smi,
+/// which numbers all GPUs whatever `CUDA_VISIBLE_DEVICES` hides.
+fn nvidia_gpu_name(index: usize) -> Option<String> {
+    let physical = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').nth(index)?.trim().parse::<usize>().ok()?,
+        _ => index,
+    };
+    let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=name", "--format=csv,noheader"]).output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    text.lines().nth(physical).map(|l| l.trim().to_string()).filter(|l| !l.is_empty())
 }

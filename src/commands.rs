@@ -26,7 +26,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline> {
 pub fn run(args: &RunArgs, cache: &Cache) -> Result<()> {
     let pipeline = load(&args.pipeline, &args.overrides)?;
     let p = &pipeline.pipeline;
-    let device_name = backend::device_name(p.backend, p.device);
+    let device_name = backend::device_name(p.backend, p.devices[0]);
     let plan = pipeline::plan(&pipeline, cache, &args.force, &device_name)?;
     if args.dry_run {
         print!("{}", pipeline::describe(&plan));
@@ -44,7 +44,7 @@ pub fn run(args: &RunArgs, cache: &Cache) -> Result<()> {
         run_dir.log.info(line);
     }
     let job = Execute { pipeline: &pipeline, plan: &plan, cache, device_name: &device_name, run_dir: &run_dir.path, log: &run_dir.log };
-    backend::dispatch(p.backend, p.device, job)?;
+    backend::dispatch(p.backend, &p.devices, job)?;
     run_dir.log.info(&format!("finished; results in {}", p.results_dir.join(&p.name).display()));
     Ok(())
 }
@@ -60,8 +60,8 @@ struct Execute<'a> {
 
 impl BackendJob for Execute<'_> {
     type Output = Vec<pipeline::StageRecord>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output> {
-        pipeline::execute::<B>(self.pipeline, self.plan, self.cache, &device, self.device_name, Some(self.run_dir), self.log)
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output> {
+        pipeline::execute::<B>(self.pipeline, self.plan, self.cache, &devices, self.device_name, Some(self.run_dir), self.log)
     }
 }
 
@@ -102,7 +102,6 @@ pub fn stages() -> String {
             out.push_str(&format!("  {key:<20} {ty:<8} default {default:<10} {doc}\n"));
         }
     }
-    out.push_str("\nnot implemented in this version: prune, distill, report\n");
     out
 }
 
@@ -134,7 +133,7 @@ pub fn cache_gc(cache: &Cache, dir: &Path) -> Result<String> {
             continue;
         }
         let plan = load(entry.path(), &Overrides::default()).and_then(|p| {
-            let name = backend::device_name(p.pipeline.backend, p.pipeline.device);
+            let name = backend::device_name(p.pipeline.backend, p.pipeline.devices[0]);
             pipeline::plan(&p, cache, &[], &name).map(|plan| (p, plan))
         });
         match plan {

@@ -33,8 +33,10 @@ pub struct PipelineSection {
     pub name: String,
     /// Burn backend: `ndarray` (CPU), `wgpu` or `cuda`. Default `ndarray`.
     pub backend: BackendKind,
-    /// Device index on the backend. Default 0.
-    pub device: usize,
+    /// Device indices on the backend. Default `[0]`. More than one trains data-parallel: each
+    /// device takes a shard of every batch and the gradients are averaged before the step. The
+    /// first device holds the model and takes the measurements (latency, throughput).
+    pub devices: Vec<usize>,
     /// Seed for initialization, shuffling and augmentation. Default 42.
     pub seed: u64,
     /// Where CSV results go. Default `results`.
@@ -48,7 +50,7 @@ impl Default for PipelineSection {
         Self {
             name: String::new(),
             backend: BackendKind::Ndarray,
-            device: 0,
+            devices: vec![0],
             seed: 42,
             results_dir: "results".into(),
             runs_dir: "runs".into(),
@@ -278,6 +280,11 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
                 continue;
             }
             errors.push(located(&figment, &format!("stages.{}.{key}", stage.name), &message));
+        }
+    }
+    if let Some(p) = &pipeline {
+        if p.devices.is_empty() {
+            errors.push(located(&figment, "pipeline.devices", "is empty: give at least one device index, e.g. [0]"));
         }
     }
     if let Some(dataset) = &dataset {

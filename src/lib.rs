@@ -14,4 +14,5 @@ pub mod pipeline;
 pub mod prune;
 pub mod report;
 pub mod stages;
+pub mod sweep;
 pub mod train;

@@ -28,15 +28,33 @@ enum Command {
         /// Backend: ndarray, wgpu or cuda (same as --set pipeline.backend=...).
         #[arg(long, value_enum)]
         backend: Option<Backend>,
-        /// Device index (same as --set pipeline.device=N).
-        #[arg(long)]
-        device: Option<usize>,
+        /// Device indices, e.g. `--devices 0,1` to train data-parallel on two GPUs (same as
+        /// --set pipeline.devices=[0,1]).
+        #[arg(long, value_delimiter = ',')]
+        devices: Option<Vec<usize>>,
         /// Re-run this stage even if cached (repeatable; `all` for every stage).
         #[arg(long, value_name = "STAGE|all")]
         force: Vec<String>,
         /// Print, per stage, whether it is cached or will run and why; run nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Run a sweep: a base pipeline over a grid of `--set` values, one worker per device, the
+    /// stage cache shared; writes one combined table (see pipelines/sweeps/).
+    Sweep {
+        sweep: PathBuf,
+        /// Run only the I-th of N shares of the points (1-based), e.g. a Slurm array task's.
+        #[arg(long, value_name = "I/N")]
+        shard: Option<String>,
+        /// Device indices for the local workers, overriding the sweep file's `devices`.
+        #[arg(long, value_delimiter = ',')]
+        devices: Option<Vec<usize>>,
+        /// Print the points, what each would run, and the workers; run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print an sbatch array script that runs the sweep's shards on a Slurm cluster.
+        #[arg(long, conflicts_with_all = ["shard", "dry_run"])]
+        emit_slurm: bool,
     },
     /// Print the resolved configuration and where each value came from.
     Show {
@@ -118,7 +136,7 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let cache = Cache::from_env();
     match cli.command {
-        Command::Run { pipeline, with, mut set, backend, device, force, dry_run } => {
+        Command::Run { pipeline, with, mut set, backend, devices, force, dry_run } => {
             if let Some(b) = backend {
                 let kind = match b {
                     Backend::Ndarray => BackendKind::Ndarray,
@@ -127,11 +145,22 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 };
                 set.push(format!("pipeline.backend={kind}"));
             }
-            if let Some(d) = device {
-                set.push(format!("pipeline.device={d}"));
+            if let Some(d) = devices {
+                set.push(format!("pipeline.devices={d:?}"));
             }
             let overrides = Overrides { with, set, env: true };
             commands::run(&RunArgs { pipeline, overrides, force, dry_run }, &cache)
+        }
+        Command::Sweep { sweep, shard, devices, dry_run, emit_slurm } => {
+            let runner = std::env::current_exe()?;
+            if emit_slurm {
+                print!("{}", nvit::sweep::slurm_script(&sweep, &runner, &cache)?);
+                return Ok(());
+            }
+            let shard = shard.as_deref().map(nvit::sweep::parse_shard).transpose()?;
+            let args = nvit::sweep::SweepArgs { sweep, shard, devices, dry_run, runner };
+            print!("{}", nvit::sweep::run(&args, &cache)?);
+            Ok(())
         }
         Command::Show { pipeline, with, set } => {
             print!("{}", commands::show(&pipeline, &Overrides { with, set, env: true })?);

@@ -299,7 +299,7 @@ pub fn execute<B: AutodiffBackend>(
     pipeline: &Pipeline,
     plan: &Plan,
     cache: &Cache,
-    device: &B::Device,
+    devices: &[B::Device],
     device_name: &str,
     run_dir: Option<&Path>,
     log: &RunLog,
@@ -324,7 +324,7 @@ pub fn execute<B: AutodiffBackend>(
                 if planned.forced {
                     cache.invalidate(&planned.key)?;
                 }
-                let manifest = run_stage::<B>(pipeline, planned, cache, device, device_name, log)
+                let manifest = run_stage::<B>(pipeline, planned, cache, devices, device_name, log)
                     .with_context(|| format!("stage `{}` ({}) failed", spec.name, spec.kind.name()))?;
                 record_in_index(cache, &pipeline.pipeline.name, &spec.name, &planned.key)?;
                 manifest
@@ -349,7 +349,7 @@ fn run_stage<B: AutodiffBackend>(
     pipeline: &Pipeline,
     planned: &PlannedStage,
     cache: &Cache,
-    device: &B::Device,
+    devices: &[B::Device],
     device_name: &str,
     log: &RunLog,
 ) -> Result<Manifest> {
@@ -366,7 +366,7 @@ fn run_stage<B: AutodiffBackend>(
     let stages: Vec<(String, PathBuf)> = planned.key_input.inputs.iter().map(|(name, key)| (name.clone(), cache.entry_dir(key))).collect();
     let input = spec.input.as_ref().map(|name| stages.iter().find(|(n, _)| n == name).cloned().expect("the input is planned"));
     let start = Instant::now();
-    let ctx = StageContext::<B> { pipeline, spec, dir: dir.clone(), input, stages, device: device.clone(), device_name, log };
+    let ctx = StageContext::<B> { pipeline, spec, dir: dir.clone(), input, stages, device: devices[0].clone(), devices: devices.to_vec(), device_name, log };
     let metrics = stages::run(&ctx)?;
     let seconds = start.elapsed().as_secs_f64();
     let mut files = Vec::new();

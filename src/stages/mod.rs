@@ -8,7 +8,7 @@ mod hessian_scores;
 mod load_pretrained;
 mod profile_latency;
 mod prune;
-mod report;
+pub mod report;
 mod train;
 
 use std::collections::BTreeMap;
@@ -258,7 +258,10 @@ pub struct StageContext<'a, B: AutodiffBackend> {
     pub input: Option<(String, PathBuf)>,
     /// Every stage this one reads (input and references), with its entry directory.
     pub stages: Vec<(String, PathBuf)>,
+    /// Where the model lives and measurements are taken: `devices[0]`.
     pub device: B::Device,
+    /// Every device of the run; training stages split each batch across them.
+    pub devices: Vec<B::Device>,
     pub device_name: &'a str,
     pub log: &'a RunLog,
 }

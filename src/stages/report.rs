@@ -9,6 +9,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use super::{KeyDoc, StageContext, StageSettings};
+use crate::config::Pipeline;
 use crate::pipeline::{atomic_write, Manifest};
 use crate::report::{plots, table};
 
@@ -56,7 +57,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ReportSettings) -> Res
     for name in &s.models {
         let metrics = Manifest::read(&ctx.stage_dir(name)?)?.metrics;
         widths.push(table::Widths::from_metrics(&metrics).with_context(|| format!("stage `{name}`: re-run it with --force {name}"))?);
-        evaluated.push((metrics, latency_target(ctx, name)));
+        evaluated.push((metrics, latency_target(ctx.pipeline, name)));
     }
     let mut rows = table::measured_rows(&evaluated)?;
     if s.paper {
@@ -79,9 +80,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ReportSettings) -> Res
 }
 
 /// The target of the first prune stage upstream of `stage` (its input, its input's, ...).
-fn latency_target<B: AutodiffBackend>(ctx: &StageContext<B>, stage: &str) -> Option<f64> {
+pub fn latency_target(pipeline: &Pipeline, stage: &str) -> Option<f64> {
     let mut name = stage;
-    while let Some(spec) = ctx.pipeline.stages.iter().find(|st| st.name == name) {
+    while let Some(spec) = pipeline.stages.iter().find(|st| st.name == name) {
         if let StageSettings::Prune(p) = &spec.settings {
             return Some(p.latency_target);
         }

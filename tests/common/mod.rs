@@ -68,7 +68,9 @@ pub fn plan(p: &Pipeline, cache: &Cache) -> Plan {
 }
 
 pub fn execute(p: &Pipeline, plan: &Plan, cache: &Cache) -> Vec<StageRecord> {
-    pipeline::execute::<B>(p, plan, cache, &Default::default(), "test-cpu", None, &RunLog::silent()).unwrap()
+    // `devices = [0, 0]` runs data-parallel over two CPU shards, as the runner would.
+    let devices = vec![Default::default(); p.pipeline.devices.len()];
+    pipeline::execute::<B>(p, plan, cache, &devices, "test-cpu", None, &RunLog::silent()).unwrap()
 }
 
 /// `(stage, "cached" | "run")` for each planned stage.

@@ -1,0 +1,496 @@
+//! `runner sweep`: one base pipeline, a grid of `--set` values, every point run as its own
+//! `runner run` process. Points share the stage cache, so the stages they have in common (load,
+//! latency profile, the dense model's scores) run once; the cache's per-entry lock makes that
+//! safe for workers on one machine and for Slurm array tasks on a shared filesystem alike.
+//!
+//! ```toml
+//! pipeline = "../nvit-base.toml"       # relative to this file
+//! with = ["../smoke.toml"]             # optional, as `runner run --with`
+//! devices = [0, 1, 2, 3]               # local workers: one per `devices_per_point` devices
+//!
+//! [set]                                # fixed overrides for every point
+//! "stages.distill.epochs" = 100
+//!
+//! [grid]                               # one point per combination, first key slowest
+//! "stages.prune.latency_target" = [0.54, 0.50, 0.39, 0.19]
+//!
+//! [slurm]                              # for `--emit-slurm`
+//! time = "72:00:00"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::backend;
+use crate::config::{self, Overrides, Pipeline};
+use crate::pipeline::{self, atomic_write, Cache, Manifest, RunLog};
+use crate::report::{plots, table};
+use crate::stages::StageKind;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepFile {
+    /// The base pipeline, relative to the sweep file.
+    pub pipeline: PathBuf,
+    /// Files layered over the base pipeline (`--with`), relative to the sweep file.
+    #[serde(default)]
+    pub with: Vec<PathBuf>,
+    /// Name of the sweep: names `results/<name>/` and `runs/sweeps/<name>/`. Default: file stem.
+    pub name: Option<String>,
+    /// Device indices for local workers. Default `[0]`.
+    #[serde(default = "default_devices")]
+    pub devices: Vec<usize>,
+    /// Devices each point trains on (data parallel). Default 1.
+    #[serde(default = "one")]
+    pub devices_per_point: usize,
+    /// Overrides applied to every point.
+    #[serde(default)]
+    pub set: toml::Table,
+    /// Key path -> list of values.
+    pub grid: toml::Table,
+    #[serde(default)]
+    pub slurm: SlurmSection,
+}
+
+fn default_devices() -> Vec<usize> {
+    vec![0]
+}
+
+fn one() -> usize {
+    1
+}
+
+/// `#SBATCH` settings of `--emit-slurm`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmSection {
+    /// Array tasks; each runs every `shards`-th point. Default: one per point.
+    pub shards: Option<usize>,
+    pub time: String,
+    pub cpus_per_task: usize,
+    pub mem: String,
+    pub partition: Option<String>,
+    /// Further `#SBATCH` options, verbatim (`--account=...`, `--constraint=...`).
+    #[serde(default)]
+    pub extra: Vec<String>,
+}
+
+impl Default for SlurmSection {
+    fn default() -> Self {
+        Self { shards: None, time: "24:00:00".into(), cpus_per_task: 16, mem: "64G".into(), partition: None, extra: Vec::new() }
+    }
+}
+
+/// One combination of grid values.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Point {
+    /// Names `results/<sweep>/<point>/` and the point's pipeline: `latency_target-0.54`.
+    pub name: String,
+    pub values: Vec<(String, toml::Value)>,
+}
+
+/// A parsed sweep file with its points.
+#[derive(Debug, Clone)]
+pub struct Sweep {
+    pub path: PathBuf,
+    pub name: String,
+    pub file: SweepFile,
+    pub points: Vec<Point>,
+}
+
+impl Sweep {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the sweep file", path.display()))?;
+        let mut file: SweepFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let dir = path.parent().unwrap_or(Path::new(""));
+        file.pipeline = dir.join(&file.pipeline);
+        file.with = file.with.iter().map(|w| dir.join(w)).collect();
+        let name = file.name.clone().unwrap_or_else(|| path.file_stem().map_or("sweep".into(), |s| s.to_string_lossy().into_owned()));
+        if file.devices.is_empty() || file.devices_per_point == 0 || file.devices.len() % file.devices_per_point != 0 {
+            bail!(
+                "{}: devices = {:?} cannot be split into workers of devices_per_point = {}",
+                path.display(),
+                file.devices,
+                file.devices_per_point
+            );
+        }
+        let points = expand(&file.grid).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(Self { path: path.to_path_buf(), name, file, points })
+    }
+
+    /// Where every point's results go: `<results_dir>/<sweep>/`, beside the combined table.
+    fn results_root(&self, base: &Pipeline) -> PathBuf {
+        base.pipeline.results_dir.join(&self.name)
+    }
+
+    /// `runner run` overrides for one point on `devices`.
+    pub fn overrides(&self, point: &Point, devices: &[usize], results_root: &Path) -> Overrides {
+        let mut set: Vec<String> = self.file.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        set.extend(point.values.iter().map(|(k, v)| format!("{k}={v}")));
+        set.push(format!("pipeline.name={}", toml::Value::from(point.name.clone())));
+        set.push(format!("pipeline.results_dir={}", toml::Value::from(results_root.display().to_string())));
+        set.push(format!("pipeline.devices={devices:?}"));
+        Overrides { with: self.file.with.clone(), set, env: true }
+    }
+
+    /// The base pipeline as the sweep file layers it, without any point's values.
+    fn base(&self) -> Result<Pipeline> {
+        let set = self.file.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        Ok(config::load(&self.file.pipeline, &Overrides { with: self.file.with.clone(), set, env: true })?)
+    }
+
+    /// Every point's resolved pipeline; all errors, of all points, before anything runs.
+    pub fn check(&self) -> Result<Vec<Pipeline>> {
+        let base = self.base()?;
+        let root = self.results_root(&base);
+        let mut pipelines = Vec::new();
+        let mut errors = Vec::new();
+        for point in &self.points {
+            match config::load(&self.file.pipeline, &self.overrides(point, &self.file.devices[..self.file.devices_per_point], &root)) {
+                Ok(p) => pipelines.push(p),
+                Err(e) => errors.push(format!("point `{}`:\n{e}", point.name)),
+            }
+        }
+        if !errors.is_empty() {
+            bail!("{}: {}", self.path.display(), errors.join("\n"));
+        }
+        Ok(pipelines)
+    }
+}
+
+/// The cartesian product of the grid, first key varying slowest.
+pub fn expand(grid: &toml::Table) -> Result<Vec<Point>, String> {
+    if grid.is_empty() {
+        return Err("[grid] is empty: give at least one key with a list of values".into());
+    }
+    let mut axes: Vec<(&String, &Vec<toml::Value>)> = Vec::new();
+    for (key, values) in grid {
+        match values {
+            toml::Value::Array(v) if !v.is_empty() => axes.push((key, v)),
+            _ => return Err(format!("grid.\"{key}\": expected a non-empty list of values, e.g. [0.5, 0.3]")),
+        }
+    }
+    // The last component names a point unless two keys share it.
+    let leaf = |key: &str| key.rsplit('.').next().unwrap_or(key).to_string();
+    let ambiguous = axes.iter().any(|(a, _)| axes.iter().filter(|(b, _)| leaf(a) == leaf(b)).count() > 1);
+    let label = |key: &str| if ambiguous { key.replace('.', "-") } else { leaf(key) };
+    let mut points = vec![Vec::new()];
+    for (key, values) in &axes {
+        points = points
+            .into_iter()
+            .flat_map(|prefix: Vec<(String, toml::Value)>| {
+                values.iter().map(move |v| {
+                    let mut p = prefix.clone();
+                    p.push(((*key).clone(), v.clone()));
+                    p
+                })
+            })
+            .collect();
+    }
+    Ok(points
+        .into_iter()
+        .map(|values| {
+            let name = values
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        toml::Value::String(s) => s.clone(),
+                        v => v.to_string(),
+                    };
+                    let v: String = v.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+                    format!("{}-{v}", label(k))
+                })
+                .collect::<Vec<_>>()
+                .join("_");
+            Point { name, values }
+        })
+        .collect())
+}
+
+/// `--shard I/N`: the I-th (1-based) of N interleaved shares of the points.
+pub fn parse_shard(text: &str) -> Result<(usize, usize)> {
+    let parsed = text.split_once('/').and_then(|(i, n)| Some((i.trim().parse::<usize>().ok()?, n.trim().parse::<usize>().ok()?)));
+    match parsed {
+        Some((i, n)) if i >= 1 && i <= n => Ok((i, n)),
+        _ => bail!("--shard {text}: expected I/N with 1 <= I <= N, e.g. --shard 2/4 (Slurm: --shard $SLURM_ARRAY_TASK_ID/N)"),
+    }
+}
+
+pub struct SweepArgs {
+    pub sweep: PathBuf,
+    pub shard: Option<(usize, usize)>,
+    /// Overrides the sweep file's `devices` (an array task sees its GPUs as 0..n).
+    pub devices: Option<Vec<usize>>,
+    pub dry_run: bool,
+    /// The `runner` executable each point runs in.
+    pub runner: PathBuf,
+}
+
+/// Runs the sweep's points (or one shard of them) on local workers, then rewrites the
+/// combined table from every point that has finished, whoever ran it.
+pub fn run(args: &SweepArgs, cache: &Cache) -> Result<String> {
+    let mut sweep = Sweep::read(&args.sweep)?;
+    if let Some(devices) = &args.devices {
+        sweep.file.devices = devices.clone();
+    }
+    let pipelines = sweep.check()?;
+    let base = sweep.base()?;
+    let root = sweep.results_root(&base);
+    let mine: Vec<usize> = (0..sweep.points.len()).filter(|i| args.shard.is_none_or(|(s, n)| i % n == s - 1)).collect();
+    let workers: Vec<Vec<usize>> = sweep.file.devices.chunks(sweep.file.devices_per_point).map(<[usize]>::to_vec).collect();
+    if args.dry_run {
+        let mut out = format!("sweep {} over {} ({} points):\n", sweep.name, sweep.file.pipeline.display(), sweep.points.len());
+        for (i, point) in sweep.points.iter().enumerate() {
+            let mark = if mine.contains(&i) { "run " } else { "skip" };
+            let p = &pipelines[i];
+            let device_name = backend::device_name(p.pipeline.backend, p.pipeline.devices[0]);
+            let plan = pipeline::plan(p, cache, &[], &device_name)?;
+            let to_run: Vec<&str> = plan.stages.iter().filter(|s| s.status != pipeline::Status::Cached).map(|s| s.spec.name.as_str()).collect();
+            out.push_str(&format!("  {mark} {:<32} stages to run: {}\n", point.name, if to_run.is_empty() { "none".into() } else { to_run.join(" ") }));
+        }
+        out.push_str(&format!("workers: {workers:?}\n"));
+        return Ok(out);
+    }
+
+    let log_dir = base.pipeline.runs_dir.join("sweeps").join(&sweep.name);
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let log = RunLog::open(&log_dir.join("sweep.log"))?;
+    log.info(&format!(
+        "sweep {}: {} of {} points on {} worker(s) {workers:?}; per-point output in {}",
+        sweep.name,
+        mine.len(),
+        sweep.points.len(),
+        workers.len(),
+        log_dir.display()
+    ));
+    let next = AtomicUsize::new(0);
+    let failed = Mutex::new(Vec::new());
+    let progress = Mutex::new(log.progress("sweep", mine.len() as u64));
+    std::thread::scope(|s| {
+        for devices in &workers {
+            let (sweep, mine, next, failed, progress, log_dir, root) = (&sweep, &mine, &next, &failed, &progress, &log_dir, &root);
+            s.spawn(move || loop {
+                let Some(&i) = mine.get(next.fetch_add(1, Ordering::SeqCst)) else { break };
+                let point = &sweep.points[i];
+                let out = log_dir.join(format!("{}.log", point.name));
+                progress.lock().unwrap().println(&format!("{}: started on devices {devices:?}", point.name));
+                let start = Instant::now();
+                let result = run_point(&args.runner, sweep, point, devices, root, &out);
+                let mut bar = progress.lock().unwrap();
+                match result {
+                    Ok(()) => bar.println(&format!("{}: done in {:.0} s", point.name, start.elapsed().as_secs_f64())),
+                    Err(e) => {
+                        bar.println(&format!("{}: FAILED: {e:#}; see {}", point.name, out.display()));
+                        failed.lock().unwrap().push(point.name.clone());
+                    }
+                }
+                bar.step(&point.name);
+            });
+        }
+    });
+    progress.into_inner().unwrap().finish();
+    let summary = write_combined(&sweep, &pipelines, &root, cache)?;
+    log.info(&summary);
+    let failed = failed.into_inner().unwrap();
+    if !failed.is_empty() {
+        bail!("{} of {} points failed: {}; their output is in {}", failed.len(), mine.len(), failed.join(", "), log_dir.display());
+    }
+    Ok(summary + "\n")
+}
+
+fn run_point(runner: &Path, sweep: &Sweep, point: &Point, devices: &[usize], root: &Path, out: &Path) -> Result<()> {
+    let overrides = sweep.overrides(point, devices, root);
+    let log = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut cmd = Command::new(runner);
+    cmd.arg("run").arg(&sweep.file.pipeline);
+    for w in &overrides.with {
+        cmd.arg("--with").arg(w);
+    }
+    for s in &overrides.set {
+        cmd.arg("--set").arg(s);
+    }
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .with_context(|| format!("starting {}", runner.display()))?;
+    if !status.success() {
+        bail!("`runner run` exited with {status}");
+    }
+    Ok(())
+}
+
+/// One row of `sweep.csv`: a point's grid values and one of its evaluated models.
+#[derive(Serialize)]
+struct SweepRow<'a> {
+    point: &'a str,
+    #[serde(flatten)]
+    row: &'a table::Row,
+}
+
+/// `results/<sweep>/sweep.csv` (every finished point's evaluated models, the grid values as
+/// columns), `accuracy.svg` and a README; read from the cache, so a shard that finishes last
+/// writes the table of all shards. Returns a one-line summary.
+fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Cache) -> Result<String> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let lock = std::fs::File::create(root.join(".sweep.lock"))?;
+    fs2::FileExt::lock_exclusive(&lock).with_context(|| format!("locking {}", root.display()))?;
+    let mut lines: Vec<(String, table::Row)> = Vec::new();
+    let mut finished = 0;
+    for (point, p) in sweep.points.iter().zip(pipelines) {
+        let device_name = backend::device_name(p.pipeline.backend, p.pipeline.devices[0]);
+        let plan = pipeline::plan(p, cache, &[], &device_name)?;
+        let mut evaluated = Vec::new();
+        for s in plan.stages.iter().filter(|s| s.spec.kind == StageKind::Evaluate) {
+            if let Some(dir) = cache.complete(&s.key).map(|_| cache.entry_dir(&s.key)) {
+                evaluated.push((Manifest::read(&dir)?.metrics, crate::stages::report::latency_target(p, &s.spec.name)));
+            }
+        }
+        if evaluated.len() == plan.stages.iter().filter(|s| s.spec.kind == StageKind::Evaluate).count() && !evaluated.is_empty() {
+            finished += 1;
+        }
+        lines.extend(table::measured_rows(&evaluated)?.into_iter().map(|r| (point.name.clone(), r)));
+    }
+    let keys: Vec<&String> = sweep.file.grid.keys().collect();
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let mut header = vec!["point".to_string()];
+    header.extend(keys.iter().map(|k| k.to_string()));
+    header.extend(table_columns());
+    w.write_record(&header)?;
+    for (name, row) in &lines {
+        let point = sweep.points.iter().find(|p| &p.name == name).expect("a point of the sweep");
+        let mut record = vec![name.clone()];
+        record.extend(point.values.iter().map(|(_, v)| v.to_string()));
+        let json = serde_json::to_value(SweepRow { point: name, row })?;
+        record.extend(table_columns().iter().map(|c| match &json[c] {
+            serde_json::Value::Null => String::new(),
+            serde_json::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        }));
+        w.write_record(&record)?;
+    }
+    atomic_write(&root.join("sweep.csv"), &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    // One point per pruned model, and the dense baseline once (every point shares it).
+    let mut plotted: Vec<table::Row> = Vec::new();
+    for (name, row) in &lines {
+        let mut row = row.clone();
+        if !plotted.iter().any(|r| r.top1 == row.top1 && r.params_m == row.params_m) {
+            if row.speedup != Some(1.0) {
+                row.model = name.clone();
+            }
+            plotted.push(row);
+        }
+    }
+    if !plotted.is_empty() {
+        plots::accuracy(&root.join("accuracy.svg"), &plotted)?;
+    }
+    let readme = format!(
+        "# sweep {}\n\nWritten by `runner sweep {}`: {} points over `{}`, {finished} finished. Every row was measured by this \
+         repository's `evaluate` stage (backend and device in each row); `speedup` is throughput over the point's first \
+         evaluated model.\n\n{}\n![top-1 against measured speedup](accuracy.svg)\n",
+        sweep.name,
+        sweep.path.display(),
+        sweep.points.len(),
+        sweep.file.pipeline.display(),
+        table::markdown(&lines.iter().map(|(n, r)| table::Row { model: format!("{n} {}", r.model), ..r.clone() }).collect::<Vec<_>>()),
+    );
+    atomic_write(&root.join("README.md"), readme.as_bytes())?;
+    Ok(format!(
+        "sweep {}: {finished} of {} points finished; table in {}",
+        sweep.name,
+        sweep.points.len(),
+        root.join("sweep.csv").display()
+    ))
+}
+
+fn table_columns() -> Vec<String> {
+    ["model", "dataset", "top1", "top5", "params_m", "gflops", "images_per_s", "speedup", "resolution", "latency_target", "backend", "device"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// `--emit-slurm`: an sbatch array script, one task per shard, each running its shard of the
+/// points with `runner sweep --shard`. Paths are absolute so the script runs from anywhere.
+pub fn slurm_script(sweep_path: &Path, runner: &Path, cache: &Cache) -> Result<String> {
+    let sweep = Sweep::read(sweep_path)?;
+    sweep.check()?;
+    let s = &sweep.file.slurm;
+    let shards = s.shards.unwrap_or(sweep.points.len()).clamp(1, sweep.points.len());
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let cwd = std::env::current_dir()?;
+    let base = sweep.base()?;
+    let logs = abs(&base.pipeline.runs_dir.join("sweeps").join(&sweep.name));
+    let gpus = sweep.file.devices_per_point;
+    let devices = (0..gpus).map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+    let mut out = String::from("#!/bin/bash\n");
+    out.push_str(&format!("# Written by `runner sweep {} --emit-slurm`: {} points in {shards} array tasks.\n", sweep_path.display(), sweep.points.len()));
+    out.push_str("# Submit with `sbatch` from any directory; the cache must be on a filesystem every node sees.\n");
+    out.push_str(&format!("#SBATCH --job-name=nvit-{}\n", sweep.name));
+    out.push_str(&format!("#SBATCH --array=1-{shards}\n"));
+    out.push_str("#SBATCH --ntasks=1\n");
+    if base.pipeline.backend != config::BackendKind::Ndarray {
+        out.push_str(&format!("#SBATCH --gpus-per-task={gpus}\n"));
+    }
+    out.push_str(&format!("#SBATCH --cpus-per-task={}\n#SBATCH --mem={}\n#SBATCH --time={}\n", s.cpus_per_task, s.mem, s.time));
+    if let Some(p) = &s.partition {
+        out.push_str(&format!("#SBATCH --partition={p}\n"));
+    }
+    for e in &s.extra {
+        out.push_str(&format!("#SBATCH {e}\n"));
+    }
+    out.push_str(&format!("#SBATCH --output={}/slurm-%A_%a.out\n\n", logs.display()));
+    out.push_str("set -euo pipefail\n");
+    out.push_str(&format!("cd {}\n", shell_quote(&cwd)));
+    out.push_str(&format!("export RUNNER_CACHE=\"${{RUNNER_CACHE:-{}}}\"\n", abs(&cache.root).display()));
+    out.push_str("# Slurm makes the task's GPUs visible as 0..n-1.\n");
+    out.push_str(&format!(
+        "exec {} sweep {} --shard \"$SLURM_ARRAY_TASK_ID/{shards}\" --devices {devices}\n",
+        shell_quote(&abs(runner)),
+        shell_quote(&abs(sweep_path))
+    ));
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    Ok(out)
+}
+
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_expands_first_key_slowest_with_readable_names() {
+        let grid: toml::Table = toml::from_str("\"stages.prune.latency_target\" = [0.5, 0.25]\n\"stages.distill.epochs\" = [1, 2, 3]\n").unwrap();
+        let points = expand(&grid).unwrap();
+        assert_eq!(points.len(), 6);
+        assert_eq!(points[0].name, "latency_target-0.5_epochs-1");
+        assert_eq!(points[5].name, "latency_target-0.25_epochs-3");
+        assert_eq!(points[1].values[1], ("stages.distill.epochs".into(), toml::Value::Integer(2)));
+    }
+
+    #[test]
+    fn keys_with_the_same_last_component_are_named_in_full() {
+        let grid: toml::Table = toml::from_str("\"stages.a.lr\" = [1.0]\n\"stages.b.lr\" = [\"x y\"]\n").unwrap();
+        assert_eq!(expand(&grid).unwrap()[0].name, "stages-a-lr-1.0_stages-b-lr-x_y");
+    }
+
+    #[test]
+    fn bad_grids_and_shards_are_errors_that_say_what_to_write() {
+        let grid: toml::Table = toml::from_str("\"stages.a.lr\" = 0.1\n").unwrap();
+        assert!(expand(&grid).unwrap_err().contains("grid.\"stages.a.lr\": expected a non-empty list"));
+        assert!(expand(&toml::Table::new()).unwrap_err().contains("[grid] is empty"));
+        assert_eq!(parse_shard("2/4").unwrap(), (2, 4));
+        for bad in ["0/4", "5/4", "2", "a/b"] {
+            assert!(parse_shard(bad).unwrap_err().to_string().contains("expected I/N"), "{bad}");
+        }
+    }
+}

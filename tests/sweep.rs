@@ -1,0 +1,133 @@
+//! `runner sweep`: grid expansion, local workers, Slurm shards sharing one cache, the
+//! combined table.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+fn runner(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_runner"));
+    c.env("RUNNER_CACHE", dir.join("cache")).current_dir(dir);
+    c
+}
+
+fn output(c: &mut Command) -> (i32, String, String) {
+    let o = c.output().unwrap();
+    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+}
+
+/// The tiny pipeline and a sweep over its evaluate stage: `train` is common to every point.
+fn sweep_file(dir: &Path, extra: &str) -> std::path::PathBuf {
+    common::tiny_pipeline(dir, "");
+    let path = dir.join("sweeps/tiny-sweep.toml");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, format!("pipeline = \"../tiny.toml\"\n{extra}\n[set]\n\"stages.train.epochs\" = 1\n\n[grid]\n\"stages.evaluate.throughput_batch\" = [4, 8]\n")).unwrap();
+    path
+}
+
+/// Lines of the points' output that say a stage ran (not cached, not built by another runner).
+fn ran(dir: &Path, stage: &str) -> usize {
+    let logs = dir.join("runs/sweeps/tiny-sweep");
+    std::fs::read_dir(&logs)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("throughput_batch"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .map(|text| text.lines().filter(|l| l.contains(&format!(" {stage}: running "))).count())
+        .sum()
+}
+
+fn table(dir: &Path) -> Vec<Vec<String>> {
+    let mut reader = csv::Reader::from_path(dir.join("results/tiny-sweep/sweep.csv")).unwrap();
+    let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+    let mut rows = vec![header];
+    rows.extend(reader.records().map(|r| r.unwrap().iter().map(String::from).collect()));
+    rows
+}
+
+#[test]
+fn two_slurm_shards_at_once_share_the_cache_and_the_last_writes_the_whole_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = sweep_file(dir.path(), "");
+    let spawn = |shard: &str| runner(dir.path()).args(["sweep", sweep.to_str().unwrap(), "--shard", shard]).output().unwrap();
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| spawn("1/2"));
+        let b = s.spawn(|| spawn("2/2"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for o in [&a, &b] {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(ran(dir.path(), "train"), 1, "the common stage ran once across both shards");
+    assert_eq!(ran(dir.path(), "evaluate"), 2, "each point evaluated its own model");
+
+    let rows = table(dir.path());
+    assert_eq!(rows[0][..4], ["point", "stages.evaluate.throughput_batch", "model", "dataset"]);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!((rows[1][0].as_str(), rows[1][1].as_str(), rows[1][2].as_str()), ("throughput_batch-4", "4", "train"), "the evaluated model is the trained one");
+    assert_eq!((rows[2][0].as_str(), rows[2][1].as_str()), ("throughput_batch-8", "8"));
+    assert_eq!(rows[1][4], rows[2][4], "both points evaluated the one trained model: same top-1");
+    for point in ["throughput_batch-4", "throughput_batch-8"] {
+        assert!(dir.path().join(format!("results/tiny-sweep/{point}/metrics.csv")).exists(), "{point}'s own results");
+    }
+
+    // Nothing left to do: a dry run says so, and a full run reruns nothing.
+    let (code, out, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("sweep tiny-sweep over") && out.contains("(2 points)"), "{out}");
+    assert_eq!(out.matches("stages to run: none").count(), 2, "{out}");
+}
+
+#[test]
+fn local_workers_run_the_points_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = sweep_file(dir.path(), "devices = [0, 0]");
+    let (code, out, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("workers: [[0], [0]]"), "{out}");
+    assert!(out.contains("run  throughput_batch-4") && out.contains("stages to run: train evaluate"), "{out}");
+
+    let (code, out, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap()]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("sweep tiny-sweep: 2 of 2 points finished"), "{out}");
+    assert!(err.contains("throughput_batch-8: done in"), "{err}");
+    assert_eq!(ran(dir.path(), "train"), 1);
+    assert_eq!(table(dir.path()).len(), 3);
+    assert!(std::fs::read_to_string(dir.path().join("results/tiny-sweep/README.md")).unwrap().contains("2 points over"));
+}
+
+#[test]
+fn emit_slurm_writes_an_array_script_of_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = sweep_file(dir.path(), "devices_per_point = 2\ndevices = [0, 1]\n\n[slurm]\nshards = 2\ntime = \"2:00:00\"\ncpus_per_task = 8\nmem = \"32G\"\nextra = [\"--account=vision\"]\n");
+    let (code, script, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap(), "--emit-slurm"]));
+    assert_eq!(code, 0, "{err}");
+    for line in ["#SBATCH --array=1-2", "#SBATCH --time=2:00:00", "#SBATCH --account=vision", "#SBATCH --cpus-per-task=8"] {
+        assert!(script.lines().any(|l| l == line), "{line} in:\n{script}");
+    }
+    assert!(!script.contains("--gpus-per-task"), "an ndarray pipeline asks for no GPU:\n{script}");
+    assert!(script.contains("--shard \"$SLURM_ARRAY_TASK_ID/2\" --devices 0,1"), "{script}");
+    assert!(script.contains("export RUNNER_CACHE="), "{script}");
+    let file = dir.path().join("sweep.sbatch");
+    std::fs::write(&file, &script).unwrap();
+    assert!(Command::new("bash").arg("-n").arg(&file).status().unwrap().success(), "valid bash:\n{script}");
+}
+
+#[test]
+fn bad_sweeps_fail_before_anything_runs_naming_the_file_point_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = sweep_file(dir.path(), "device = [0]");
+    let (code, _, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap()]));
+    assert_eq!(code, 1);
+    assert!(err.contains("tiny-sweep.toml") && err.contains("unknown field `device`"), "{err}");
+
+    let sweep = sweep_file(dir.path(), "");
+    let text = std::fs::read_to_string(&sweep).unwrap().replace("throughput_batch\" = [4, 8]", "throughput_bach\" = [4, 8]");
+    std::fs::write(&sweep, text).unwrap();
+    let (code, _, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap()]));
+    assert_eq!(code, 1);
+    assert!(err.contains("point `throughput_bach-4`"), "{err}");
+    assert!(err.contains("stages.evaluate.throughput_bach`; did you mean `throughput_batch`?"), "{err}");
+    assert!(!dir.path().join("runs").exists(), "nothing ran");
+}
