@@ -137,3 +137,48 @@ throughput_repeats = 1
     let top1 = metrics("eval_pruned")["top1"].as_f64().unwrap();
     assert!((0.0..=100.0).contains(&top1) && metrics("eval_pruned")["backend"] == "wgpu");
 }
+
+/// Runs the tiny pipeline's `train` on wgpu with `precision` set (or not); its epoch losses.
+fn train_on_wgpu(precision: Option<&str>) -> anyhow::Result<Vec<f64>> {
+    use nvit::pipeline::{self, Cache, RunLog};
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache { root: dir.path().join("cache") };
+    let path = common::tiny_pipeline(dir.path(), "");
+    let mut set = vec!["pipeline.backend=\"wgpu\"".to_string(), "stages.train.epochs=3".into()];
+    set.extend(precision.map(|p| format!("stages.train.precision=\"{p}\"")));
+    let p = common::load(&path, &set.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut plan = pipeline::plan(&p, &cache, &[], "wgpu-test").unwrap();
+    plan.stages.truncate(1);
+    pipeline::execute::<Autodiff<Wgpu>>(&p, &plan, &cache, &[Default::default()], "wgpu-test", None, &RunLog::silent())?;
+    let m = cache.complete(&plan.stages[0].key).unwrap().metrics;
+    Ok(m["epoch_losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
+}
+
+/// f16 compute on f32 master weights follows the f32 run closely; bf16, which lavapipe cannot
+/// compute in, is refused with the device named.
+#[test]
+fn mixed_precision_trains_like_f32_and_an_unsupported_dtype_is_an_error() {
+    // The forward pass really is f16: its logits are f16 and differ from f32's at f16's resolution.
+    let config = VitConfig::uniform(32, 8, 3, 48, 2, 3, 4.0, 10, true);
+    let device = Default::default();
+    let model = config.init::<Autodiff<Wgpu>>(&device);
+    let x = nvit::model::float_tensor::<Autodiff<Wgpu>, 4>((0..2 * 3 * 32 * 32).map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0).collect(), [2, 3, 32, 32], &device);
+    let reference = model.forward(x.clone()).cls.into_data().to_vec::<f32>().unwrap();
+    let half = nvit::train::in_precision(model, Some(burn::tensor::FloatDType::F16)).forward(x.cast(burn::tensor::FloatDType::F16));
+    assert_eq!(half.cls.dtype(), burn::tensor::DType::F16);
+    let half = half.to_f32().cls.into_data().to_vec::<f32>().unwrap();
+    let e = rel_err(&half, &reference);
+    eprintln!("f16 logits: rel. err {e:.2e}");
+    assert!(e > 1e-6 && e < 1e-2, "f16 logits differ from f32 by {e} of their scale");
+
+    let full = train_on_wgpu(None).unwrap();
+    let half = train_on_wgpu(Some("f16")).unwrap();
+    eprintln!("epoch losses f32 {full:?}, f16 {half:?}");
+    assert!(full[2] < full[0], "f32 learns: {full:?}");
+    for (a, b) in full.iter().zip(&half) {
+        assert!((a - b).abs() < 0.02 * a, "f32 {full:?} vs f16 {half:?}");
+    }
+    assert_ne!(full, half, "f16 computed something different");
+    let err = format!("{:#}", train_on_wgpu(Some("bf16")).unwrap_err());
+    assert!(err.contains("precision = \"bf16\": device") && err.contains("cannot compute in it"), "{err}");
+}

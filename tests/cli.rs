@@ -50,6 +50,16 @@ fn missing_backend_feature_says_how_to_build_it() {
 }
 
 #[test]
+fn mixed_precision_on_the_cpu_is_refused_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--set", "stages.train.precision=\"bf16\""]));
+    assert_eq!(code, 1);
+    assert!(err.contains("stage `train` (train) failed"), "{err}");
+    assert!(err.contains("precision = \"bf16\": device Cpu cannot compute in it") && err.contains("leave precision unset on the CPU"), "{err}");
+}
+
+#[test]
 fn show_and_dry_run_explain_the_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     let path = common::tiny_pipeline(dir.path(), "");

@@ -20,6 +20,19 @@ pub struct Batch {
     pub shape: [usize; 4],
 }
 
+impl Batch {
+    /// Examples `range` of the batch: one data-parallel shard.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Batch {
+        let [_, c, h, w] = self.shape;
+        let per = c * h * w;
+        Batch {
+            images: self.images[range.start * per..range.end * per].to_vec(),
+            labels: self.labels[range.clone()].to_vec(),
+            shape: [range.len(), c, h, w],
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Loader {
     dataset: Arc<dyn Dataset>,

@@ -110,6 +110,12 @@ pub struct VitOutput<B: Backend> {
 }
 
 impl<B: Backend> VitOutput<B> {
+    /// Both heads in f32, whatever precision computed them: losses are taken in f32.
+    pub fn to_f32(self) -> Self {
+        let f32 = |t: Tensor<B, 2>| if t.dtype() == burn::tensor::DType::F32 { t } else { t.cast(burn::tensor::FloatDType::F32) };
+        Self { cls: f32(self.cls), dist: self.dist.map(f32) }
+    }
+
     /// The prediction: the two heads averaged when distilled, as DeiT evaluates.
     pub fn logits(&self) -> Tensor<B, 2> {
         match &self.dist {

@@ -7,6 +7,7 @@
 //! `I_S = (dL/dg_S / c_S)^2`.
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use rand::{Rng, SeedableRng};
@@ -102,13 +103,13 @@ impl<B: Backend> ModuleVisitor<B> for SumOfSquares<B> {
 }
 
 /// Replaces every parameter `w` by `w * dL/dw`, detached.
-struct TimesGrad<'a, B: AutodiffBackend> {
-    grads: &'a B::Gradients,
+struct TimesGrad<'a> {
+    grads: &'a GradientsParams,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for TimesGrad<'_, B> {
+impl<B: AutodiffBackend> ModuleMapper<B> for TimesGrad<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let g = param.val().grad(self.grads);
+        let g = self.grads.get::<B::InnerBackend, D>(param.id);
         param.map(|w| {
             let inner = w.inner();
             let product = match g {
@@ -131,12 +132,13 @@ fn squared_sums<B: AutodiffBackend>(model: &Vit<B>) -> Masks {
 }
 
 /// The per-unit score of one minibatch under `criterion`, from the gate gradients `sums` and
-/// the parameter gradients `grads` of that minibatch. Larger means more important.
+/// the parameter gradients `grads` of that minibatch (summed over data-parallel shards).
+/// Larger means more important.
 pub fn score<B: AutodiffBackend>(
     criterion: Criterion,
     model: &Vit<B>,
     sums: &Masks,
-    grads: &B::Gradients,
+    grads: &GradientsParams,
     normalizers: &Normalizers,
     rng: &mut impl Rng,
 ) -> Masks {
@@ -154,7 +156,7 @@ pub fn score<B: AutodiffBackend>(
         }
         Criterion::Magnitude => out = squared_sums(model),
         Criterion::WeightFisher => {
-            let products = model.clone().map(&mut TimesGrad::<B> { grads });
+            let products = model.clone().map(&mut TimesGrad { grads });
             out = squared_sums(&products);
         }
         Criterion::Random => {
@@ -268,6 +270,7 @@ mod tests {
     fn magnitude_is_the_sum_of_squared_weights_of_the_unit() {
         let (model, x, y) = setup();
         let (_, grads, sums) = gate_gradients(&model, |m| loss(m, &x, &y));
+        let grads = GradientsParams::from_grads(grads, &model);
         let mag = score(Criterion::Magnitude, &model, &sums, &grads, &Normalizers::default(), &mut rng(0));
         // MLP unit m: fc1 column m (Burn layout) and its bias.
         let fc1 = &model.blocks[1].mlp.fc1;

@@ -10,6 +10,7 @@ use crate::data::Split;
 use crate::pipeline::atomic_write;
 use crate::prune::saliency::{gate_gradients, rng, score};
 use crate::prune::{Criterion, Masks, Normalizers, Structure};
+use crate::train::parallel::data_parallel;
 use crate::train::{check_finite, scalar, to_tensors};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -98,12 +99,23 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &HessianScoresSettings)
     while done < s.batches {
         let before = done;
         for batch in loader.epoch(epoch) {
-            let (images, labels) = to_tensors::<B>(batch?, device);
-            let (loss, grads, sums) = gate_gradients(&model, |m| {
-                burn::nn::loss::CrossEntropyLossConfig::new().init(device).forward(m.forward(images).logits(), labels)
+            let batch = batch?;
+            let per_device = vec![(); ctx.devices.len()];
+            let step = data_parallel(&model, &ctx.devices, batch.labels.len(), per_device, |replica, range, (), weight| {
+                let (images, labels) = to_tensors::<B>(batch.slice(range), &replica.cls_token.device());
+                let (loss, grads, sums) = gate_gradients(replica, |m| {
+                    let device = images.device();
+                    let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(&device).forward(m.forward(images).logits(), labels);
+                    if weight == 1.0 { ce } else { ce.mul_scalar(weight) }
+                });
+                (scalar(loss), grads, sums)
             });
-            let value = scalar(loss);
+            let value = step.loss;
             check_finite(value, epoch as usize, done)?;
+            // Gate gradients of the shards' weighted losses add up to the full batch's.
+            let mut sums = Masks::filled(&model.config, 0.0);
+            step.shards.iter().for_each(|s| sums.add(s));
+            let grads = step.grads;
             let scores = score(s.criterion, &model, &sums, &grads, &normalizers, &mut random);
             total.add(&scores);
             loss_sum += value;

@@ -7,8 +7,8 @@
 //! `pruning_log.csv`, and compacts the model to its surviving widths.
 
 use anyhow::{Context, Result};
-use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +19,7 @@ use crate::pipeline::atomic_write;
 use crate::prune::saliency::{gate_gradients, rng, score};
 use crate::prune::{compact, Criterion, LatencyTable, Masks, Normalizers, ParamSet, Structure};
 use crate::data::mix::soft_targets;
+use crate::train::parallel::data_parallel;
 use crate::train::{check_finite, classification_loss, distillation_loss, scalar, targets_tensor, teacher_output, to_tensors};
 
 /// How pruning is spread over the network: NViT's global ranking, or the ablation's baseline.
@@ -271,6 +272,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     // The student is in evaluation mode throughout: no stochastic depth.
     let mut student = dense.without_drop_path();
     let teacher: Vit<B::InnerBackend> = student.valid();
+    let teachers: Vec<Vit<B::InnerBackend>> = ctx.devices.iter().map(|d| teacher.clone().to_device(d)).collect();
     let config = student.config.clone();
     let dense_latency = table.model_latency(&config);
     let loader = ctx.loader(Split::Train, &config, s.batch_size, s.augment.then(Extras::default))?;
@@ -290,18 +292,28 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         let before = step;
         for batch in loader.epoch(epoch) {
             let batch = batch?;
-            let targets = targets_tensor::<B>(soft_targets(&batch.labels, config.num_classes, 0.0, 1.0), config.num_classes, device);
-            let (images, _) = to_tensors::<B>(batch, device);
-            let taught = teacher_output::<B>(&teacher, &images);
-            let (loss, grads, sums) = gate_gradients(&student, |m| {
-                let output = m.forward(images);
-                let soft = distillation_loss(&output, &taught, s.temperature).mul_scalar(s.kd_weight);
-                classification_loss(&output, targets) + soft
+            let targets = soft_targets(&batch.labels, config.num_classes, 0.0, 1.0);
+            let classes = config.num_classes;
+            let result = data_parallel(&student, &ctx.devices, batch.labels.len(), teachers.clone(), |replica, range, teacher, weight| {
+                let device = replica.cls_token.device();
+                let targets = targets_tensor::<B>(targets[range.start * classes..range.end * classes].to_vec(), classes, &device);
+                let (images, _) = to_tensors::<B>(batch.slice(range), &device);
+                let taught = teacher_output::<B>(&teacher, &images);
+                let (loss, grads, sums) = gate_gradients(replica, |m| {
+                    let output = m.forward(images);
+                    let soft = distillation_loss(&output, &taught, s.temperature).mul_scalar(s.kd_weight);
+                    let loss = classification_loss(&output, targets) + soft;
+                    if weight == 1.0 { loss } else { loss.mul_scalar(weight) }
+                });
+                (scalar(loss), grads, sums)
             });
-            last_loss = scalar(loss);
+            last_loss = result.loss;
             check_finite(last_loss, epoch as usize, step)?;
+            // Saliency from the full batch's gradients: shards' gate gradients add up to them.
+            let mut sums = Masks::filled(&config, 0.0);
+            result.shards.iter().for_each(|s| sums.add(s));
+            let grads = result.grads;
             interval_sum.add(&score(s.criterion, &student, &sums, &grads, &normalizers, &mut random));
-            let grads = GradientsParams::from_grads(grads, &student);
             student = optim.step(s.lr, student, grads);
             // Pruned slices stay exactly zero whatever AdamW's moments do.
             student = masks.apply(student, ParamSet::Pruned);

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, Optimizer};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -24,8 +24,9 @@ use crate::data::randaugment::RandAugment;
 use crate::data::Split;
 use crate::model::{checkpoint, Vit};
 use crate::pipeline::atomic_write;
+use crate::train::parallel::data_parallel;
 use crate::train::{
-    check_finite, classification_loss, correct, distillation_loss, scalar, targets_tensor, teacher_output, to_tensors, Schedule,
+    in_precision, Precision, check_finite, classification_loss, correct, distillation_loss, scalar, targets_tensor, teacher_output, to_tensors, Schedule,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -48,6 +49,9 @@ pub struct TrainSettings {
     pub cutmix: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drop_path: Option<f64>,
+    /// Forward and backward in `f16`/`bf16` on f32 master weights (unset: f32 throughout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
     pub teacher: Option<String>,
     pub kd_weight: f64,
     pub temperature: f64,
@@ -70,6 +74,7 @@ pub const KEYS: &[KeyDoc] = &[
     ("mixup", "float", "Mixup's Beta parameter (0: off)"),
     ("cutmix", "float", "CutMix's Beta parameter (0: off); with mixup too, each batch picks one"),
     ("drop_path", "float", "stochastic depth rate of the last block while training (unset: the model's own)"),
+    ("precision", "string", "mixed precision on GPUs: `bf16` or `f16` compute on f32 master weights (unset: f32)"),
     ("teacher", "string", "a stage whose model the student distills from (unset: labels only)"),
     ("kd_weight", "float", "weight of the distillation loss against the teacher"),
     ("temperature", "float", "distillation temperature T"),
@@ -94,6 +99,7 @@ impl Default for TrainSettings {
             mixup: 0.0,
             cutmix: 0.0,
             drop_path: None,
+            precision: None,
             teacher: None,
             kd_weight: 1e5,
             temperature: 3.0,
@@ -189,6 +195,14 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
             );
         }
     }
+    let half = match s.precision {
+        Some(p) => p.compute_dtype::<B>(&ctx.devices)?,
+        None => None,
+    };
+    // One replica of the teacher per device, made once (in the compute precision): the
+    // student's are made every step.
+    let teachers: Vec<Option<Vit<B::InnerBackend>>> =
+        ctx.devices.iter().map(|d| teacher.clone().map(|t| in_precision(t.to_device(d), half))).collect();
     let mixer = Mixer { mixup: s.mixup, cutmix: s.cutmix, label_smoothing: s.label_smoothing, classes: config.num_classes };
     let loader = ctx.loader(Split::Train, &config, s.batch_size, s.extras())?;
     let steps_per_epoch = s.steps_per_epoch.map_or(loader.batches_per_epoch(), |c| c.min(loader.batches_per_epoch()));
@@ -237,21 +251,35 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
             let mut batch = batch?;
             // Seeded by the step, so a resumed run mixes as an uninterrupted one would.
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let targets = targets_tensor::<B>(mixer.apply(&mut batch, &mut rng), config.num_classes, device);
-            let (images, labels) = to_tensors::<B>(batch, device);
-            let n = labels.dims()[0];
-            let output = model.forward(images.clone());
-            let logits = output.logits();
-            let mut loss = classification_loss(&output, targets);
-            if let Some(teacher) = &teacher {
-                let taught = teacher_output::<B>(teacher, &images);
-                loss = loss + distillation_loss(&output, &taught, s.temperature).mul_scalar(s.kd_weight);
-            }
-            let loss_value = scalar(loss.clone());
+            let targets = mixer.apply(&mut batch, &mut rng);
+            let n = batch.labels.len();
+            let classes = config.num_classes;
+            let step_result = data_parallel(&model, &ctx.devices, n, teachers.clone(), |replica, range, teacher, weight| {
+                let device = replica.cls_token.device();
+                let targets = targets_tensor::<B>(targets[range.start * classes..range.end * classes].to_vec(), classes, &device);
+                let (images, labels) = to_tensors::<B>(batch.slice(range), &device);
+                let images = match half {
+                    Some(dtype) => images.cast(dtype),
+                    None => images,
+                };
+                // Casting the f32 parameters is part of the graph: their gradients come back in f32.
+                let output = match half {
+                    Some(_) => in_precision(replica.clone(), half).forward(images.clone()).to_f32(),
+                    None => replica.forward(images.clone()),
+                };
+                let mut loss = classification_loss(&output, targets);
+                if let Some(teacher) = &teacher {
+                    let taught = teacher_output::<B>(teacher, &images).to_f32();
+                    loss = loss + distillation_loss(&output, &taught, s.temperature).mul_scalar(s.kd_weight);
+                }
+                let weighted = if weight == 1.0 { loss } else { loss.mul_scalar(weight) };
+                let (top1, _) = correct(output.logits().inner(), labels.inner(), 1);
+                (scalar(weighted.clone()), weighted.backward(), top1)
+            });
+            let loss_value = step_result.loss;
             check_finite(loss_value, epoch, i)?;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(schedule.at(step), model, grads);
-            let (top1, _) = correct(logits.inner(), labels.inner(), 1);
+            model = optim.step(schedule.at(step), model, step_result.grads);
+            let top1: usize = step_result.shards.iter().sum();
             loss_sum += loss_value * n as f64;
             hits += top1;
             seen += n;

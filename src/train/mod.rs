@@ -5,10 +5,12 @@
 use anyhow::{bail, Result};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData};
 
 use crate::data::Batch;
 use crate::model::{Vit, VitOutput};
+
+pub mod parallel;
 
 /// A loader batch on `device`: images `[batch, channels, size, size]` and labels `[batch]`.
 pub fn to_tensors<B: Backend>(batch: Batch, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
@@ -32,6 +34,49 @@ pub fn classification_loss<B: Backend>(output: &VitOutput<B>, targets: Tensor<B,
     match &output.dist {
         Some(dist) => (ce(output.cls.clone()) + ce(dist.clone())).div_scalar(2.0),
         None => ce(output.cls.clone()),
+    }
+}
+
+/// Compute precision of training on GPUs; the weights, optimizer state and loss stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Precision {
+    /// The dtype to compute in (`None` for f32), if every device supports it.
+    pub fn compute_dtype<B: Backend>(self, devices: &[B::Device]) -> Result<Option<FloatDType>> {
+        let dtype = match self {
+            Precision::F32 => return Ok(None),
+            Precision::F16 => FloatDType::F16,
+            Precision::Bf16 => FloatDType::BF16,
+        };
+        if let Some(d) = devices.iter().find(|d| !B::supports_dtype(d, DType::from(dtype))) {
+            bail!(
+                "precision = \"{}\": device {d:?} cannot compute in it\n  hint: mixed precision needs a GPU backend (cuda; wgpu for f16 where the adapter has shader-f16); leave precision unset on the CPU",
+                serde_json::to_value(self).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+            );
+        }
+        Ok(Some(dtype))
+    }
+}
+
+/// `model` with its parameters cast to `dtype` (unchanged for `None`). Under autodiff the cast
+/// is an operation of the graph: gradients reach the original f32 parameters, in f32.
+pub fn in_precision<B: Backend>(model: Vit<B>, dtype: Option<FloatDType>) -> Vit<B> {
+    struct Cast(FloatDType);
+    impl<B: Backend> burn::module::ModuleMapper<B> for Cast {
+        fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<B, D>>) -> burn::module::Param<Tensor<B, D>> {
+            let dtype = self.0;
+            param.map(|t| t.cast(dtype))
+        }
+    }
+    match dtype {
+        Some(d) => burn::module::Module::map(model, &mut Cast(d)),
+        None => model,
     }
 }
 

@@ -1,0 +1,144 @@
+//! Data parallelism in one process: each device takes a contiguous shard of the batch, runs
+//! forward and backward on its own replica of the model, and the gradients are summed on the
+//! first device before the optimizer step. Each shard's loss is weighted by its share of the
+//! batch, so the sum is the gradient of the whole batch's mean loss: the step is the one a
+//! single device would take on the full batch, up to floating-point order. Saliencies built
+//! from these gradients use the averaged gradient too (METHOD.md).
+
+use std::ops::Range;
+
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::model::Vit;
+
+/// `n` examples in at most `parts` contiguous, non-empty shards whose sizes differ by one at most.
+pub fn shards(n: usize, parts: usize) -> Vec<Range<usize>> {
+    let parts = parts.clamp(1, n.max(1));
+    let (base, extra) = (n / parts, n % parts);
+    let mut start = 0;
+    (0..parts)
+        .map(|k| {
+            let len = base + usize::from(k < extra);
+            start += len;
+            start - len..start
+        })
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// One step's result over all shards.
+pub struct Step<T> {
+    /// The full batch's mean loss.
+    pub loss: f64,
+    /// Gradients of the full batch's mean loss, on the first device.
+    pub grads: GradientsParams,
+    /// What `work` returned for each shard, in batch order.
+    pub shards: Vec<T>,
+}
+
+/// What one shard's `work` returns: the weighted loss's value, its gradients (of the weighted
+/// loss, on the shard's replica) and anything else the caller collects.
+pub type ShardResult<B, T> = (f64, <B as AutodiffBackend>::Gradients, T);
+
+/// Runs `work(replica, shard, payload, weight)` for each shard of a batch of `n` examples, one
+/// per device, in parallel. `work` must scale its loss by `weight` (the shard's share of the
+/// batch) before `backward`. `payloads` holds one value per device (its replica of a teacher,
+/// say), handed to that device's shard. With one device, `work` runs on `model` itself with
+/// weight 1, exactly as a loop without this would.
+pub fn data_parallel<B, P, T>(
+    model: &Vit<B>,
+    devices: &[B::Device],
+    n: usize,
+    payloads: Vec<P>,
+    work: impl Fn(&Vit<B>, Range<usize>, P, f32) -> ShardResult<B, T> + Sync,
+) -> Step<T>
+where
+    B: AutodiffBackend,
+    P: Send,
+    T: Send,
+{
+    let ranges = shards(n, devices.len());
+    if ranges.len() == 1 {
+        let payload = payloads.into_iter().next().expect("one payload per device");
+        let (loss, grads, out) = work(model, ranges[0].clone(), payload, 1.0);
+        return Step { loss, grads: GradientsParams::from_grads(grads, model), shards: vec![out] };
+    }
+    let main = &devices[0];
+    let results: Vec<(f64, GradientsParams, T)> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranges
+            .iter()
+            .zip(devices)
+            .zip(payloads)
+            .map(|((range, device), payload)| {
+                let replica = model.clone().fork(device);
+                let weight = range.len() as f32 / n as f32;
+                let work = &work;
+                let range = range.clone();
+                s.spawn(move || {
+                    let (loss, grads, out) = work(&replica, range, payload, weight);
+                    let grads = GradientsParams::from_grads(grads, &replica).to_device(main, &replica);
+                    (loss, grads, out)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a shard's thread panicked")).collect()
+    });
+    let mut total = GradientsAccumulator::<Vit<B>>::new();
+    let mut loss = 0.0;
+    let mut outs = Vec::with_capacity(results.len());
+    for (l, grads, out) in results {
+        loss += l;
+        total.accumulate(model, grads);
+        outs.push(out);
+    }
+    Step { loss, grads: total.grads(), shards: outs }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::VitConfig;
+    use crate::train::{classification_loss, scalar, targets_tensor};
+    use burn::backend::{ndarray::NdArrayDevice, Autodiff, NdArray};
+    use burn::tensor::Tensor;
+
+    type B = Autodiff<NdArray>;
+
+    /// The full batch's mean cross-entropy gradients, from `devices.len()` shards.
+    fn grads(model: &Vit<B>, devices: &[NdArrayDevice], images: &[f32], labels: &[i64]) -> (f64, Vec<f32>) {
+        let n = labels.len();
+        let per = images.len() / n;
+        let step = data_parallel(model, devices, n, vec![(); devices.len()], |m, range, (), weight| {
+            let device = m.cls_token.device();
+            let x = crate::model::float_tensor::<B, 4>(images[range.start * per..range.end * per].to_vec(), [range.len(), 3, 16, 16], &device);
+            let t = targets_tensor::<B>(crate::data::mix::soft_targets(&labels[range.clone()], 5, 0.0, 1.0), 5, &device);
+            let loss = classification_loss(&m.forward(x), t).mul_scalar(weight);
+            (scalar(loss.clone()), loss.backward(), ())
+        });
+        let g: Tensor<NdArray, 2> = step.grads.get(model.blocks[0].mlp.fc1.weight.id).unwrap();
+        (step.loss, g.into_data().to_vec().unwrap())
+    }
+
+    #[test]
+    fn sharded_gradients_are_the_full_batch_gradients() {
+        let device = NdArrayDevice::Cpu;
+        let model = VitConfig::uniform(16, 4, 3, 12, 2, 2, 2.0, 5, true).init::<B>(&device);
+        let labels: Vec<i64> = (0..7).map(|i| i % 5).collect();
+        let images: Vec<f32> = (0..7 * 3 * 16 * 16).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        let (loss1, one) = grads(&model, &[device], &images, &labels);
+        let (loss3, three) = grads(&model, &[device; 3], &images, &labels);
+        assert!((loss1 - loss3).abs() < 1e-6 * loss1.abs(), "loss {loss1} vs {loss3}");
+        let scale = one.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let worst = one.iter().zip(&three).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(scale > 0.0 && worst <= 1e-5 * scale, "gradients differ by {worst} (scale {scale})");
+    }
+
+    #[test]
+    fn shards_cover_the_batch_in_order_and_differ_by_one_at_most() {
+        assert_eq!(shards(10, 3), [0..4, 4..7, 7..10]);
+        assert_eq!(shards(2, 4), [0..1, 1..2], "no empty shard when the batch is small");
+        assert_eq!(shards(8, 1), [0..8]);
+    }
+}
