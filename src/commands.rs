@@ -215,3 +215,90 @@ pub fn bench_loader(root: Option<&Path>, images: usize, size: u32, batch: usize,
     crate::pipeline::atomic_write(out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
     Ok(format!("{seen} images in {:.2} s: {rate:.1} images/s ({workers} workers, {cpu}) -> {}\n", start.elapsed().as_secs_f64(), out.display()))
 }
+
+/// `runner bench model`: training and inference images/s of a model of `preset`'s widths on
+/// synthetic images, on whichever backend and devices (data-parallel training over several).
+pub struct BenchModel {
+    pub preset: String,
+    pub batch: usize,
+    pub steps: usize,
+    pub backend: crate::config::BackendKind,
+    pub devices: Vec<usize>,
+    pub precision: Option<crate::train::Precision>,
+    pub out: PathBuf,
+}
+
+impl BackendJob for &BenchModel {
+    type Output = Vec<[String; 2]>;
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output> {
+        use burn::module::AutodiffModule;
+        use burn::optim::{AdamWConfig, Optimizer};
+        use std::time::Instant;
+        let config = crate::model::VitConfig::preset(&self.preset)
+            .with_context(|| format!("--preset {}: not a known model preset", self.preset))?;
+        let device = &devices[0];
+        let half = self.precision.map(|p| p.compute_dtype::<B>(&devices)).transpose()?.flatten();
+        let mut model = config.init::<B>(device);
+        let size = config.image_size;
+        let pixels: Vec<f32> = (0..self.batch * 3 * size * size).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
+        let labels: Vec<i64> = (0..self.batch).map(|i| (i % config.num_classes) as i64).collect();
+        let batch = crate::data::Batch { images: pixels, labels, shape: [self.batch, 3, size, size] };
+        let targets = crate::data::mix::soft_targets(&batch.labels, config.num_classes, 0.1, 1.0);
+        let classes = config.num_classes;
+        let mut optim = AdamWConfig::new().init::<B, crate::model::Vit<B>>();
+
+        let mut train_step = |model: crate::model::Vit<B>| -> crate::model::Vit<B> {
+            let step = crate::train::parallel::data_parallel(&model, &devices, self.batch, vec![(); devices.len()], |replica, range, (), weight| {
+                let device = replica.cls_token.device();
+                let t = crate::train::targets_tensor::<B>(targets[range.start * classes..range.end * classes].to_vec(), classes, &device);
+                let (images, _) = crate::train::to_tensors::<B>(batch.slice(range), &device);
+                let output = match half {
+                    Some(dtype) => crate::train::in_precision(replica.clone(), half).forward(images.cast(dtype)).to_f32(),
+                    None => replica.forward(images),
+                };
+                let loss = crate::train::classification_loss(&output, t).mul_scalar(weight);
+                (crate::train::scalar(loss.clone()), loss.backward(), ())
+            });
+            optim.step(1e-4, model, step.grads)
+        };
+        // One untimed step each: kernels compile and memory pools grow on the first.
+        model = train_step(model);
+        let start = Instant::now();
+        for _ in 0..self.steps {
+            model = train_step(model); // reading the loss synchronizes the device
+        }
+        let train = (self.batch * self.steps) as f64 / start.elapsed().as_secs_f64();
+
+        let eval = crate::train::in_precision(model.valid(), half);
+        let x = crate::train::to_tensors::<B::InnerBackend>(batch.slice(0..self.batch), device).0;
+        let x = match half {
+            Some(dtype) => x.cast(dtype),
+            None => x,
+        };
+        let infer = || eval.forward(x.clone()).cls.slice([0..1, 0..1]).into_data();
+        infer();
+        let start = Instant::now();
+        for _ in 0..self.steps {
+            infer();
+        }
+        let inference = (self.batch * self.steps) as f64 / start.elapsed().as_secs_f64();
+        Ok(vec![["train (forward, backward, AdamW)".into(), format!("{train:.1}")], ["inference".into(), format!("{inference:.1}")]])
+    }
+}
+
+pub fn bench_model(args: &BenchModel) -> Result<String> {
+    let rows = backend::dispatch(args.backend, &args.devices, args)?;
+    let device = backend::device_name(args.backend, args.devices[0]);
+    let precision = args.precision.map_or("f32".to_string(), |p| serde_json::to_value(p).unwrap().as_str().unwrap_or_default().to_string());
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["what", "model", "batch", "devices", "precision", "steps", "images_per_s", "backend", "device"])?;
+    let mut out = String::new();
+    for [what, rate] in &rows {
+        let devices = args.devices.len().to_string();
+        w.write_record([what.as_str(), &args.preset, &args.batch.to_string(), &devices, &precision, &args.steps.to_string(), rate, &args.backend.to_string(), &device])?;
+        out.push_str(&format!("{what}: {rate} images/s ({}, batch {}, {} device(s), {precision}, {} on {device})\n", args.preset, args.batch, devices, args.backend));
+    }
+    crate::pipeline::atomic_write(&args.out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    out.push_str(&format!("-> {}\n", args.out.display()));
+    Ok(out)
+}

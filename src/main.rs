@@ -52,8 +52,11 @@ enum Command {
         /// Print the points, what each would run, and the workers; run nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Re-run this stage of every point even if cached (repeatable), e.g. to re-measure.
+        #[arg(long, value_name = "STAGE|all")]
+        force: Vec<String>,
         /// Print an sbatch array script that runs the sweep's shards on a Slurm cluster.
-        #[arg(long, conflicts_with_all = ["shard", "dry_run"])]
+        #[arg(long, conflicts_with_all = ["shard", "dry_run", "force"])]
         emit_slurm: bool,
     },
     /// Print the resolved configuration and where each value came from.
@@ -80,6 +83,28 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Training and inference images/s of a model on synthetic images (DeiT-B by default).
+    Model {
+        /// A model preset: deit-base-distilled, deit-small-distilled, deit-tiny-distilled, ...
+        #[arg(long, default_value = "deit-base-distilled")]
+        preset: String,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Timed steps, after one untimed.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, value_enum, default_value = "ndarray")]
+        backend: Backend,
+        /// Devices to train on, data-parallel: `--devices 0,1`.
+        #[arg(long, value_delimiter = ',', default_value = "0")]
+        devices: Vec<usize>,
+        /// f16 or bf16 compute on f32 weights (GPU backends only).
+        #[arg(long)]
+        precision: Option<String>,
+        /// Default: results/bench/model-<backend>.csv.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Loader throughput (decode + train transform) on an ImageFolder of JPEGs.
     Loader {
         /// An ImageFolder root (with train/); default: generate JPEGs in a temporary folder.
@@ -133,17 +158,20 @@ fn main() -> ExitCode {
     }
 }
 
+fn backend_kind(b: Backend) -> BackendKind {
+    match b {
+        Backend::Ndarray => BackendKind::Ndarray,
+        Backend::Wgpu => BackendKind::Wgpu,
+        Backend::Cuda => BackendKind::Cuda,
+    }
+}
+
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let cache = Cache::from_env();
     match cli.command {
         Command::Run { pipeline, with, mut set, backend, devices, force, dry_run } => {
             if let Some(b) = backend {
-                let kind = match b {
-                    Backend::Ndarray => BackendKind::Ndarray,
-                    Backend::Wgpu => BackendKind::Wgpu,
-                    Backend::Cuda => BackendKind::Cuda,
-                };
-                set.push(format!("pipeline.backend={kind}"));
+                set.push(format!("pipeline.backend={}", backend_kind(b)));
             }
             if let Some(d) = devices {
                 set.push(format!("pipeline.devices={d:?}"));
@@ -151,14 +179,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let overrides = Overrides { with, set, env: true };
             commands::run(&RunArgs { pipeline, overrides, force, dry_run }, &cache)
         }
-        Command::Sweep { sweep, shard, devices, dry_run, emit_slurm } => {
+        Command::Sweep { sweep, shard, devices, dry_run, force, emit_slurm } => {
             let runner = std::env::current_exe()?;
             if emit_slurm {
                 print!("{}", nvit::sweep::slurm_script(&sweep, &runner, &cache)?);
                 return Ok(());
             }
             let shard = shard.as_deref().map(nvit::sweep::parse_shard).transpose()?;
-            let args = nvit::sweep::SweepArgs { sweep, shard, devices, dry_run, runner };
+            let args = nvit::sweep::SweepArgs { sweep, shard, devices, dry_run, force, runner };
             print!("{}", nvit::sweep::run(&args, &cache)?);
             Ok(())
         }
@@ -176,6 +204,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench { command: BenchCommand::Loader { root, images, size, batch, out } } => {
             print!("{}", commands::bench_loader(root.as_deref(), images, size, batch, &out)?);
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Model { preset, batch, steps, backend, devices, precision, out } } => {
+            let backend = backend_kind(backend);
+            let precision = precision
+                .map(|p| serde_json::from_value(serde_json::Value::String(p.clone())).map_err(|_| anyhow::anyhow!("--precision {p}: expected f32, f16 or bf16")))
+                .transpose()?;
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("results/bench/model-{backend}.csv")));
+            print!("{}", commands::bench_model(&commands::BenchModel { preset, batch, steps, backend, devices, precision, out })?);
             Ok(())
         }
         Command::Cache { command: CacheCommand::Gc { pipelines } } => {

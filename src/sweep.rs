@@ -228,6 +228,8 @@ pub struct SweepArgs {
     /// Overrides the sweep file's `devices` (an array task sees its GPUs as 0..n).
     pub devices: Option<Vec<usize>>,
     pub dry_run: bool,
+    /// `--force` for every point (re-measure: `--force evaluate`).
+    pub force: Vec<String>,
     /// The `runner` executable each point runs in.
     pub runner: PathBuf,
 }
@@ -250,7 +252,7 @@ pub fn run(args: &SweepArgs, cache: &Cache) -> Result<String> {
             let mark = if mine.contains(&i) { "run " } else { "skip" };
             let p = &pipelines[i];
             let device_name = backend::device_name(p.pipeline.backend, p.pipeline.devices[0]);
-            let plan = pipeline::plan(p, cache, &[], &device_name)?;
+            let plan = pipeline::plan(p, cache, &args.force, &device_name)?;
             let to_run: Vec<&str> = plan.stages.iter().filter(|s| s.status != pipeline::Status::Cached).map(|s| s.spec.name.as_str()).collect();
             out.push_str(&format!("  {mark} {:<32} stages to run: {}\n", point.name, if to_run.is_empty() { "none".into() } else { to_run.join(" ") }));
         }
@@ -281,7 +283,7 @@ pub fn run(args: &SweepArgs, cache: &Cache) -> Result<String> {
                 let out = log_dir.join(format!("{}.log", point.name));
                 progress.lock().unwrap().println(&format!("{}: started on devices {devices:?}", point.name));
                 let start = Instant::now();
-                let result = run_point(&args.runner, sweep, point, devices, root, &out);
+                let result = run_point(args, sweep, point, devices, root, &out);
                 let mut bar = progress.lock().unwrap();
                 match result {
                     Ok(()) => bar.println(&format!("{}: done in {:.0} s", point.name, start.elapsed().as_secs_f64())),
@@ -304,11 +306,15 @@ pub fn run(args: &SweepArgs, cache: &Cache) -> Result<String> {
     Ok(summary + "\n")
 }
 
-fn run_point(runner: &Path, sweep: &Sweep, point: &Point, devices: &[usize], root: &Path, out: &Path) -> Result<()> {
+fn run_point(args: &SweepArgs, sweep: &Sweep, point: &Point, devices: &[usize], root: &Path, out: &Path) -> Result<()> {
+    let runner = &args.runner;
     let overrides = sweep.overrides(point, devices, root);
     let log = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut cmd = Command::new(runner);
     cmd.arg("run").arg(&sweep.file.pipeline);
+    for f in &args.force {
+        cmd.arg("--force").arg(f);
+    }
     for w in &overrides.with {
         cmd.arg("--with").arg(w);
     }

@@ -64,6 +64,13 @@ fn a_stage_without_manifest_is_rerun_and_forcing_reruns_one_stage() {
 
     let forced = nvit::pipeline::plan(&p, &cache, &["evaluate".into()], "test-cpu").unwrap();
     assert_eq!(reasons(&forced, "evaluate"), ["forced with --force"]);
+    // Forcing a stage forces the stages that read it, and only those.
+    let path = tiny_pipeline(dir.path(), "[stages.again]\nkind = \"evaluate\"\ninput = \"train\"\n\n[stages.r]\nkind = \"report\"\nmodels = [\"evaluate\"]\n");
+    let p = load(&path, &[]);
+    let forced = nvit::pipeline::plan(&p, &cache, &["evaluate".into()], "test-cpu").unwrap();
+    assert_eq!(reasons(&forced, "r"), ["its input `evaluate` is forced with --force"]);
+    assert!(forced.stages.iter().find(|s| s.spec.name == "r").unwrap().forced, "its complete entry is discarded, not reused");
+    assert!(!forced.stages.iter().find(|s| s.spec.name == "again").unwrap().forced);
     let err = nvit::pipeline::plan(&p, &cache, &["evaluat".into()], "test-cpu").err().unwrap().to_string();
     assert!(err.starts_with("--force evaluat: the pipeline has no stage `evaluat`; did you mean `evaluate`?"), "{err}");
 }

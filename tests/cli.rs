@@ -50,6 +50,23 @@ fn missing_backend_feature_says_how_to_build_it() {
 }
 
 #[test]
+fn bench_model_writes_training_and_inference_rates() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model.csv");
+    let args = ["bench", "model", "--preset", "deit-tiny-distilled", "--batch", "2", "--steps", "1", "--devices", "0,0", "--out", out.to_str().unwrap()];
+    let (code, stdout, err) = output(runner(dir.path()).args(args));
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("train (forward, backward, AdamW): "), "{stdout}");
+    let mut reader = csv::Reader::from_path(&out).unwrap();
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        assert_eq!((&row[1], &row[2], &row[3], &row[4]), ("deit-tiny-distilled", "2", "2", "f32"));
+        assert!(row[6].parse::<f64>().unwrap() > 0.0, "{row:?}");
+    }
+}
+
+#[test]
 fn mixed_precision_on_the_cpu_is_refused_with_a_hint() {
     let dir = tempfile::tempdir().unwrap();
     let path = common::tiny_pipeline(dir.path(), "");

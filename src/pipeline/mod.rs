@@ -166,6 +166,7 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &
     let mut keys: BTreeMap<String, String> = BTreeMap::new();
     let mut stages = Vec::new();
     let mut upstream_runs: HashSet<String> = HashSet::new();
+    let mut forced_stages: HashSet<String> = HashSet::new();
     for spec in &pipeline.stages {
         let inputs: Vec<(String, String)> = spec.upstream().into_iter().map(|(_, i)| (i.to_string(), keys[i].clone())).collect();
         let key_input = KeyInput {
@@ -182,9 +183,18 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &
         };
         let key = key_input.key();
         keys.insert(spec.name.clone(), key.clone());
-        let forced = force.iter().any(|f| f == "all" || *f == spec.name);
+        // A stage that reads a forced stage's output is forced too: its own output would
+        // otherwise describe the old one (a report of re-measured throughput, say).
+        let forced_input = spec.upstream().into_iter().map(|(_, i)| i).find(|i| forced_stages.contains(*i));
+        let forced = force.iter().any(|f| f == "all" || *f == spec.name) || forced_input.is_some();
+        if forced {
+            forced_stages.insert(spec.name.clone());
+        }
         let status = if forced {
-            Status::Run(vec!["forced with --force".into()])
+            Status::Run(vec![match forced_input {
+                Some(i) if !force.iter().any(|f| f == "all" || *f == spec.name) => format!("its input `{i}` is forced with --force"),
+                _ => "forced with --force".into(),
+            }])
         } else if cache.complete(&key).is_some() {
             Status::Cached
         } else {
