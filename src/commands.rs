@@ -252,10 +252,7 @@ impl BackendJob for &BenchModel {
                 let device = replica.cls_token.device();
                 let t = crate::train::targets_tensor::<B>(targets[range.start * classes..range.end * classes].to_vec(), classes, &device);
                 let (images, _) = crate::train::to_tensors::<B>(batch.slice(range), &device);
-                let output = match half {
-                    Some(dtype) => crate::train::in_precision(replica.clone(), half).forward(images.cast(dtype)).to_f32(),
-                    None => replica.forward(images),
-                };
+                let output = crate::train::forward_in(replica, images, half);
                 let loss = crate::train::classification_loss(&output, t).mul_scalar(weight);
                 (crate::train::scalar(loss.clone()), loss.backward(), ())
             });
@@ -271,11 +268,8 @@ impl BackendJob for &BenchModel {
 
         let eval = crate::train::in_precision(model.valid(), half);
         let x = crate::train::to_tensors::<B::InnerBackend>(batch.slice(0..self.batch), device).0;
-        let x = match half {
-            Some(dtype) => x.cast(dtype),
-            None => x,
-        };
-        let infer = || eval.forward(x.clone()).cls.slice([0..1, 0..1]).into_data();
+        // The cast of the parameters is done once, as an inference deployment would.
+        let infer = || eval.forward(half.map_or(x.clone(), |d| x.clone().cast(d))).cls.slice([0..1, 0..1]).into_data();
         infer();
         let start = Instant::now();
         for _ in 0..self.steps {

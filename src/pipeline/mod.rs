@@ -70,7 +70,7 @@ impl RunLog {
     /// A progress bar for `steps` steps of `stage`; it also logs a line every 30 s, so a run
     /// without a terminal (CI, nohup) shows progress in the log too.
     pub fn progress(&self, stage: &str, steps: u64) -> Progress<'_> {
-        let bar = if self.quiet { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr()) };
+        let bar = ProgressBar::with_draw_target(Some(steps), if self.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
         bar.set_style(
             ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} (eta {eta})")
                 .expect("valid template")
@@ -101,7 +101,7 @@ impl Progress<'_> {
         if self.last_log.elapsed() > Duration::from_secs(30) {
             self.last_log = Instant::now();
             let (pos, len) = (self.bar.position(), self.bar.length().unwrap_or(0));
-            let eta = if pos > 0 { self.start.elapsed().as_secs_f64() / pos as f64 * (len - pos) as f64 } else { 0.0 };
+            let eta = if pos > 0 { self.start.elapsed().as_secs_f64() / pos as f64 * len.saturating_sub(pos) as f64 } else { 0.0 };
             self.bar.suspend(|| self.log.info(&format!("{}: step {pos}/{len} {message} (eta {:.0} s)", self.stage, eta)));
         }
     }

@@ -298,7 +298,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                 let device = replica.cls_token.device();
                 let targets = targets_tensor::<B>(targets[range.start * classes..range.end * classes].to_vec(), classes, &device);
                 let (images, _) = to_tensors::<B>(batch.slice(range), &device);
-                let taught = teacher_output::<B>(&teacher, &images);
+                let taught = teacher_output::<B>(&teacher, &images, None);
                 let (loss, grads, sums) = gate_gradients(replica, |m| {
                     let output = m.forward(images);
                     let soft = distillation_loss(&output, &taught, s.temperature).mul_scalar(s.kd_weight);

@@ -26,7 +26,7 @@ use crate::model::{checkpoint, Vit};
 use crate::pipeline::atomic_write;
 use crate::train::parallel::data_parallel;
 use crate::train::{
-    in_precision, Precision, check_finite, classification_loss, correct, distillation_loss, scalar, targets_tensor, teacher_output, to_tensors, Schedule,
+    forward_in, in_precision, Precision, check_finite, classification_loss, correct, distillation_loss, scalar, targets_tensor, teacher_output, to_tensors, Schedule,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -258,18 +258,11 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
                 let device = replica.cls_token.device();
                 let targets = targets_tensor::<B>(targets[range.start * classes..range.end * classes].to_vec(), classes, &device);
                 let (images, labels) = to_tensors::<B>(batch.slice(range), &device);
-                let images = match half {
-                    Some(dtype) => images.cast(dtype),
-                    None => images,
-                };
                 // Casting the f32 parameters is part of the graph: their gradients come back in f32.
-                let output = match half {
-                    Some(_) => in_precision(replica.clone(), half).forward(images.clone()).to_f32(),
-                    None => replica.forward(images.clone()),
-                };
+                let output = forward_in(replica, images.clone(), half);
                 let mut loss = classification_loss(&output, targets);
                 if let Some(teacher) = &teacher {
-                    let taught = teacher_output::<B>(teacher, &images).to_f32();
+                    let taught = teacher_output::<B>(teacher, &images, half);
                     loss = loss + distillation_loss(&output, &taught, s.temperature).mul_scalar(s.kd_weight);
                 }
                 let weighted = if weight == 1.0 { loss } else { loss.mul_scalar(weight) };

@@ -80,9 +80,22 @@ pub fn in_precision<B: Backend>(model: Vit<B>, dtype: Option<FloatDType>) -> Vit
     }
 }
 
+/// `model` on `images`, computing in `dtype` (`None`: f32); both heads come back in f32.
+pub fn forward_in<B: Backend>(model: &Vit<B>, images: Tensor<B, 4>, dtype: Option<FloatDType>) -> VitOutput<B> {
+    match dtype {
+        Some(d) => in_precision(model.clone(), dtype).forward(images.cast(d)).to_f32(),
+        None => model.forward(images),
+    }
+}
+
 /// The teacher's output on `images`, computed without a graph, as constants of the student's.
-pub fn teacher_output<B: AutodiffBackend>(teacher: &Vit<B::InnerBackend>, images: &Tensor<B, 4>) -> VitOutput<B> {
-    let out = teacher.forward(images.clone().inner());
+/// `dtype` is the precision the teacher's parameters were cast to (`in_precision`), if any.
+pub fn teacher_output<B: AutodiffBackend>(teacher: &Vit<B::InnerBackend>, images: &Tensor<B, 4>, dtype: Option<FloatDType>) -> VitOutput<B> {
+    let images = images.clone().inner();
+    let out = match dtype {
+        Some(d) => teacher.forward(images.cast(d)).to_f32(),
+        None => teacher.forward(images),
+    };
     VitOutput { cls: Tensor::from_inner(out.cls), dist: out.dist.map(Tensor::from_inner) }
 }
 
