@@ -43,6 +43,9 @@ enum Command {
     /// stage cache shared; writes one combined table (see pipelines/sweeps/).
     Sweep {
         sweep: PathBuf,
+        /// Layer a TOML file over every point's pipeline, after the sweep file's `with`.
+        #[arg(long = "with", value_name = "FILE")]
+        with: Vec<PathBuf>,
         /// Run only the I-th of N shares of the points (1-based), e.g. a Slurm array task's.
         #[arg(long, value_name = "I/N")]
         shard: Option<String>,
@@ -56,7 +59,7 @@ enum Command {
         #[arg(long, value_name = "STAGE|all")]
         force: Vec<String>,
         /// Print an sbatch array script that runs the sweep's shards on a Slurm cluster.
-        #[arg(long, conflicts_with_all = ["shard", "dry_run", "force"])]
+        #[arg(long, conflicts_with_all = ["shard", "dry_run", "force", "with"])]
         emit_slurm: bool,
     },
     /// Print the resolved configuration and where each value came from.
@@ -179,14 +182,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let overrides = Overrides { with, set, env: true };
             commands::run(&RunArgs { pipeline, overrides, force, dry_run }, &cache)
         }
-        Command::Sweep { sweep, shard, devices, dry_run, force, emit_slurm } => {
+        Command::Sweep { sweep, with, shard, devices, dry_run, force, emit_slurm } => {
             let runner = std::env::current_exe()?;
             if emit_slurm {
                 print!("{}", nvit::sweep::slurm_script(&sweep, &runner, &cache)?);
                 return Ok(());
             }
             let shard = shard.as_deref().map(nvit::sweep::parse_shard).transpose()?;
-            let args = nvit::sweep::SweepArgs { sweep, shard, devices, dry_run, force, runner };
+            let args = nvit::sweep::SweepArgs { sweep, with, shard, devices, dry_run, force, runner };
             print!("{}", nvit::sweep::run(&args, &cache)?);
             Ok(())
         }

@@ -224,6 +224,8 @@ pub fn parse_shard(text: &str) -> Result<(usize, usize)> {
 
 pub struct SweepArgs {
     pub sweep: PathBuf,
+    /// Files layered after the sweep file's `with` (a smoke-test profile).
+    pub with: Vec<PathBuf>,
     pub shard: Option<(usize, usize)>,
     /// Overrides the sweep file's `devices` (an array task sees its GPUs as 0..n).
     pub devices: Option<Vec<usize>>,
@@ -241,6 +243,7 @@ pub fn run(args: &SweepArgs, cache: &Cache) -> Result<String> {
     if let Some(devices) = &args.devices {
         sweep.file.devices = devices.clone();
     }
+    sweep.file.with.extend(args.with.iter().cloned());
     let pipelines = sweep.check()?;
     let base = sweep.base()?;
     let root = sweep.results_root(&base);

@@ -131,3 +131,18 @@ fn bad_sweeps_fail_before_anything_runs_naming_the_file_point_and_key() {
     assert!(err.contains("stages.evaluate.throughput_bach`; did you mean `throughput_batch`?"), "{err}");
     assert!(!dir.path().join("runs").exists(), "nothing ran");
 }
+
+#[test]
+fn the_paper_sweep_expands_to_its_four_targets() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = repo.join("pipelines/sweeps/nvit-targets.toml");
+    let smoke = repo.join("pipelines/smoke.toml");
+    let (code, out, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap(), "--with", smoke.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(code, 0, "{err}");
+    for target in ["0.54", "0.5", "0.39", "0.19"] {
+        let line = out.lines().find(|l| l.contains(&format!("latency_target-{target} "))).unwrap_or_else(|| panic!("{target}: {out}"));
+        assert!(line.contains("stages to run: dense evaluate_dense latency prune distill evaluate report"), "{line}");
+    }
+    assert!(out.contains("workers: [[0], [1], [2], [3]]"), "{out}");
+}
