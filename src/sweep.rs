@@ -386,16 +386,15 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
         w.write_record(&record)?;
     }
     atomic_write(&root.join("sweep.csv"), &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
-    // One point per pruned model, and the dense baseline once (every point shares it).
+    // Each point's models labelled by the point, but a model that several points share (the
+    // dense baseline, from one cached stage) once, under its own name.
     let mut plotted: Vec<table::Row> = Vec::new();
     for (name, row) in &lines {
-        let mut row = row.clone();
-        if !plotted.iter().any(|r| r.top1 == row.top1 && r.params_m == row.params_m) {
-            if row.speedup != Some(1.0) {
-                row.model = name.clone();
-            }
-            plotted.push(row);
+        let shared = lines.iter().filter(|(_, r)| r == row).count() > 1;
+        if shared && plotted.contains(row) {
+            continue;
         }
+        plotted.push(if shared { row.clone() } else { table::Row { model: name.clone(), ..row.clone() } });
     }
     if !plotted.is_empty() {
         plots::accuracy(&root.join("accuracy.svg"), &plotted)?;
