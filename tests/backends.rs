@@ -143,7 +143,7 @@ throughput_repeats = 1
 }
 
 /// Runs the tiny pipeline's `train` on wgpu with `precision` set (or not); its epoch losses.
-fn train_on_wgpu(precision: Option<&str>) -> anyhow::Result<Vec<f64>> {
+fn train_on_wgpu(precision: Option<&str>, shards: usize) -> anyhow::Result<Vec<f64>> {
     use nvit::pipeline::{self, Cache, RunLog};
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache { root: dir.path().join("cache") };
@@ -153,7 +153,8 @@ fn train_on_wgpu(precision: Option<&str>) -> anyhow::Result<Vec<f64>> {
     let p = common::load(&path, &set.iter().map(String::as_str).collect::<Vec<_>>());
     let mut plan = pipeline::plan(&p, &cache, &[], "wgpu-test").unwrap();
     plan.stages.truncate(1);
-    pipeline::execute::<Autodiff<Wgpu>>(&p, &plan, &cache, &[Default::default()], "wgpu-test", None, &RunLog::silent())?;
+    let devices = vec![Default::default(); shards];
+    pipeline::execute::<Autodiff<Wgpu>>(&p, &plan, &cache, &devices, "wgpu-test", None, &RunLog::silent())?;
     let m = cache.complete(&plan.stages[0].key).unwrap().metrics;
     Ok(m["epoch_losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
 }
@@ -175,14 +176,23 @@ fn mixed_precision_trains_like_f32_and_an_unsupported_dtype_is_an_error() {
     eprintln!("f16 logits: rel. err {e:.2e}");
     assert!(e > 1e-6 && e < 1e-2, "f16 logits differ from f32 by {e} of their scale");
 
-    let full = train_on_wgpu(None).unwrap();
-    let half = train_on_wgpu(Some("f16")).unwrap();
+    let full = train_on_wgpu(None, 1).unwrap();
+    let half = train_on_wgpu(Some("f16"), 1).unwrap();
     eprintln!("epoch losses f32 {full:?}, f16 {half:?}");
     assert!(full[2] < full[0], "f32 learns: {full:?}");
     for (a, b) in full.iter().zip(&half) {
         assert!((a - b).abs() < 0.02 * a, "f32 {full:?} vs f16 {half:?}");
     }
     assert_ne!(full, half, "f16 computed something different");
-    let err = format!("{:#}", train_on_wgpu(Some("bf16")).unwrap_err());
+    // Data parallel on a GPU backend (one lavapipe device, twice: replicas, threads, gradients
+    // moved and summed through wgpu), in f16 too.
+    for precision in [None, Some("f16")] {
+        let sharded = train_on_wgpu(precision, 2).unwrap();
+        let reference = if precision.is_some() { &half } else { &full };
+        for (a, b) in reference.iter().zip(&sharded) {
+            assert!((a - b).abs() < 1e-3 * a, "{precision:?}: one device {reference:?} vs two shards {sharded:?}");
+        }
+    }
+    let err = format!("{:#}", train_on_wgpu(Some("bf16"), 1).unwrap_err());
     assert!(err.contains("precision = \"bf16\": device") && err.contains("cannot compute in it"), "{err}");
 }
