@@ -59,7 +59,7 @@ enum Command {
         #[arg(long, value_name = "STAGE|all")]
         force: Vec<String>,
         /// Print an sbatch array script that runs the sweep's shards on a Slurm cluster.
-        #[arg(long, conflicts_with_all = ["shard", "dry_run", "force", "with"])]
+        #[arg(long, conflicts_with_all = ["shard", "dry_run", "force"])]
         emit_slurm: bool,
     },
     /// Print the resolved configuration and where each value came from.
@@ -185,7 +185,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Sweep { sweep, with, shard, devices, dry_run, force, emit_slurm } => {
             let runner = std::env::current_exe()?;
             if emit_slurm {
-                print!("{}", nvit::sweep::slurm_script(&sweep, &runner, &cache)?);
+                print!("{}", nvit::sweep::slurm_script(&sweep, &with, &runner, &cache)?);
                 return Ok(());
             }
             let shard = shard.as_deref().map(nvit::sweep::parse_shard).transpose()?;

@@ -426,8 +426,9 @@ fn table_columns() -> Vec<String> {
 
 /// `--emit-slurm`: an sbatch array script, one task per shard, each running its shard of the
 /// points with `runner sweep --shard`. Paths are absolute so the script runs from anywhere.
-pub fn slurm_script(sweep_path: &Path, runner: &Path, cache: &Cache) -> Result<String> {
-    let sweep = Sweep::read(sweep_path)?;
+pub fn slurm_script(sweep_path: &Path, with: &[PathBuf], runner: &Path, cache: &Cache) -> Result<String> {
+    let mut sweep = Sweep::read(sweep_path)?;
+    sweep.file.with.extend(with.iter().cloned());
     sweep.check()?;
     let s = &sweep.file.slurm;
     let shards = s.shards.unwrap_or(sweep.points.len()).clamp(1, sweep.points.len());
@@ -458,8 +459,9 @@ pub fn slurm_script(sweep_path: &Path, runner: &Path, cache: &Cache) -> Result<S
     out.push_str(&format!("cd {}\n", shell_quote(&cwd)));
     out.push_str(&format!("export RUNNER_CACHE=\"${{RUNNER_CACHE:-{}}}\"\n", abs(&cache.root).display()));
     out.push_str("# Slurm makes the task's GPUs visible as 0..n-1.\n");
+    let with: String = with.iter().map(|w| format!(" --with {}", shell_quote(&abs(w)))).collect();
     out.push_str(&format!(
-        "exec {} sweep {} --shard \"$SLURM_ARRAY_TASK_ID/{shards}\" --devices {devices}\n",
+        "exec {} sweep {}{with} --shard \"$SLURM_ARRAY_TASK_ID/{shards}\" --devices {devices}\n",
         shell_quote(&abs(runner)),
         shell_quote(&abs(sweep_path))
     ));

@@ -145,4 +145,11 @@ fn the_paper_sweep_expands_to_its_four_targets() {
         assert!(line.contains("stages to run: dense evaluate_dense latency prune distill evaluate report"), "{line}");
     }
     assert!(out.contains("workers: [[0], [1], [2], [3]]"), "{out}");
+
+    let (code, script, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap(), "--with", smoke.to_str().unwrap(), "--emit-slurm"]));
+    assert_eq!(code, 0, "{err}");
+    for line in ["#SBATCH --array=1-4", "#SBATCH --gpus-per-task=1", "#SBATCH --time=72:00:00"] {
+        assert!(script.lines().any(|l| l == line), "{line} in:\n{script}");
+    }
+    assert!(script.contains(&format!("--with '{}' --shard", smoke.display())), "{script}");
 }
