@@ -286,7 +286,8 @@ pub fn run(args: &SweepArgs, cache: &Cache) -> Result<String> {
                 let out = log_dir.join(format!("{}.log", point.name));
                 progress.lock().unwrap().println(&format!("{}: started on devices {devices:?}", point.name));
                 let start = Instant::now();
-                let result = run_point(args, sweep, point, devices, root, &out);
+                let news = |line: &str| progress.lock().unwrap().set_message(&format!("{}: {line}", point.name));
+                let result = run_point(args, sweep, point, devices, root, &out, news);
                 let mut bar = progress.lock().unwrap();
                 match result {
                     Ok(()) => bar.println(&format!("{}: done in {:.0} s", point.name, start.elapsed().as_secs_f64())),
@@ -309,7 +310,9 @@ pub fn run(args: &SweepArgs, cache: &Cache) -> Result<String> {
     Ok(summary + "\n")
 }
 
-fn run_point(args: &SweepArgs, sweep: &Sweep, point: &Point, devices: &[usize], root: &Path, out: &Path) -> Result<()> {
+/// Runs one point to completion, passing the newest line of its output to `news` every few
+/// seconds (its stage, step and ETA: the child logs them every 30 s).
+fn run_point(args: &SweepArgs, sweep: &Sweep, point: &Point, devices: &[usize], root: &Path, out: &Path, news: impl Fn(&str)) -> Result<()> {
     let runner = &args.runner;
     let overrides = sweep.overrides(point, devices, root);
     let log = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
@@ -324,12 +327,26 @@ fn run_point(args: &SweepArgs, sweep: &Sweep, point: &Point, devices: &[usize], 
     for s in &overrides.set {
         cmd.arg("--set").arg(s);
     }
-    let status = cmd
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        .status()
+        .spawn()
         .with_context(|| format!("starting {}", runner.display()))?;
+    let mut last_news = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if last_news.elapsed().as_secs() < 3 {
+            continue;
+        }
+        last_news = Instant::now();
+        if let Some(line) = std::fs::read_to_string(out).ok().and_then(|t| t.lines().rev().find(|l| !l.trim().is_empty()).map(String::from)) {
+            news(&line);
+        }
+    };
     if !status.success() {
         bail!("`runner run` exited with {status}");
     }

@@ -94,6 +94,11 @@ impl Progress<'_> {
         self.bar.set_position(pos);
     }
 
+    /// Shows `message` beside the bar without advancing it.
+    pub fn set_message(&self, message: &str) {
+        self.bar.set_message(message.to_string());
+    }
+
     /// Advances one step and shows `message` (loss, accuracy, throughput).
     pub fn step(&mut self, message: &str) {
         self.bar.inc(1);
