@@ -112,16 +112,20 @@ impl Sweep {
         file.pipeline = dir.join(&file.pipeline);
         file.with = file.with.iter().map(|w| dir.join(w)).collect();
         let name = file.name.clone().unwrap_or_else(|| path.file_stem().map_or("sweep".into(), |s| s.to_string_lossy().into_owned()));
-        if file.devices.is_empty() || file.devices_per_point == 0 || file.devices.len() % file.devices_per_point != 0 {
-            bail!(
-                "{}: devices = {:?} cannot be split into workers of devices_per_point = {}",
-                path.display(),
-                file.devices,
-                file.devices_per_point
-            );
-        }
         let points = expand(&file.grid).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        Ok(Self { path: path.to_path_buf(), name, file, points })
+        let devices = file.devices.clone();
+        Self { path: path.to_path_buf(), name, file, points }.set_devices(devices)
+    }
+
+    /// The sweep on `devices` (the file's, or `--devices`): whole workers of
+    /// `devices_per_point` each.
+    pub fn set_devices(mut self, devices: Vec<usize>) -> Result<Self> {
+        let per = self.file.devices_per_point;
+        if devices.is_empty() || per == 0 || devices.len() % per != 0 {
+            bail!("{}: devices {devices:?} cannot be split into workers of devices_per_point = {per}", self.path.display());
+        }
+        self.file.devices = devices;
+        Ok(self)
     }
 
     /// Where every point's results go: `<results_dir>/<sweep>/`, beside the combined table.
@@ -241,7 +245,7 @@ pub struct SweepArgs {
 pub fn run(args: &SweepArgs, cache: &Cache) -> Result<String> {
     let mut sweep = Sweep::read(&args.sweep)?;
     if let Some(devices) = &args.devices {
-        sweep.file.devices = devices.clone();
+        sweep = sweep.set_devices(devices.clone())?;
     }
     sweep.file.with.extend(args.with.iter().cloned());
     let pipelines = sweep.check()?;

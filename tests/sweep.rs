@@ -122,6 +122,11 @@ fn bad_sweeps_fail_before_anything_runs_naming_the_file_point_and_key() {
     assert_eq!(code, 1);
     assert!(err.contains("tiny-sweep.toml") && err.contains("unknown field `device`"), "{err}");
 
+    let sweep = sweep_file(dir.path(), "devices_per_point = 2\ndevices = [0, 1]");
+    let (code, _, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap(), "--devices", "0"]));
+    assert_eq!(code, 1);
+    assert!(err.contains("devices [0] cannot be split into workers of devices_per_point = 2"), "{err}");
+
     let sweep = sweep_file(dir.path(), "");
     let text = std::fs::read_to_string(&sweep).unwrap().replace("throughput_batch\" = [4, 8]", "throughput_bach\" = [4, 8]");
     std::fs::write(&sweep, text).unwrap();
