@@ -14,6 +14,14 @@ use nvit::model::checkpoint::{self, StateDict};
 use nvit::model::{Vit, VitConfig};
 use nvit::train::{classification_loss, targets_tensor};
 
+/// The tests take turns on the device: a backend's seeded RNG is shared by everything running
+/// on it, so a test initializing a model while another draws random numbers gets other weights.
+static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    DEVICE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Loss, both heads' logits, and the gradients of parameters spread over the model.
 struct Pass {
     loss: f32,
@@ -58,6 +66,7 @@ fn rel_err(ours: &[f32], reference: &[f32]) -> f32 {
 
 #[test]
 fn wgpu_forward_and_backward_match_ndarray() {
+    let _turn = turn();
     // Widths that are not powers of two nor multiples of the GPU tile sizes, as after pruning.
     let mut config = VitConfig::uniform(32, 8, 3, 48, 2, 3, 4.0, 10, true);
     config.blocks[0].qk = 13;
@@ -88,6 +97,7 @@ fn wgpu_forward_and_backward_match_ndarray() {
 /// its latency profiled on the device, scored, pruned, distilled and evaluated.
 #[test]
 fn every_stage_runs_on_wgpu() {
+    let _turn = turn();
     use nvit::pipeline::{self, Cache, RunLog};
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache { root: dir.path().join("cache") };
@@ -163,6 +173,7 @@ fn train_on_wgpu(precision: Option<&str>, shards: usize) -> anyhow::Result<Vec<f
 /// compute in, is refused with the device named.
 #[test]
 fn mixed_precision_trains_like_f32_and_an_unsupported_dtype_is_an_error() {
+    let _turn = turn();
     // The forward pass really is f16: its logits are f16 and differ from f32's at f16's resolution.
     let config = VitConfig::uniform(32, 8, 3, 48, 2, 3, 4.0, 10, true);
     let device = Default::default();
@@ -189,6 +200,7 @@ fn mixed_precision_trains_like_f32_and_an_unsupported_dtype_is_an_error() {
     for precision in [None, Some("f16")] {
         let sharded = train_on_wgpu(precision, 2).unwrap();
         let reference = if precision.is_some() { &half } else { &full };
+        eprintln!("{precision:?}: one device {reference:?}, two shards {sharded:?}");
         for (a, b) in reference.iter().zip(&sharded) {
             assert!((a - b).abs() < 1e-3 * a, "{precision:?}: one device {reference:?} vs two shards {sharded:?}");
         }

@@ -1,5 +1,5 @@
 //! Data parallelism in one process: each device takes a contiguous shard of the batch, runs
-//! forward and backward on its own replica of the model, and the gradients are summed on the
+//! forward and backward on its own replica of the model (one thread per device), and the gradients are summed on the
 //! first device before the optimizer step. Each shard's loss is weighted by its share of the
 //! batch, so the sum is the gradient of the whole batch's mean loss: the step is the one a
 //! single device would take on the full batch, up to floating-point order. Saliencies built
@@ -43,7 +43,7 @@ pub struct Step<T> {
 pub type ShardResult<B, T> = (f64, <B as AutodiffBackend>::Gradients, T);
 
 /// Runs `work(replica, shard, payload, weight)` for each shard of a batch of `n` examples, one
-/// per device, in parallel. `work` must scale its loss by `weight` (the shard's share of the
+/// per device, the devices in parallel (a device listed twice runs its shards in turn). `work` must scale its loss by `weight` (the shard's share of the
 /// batch) before `backward`. `payloads` holds one value per device (its replica of a teacher,
 /// say), handed to that device's shard. With one device, `work` runs on `model` itself with
 /// weight 1, exactly as a loop without this would.
@@ -66,25 +66,34 @@ where
         return Step { loss, grads: GradientsParams::from_grads(grads, model), shards: vec![out] };
     }
     let main = &devices[0];
-    let results: Vec<(f64, GradientsParams, T)> = std::thread::scope(|s| {
-        let handles: Vec<_> = ranges
-            .iter()
-            .zip(devices)
-            .zip(payloads)
-            .map(|((range, device), payload)| {
+    // Shards that share a device run in turn on it: threads would only contend for it.
+    let mut groups: Vec<(&B::Device, Vec<(Range<usize>, P)>)> = Vec::new();
+    for ((range, device), payload) in ranges.into_iter().zip(devices).zip(payloads) {
+        match groups.iter_mut().find(|(d, _)| *d == device) {
+            Some((_, items)) => items.push((range, payload)),
+            None => groups.push((device, vec![(range, payload)])),
+        }
+    }
+    let run_group = |device: &B::Device, items: Vec<(Range<usize>, P)>| -> Vec<(f64, GradientsParams, T)> {
+        items
+            .into_iter()
+            .map(|(range, payload)| {
                 let replica = model.clone().fork(device);
                 let weight = range.len() as f32 / n as f32;
-                let work = &work;
-                let range = range.clone();
-                s.spawn(move || {
-                    let (loss, grads, out) = work(&replica, range, payload, weight);
-                    let grads = GradientsParams::from_grads(grads, &replica).to_device(main, &replica);
-                    (loss, grads, out)
-                })
+                let (loss, grads, out) = work(&replica, range, payload, weight);
+                (loss, GradientsParams::from_grads(grads, &replica).to_device(main, &replica), out)
             })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("a shard's thread panicked")).collect()
-    });
+            .collect()
+    };
+    let results: Vec<(f64, GradientsParams, T)> = if groups.len() == 1 {
+        let (device, items) = groups.pop().expect("one group");
+        run_group(device, items)
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = groups.into_iter().map(|(device, items)| s.spawn(|| run_group(device, items))).collect();
+            handles.into_iter().flat_map(|h| h.join().expect("a device's thread panicked")).collect()
+        })
+    };
     let mut total = GradientsAccumulator::<Vit<B>>::new();
     let mut loss = 0.0;
     let mut outs = Vec::with_capacity(results.len());
