@@ -31,6 +31,11 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, indices: &[usize], job: J) -> 
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
             use burn::backend::wgpu::WgpuDevice;
+            if indices.iter().any(|&i| i != indices[0]) {
+                bail!(
+                    "pipeline.devices = {indices:?}: data parallel over several wgpu devices needs copies between them, which burn 0.21's wgpu runtime does not implement (cubecl's send/recv panic)\n  hint: use the cuda backend for several GPUs, or one wgpu device"
+                );
+            }
             // Device 0 is wgpu's pick of the best adapter: a discrete GPU where there is one,
             // else an integrated, virtual or CPU one (lavapipe, in CI).
             let device = |i: usize| if i == 0 { WgpuDevice::DefaultDevice } else { WgpuDevice::DiscreteGpu(i) };

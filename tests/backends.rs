@@ -208,3 +208,19 @@ fn mixed_precision_trains_like_f32_and_an_unsupported_dtype_is_an_error() {
     let err = format!("{:#}", train_on_wgpu(Some("bf16"), 1).unwrap_err());
     assert!(err.contains("precision = \"bf16\": device") && err.contains("cannot compute in it"), "{err}");
 }
+
+/// burn 0.21's wgpu runtime cannot copy between devices, so data parallel over two of them is
+/// refused up front (on lavapipe's two adapters it panicked in cubecl and trained on garbage).
+#[test]
+fn several_distinct_wgpu_devices_are_refused_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(["run", path.to_str().unwrap(), "--backend", "wgpu", "--devices", "0,1"])
+        .env("RUNNER_CACHE", dir.path().join("cache"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("pipeline.devices = [0, 1]: data parallel over several wgpu devices") && err.contains("hint: use the cuda backend"), "{err}");
+}
