@@ -26,7 +26,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline> {
 pub fn run(args: &RunArgs, cache: &Cache) -> Result<()> {
     let pipeline = load(&args.pipeline, &args.overrides)?;
     let p = &pipeline.pipeline;
-    let device_name = backend::device_name(p.backend, p.devices[0]);
+    let device_name = pipeline.device_name();
     let plan = pipeline::plan(&pipeline, cache, &args.force, &device_name)?;
     if args.dry_run {
         print!("{}", pipeline::describe(&plan));
@@ -133,8 +133,7 @@ pub fn cache_gc(cache: &Cache, dir: &Path) -> Result<String> {
             continue;
         }
         let plan = load(entry.path(), &Overrides::default()).and_then(|p| {
-            let name = backend::device_name(p.pipeline.backend, p.pipeline.devices[0]);
-            pipeline::plan(&p, cache, &[], &name).map(|plan| (p, plan))
+            pipeline::plan(&p, cache, &[], &p.device_name()).map(|plan| (p, plan))
         });
         match plan {
             Ok((_, plan)) => keep.extend(plan.stages.into_iter().map(|s| s.key)),

@@ -86,6 +86,13 @@ pub struct StageSpec {
     pub settings: StageSettings,
 }
 
+impl Pipeline {
+    /// The name of the device that takes the measurements (the first), for cache keys and tables.
+    pub fn device_name(&self) -> String {
+        crate::backend::device_name(self.pipeline.backend, self.pipeline.devices[0])
+    }
+}
+
 impl StageSpec {
     /// Every stage this one reads, as `(key, stage name)`: its `input`, then the stages its
     /// settings reference. They must come before it, and their cache keys are part of its own.

@@ -27,7 +27,6 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::backend;
 use crate::config::{self, Overrides, Pipeline};
 use crate::pipeline::{self, atomic_write, Cache, Manifest, RunLog};
 use crate::report::{plots, table};
@@ -258,8 +257,7 @@ pub fn run(args: &SweepArgs, cache: &Cache) -> Result<String> {
         for (i, point) in sweep.points.iter().enumerate() {
             let mark = if mine.contains(&i) { "run " } else { "skip" };
             let p = &pipelines[i];
-            let device_name = backend::device_name(p.pipeline.backend, p.pipeline.devices[0]);
-            let plan = pipeline::plan(p, cache, &args.force, &device_name)?;
+            let plan = pipeline::plan(p, cache, &args.force, &p.device_name())?;
             let to_run: Vec<&str> = plan.stages.iter().filter(|s| s.status != pipeline::Status::Cached).map(|s| s.spec.name.as_str()).collect();
             out.push_str(&format!("  {mark} {:<32} stages to run: {}\n", point.name, if to_run.is_empty() { "none".into() } else { to_run.join(" ") }));
         }
@@ -375,8 +373,7 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
     let mut lines: Vec<(String, table::Row)> = Vec::new();
     let mut finished = 0;
     for (point, p) in sweep.points.iter().zip(pipelines) {
-        let device_name = backend::device_name(p.pipeline.backend, p.pipeline.devices[0]);
-        let plan = pipeline::plan(p, cache, &[], &device_name)?;
+        let plan = pipeline::plan(p, cache, &[], &p.device_name())?;
         let mut evaluated = Vec::new();
         for s in plan.stages.iter().filter(|s| s.spec.kind == StageKind::Evaluate) {
             if let Some(dir) = cache.complete(&s.key).map(|_| cache.entry_dir(&s.key)) {

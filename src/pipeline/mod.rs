@@ -381,7 +381,7 @@ fn run_stage<B: AutodiffBackend>(
     let stages: Vec<(String, PathBuf)> = planned.key_input.inputs.iter().map(|(name, key)| (name.clone(), cache.entry_dir(key))).collect();
     let input = spec.input.as_ref().map(|name| stages.iter().find(|(n, _)| n == name).cloned().expect("the input is planned"));
     let start = Instant::now();
-    let ctx = StageContext::<B> { pipeline, spec, dir: dir.clone(), input, stages, device: devices[0].clone(), devices: devices.to_vec(), device_name, log };
+    let ctx = StageContext::<B> { pipeline, spec, dir: dir.clone(), input, stages, devices: devices.to_vec(), device_name, log };
     let metrics = stages::run(&ctx)?;
     let seconds = start.elapsed().as_secs_f64();
     let mut files = Vec::new();

@@ -49,7 +49,7 @@ impl EvaluateSettings {
 }
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> Result<serde_json::Value> {
-    let device = &ctx.device;
+    let device = ctx.device();
     let Some(model) = ctx.input_model::<B::InnerBackend>(device)? else {
         anyhow::bail!("evaluate needs a model: give it an `input` stage (load_pretrained, train, ...)");
     };

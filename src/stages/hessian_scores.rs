@@ -81,7 +81,7 @@ impl HessianScoresSettings {
 }
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &HessianScoresSettings) -> Result<serde_json::Value> {
-    let device = &ctx.device;
+    let device = ctx.device();
     let Some(model) = ctx.input_model::<B>(device)? else {
         anyhow::bail!("hessian_scores needs a model: give it an `input` stage");
     };

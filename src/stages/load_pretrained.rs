@@ -36,10 +36,10 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &LoadPretrainedSettings
     let hint = ctx.pipeline.model.resolve(classes)?;
     let model = if ctx.pipeline.model.init == Some(Init::Random) {
         ctx.log.info(&format!("{}: model.init = random: random weights, `{}` is not read", ctx.spec.name, s.path.display()));
-        B::InnerBackend::seed(&ctx.device, ctx.pipeline.pipeline.seed);
-        hint.init::<B::InnerBackend>(&ctx.device)
+        B::InnerBackend::seed(ctx.device(), ctx.pipeline.pipeline.seed);
+        hint.init::<B::InnerBackend>(ctx.device())
     } else {
-        checkpoint::load_pretrained::<B::InnerBackend>(&s.path, &hint, &ctx.device)?
+        checkpoint::load_pretrained::<B::InnerBackend>(&s.path, &hint, ctx.device())?
     };
     let c = &model.config;
     ctx.log.info(&format!(

@@ -258,15 +258,18 @@ pub struct StageContext<'a, B: AutodiffBackend> {
     pub input: Option<(String, PathBuf)>,
     /// Every stage this one reads (input and references), with its entry directory.
     pub stages: Vec<(String, PathBuf)>,
-    /// Where the model lives and measurements are taken: `devices[0]`.
-    pub device: B::Device,
-    /// Every device of the run; training stages split each batch across them.
+    /// Every device of the run (at least one); training stages split each batch across them.
     pub devices: Vec<B::Device>,
     pub device_name: &'a str,
     pub log: &'a RunLog,
 }
 
 impl<B: AutodiffBackend> StageContext<'_, B> {
+    /// Where the model lives and measurements are taken: the first device.
+    pub fn device(&self) -> &B::Device {
+        &self.devices[0]
+    }
+
     /// The entry directory of a stage this one references.
     pub fn stage_dir(&self, name: &str) -> Result<PathBuf> {
         self.stages

@@ -94,7 +94,7 @@ impl ProfileLatencySettings {
 }
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings) -> Result<serde_json::Value> {
-    let device = &ctx.device;
+    let device = ctx.device();
     let Some(model) = ctx.input_model::<B::InnerBackend>(device)? else {
         anyhow::bail!("profile_latency needs a model (for its widths and token count): give it an `input` stage");
     };
@@ -142,7 +142,7 @@ fn measure<B: AutodiffBackend>(
     if !problems.is_empty() {
         anyhow::bail!("{}", problems.join("; "));
     }
-    let device = &ctx.device;
+    let device = ctx.device();
     let points = grid.points();
     let mut progress = ctx.log.progress(&ctx.spec.name, points.len() as u64);
     let mut values = Vec::with_capacity(points.len());

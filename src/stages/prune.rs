@@ -263,7 +263,7 @@ fn prune_uniform(scores: &Masks, masks: &mut Masks, keep: f64) {
 }
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Result<serde_json::Value> {
-    let device = &ctx.device;
+    let device = ctx.device();
     let Some(dense) = ctx.input_model::<B>(device)? else {
         anyhow::bail!("prune needs a model: give it an `input` stage");
     };

@@ -170,7 +170,7 @@ struct CheckpointState {
 type Rec = BinFileRecorder<FullPrecisionSettings>;
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Result<serde_json::Value> {
-    let device = &ctx.device;
+    let device = ctx.device();
     let seed = ctx.pipeline.pipeline.seed;
     B::seed(device, seed);
     let mut model: Vit<B> = match ctx.input_model::<B>(device)? {
