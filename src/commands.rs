@@ -243,14 +243,11 @@ impl BackendJob for &BenchModel {
         let labels: Vec<i64> = (0..self.batch).map(|i| (i % config.num_classes) as i64).collect();
         let batch = crate::data::Batch { images: pixels, labels, shape: [self.batch, 3, size, size] };
         let targets = crate::data::mix::soft_targets(&batch.labels, config.num_classes, 0.1, 1.0);
-        let classes = config.num_classes;
         let mut optim = AdamWConfig::new().init::<B, crate::model::Vit<B>>();
 
         let mut train_step = |model: crate::model::Vit<B>| -> crate::model::Vit<B> {
             let step = crate::train::parallel::data_parallel(&model, &devices, self.batch, vec![(); devices.len()], |replica, range, (), weight| {
-                let device = replica.cls_token.device();
-                let t = crate::train::targets_tensor::<B>(targets[range.start * classes..range.end * classes].to_vec(), classes, &device);
-                let (images, _) = crate::train::to_tensors::<B>(batch.slice(range), &device);
+                let (images, _, t) = crate::train::shard_tensors::<B>(&batch, &targets, range, &replica.cls_token.device());
                 let output = crate::train::forward_in(replica, images, half);
                 let loss = crate::train::classification_loss(&output, t).mul_scalar(weight);
                 (crate::train::scalar(loss.clone()), loss.backward(), ())
@@ -282,7 +279,7 @@ impl BackendJob for &BenchModel {
 pub fn bench_model(args: &BenchModel) -> Result<String> {
     let rows = backend::dispatch(args.backend, &args.devices, args)?;
     let device = backend::device_name(args.backend, args.devices[0]);
-    let precision = args.precision.map_or("f32".to_string(), |p| serde_json::to_value(p).unwrap().as_str().unwrap_or_default().to_string());
+    let precision = args.precision.map_or("f32".to_string(), |p| p.to_string());
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record(["what", "model", "batch", "devices", "precision", "steps", "images_per_s", "backend", "device"])?;
     let mut out = String::new();

@@ -106,7 +106,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &HessianScoresSettings)
                 let (loss, grads, sums) = gate_gradients(replica, |m| {
                     let device = images.device();
                     let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(&device).forward(m.forward(images).logits(), labels);
-                    if weight == 1.0 { ce } else { ce.mul_scalar(weight) }
+                    ce.mul_scalar(weight)
                 });
                 (scalar(loss), grads, sums)
             });

@@ -20,7 +20,7 @@ use crate::prune::saliency::{gate_gradients, rng, score};
 use crate::prune::{compact, Criterion, LatencyTable, Masks, Normalizers, ParamSet, Structure};
 use crate::data::mix::soft_targets;
 use crate::train::parallel::data_parallel;
-use crate::train::{check_finite, classification_loss, distillation_loss, scalar, targets_tensor, teacher_output, to_tensors};
+use crate::train::{check_finite, classification_loss, distillation_loss, scalar, shard_tensors, teacher_output};
 
 /// How pruning is spread over the network: NViT's global ranking, or the ablation's baseline.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -293,17 +293,13 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         for batch in loader.epoch(epoch) {
             let batch = batch?;
             let targets = soft_targets(&batch.labels, config.num_classes, 0.0, 1.0);
-            let classes = config.num_classes;
             let result = data_parallel(&student, &ctx.devices, batch.labels.len(), teachers.clone(), |replica, range, teacher, weight| {
-                let device = replica.cls_token.device();
-                let targets = targets_tensor::<B>(targets[range.start * classes..range.end * classes].to_vec(), classes, &device);
-                let (images, _) = to_tensors::<B>(batch.slice(range), &device);
+                let (images, _, targets) = shard_tensors::<B>(&batch, &targets, range, &replica.cls_token.device());
                 let taught = teacher_output::<B>(&teacher, &images, None);
                 let (loss, grads, sums) = gate_gradients(replica, |m| {
                     let output = m.forward(images);
                     let soft = distillation_loss(&output, &taught, s.temperature).mul_scalar(s.kd_weight);
-                    let loss = classification_loss(&output, targets) + soft;
-                    if weight == 1.0 { loss } else { loss.mul_scalar(weight) }
+                    (classification_loss(&output, targets) + soft).mul_scalar(weight)
                 });
                 (scalar(loss), grads, sums)
             });

@@ -26,7 +26,8 @@ use crate::model::{checkpoint, Vit};
 use crate::pipeline::atomic_write;
 use crate::train::parallel::data_parallel;
 use crate::train::{
-    forward_in, in_precision, Precision, check_finite, classification_loss, correct, distillation_loss, scalar, targets_tensor, teacher_output, to_tensors, Schedule,
+    check_finite, classification_loss, correct, distillation_loss, forward_in, in_precision, scalar, shard_tensors, teacher_output, Precision,
+    Schedule,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -195,10 +196,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
             );
         }
     }
-    let half = match s.precision {
-        Some(p) => p.compute_dtype::<B>(&ctx.devices)?,
-        None => None,
-    };
+    let half = s.precision.map(|p| p.compute_dtype::<B>(&ctx.devices)).transpose()?.flatten();
     // One replica of the teacher per device, made once (in the compute precision): the
     // student's are made every step.
     let teachers: Vec<Option<Vit<B::InnerBackend>>> =
@@ -253,11 +251,8 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let targets = mixer.apply(&mut batch, &mut rng);
             let n = batch.labels.len();
-            let classes = config.num_classes;
             let step_result = data_parallel(&model, &ctx.devices, n, teachers.clone(), |replica, range, teacher, weight| {
-                let device = replica.cls_token.device();
-                let targets = targets_tensor::<B>(targets[range.start * classes..range.end * classes].to_vec(), classes, &device);
-                let (images, labels) = to_tensors::<B>(batch.slice(range), &device);
+                let (images, labels, targets) = shard_tensors::<B>(&batch, &targets, range, &replica.cls_token.device());
                 // Casting the f32 parameters is part of the graph: their gradients come back in f32.
                 let output = forward_in(replica, images.clone(), half);
                 let mut loss = classification_loss(&output, targets);
@@ -265,7 +260,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
                     let taught = teacher_output::<B>(teacher, &images, half);
                     loss = loss + distillation_loss(&output, &taught, s.temperature).mul_scalar(s.kd_weight);
                 }
-                let weighted = if weight == 1.0 { loss } else { loss.mul_scalar(weight) };
+                let weighted = loss.mul_scalar(weight);
                 let (top1, _) = correct(output.logits().inner(), labels.inner(), 1);
                 (scalar(weighted.clone()), weighted.backward(), top1)
             });

@@ -27,6 +27,20 @@ pub fn targets_tensor<B: Backend>(targets: Vec<f32>, classes: usize, device: &B:
     crate::model::float_tensor(targets, [n, classes], device)
 }
 
+/// Examples `range` of a batch with their soft targets (`classes` per example, flat), as
+/// tensors on `device`: one data-parallel shard's images, labels and targets.
+pub fn shard_tensors<B: Backend>(
+    batch: &Batch,
+    targets: &[f32],
+    range: std::ops::Range<usize>,
+    device: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 1, Int>, Tensor<B, 2>) {
+    let classes = targets.len() / batch.labels.len();
+    let targets = targets_tensor(targets[range.start * classes..range.end * classes].to_vec(), classes, device);
+    let (images, labels) = to_tensors(batch.slice(range), device);
+    (images, labels, targets)
+}
+
 /// Cross-entropy against soft targets `[batch, classes]` (smoothed, mixed or one-hot labels),
 /// mean over the batch; a distilled model's two heads both learn them, losses averaged.
 pub fn classification_loss<B: Backend>(output: &VitOutput<B>, targets: Tensor<B, 2>) -> Tensor<B, 1> {
@@ -56,11 +70,20 @@ impl Precision {
         };
         if let Some(d) = devices.iter().find(|d| !B::supports_dtype(d, DType::from(dtype))) {
             bail!(
-                "precision = \"{}\": device {d:?} cannot compute in it\n  hint: mixed precision needs a GPU backend (cuda; wgpu for f16 where the adapter has shader-f16); leave precision unset on the CPU",
-                serde_json::to_value(self).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+                "precision = \"{self}\": device {d:?} cannot compute in it\n  hint: mixed precision needs a GPU backend (cuda; wgpu for f16 where the adapter has shader-f16); leave precision unset on the CPU"
             );
         }
         Ok(Some(dtype))
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        })
     }
 }
 

@@ -1,6 +1,6 @@
 //! Data parallelism in one process: each device takes a contiguous shard of the batch, runs
-//! forward and backward on its own replica of the model (one thread per device), and the gradients are summed on the
-//! first device before the optimizer step. Each shard's loss is weighted by its share of the
+//! forward and backward on its own replica of the model (one thread per device), and the
+//! gradients are summed on the first device before the optimizer step. Each shard's loss is weighted by its share of the
 //! batch, so the sum is the gradient of the whole batch's mean loss: the step is the one a
 //! single device would take on the full batch, up to floating-point order. Saliencies built
 //! from these gradients use the averaged gradient too (METHOD.md).
@@ -43,10 +43,10 @@ pub struct Step<T> {
 pub type ShardResult<B, T> = (f64, <B as AutodiffBackend>::Gradients, T);
 
 /// Runs `work(replica, shard, payload, weight)` for each shard of a batch of `n` examples, one
-/// per device, the devices in parallel (a device listed twice runs its shards in turn). `work` must scale its loss by `weight` (the shard's share of the
-/// batch) before `backward`. `payloads` holds one value per device (its replica of a teacher,
+/// per device, the devices in parallel (a device listed twice runs its shards in turn). `work`
+/// must scale its loss by `weight` (the shard's share of the batch) before `backward`. `payloads` holds one value per device (its replica of a teacher,
 /// say), handed to that device's shard. With one device, `work` runs on `model` itself with
-/// weight 1, exactly as a loop without this would.
+/// weight 1 (an exact multiplication), as a loop without this would.
 pub fn data_parallel<B, P, T>(
     model: &Vit<B>,
     devices: &[B::Device],
