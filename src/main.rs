@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use nvit::commands::{self, RunArgs};
 use nvit::config::{BackendKind, ConfigErrors, Overrides};
+use nvit::train::Precision;
 use nvit::pipeline::Cache;
 
 /// Global structural pruning of Vision Transformers (NViT), driven by TOML pipelines.
@@ -27,7 +28,7 @@ enum Command {
         set: Vec<String>,
         /// Backend: ndarray, wgpu or cuda (same as --set pipeline.backend=...).
         #[arg(long, value_enum)]
-        backend: Option<Backend>,
+        backend: Option<BackendKind>,
         /// Device indices, e.g. `--devices 0,1` to train data-parallel on two GPUs (same as
         /// --set pipeline.devices=[0,1]).
         #[arg(long, value_delimiter = ',')]
@@ -97,13 +98,13 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         steps: usize,
         #[arg(long, value_enum, default_value = "ndarray")]
-        backend: Backend,
+        backend: BackendKind,
         /// Devices to train on, data-parallel: `--devices 0,1`.
         #[arg(long, value_delimiter = ',', default_value = "0")]
         devices: Vec<usize>,
         /// f16 or bf16 compute on f32 weights (GPU backends only).
-        #[arg(long)]
-        precision: Option<String>,
+        #[arg(long, value_enum)]
+        precision: Option<Precision>,
         /// Default: results/bench/model-<backend>.csv.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -136,13 +137,6 @@ enum CacheCommand {
     },
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Backend {
-    Ndarray,
-    Wgpu,
-    Cuda,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli) {
@@ -161,20 +155,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn backend_kind(b: Backend) -> BackendKind {
-    match b {
-        Backend::Ndarray => BackendKind::Ndarray,
-        Backend::Wgpu => BackendKind::Wgpu,
-        Backend::Cuda => BackendKind::Cuda,
-    }
-}
-
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let cache = Cache::from_env();
     match cli.command {
         Command::Run { pipeline, with, mut set, backend, devices, force, dry_run } => {
             if let Some(b) = backend {
-                set.push(format!("pipeline.backend={}", backend_kind(b)));
+                set.push(format!("pipeline.backend={b}"));
             }
             if let Some(d) = devices {
                 set.push(format!("pipeline.devices={d:?}"));
@@ -210,10 +196,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { command: BenchCommand::Model { preset, batch, steps, backend, devices, precision, out } } => {
-            let backend = backend_kind(backend);
-            let precision = precision
-                .map(|p| serde_json::from_value(serde_json::Value::String(p.clone())).map_err(|_| anyhow::anyhow!("--precision {p}: expected f32, f16 or bf16")))
-                .transpose()?;
             let out = out.unwrap_or_else(|| PathBuf::from(format!("results/bench/model-{backend}.csv")));
             print!("{}", commands::bench_model(&commands::BenchModel { preset, batch, steps, backend, devices, precision, out })?);
             Ok(())

@@ -52,7 +52,7 @@ pub fn classification_loss<B: Backend>(output: &VitOutput<B>, targets: Tensor<B,
 }
 
 /// Compute precision of training on GPUs; the weights, optimizer state and loss stay f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     F32,
