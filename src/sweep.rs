@@ -28,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, Overrides, Pipeline};
-use crate::pipeline::{self, atomic_write, Cache, Manifest, RunLog};
+use crate::pipeline::{self, atomic_write, Cache, RunLog};
 use crate::report::{plots, table};
 use crate::stages::StageKind;
 
@@ -132,9 +132,14 @@ impl Sweep {
         base.pipeline.results_dir.join(&self.name)
     }
 
+    /// The sweep file's `[set]`, as `--set` items.
+    fn fixed_set(&self) -> Vec<String> {
+        self.file.set.iter().map(|(k, v)| format!("{k}={v}")).collect()
+    }
+
     /// `runner run` overrides for one point on `devices`.
     pub fn overrides(&self, point: &Point, devices: &[usize], results_root: &Path) -> Overrides {
-        let mut set: Vec<String> = self.file.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut set = self.fixed_set();
         set.extend(point.values.iter().map(|(k, v)| format!("{k}={v}")));
         set.push(format!("pipeline.name={}", toml::Value::from(point.name.clone())));
         set.push(format!("pipeline.results_dir={}", toml::Value::from(results_root.display().to_string())));
@@ -144,12 +149,11 @@ impl Sweep {
 
     /// The base pipeline as the sweep file layers it, without any point's values.
     fn base(&self) -> Result<Pipeline> {
-        let set = self.file.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        Ok(config::load(&self.file.pipeline, &Overrides { with: self.file.with.clone(), set, env: true })?)
+        Ok(config::load(&self.file.pipeline, &Overrides { with: self.file.with.clone(), set: self.fixed_set(), env: true })?)
     }
 
-    /// Every point's resolved pipeline; all errors, of all points, before anything runs.
-    pub fn check(&self) -> Result<Vec<Pipeline>> {
+    /// The base pipeline and every point's; all errors, of all points, before anything runs.
+    pub fn check(&self) -> Result<(Pipeline, Vec<Pipeline>)> {
         let base = self.base()?;
         let root = self.results_root(&base);
         let mut pipelines = Vec::new();
@@ -163,7 +167,7 @@ impl Sweep {
         if !errors.is_empty() {
             bail!("{}: {}", self.path.display(), errors.join("\n"));
         }
-        Ok(pipelines)
+        Ok((base, pipelines))
     }
 }
 
@@ -247,8 +251,7 @@ pub fn run(args: &SweepArgs, cache: &Cache) -> Result<String> {
         sweep = sweep.set_devices(devices.clone())?;
     }
     sweep.file.with.extend(args.with.iter().cloned());
-    let pipelines = sweep.check()?;
-    let base = sweep.base()?;
+    let (base, pipelines) = sweep.check()?;
     let root = sweep.results_root(&base);
     let mine: Vec<usize> = (0..sweep.points.len()).filter(|i| args.shard.is_none_or(|(s, n)| i % n == s - 1)).collect();
     let workers: Vec<Vec<usize>> = sweep.file.devices.chunks(sweep.file.devices_per_point).map(<[usize]>::to_vec).collect();
@@ -355,14 +358,6 @@ fn run_point(args: &SweepArgs, sweep: &Sweep, point: &Point, devices: &[usize], 
     Ok(())
 }
 
-/// One row of `sweep.csv`: a point's grid values and one of its evaluated models.
-#[derive(Serialize)]
-struct SweepRow<'a> {
-    point: &'a str,
-    #[serde(flatten)]
-    row: &'a table::Row,
-}
-
 /// `results/<sweep>/sweep.csv` (every finished point's evaluated models, the grid values as
 /// columns), `accuracy.svg` and a README; read from the cache, so a shard that finishes last
 /// writes the table of all shards. Returns a one-line summary.
@@ -370,20 +365,21 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let lock = std::fs::File::create(root.join(".sweep.lock"))?;
     fs2::FileExt::lock_exclusive(&lock).with_context(|| format!("locking {}", root.display()))?;
-    let mut lines: Vec<(String, table::Row)> = Vec::new();
+    let mut lines: Vec<(&Point, table::Row)> = Vec::new();
     let mut finished = 0;
     for (point, p) in sweep.points.iter().zip(pipelines) {
         let plan = pipeline::plan(p, cache, &[], &p.device_name())?;
+        let evaluates: Vec<_> = plan.stages.iter().filter(|s| s.spec.kind == StageKind::Evaluate).collect();
         let mut evaluated = Vec::new();
-        for s in plan.stages.iter().filter(|s| s.spec.kind == StageKind::Evaluate) {
-            if let Some(dir) = cache.complete(&s.key).map(|_| cache.entry_dir(&s.key)) {
-                evaluated.push((Manifest::read(&dir)?.metrics, crate::stages::report::latency_target(p, &s.spec.name)));
+        for s in &evaluates {
+            if let Some(manifest) = cache.complete(&s.key) {
+                evaluated.push((manifest.metrics, crate::stages::report::latency_target(p, &s.spec.name)));
             }
         }
-        if evaluated.len() == plan.stages.iter().filter(|s| s.spec.kind == StageKind::Evaluate).count() && !evaluated.is_empty() {
+        if !evaluated.is_empty() && evaluated.len() == evaluates.len() {
             finished += 1;
         }
-        lines.extend(table::measured_rows(&evaluated)?.into_iter().map(|r| (point.name.clone(), r)));
+        lines.extend(table::measured_rows(&evaluated)?.into_iter().map(|r| (point, r)));
     }
     let keys: Vec<&String> = sweep.file.grid.keys().collect();
     let mut w = csv::Writer::from_writer(Vec::new());
@@ -391,28 +387,23 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
     header.extend(keys.iter().map(|k| k.to_string()));
     header.extend(table_columns());
     w.write_record(&header)?;
-    for (name, row) in &lines {
-        let point = sweep.points.iter().find(|p| &p.name == name).expect("a point of the sweep");
-        let mut record = vec![name.clone()];
+    for (point, row) in &lines {
+        let mut record = vec![point.name.clone()];
         record.extend(point.values.iter().map(|(_, v)| v.to_string()));
-        let json = serde_json::to_value(SweepRow { point: name, row })?;
-        record.extend(table_columns().iter().map(|c| match &json[c] {
-            serde_json::Value::Null => String::new(),
-            serde_json::Value::String(s) => s.clone(),
-            v => v.to_string(),
-        }));
+        let json = serde_json::to_value(row)?;
+        record.extend(table_columns().iter().map(|c| crate::report::csv_cell(&json[c])));
         w.write_record(&record)?;
     }
     atomic_write(&root.join("sweep.csv"), &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
     // Each point's models labelled by the point, but a model that several points share (the
     // dense baseline, from one cached stage) once, under its own name.
     let mut plotted: Vec<table::Row> = Vec::new();
-    for (name, row) in &lines {
+    for (point, row) in &lines {
         let shared = lines.iter().filter(|(_, r)| r == row).count() > 1;
         if shared && plotted.contains(row) {
             continue;
         }
-        plotted.push(if shared { row.clone() } else { table::Row { model: name.clone(), ..row.clone() } });
+        plotted.push(if shared { row.clone() } else { table::Row { model: point.name.clone(), ..row.clone() } });
     }
     if !plotted.is_empty() {
         plots::accuracy(&root.join("accuracy.svg"), &plotted)?;
@@ -425,7 +416,7 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
         sweep.path.display(),
         sweep.points.len(),
         sweep.file.pipeline.display(),
-        table::markdown(&lines.iter().map(|(n, r)| table::Row { model: format!("{n} {}", r.model), ..r.clone() }).collect::<Vec<_>>()),
+        table::markdown(&lines.iter().map(|(p, r)| table::Row { model: format!("{} {}", p.name, r.model), ..r.clone() }).collect::<Vec<_>>()),
     );
     atomic_write(&root.join("README.md"), readme.as_bytes())?;
     Ok(format!(
@@ -447,12 +438,11 @@ fn table_columns() -> Vec<String> {
 pub fn slurm_script(sweep_path: &Path, with: &[PathBuf], runner: &Path, cache: &Cache) -> Result<String> {
     let mut sweep = Sweep::read(sweep_path)?;
     sweep.file.with.extend(with.iter().cloned());
-    sweep.check()?;
+    let (base, _) = sweep.check()?;
     let s = &sweep.file.slurm;
     let shards = s.shards.unwrap_or(sweep.points.len()).clamp(1, sweep.points.len());
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let cwd = std::env::current_dir()?;
-    let base = sweep.base()?;
     let logs = abs(&base.pipeline.runs_dir.join("sweeps").join(&sweep.name));
     let gpus = sweep.file.devices_per_point;
     let devices = (0..gpus).map(|d| d.to_string()).collect::<Vec<_>>().join(",");

@@ -20,14 +20,18 @@ pub const METRICS_COLUMNS: [&str; 15] = [
 /// replaces its row.
 const METRICS_KEY: [&str; 5] = ["model", "dataset", "split", "backend", "device"];
 
-/// Inserts or replaces the row for `metrics` (an `evaluate` stage's output) in `path`.
-pub fn upsert_metrics(path: &Path, metrics: &serde_json::Value) -> Result<()> {
-    let cell = |col: &str| match &metrics[col] {
+/// A JSON value as a CSV cell: strings unquoted, absent values empty.
+pub fn csv_cell(value: &serde_json::Value) -> String {
+    match value {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => String::new(),
         v => v.to_string(),
-    };
-    let row: Vec<String> = METRICS_COLUMNS.iter().map(|c| cell(c)).collect();
+    }
+}
+
+/// Inserts or replaces the row for `metrics` (an `evaluate` stage's output) in `path`.
+pub fn upsert_metrics(path: &Path, metrics: &serde_json::Value) -> Result<()> {
+    let row: Vec<String> = METRICS_COLUMNS.iter().map(|c| csv_cell(&metrics[c])).collect();
     // Runners sharing a results directory take turns: a read-modify-write must not lose a row.
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
