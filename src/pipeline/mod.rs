@@ -190,14 +190,15 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &
         keys.insert(spec.name.clone(), key.clone());
         // A stage that reads a forced stage's output is forced too: its own output would
         // otherwise describe the old one (a report of re-measured throughput, say).
+        let named = force.iter().any(|f| f == "all" || *f == spec.name);
         let forced_input = spec.upstream().into_iter().map(|(_, i)| i).find(|i| forced_stages.contains(*i));
-        let forced = force.iter().any(|f| f == "all" || *f == spec.name) || forced_input.is_some();
+        let forced = named || forced_input.is_some();
         if forced {
             forced_stages.insert(spec.name.clone());
         }
         let status = if forced {
             Status::Run(vec![match forced_input {
-                Some(i) if !force.iter().any(|f| f == "all" || *f == spec.name) => format!("its input `{i}` is forced with --force"),
+                Some(i) if !named => format!("its input `{i}` is forced with --force"),
                 _ => "forced with --force".into(),
             }])
         } else if cache.complete(&key).is_some() {
