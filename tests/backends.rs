@@ -98,9 +98,8 @@ fn wgpu_forward_and_backward_match_ndarray() {
 #[test]
 fn every_stage_runs_on_wgpu() {
     let _turn = turn();
-    use nvit::pipeline::{self, Cache, RunLog};
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache { root: dir.path().join("cache") };
+    let cache = nvit::pipeline::Cache { root: dir.path().join("cache") };
     let stages = "
 [stages.latency]
 kind = \"profile_latency\"
@@ -138,8 +137,8 @@ throughput_repeats = 1
 ";
     let path = common::tiny_pipeline(dir.path(), stages);
     let p = common::load(&path, &["stages.train.epochs=1", "pipeline.backend=\"wgpu\""]);
-    let plan = pipeline::plan(&p, &cache, &[], "wgpu-test").unwrap();
-    let records = pipeline::execute::<Autodiff<Wgpu>>(&p, &plan, &cache, &[Default::default()], "wgpu-test", None, &RunLog::silent()).unwrap();
+    let plan = common::plan(&p, &cache);
+    let records = common::execute_on::<Autodiff<Wgpu>>(&p, &plan, &cache, &[Default::default()]).unwrap();
     assert_eq!(records.len(), 7);
     let metrics = |name: &str| cache.complete(&plan.stages.iter().find(|s| s.spec.name == name).unwrap().key).unwrap().metrics;
     // Latencies measured on lavapipe are noise at this size: that the model shrank is what holds.
@@ -154,17 +153,16 @@ throughput_repeats = 1
 
 /// Runs the tiny pipeline's `train` on wgpu with `precision` set (or not); its epoch losses.
 fn train_on_wgpu(precision: Option<&str>, shards: usize) -> anyhow::Result<Vec<f64>> {
-    use nvit::pipeline::{self, Cache, RunLog};
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache { root: dir.path().join("cache") };
+    let cache = nvit::pipeline::Cache { root: dir.path().join("cache") };
     let path = common::tiny_pipeline(dir.path(), "");
     let mut set = vec!["pipeline.backend=\"wgpu\"".to_string(), "stages.train.epochs=3".into()];
     set.extend(precision.map(|p| format!("stages.train.precision=\"{p}\"")));
     let p = common::load(&path, &set.iter().map(String::as_str).collect::<Vec<_>>());
-    let mut plan = pipeline::plan(&p, &cache, &[], "wgpu-test").unwrap();
+    let mut plan = common::plan(&p, &cache);
     plan.stages.truncate(1);
     let devices = vec![Default::default(); shards];
-    pipeline::execute::<Autodiff<Wgpu>>(&p, &plan, &cache, &devices, "wgpu-test", None, &RunLog::silent())?;
+    common::execute_on::<Autodiff<Wgpu>>(&p, &plan, &cache, &devices)?;
     let m = cache.complete(&plan.stages[0].key).unwrap().metrics;
     Ok(m["epoch_losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
 }
