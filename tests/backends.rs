@@ -213,12 +213,7 @@ fn mixed_precision_trains_like_f32_and_an_unsupported_dtype_is_an_error() {
 fn several_distinct_wgpu_devices_are_refused_with_a_hint() {
     let dir = tempfile::tempdir().unwrap();
     let path = common::tiny_pipeline(dir.path(), "");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
-        .args(["run", path.to_str().unwrap(), "--backend", "wgpu", "--devices", "0,1"])
-        .env("RUNNER_CACHE", dir.path().join("cache"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, _, err) = common::output(common::runner(dir.path()).args(["run", path.to_str().unwrap(), "--backend", "wgpu", "--devices", "0,1"]));
+    assert_eq!(code, 1, "{err}");
     assert!(err.contains("pipeline.devices = [0, 1]: data parallel over several wgpu devices") && err.contains("hint: use the cuda backend"), "{err}");
 }

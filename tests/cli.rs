@@ -2,19 +2,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn runner(dir: &std::path::Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_runner"));
-    c.env("RUNNER_CACHE", dir.join("cache")).current_dir(dir);
-    c
-}
-
-fn output(c: &mut Command) -> (i32, String, String) {
-    let o = c.output().unwrap();
-    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
-}
+use common::{output, runner};
 
 #[test]
 fn stages_lists_kinds_with_keys_types_and_defaults() {

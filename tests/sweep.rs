@@ -6,16 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-fn runner(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_runner"));
-    c.env("RUNNER_CACHE", dir.join("cache")).current_dir(dir);
-    c
-}
-
-fn output(c: &mut Command) -> (i32, String, String) {
-    let o = c.output().unwrap();
-    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
-}
+use common::{output, runner};
 
 /// The tiny pipeline and a sweep over its evaluate stage: `train` is common to every point.
 fn sweep_file(dir: &Path, extra: &str) -> std::path::PathBuf {

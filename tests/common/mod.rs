@@ -9,6 +9,19 @@ use nvit::pipeline::{self, Cache, Plan, RunLog, StageRecord, Status};
 
 pub type B = Autodiff<NdArray<f32>>;
 
+/// The `runner` binary, in `dir` with its cache there.
+pub fn runner(dir: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_runner"));
+    c.env("RUNNER_CACHE", dir.join("cache")).current_dir(dir);
+    c
+}
+
+/// Exit code, stdout and stderr.
+pub fn output(c: &mut std::process::Command) -> (i32, String, String) {
+    let o = c.output().unwrap();
+    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+}
+
 pub fn tiny_pipeline(dir: &Path, extra: &str) -> PathBuf {
     let text = format!(
         r#"
