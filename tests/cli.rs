@@ -57,6 +57,15 @@ fn bench_model_writes_training_and_inference_rates() {
 }
 
 #[test]
+fn a_second_cpu_device_is_refused_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--devices", "0,1"]));
+    assert_eq!(code, 1);
+    assert!(err.contains("pipeline.devices names 1: the ndarray backend has one device, 0") && err.contains("hint: repeat it (devices = [0, 0])"), "{err}");
+}
+
+#[test]
 fn mixed_precision_on_the_cpu_is_refused_with_a_hint() {
     let dir = tempfile::tempdir().unwrap();
     let path = common::tiny_pipeline(dir.path(), "");

@@ -178,3 +178,11 @@ fn new_training_and_pruning_options_are_checked() {
     // A section's path comes first, as the user wrote it (figment appends it).
     assert!(e.contains("p.toml: model.init: unknown variant: found `randm`"), "{e}");
 }
+
+#[test]
+fn devices_must_name_at_least_one_and_the_old_key_is_pointed_to_the_new() {
+    let toml = "extends = \"base.toml\"\n[pipeline]\ndevices = []\n";
+    assert!(errors(toml, &[]).contains("pipeline.devices: is empty: give at least one device index, e.g. [0]"), "{}", errors(toml, &[]));
+    let err = errors("extends = \"base.toml\"\n[pipeline]\ndevice = 1\n", &[]);
+    assert!(err.contains("unknown key `pipeline.device`; did you mean `devices`?"), "{err}");
+}
