@@ -9,7 +9,7 @@
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -85,6 +85,13 @@ pub fn gate_gradients<B: AutodiffBackend>(
     let grads = loss.backward();
     let sums = gate_grads(&gates, &grads);
     (loss, grads, sums)
+}
+
+/// The loss `hessian_scores` differentiates: cross-entropy of the evaluation logits (both heads
+/// averaged) against hard labels, mean over the batch.
+pub fn scored_loss<B: Backend>(model: &Vit<B>, images: Tensor<B, 4>, labels: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let logits = model.forward(images).logits();
+    burn::nn::loss::CrossEntropyLossConfig::new().init(&logits.device()).forward(logits, labels)
 }
 
 /// Sum of squares of every float parameter, differentiable.

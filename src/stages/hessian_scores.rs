@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{at_least_one, positive, Extras, KeyDoc, StageContext};
 use crate::data::Split;
 use crate::pipeline::atomic_write;
-use crate::prune::saliency::{gate_gradients, rng, score};
+use crate::prune::saliency::{gate_gradients, rng, score, scored_loss};
 use crate::prune::{Criterion, Masks, Normalizers, Structure};
 use crate::train::parallel::data_parallel;
 use crate::train::{check_finite, scalar, to_tensors};
@@ -103,11 +103,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &HessianScoresSettings)
             let per_device = vec![(); ctx.devices.len()];
             let step = data_parallel(&model, &ctx.devices, batch.labels.len(), per_device, |replica, range, (), weight| {
                 let (images, labels) = to_tensors::<B>(batch.slice(range), &replica.cls_token.device());
-                let (loss, grads, sums) = gate_gradients(replica, |m| {
-                    let device = images.device();
-                    let ce = burn::nn::loss::CrossEntropyLossConfig::new().init(&device).forward(m.forward(images).logits(), labels);
-                    ce.mul_scalar(weight)
-                });
+                let (loss, grads, sums) = gate_gradients(replica, |m| scored_loss(m, images, labels).mul_scalar(weight));
                 (scalar(loss), grads, sums)
             });
             let value = step.loss;
