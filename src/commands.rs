@@ -231,7 +231,6 @@ impl BackendJob for &BenchModel {
     type Output = Vec<[String; 2]>;
     fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output> {
         use burn::module::AutodiffModule;
-        use burn::optim::{AdamWConfig, Optimizer};
         use std::time::Instant;
         let config = crate::model::VitConfig::preset(&self.preset)
             .with_context(|| format!("--preset {}: not a known model preset", self.preset))?;
@@ -243,7 +242,7 @@ impl BackendJob for &BenchModel {
         let labels: Vec<i64> = (0..self.batch).map(|i| (i % config.num_classes) as i64).collect();
         let batch = crate::data::Batch { images: pixels, labels, shape: [self.batch, 3, size, size] };
         let targets = crate::data::mix::soft_targets(&batch.labels, config.num_classes, 0.1, 1.0);
-        let mut optim = AdamWConfig::new().init::<B, crate::model::Vit<B>>();
+        let mut optim = crate::train::optim::AdamW::<B>::new(0.05, None);
 
         let mut train_step = |model: crate::model::Vit<B>| -> crate::model::Vit<B> {
             let step = crate::train::parallel::data_parallel(&model, &devices, self.batch, vec![(); devices.len()], |replica, range, (), weight| {

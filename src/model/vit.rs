@@ -6,7 +6,7 @@
 //! so the struct tree is the weight-name tree. Burn's `Linear` stores `[d_in, d_out]`, the
 //! transpose of PyTorch's `[d_out, d_in]`.
 
-use burn::module::{Initializer, Module, Param};
+use burn::module::{Initializer, Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
@@ -252,6 +252,14 @@ impl<B: Backend> Vit<B> {
         }
         self.config.drop_path = rate;
         self
+    }
+
+    /// Parameters of more than one dimension that training does not decay, as timm's
+    /// `no_weight_decay()`: the position embedding and the class and distillation tokens.
+    pub fn no_weight_decay(&self) -> Vec<ParamId> {
+        let mut ids = vec![self.pos_embed.id, self.cls_token.id];
+        ids.extend(self.dist_token.as_ref().map(|t| t.id));
+        ids
     }
 
     /// `[batch, channels, height, width]` -> logits of both heads, `[batch, classes]` each.

@@ -8,7 +8,6 @@
 
 use anyhow::{Context, Result};
 use burn::module::{AutodiffModule, Module};
-use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +18,7 @@ use crate::pipeline::atomic_write;
 use crate::prune::saliency::{gate_gradients, rng, score};
 use crate::prune::{compact, Criterion, LatencyTable, Masks, Normalizers, ParamSet, Structure};
 use crate::data::mix::soft_targets;
+use crate::train::optim::AdamW;
 use crate::train::parallel::data_parallel;
 use crate::train::{check_finite, classification_loss, distillation_loss, scalar, shard_tensors, teacher_output};
 
@@ -74,7 +74,7 @@ pub const KEYS: &[KeyDoc] = &[
     ("max_prune_steps", "integer", "cap on pruning steps if the target is not reached"),
     ("batch_size", "integer", "images per optimizer step"),
     ("lr", "float", "AdamW learning rate while pruning"),
-    ("weight_decay", "float", "AdamW weight decay while pruning"),
+    ("weight_decay", "float", "AdamW weight decay while pruning (as timm: none on biases, LayerNorms, tokens)"),
     ("kd_weight", "float", "weight of the distillation loss against the dense model"),
     ("temperature", "float", "distillation temperature T"),
     ("augment", "bool", "training transforms (else the evaluation transform)"),
@@ -276,7 +276,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     let config = student.config.clone();
     let dense_latency = table.model_latency(&config);
     let loader = ctx.loader(Split::Train, &config, s.batch_size, s.augment.then(Extras::default))?;
-    let mut optim = AdamWConfig::new().with_weight_decay(s.weight_decay as f32).init::<B, Vit<B>>();
+    let mut optim = AdamW::<B>::new(s.weight_decay, None);
     let normalizers = Normalizers::default();
     let mut random = rng(ctx.pipeline.pipeline.seed);
 

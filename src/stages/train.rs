@@ -9,9 +9,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module};
-use burn::optim::{AdamWConfig, Optimizer};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -24,6 +22,7 @@ use crate::data::randaugment::RandAugment;
 use crate::data::Split;
 use crate::model::{checkpoint, Vit};
 use crate::pipeline::atomic_write;
+use crate::train::optim::AdamW;
 use crate::train::parallel::data_parallel;
 use crate::train::{
     check_finite, classification_loss, correct, distillation_loss, forward_in, in_precision, scalar, shard_tensors, teacher_output, Precision,
@@ -64,9 +63,9 @@ pub const KEYS: &[KeyDoc] = &[
     ("lr", "float", "peak learning rate, reached after warm-up"),
     ("min_lr", "float", "learning rate at the end of the cosine decay"),
     ("warmup_epochs", "float", "linear warm-up length, in epochs"),
-    ("weight_decay", "float", "AdamW's decoupled weight decay"),
+    ("weight_decay", "float", "AdamW's decoupled weight decay, as timm: none on biases, LayerNorms and the position/class/distillation tokens"),
     ("label_smoothing", "float", "label smoothing of the cross-entropy, in [0, 1)"),
-    ("grad_clip", "float", "clip the gradient's global norm to this (unset: no clipping)"),
+    ("grad_clip", "float", "clip the global norm of all gradients to this, as timm (unset: no clipping)"),
     ("steps_per_epoch", "integer", "cap on optimizer steps per epoch, for quick runs (unset: the whole split)"),
     ("augment", "bool", "random-resized crop and flips (else the evaluation transform)"),
     ("randaugment_ops", "integer", "RandAugment operations per image (0: off); needs augment"),
@@ -217,11 +216,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
         warmup_steps: (s.warmup_epochs * steps_per_epoch as f64).round() as usize,
         total_steps: s.epochs * steps_per_epoch,
     };
-    let mut optim_config = AdamWConfig::new().with_weight_decay(s.weight_decay as f32);
-    if let Some(c) = s.grad_clip {
-        optim_config = optim_config.with_grad_clipping(Some(GradientClippingConfig::Norm(c as f32)));
-    }
-    let mut optim = optim_config.init::<B, Vit<B>>();
+    let mut optim = AdamW::<B>::new(s.weight_decay, s.grad_clip);
 
     let ckpt = ctx.dir.join("checkpoint");
     let mut start_epoch = 0;
@@ -315,10 +310,10 @@ fn read_state(ckpt: &Path) -> Option<CheckpointState> {
 
 /// Writes the checkpoint beside the old one and swaps it in, so a kill at any moment leaves
 /// one complete checkpoint.
-fn save_checkpoint<B: AutodiffBackend, O: Optimizer<Vit<B>, B>>(
+fn save_checkpoint<B: AutodiffBackend>(
     ckpt: &Path,
     model: &Vit<B>,
-    optim: &O,
+    optim: &AdamW<B>,
     state: &CheckpointState,
 ) -> Result<()> {
     let tmp = ckpt.with_extension("tmp");

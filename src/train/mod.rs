@@ -10,6 +10,7 @@ use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData
 use crate::data::Batch;
 use crate::model::{Vit, VitOutput};
 
+pub mod optim;
 pub mod parallel;
 
 /// A loader batch on `device`: images `[batch, channels, size, size]` and labels `[batch]`.
