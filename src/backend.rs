@@ -5,7 +5,26 @@ use anyhow::{bail, Result};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 
-use crate::config::BackendKind;
+use serde::{Deserialize, Serialize};
+
+/// Also the values of `--backend`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Ndarray,
+    Wgpu,
+    Cuda,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Ndarray => "ndarray",
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Cuda => "cuda",
+        })
+    }
+}
 
 /// Work to run on whichever backend the pipeline names, on `devices` (at least one; the first
 /// holds the model).

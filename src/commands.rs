@@ -207,11 +207,11 @@ pub fn bench_loader(root: Option<&Path>, images: usize, size: u32, batch: usize,
         }
     }
     let rate = seen as f64 / start.elapsed().as_secs_f64();
-    let cpu = backend::device_name(crate::config::BackendKind::Ndarray, 0);
+    let cpu = backend::device_name(backend::BackendKind::Ndarray, 0);
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record(["what", "source", "images", "size", "batch", "workers", "images_per_s", "device"])?;
     w.write_record(["loader train transform", &source, &seen.to_string(), &size.to_string(), &batch.to_string(), &workers.to_string(), &format!("{rate:.1}"), &cpu])?;
-    crate::pipeline::atomic_write(out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    crate::files::atomic_write(out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
     Ok(format!("{seen} images in {:.2} s: {rate:.1} images/s ({workers} workers, {cpu}) -> {}\n", start.elapsed().as_secs_f64(), out.display()))
 }
 
@@ -221,7 +221,7 @@ pub struct BenchModel {
     pub preset: String,
     pub batch: usize,
     pub steps: usize,
-    pub backend: crate::config::BackendKind,
+    pub backend: crate::backend::BackendKind,
     pub devices: Vec<usize>,
     pub precision: Option<crate::train::Precision>,
     pub out: PathBuf,
@@ -287,7 +287,7 @@ pub fn bench_model(args: &BenchModel) -> Result<String> {
         w.write_record([what.as_str(), &args.preset, &args.batch.to_string(), &devices, &precision, &args.steps.to_string(), rate, &args.backend.to_string(), &device])?;
         out.push_str(&format!("{what}: {rate} images/s ({}, batch {}, {} device(s), {precision}, {} on {device})\n", args.preset, args.batch, devices, args.backend));
     }
-    crate::pipeline::atomic_write(&args.out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    crate::files::atomic_write(&args.out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
     out.push_str(&format!("-> {}\n", args.out.display()));
     Ok(out)
 }

@@ -8,7 +8,6 @@
 //! the file and key path at fault.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -16,9 +15,11 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::BackendKind;
 use crate::data::DatasetConfig;
 use crate::model::ModelSection;
 use crate::stages::{StageKind, StageSettings};
+use crate::suggest::{did_you_mean, struct_fields};
 
 /// Every error found in a pipeline, one per line.
 #[derive(Debug, thiserror::Error)]
@@ -55,25 +56,6 @@ impl Default for PipelineSection {
             results_dir: "results".into(),
             runs_dir: "runs".into(),
         }
-    }
-}
-
-/// Also the values of `--backend`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    Ndarray,
-    Wgpu,
-    Cuda,
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            BackendKind::Ndarray => "ndarray",
-            BackendKind::Wgpu => "wgpu",
-            BackendKind::Cuda => "cuda",
-        })
     }
 }
 
@@ -456,36 +438,6 @@ impl Provider for SetOverride {
     }
 }
 
-/// Field names of a derived `Deserialize` struct, read through serde itself so that the
-/// list of valid keys can never drift from the struct.
-pub fn struct_fields<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
-    use serde::de::{self, Visitor};
-    struct Fields<'a>(&'a mut &'static [&'static str]);
-    impl<'de> de::Deserializer<'de> for Fields<'_> {
-        type Error = de::value::Error;
-        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
-            Err(de::Error::custom("not a struct"))
-        }
-        fn deserialize_struct<V: Visitor<'de>>(
-            self,
-            _: &'static str,
-            fields: &'static [&'static str],
-            _: V,
-        ) -> Result<V::Value, Self::Error> {
-            *self.0 = fields;
-            Err(de::Error::custom("fields read"))
-        }
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
-            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
-            enum identifier ignored_any
-        }
-    }
-    let mut fields: &'static [&'static str] = &[];
-    let _ = T::deserialize(Fields(&mut fields));
-    fields
-}
-
 fn check_unknown_keys(
     figment: &Figment,
     root: &Dict,
@@ -559,17 +511,6 @@ fn check_unknown_keys(
 fn unknown_key(figment: &Figment, path: &str, key: &str, valid: &[&str]) -> String {
     located(figment, path, &format!("unknown key{}", did_you_mean(key, valid)))
         .replacen(&format!("{path}: unknown key"), &format!("unknown key `{path}`"), 1)
-}
-
-/// ` (did you mean `x`?)` when some valid name is close to `given`.
-pub fn did_you_mean(given: &str, valid: &[&str]) -> String {
-    valid
-        .iter()
-        .map(|v| (strsim::damerau_levenshtein(given, v), v))
-        .filter(|(d, v)| *d <= 2.max(v.len() / 3))
-        .min()
-        .map(|(_, v)| format!("; did you mean `{v}`?"))
-        .unwrap_or_default()
 }
 
 /// `file: key.path: message`, naming the layer that supplied `path` (or its nearest parent).

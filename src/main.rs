@@ -3,7 +3,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use nvit::commands::{self, RunArgs};
-use nvit::config::{BackendKind, ConfigErrors, Overrides};
+use nvit::backend::BackendKind;
+use nvit::config::{ConfigErrors, Overrides};
 use nvit::train::Precision;
 use nvit::pipeline::Cache;
 

@@ -28,7 +28,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, Overrides, Pipeline};
-use crate::pipeline::{self, atomic_write, Cache, RunLog};
+use crate::files::atomic_write;
+use crate::pipeline::{self, Cache, RunLog};
 use crate::report::{plots, table};
 use crate::stages::StageKind;
 
@@ -452,7 +453,7 @@ pub fn slurm_script(sweep_path: &Path, with: &[PathBuf], runner: &Path, cache: &
     out.push_str(&format!("#SBATCH --job-name=nvit-{}\n", sweep.name));
     out.push_str(&format!("#SBATCH --array=1-{shards}\n"));
     out.push_str("#SBATCH --ntasks=1\n");
-    if base.pipeline.backend != config::BackendKind::Ndarray {
+    if base.pipeline.backend != crate::backend::BackendKind::Ndarray {
         out.push_str(&format!("#SBATCH --gpus-per-task={gpus}\n"));
     }
     out.push_str(&format!("#SBATCH --cpus-per-task={}\n#SBATCH --mem={}\n#SBATCH --time={}\n", s.cpus_per_task, s.mem, s.time));

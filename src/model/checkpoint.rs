@@ -16,7 +16,7 @@ use burn::tensor::Tensor;
 use safetensors::{Dtype, SafeTensors};
 
 use super::{BlockDims, Vit, VitConfig};
-use crate::pipeline::atomic_write;
+use crate::files::atomic_write;
 
 /// File names of an exported model inside a directory.
 pub const WEIGHTS: &str = "model.safetensors";

@@ -230,7 +230,7 @@ impl ModelSection {
                     "preset".into(),
                     format!(
                         "unknown preset `{p}`{}\n  hint: one of {}",
-                        crate::config::did_you_mean(p, &VitConfig::PRESETS),
+                        crate::suggest::did_you_mean(p, &VitConfig::PRESETS),
                         VitConfig::PRESETS.join(", ")
                     ),
                 ));

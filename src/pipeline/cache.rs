@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::atomic_write;
+use crate::files::atomic_write;
 
 pub const MANIFEST: &str = "manifest.json";
 const KEY_INPUT: &str = "key.json";
@@ -222,20 +222,5 @@ impl Cache {
             }
         }
         Ok(removed)
-    }
-}
-
-/// Size and modification time of a file, for keys that depend on a user's file.
-pub fn file_identity(path: &Path) -> String {
-    match std::fs::metadata(path) {
-        Ok(m) => {
-            let mtime = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs());
-            format!("{} bytes, mtime {mtime}", m.len())
-        }
-        Err(_) => "missing".into(),
     }
 }

@@ -18,26 +18,8 @@ use serde::Serialize;
 pub use cache::{Cache, KeyInput, Manifest, MANIFEST};
 
 use crate::config::{Pipeline, StageSpec};
+use crate::files::atomic_write;
 use crate::stages::{self, StageContext};
-
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
-/// reader never sees half a file and a crash leaves the old one.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), rand::random::<u32>()));
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("{}: cannot write: {e}", path.display())
-    })
-}
 
 /// The run log: every line goes to `runner.log` in the run directory and to stderr.
 pub struct RunLog {
@@ -149,7 +131,7 @@ pub fn check_force(pipeline: &Pipeline, force: &[String]) -> Result<()> {
             let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
             anyhow::bail!(
                 "--force {name}: the pipeline has no stage `{name}`{}\n  hint: stages are {}, or `all`",
-                crate::config::did_you_mean(name, &names),
+                crate::suggest::did_you_mean(name, &names),
                 names.join(", ")
             );
         }

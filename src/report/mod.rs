@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::pipeline::atomic_write;
+use crate::files::atomic_write;
 
 /// Columns of `metrics.csv`, in order.
 pub const METRICS_COLUMNS: [&str; 15] = [

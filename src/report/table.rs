@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::model::BlockDims;
-use crate::pipeline::atomic_write;
+use crate::files::atomic_write;
 
 /// One row of `table.csv`. `source` is `measured` (this repo's code, on `backend`/`device`) or
 /// `paper` (copied from the paper, V100 at batch 256; it gives no top-5 or throughput).

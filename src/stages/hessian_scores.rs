@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{at_least_one, positive, Extras, KeyDoc, StageContext};
 use crate::data::Split;
-use crate::pipeline::atomic_write;
+use crate::files::atomic_write;
 use crate::prune::saliency::{gate_gradients, rng, score, scored_loss};
 use crate::prune::{Criterion, Masks, Normalizers, Structure};
 use crate::train::parallel::data_parallel;

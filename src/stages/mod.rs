@@ -26,7 +26,8 @@ use crate::data::randaugment::RandAugment;
 use crate::data::transforms::{Mode, TrainAugment, Transform};
 use crate::data::{Dataset, Loader, Split};
 use crate::model::{checkpoint, Vit, VitConfig};
-use crate::pipeline::{atomic_write, Manifest, RunLog};
+use crate::files::atomic_write;
+use crate::pipeline::{Manifest, RunLog};
 
 pub use distill::DistillSettings;
 pub use evaluate::EvaluateSettings;
@@ -88,7 +89,7 @@ impl StageKind {
         }
         Err(format!(
             "unknown stage kind `{name}`{}\n  hint: available kinds are {}",
-            crate::config::did_you_mean(name, &Self::names()),
+            crate::suggest::did_you_mean(name, &Self::names()),
             Self::names().join(", ")
         ))
     }
@@ -121,7 +122,7 @@ impl StageKind {
 
     /// Valid keys of the stage's table besides `kind` and `input`.
     pub fn fields(self) -> &'static [&'static str] {
-        use crate::config::struct_fields;
+        use crate::suggest::struct_fields;
         match self {
             StageKind::LoadPretrained => struct_fields::<LoadPretrainedSettings>(),
             StageKind::Train => struct_fields::<TrainSettings>(),
@@ -222,14 +223,14 @@ pub fn key_extra(spec: &StageSpec, device_name: &str) -> BTreeMap<String, String
     let mut extra = BTreeMap::new();
     match &spec.settings {
         StageSettings::LoadPretrained(s) => {
-            extra.insert("checkpoint".into(), crate::pipeline::cache::file_identity(&s.path));
+            extra.insert("checkpoint".into(), crate::files::file_identity(&s.path));
         }
         // Throughput and latency are properties of the device: a table measured on one device
         // is never used for another by accident.
         StageSettings::Evaluate(_) | StageSettings::ProfileLatency(_) => {
             extra.insert("device".into(), device_name.into());
             if let StageSettings::ProfileLatency(ProfileLatencySettings { table: Some(path), .. }) = &spec.settings {
-                extra.insert("table".into(), crate::pipeline::cache::file_identity(path));
+                extra.insert("table".into(), crate::files::file_identity(path));
             }
         }
         StageSettings::Train(_)

@@ -12,7 +12,7 @@ use burn::tensor::{Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{at_least_one, KeyDoc, StageContext};
-use crate::pipeline::atomic_write;
+use crate::files::atomic_write;
 use crate::prune::{Grid, LatencyTable};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

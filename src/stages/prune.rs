@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{at_least_one, non_negative, positive, Extras, KeyDoc, StageContext};
 use crate::data::Split;
 use crate::model::{checkpoint, BlockDims, Vit, VitConfig};
-use crate::pipeline::atomic_write;
+use crate::files::atomic_write;
 use crate::prune::saliency::{gate_gradients, rng, score};
 use crate::prune::{compact, Criterion, LatencyTable, Masks, Normalizers, ParamSet, Structure};
 use crate::data::mix::soft_targets;

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{KeyDoc, StageContext, StageSettings};
 use crate::config::Pipeline;
-use crate::pipeline::{atomic_write, Manifest};
+use crate::files::atomic_write;
+use crate::pipeline::Manifest;
 use crate::report::{plots, table};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

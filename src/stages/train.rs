@@ -21,7 +21,7 @@ use crate::data::mix::Mixer;
 use crate::data::randaugment::RandAugment;
 use crate::data::Split;
 use crate::model::{checkpoint, Vit};
-use crate::pipeline::atomic_write;
+use crate::files::atomic_write;
 use crate::train::optim::AdamW;
 use crate::train::parallel::data_parallel;
 use crate::train::{
