@@ -33,7 +33,18 @@ pub trait BackendJob {
     fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output>;
 }
 
-pub fn dispatch<J: BackendJob>(kind: BackendKind, indices: &[usize], job: J) -> Result<J::Output> {
+/// Whether this runner was built with backend `kind`.
+pub fn compiled(kind: BackendKind) -> bool {
+    match kind {
+        BackendKind::Ndarray => true,
+        BackendKind::Wgpu => cfg!(feature = "wgpu"),
+        BackendKind::Cuda => cfg!(feature = "cuda"),
+    }
+}
+
+/// Whether `indices` can be run on backend `kind` in this build: checked when a pipeline is
+/// loaded, so `--dry-run` and a sweep's plan catch it before anything runs.
+pub fn check(kind: BackendKind, indices: &[usize]) -> Result<()> {
     if indices.is_empty() {
         bail!("pipeline.devices is empty");
     }
@@ -44,17 +55,35 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, indices: &[usize], job: J) -> 
                     "pipeline.devices names {i}: the ndarray backend has one device, 0\n  hint: repeat it (devices = [0, 0]) to split each batch into shards on the CPU"
                 );
             }
+        }
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => {
+            if indices.iter().any(|&i| i != indices[0]) {
+                bail!(
+                    "pipeline.devices = {indices:?}: data parallel over several wgpu devices needs copies between them, which burn 0.21's wgpu runtime does not implement (cubecl's send/recv panic)\n  hint: use the cuda backend for several GPUs, or one wgpu device"
+                );
+            }
+        }
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => {}
+        #[allow(unreachable_patterns)]
+        other => bail!(
+            "backend `{other}` is not compiled into this runner\n  hint: build it with `cargo build --release --features {other}`"
+        ),
+    }
+    Ok(())
+}
+
+pub fn dispatch<J: BackendJob>(kind: BackendKind, indices: &[usize], job: J) -> Result<J::Output> {
+    check(kind, indices)?;
+    match kind {
+        BackendKind::Ndarray => {
             let devices = vec![burn::backend::ndarray::NdArrayDevice::Cpu; indices.len()];
             job.run::<Autodiff<burn::backend::NdArray<f32>>>(devices)
         }
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
             use burn::backend::wgpu::WgpuDevice;
-            if indices.iter().any(|&i| i != indices[0]) {
-                bail!(
-                    "pipeline.devices = {indices:?}: data parallel over several wgpu devices needs copies between them, which burn 0.21's wgpu runtime does not implement (cubecl's send/recv panic)\n  hint: use the cuda backend for several GPUs, or one wgpu device"
-                );
-            }
             // Device 0 is wgpu's pick of the best adapter: a discrete GPU where there is one,
             // else an integrated, virtual or CPU one (lavapipe, in CI).
             let device = |i: usize| if i == 0 { WgpuDevice::DefaultDevice } else { WgpuDevice::DiscreteGpu(i) };
@@ -65,9 +94,7 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, indices: &[usize], job: J) -> 
             job.run::<Autodiff<burn::backend::Cuda>>(indices.iter().map(|&i| burn::backend::cuda::CudaDevice::new(i)).collect())
         }
         #[allow(unreachable_patterns)]
-        other => bail!(
-            "backend `{other}` is not compiled into this runner\n  hint: build it with `cargo build --release --features {other}`"
-        ),
+        other => bail!("backend `{other}` is not compiled into this runner"),
     }
 }
 

@@ -26,10 +26,14 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline> {
 pub fn run(args: &RunArgs, cache: &Cache) -> Result<()> {
     let pipeline = load(&args.pipeline, &args.overrides)?;
     let p = &pipeline.pipeline;
+    check_memory(&pipeline)?;
     let device_name = pipeline.device_name();
-    let plan = pipeline::plan(&pipeline, cache, &args.force, &device_name)?;
+    let mut plan = pipeline::plan(&pipeline, cache, &args.force, &device_name)?;
     if args.dry_run {
         print!("{}", pipeline::describe(&plan));
+        if !backend::compiled(p.backend) {
+            println!("note: backend `{0}` is not compiled into this runner: `runner run` would stop here\n  hint: build it with `cargo build --release --features {0}`", p.backend);
+        }
         return Ok(());
     }
     let run_dir = RunDir::create(&pipeline)?;
@@ -43,15 +47,51 @@ pub fn run(args: &RunArgs, cache: &Cache) -> Result<()> {
     for line in pipeline::describe(&plan).lines() {
         run_dir.log.info(line);
     }
-    let job = Execute { pipeline: &pipeline, plan: &plan, cache, device_name: &device_name, run_dir: &run_dir.path, log: &run_dir.log };
+    let job = Execute { pipeline: &pipeline, plan: &mut plan, cache, device_name: &device_name, run_dir: &run_dir.path, log: &run_dir.log };
     backend::dispatch(p.backend, &p.devices, job)?;
     run_dir.log.info(&format!("finished; results in {}", p.results_dir.join(&p.name).display()));
     Ok(())
 }
 
+/// Refuses a batch whose lower-bound memory exceeds what the machine has available (CPU
+/// backends, where that is known), naming the key, before any stage runs.
+fn check_memory(pipeline: &Pipeline) -> Result<()> {
+    if pipeline.pipeline.backend != backend::BackendKind::Ndarray {
+        return Ok(());
+    }
+    let Some(available) = available_memory() else { return Ok(()) };
+    let Ok(model) = pipeline.model.resolve(pipeline.model.num_classes.unwrap_or(1000)) else { return Ok(()) };
+    let mut problems = Vec::new();
+    for spec in &pipeline.stages {
+        if let Some((key, batch, bytes)) = crate::stages::memory_needed(spec, &model) {
+            if bytes > available as f64 {
+                problems.push(format!(
+                    "{}: {key} = {batch} needs at least {:.1} GB for one step of a {}-block model of width {}; this machine has {:.1} GB available\n  hint: lower {key}",
+                    pipeline.path.display(),
+                    bytes / 1e9,
+                    model.depth(),
+                    model.embed_dim,
+                    available as f64 / 1e9
+                ));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(config::ConfigErrors(problems).into());
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
 struct Execute<'a> {
     pipeline: &'a Pipeline,
-    plan: &'a Plan,
+    plan: &'a mut Plan,
     cache: &'a Cache,
     device_name: &'a str,
     run_dir: &'a Path,
@@ -65,27 +105,51 @@ impl BackendJob for Execute<'_> {
     }
 }
 
-/// `runner show`: every resolved value and the layer it came from.
+/// `runner show`: every resolved value and the layer it came from, as TOML that would resolve
+/// to the same pipeline: sections, then stages in the order they run, each with its input
+/// (implied ones marked), unset keys as comments.
 pub fn show(path: &Path, overrides: &Overrides) -> Result<String> {
     let pipeline = load(path, overrides)?;
     let rows = pipeline.provenance();
-    let width = rows.iter().map(|(k, v, _)| k.len() + v.len() + 3).max().unwrap_or(0);
-    let mut out = String::new();
-    let mut section = String::new();
-    for (key, value, origin) in rows {
-        let top = key.split('.').take(if key.starts_with("stages.") { 2 } else { 1 }).collect::<Vec<_>>().join(".");
-        if top != section {
-            out.push_str(&format!("\n[{top}]\n"));
-            section = top;
+    let mut tables: Vec<(String, Vec<(String, String, String)>)> = ["", "pipeline", "dataset", "model"]
+        .iter()
+        .map(|section| (section.to_string(), Vec::new()))
+        .collect();
+    for stage in &pipeline.stages {
+        let implied = stage.input.as_ref().filter(|_| !rows.iter().any(|(k, _, _)| *k == format!("stages.{}.input", stage.name)));
+        let mut own = Vec::new();
+        if let Some(input) = implied {
+            own.push(("input".to_string(), format!("{input:?}"), "implied: the previous stage".to_string()));
         }
-        let line = format!("{key} = {value}");
-        out.push_str(&format!("{line:<width$}  # {origin}\n"));
+        tables.push((format!("stages.{}", stage.name), own));
     }
-    out.push_str("\nstage order and inputs:\n");
-    for s in &pipeline.stages {
-        out.push_str(&format!("  {} ({}) <- {}\n", s.name, s.kind.name(), s.input.as_deref().unwrap_or("nothing")));
+    for (key, value, origin) in rows {
+        // The longest table name that prefixes the key: `stages.train` for `stages.train.lr`.
+        if let Some((_, table)) = tables.iter_mut().filter(|(t, _)| key.starts_with(&format!("{t}."))).max_by_key(|(t, _)| t.len()) {
+            table.push((key.clone(), value, origin));
+        } else {
+            tables[0].1.push((key, value, origin)); // top-level keys such as `extends`, before any table
+        }
     }
-    Ok(out.trim_start().to_string())
+    let mut out = String::new();
+    for (table, entries) in tables.iter().filter(|(t, e)| !t.is_empty() || !e.is_empty()) {
+        if !table.is_empty() {
+            out.push_str(&format!("[{table}]\n"));
+        }
+        let width = entries.iter().map(|(k, v, _)| relative(table, k).len() + v.len() + 3).max().unwrap_or(0);
+        for (key, value, origin) in entries {
+            let key = relative(table, key);
+            let line = if value == "unset" { format!("# {key} = (unset)") } else { format!("{key} = {value}") };
+            out.push_str(&format!("{line:<width$}  # {origin}\n"));
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// `key` without its table's prefix.
+fn relative<'a>(table: &str, key: &'a str) -> &'a str {
+    key.strip_prefix(table).and_then(|k| k.strip_prefix('.')).unwrap_or(key)
 }
 
 /// `runner stages`: every stage kind, its keys, types, defaults and docs.
@@ -105,9 +169,9 @@ pub fn stages() -> String {
     out
 }
 
-/// `runner cache ls`.
+/// `runner cache ls`: columns as wide as their longest value.
 pub fn cache_ls(cache: &Cache) -> Result<String> {
-    let mut out = format!("{:<22} {:<14} {:<16} {:<16} {:>10}  last used\n", "key", "stage", "kind", "pipeline", "size");
+    let mut rows = vec![["key", "stage", "kind", "pipeline", "size", "last used"].map(String::from)];
     for e in cache.entries()? {
         let (stage, kind, pipeline) = match &e.manifest {
             Some(m) => (m.stage.clone(), m.kind.clone(), m.pipeline.clone()),
@@ -117,41 +181,85 @@ pub fn cache_ls(cache: &Cache) -> Result<String> {
             .last_used
             .map(|t| chrono::DateTime::<chrono::Local>::from(t).format("%Y-%m-%d %H:%M").to_string())
             .unwrap_or_else(|| "-".into());
-        out.push_str(&format!("{:<22} {stage:<14} {kind:<16} {pipeline:<16} {:>10}  {used}\n", e.key, human_bytes(e.bytes)));
+        rows.push([e.key, stage, kind, pipeline, human_bytes(e.bytes), used]);
+    }
+    let widths: Vec<usize> = (0..6).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in &rows {
+        let cells: Vec<String> = r.iter().zip(&widths).enumerate().map(|(c, (v, w))| if c == 4 { format!("{v:>w$}") } else { format!("{v:<w$}") }).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
     }
     Ok(out)
 }
 
-/// `runner cache gc`: removes entries that no pipeline under `dir` references. Entries of a
-/// pipeline that cannot be resolved now (its dataset is missing, say) are kept.
-pub fn cache_gc(cache: &Cache, dir: &Path) -> Result<String> {
+/// `runner cache gc`: removes entries that no pipeline or sweep point under `dir` references
+/// and that were not used within `keep_days`. Entries of a pipeline that cannot be resolved now
+/// (its dataset is missing, say) are kept; a sweep that cannot be expanded stops it.
+pub fn cache_gc(cache: &Cache, dir: &Path, keep_days: f64, dry_run: bool) -> Result<String> {
     let mut keep = HashSet::new();
     let mut kept_pipelines = HashSet::new();
     let mut notes = String::new();
-    for entry in walkdir::WalkDir::new(dir).sort_by_file_name().into_iter().filter_map(|e| e.ok()) {
-        if entry.path().extension().is_none_or(|e| e != "toml") {
-            continue;
-        }
-        let plan = load(entry.path(), &Overrides::default()).and_then(|p| {
-            pipeline::plan(&p, cache, &[], &p.device_name()).map(|plan| (p, plan))
-        });
-        match plan {
-            Ok((_, plan)) => keep.extend(plan.stages.into_iter().map(|s| s.key)),
-            Err(e) => {
-                let stem = entry.path().file_stem().unwrap().to_string_lossy().into_owned();
-                notes.push_str(&format!("kept entries of {}: it does not resolve now ({})\n", entry.path().display(), e.to_string().lines().next().unwrap_or("")));
-                kept_pipelines.insert(stem);
+    let mut found = 0;
+    let files = walkdir::WalkDir::new(dir).sort_by_file_name().into_iter().filter_map(|e| e.ok());
+    for entry in files.filter(|e| e.path().extension().is_some_and(|x| x == "toml")) {
+        let path = entry.path();
+        let is_sweep = std::fs::read_to_string(path).ok().and_then(|t| t.parse::<toml::Table>().ok()).is_some_and(|t| t.contains_key("grid"));
+        let pipelines = if is_sweep {
+            // The points are `--set` variants no pipeline file names: expand them.
+            let (_, points) = crate::sweep::Sweep::read(path)
+                .and_then(|s| s.check())
+                .with_context(|| format!("{}: cannot expand this sweep, so cannot tell which entries its points use; nothing removed\n  hint: fix or move the file, then run gc again", path.display()))?;
+            points.into_iter().map(Ok).collect()
+        } else if is_layer(path) {
+            continue; // a layer for `--with`, not a pipeline
+        } else {
+            vec![load(path, &Overrides::default())]
+        };
+        found += 1;
+        for p in pipelines {
+            match p.and_then(|p| pipeline::plan(&p, cache, &[], &p.device_name())) {
+                Ok(plan) => keep.extend(plan.stages.into_iter().map(|s| s.key)),
+                Err(e) => {
+                    let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+                    notes.push_str(&format!("kept entries of {}: it does not resolve now ({})\n", path.display(), e.to_string().lines().next().unwrap_or("")));
+                    kept_pipelines.insert(stem);
+                }
             }
         }
+    }
+    if found == 0 {
+        anyhow::bail!(
+            "found no pipeline under `{}`: gc removes only entries it can prove no pipeline uses, so it removed nothing\n  hint: run it from the repository root, or pass --pipelines DIR",
+            dir.display()
+        );
     }
     for e in cache.entries()? {
         if e.manifest.as_ref().is_some_and(|m| kept_pipelines.contains(&m.pipeline)) {
             keep.insert(e.key);
         }
     }
-    let removed = cache.gc(&keep).context("collecting the cache")?;
-    let bytes: u64 = removed.iter().map(|(_, b)| b).sum();
-    Ok(format!("{notes}removed {} entries ({}), kept {}\n", removed.len(), human_bytes(bytes), keep.len()))
+    let recent = std::time::Duration::from_secs_f64(keep_days.max(0.0) * 86400.0);
+    let removed = cache.gc(&keep, recent, dry_run).context("collecting the cache")?;
+    let bytes: u64 = removed.iter().map(|e| e.bytes).sum();
+    let mut out = notes;
+    for e in &removed {
+        let what = e.manifest.as_ref().map_or("(incomplete)".to_string(), |m| format!("{} {} of {}", m.stage, m.kind, m.pipeline));
+        out.push_str(&format!("{} {} {what} ({})\n", if dry_run { "would remove" } else { "removed" }, e.key, human_bytes(e.bytes)));
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    out.push_str(&format!(
+        "{verb} {} entries ({}); kept {} referenced by {found} pipeline or sweep files, and any used in the last {keep_days} days\n",
+        removed.len(),
+        human_bytes(bytes),
+        keep.len()
+    ));
+    Ok(out)
+}
+
+/// A TOML file with neither `[pipeline]` nor `[stages]`: a layer for `--with` (smoke.toml).
+fn is_layer(path: &Path) -> bool {
+    std::fs::read_to_string(path).ok().and_then(|t| t.parse::<toml::Table>().ok()).is_some_and(|t| !t.contains_key("stages") && !t.contains_key("pipeline"))
 }
 
 fn human_bytes(b: u64) -> String {

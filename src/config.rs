@@ -245,7 +245,9 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
         previous = Some(name.clone());
     }
 
-    let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+    // Every declared stage, parsed or not: a stage with a bad value is still a stage that
+    // others may name.
+    let names: Vec<&str> = stage_order.iter().filter(|n| kinds.contains_key(*n)).map(String::as_str).collect();
     // A randomly initialized model reads no checkpoint, so its path may be absent.
     let random_init = model.as_ref().is_some_and(|m| m.init == Some(crate::model::Init::Random));
     for stage in &stages {
@@ -255,10 +257,20 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
             let message = match names.iter().position(|n| *n == name) {
                 None => format!("names no stage `{name}`{}", did_you_mean(name, &names)),
                 Some(p) if Some(p) >= own => format!("names `{name}`, which does not come before it; stages run in file order"),
-                Some(p) if expected.is_some_and(|k| k != stages[p].kind) => format!(
+                Some(_) if expected.is_some_and(|k| k != kinds[name]) => format!(
                     "names `{name}`, a {} stage; it takes {} stages",
-                    stages[p].kind.name(),
+                    kinds[name].name(),
                     expected.map_or("", |k| k.name())
+                ),
+                Some(_) if (key == "teacher" || key == "input") && !kinds[name].writes_model() => format!(
+                    "names `{name}`, a {} stage, which writes no model{}\n  hint: name a {} stage",
+                    kinds[name].name(),
+                    if key == "input" && figment.find_value(&format!("stages.{}.input", stage.name)).is_err() {
+                        " (the input defaults to the previous stage)"
+                    } else {
+                        ""
+                    },
+                    StageKind::ALL.iter().filter(|k| k.writes_model()).map(|k| k.name()).collect::<Vec<_>>().join(", ")
                 ),
                 Some(_) => continue,
             };
@@ -275,6 +287,12 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
     if let Some(p) = &pipeline {
         if p.devices.is_empty() {
             errors.push(located(&figment, "pipeline.devices", "is empty: give at least one device index, e.g. [0]"));
+        } else if crate::backend::compiled(p.backend) {
+            // A backend this build lacks is reported by `runner run` (a plan for another
+            // machine's build, such as a Slurm script, still resolves here).
+            if let Err(e) = crate::backend::check(p.backend, &p.devices) {
+                errors.push(located(&figment, "pipeline.devices", &e.to_string().replace("pipeline.devices ", "")));
+            }
         }
     }
     if let Some(dataset) = &dataset {
@@ -375,7 +393,13 @@ fn read_extends_chain(path: &Path) -> Result<Vec<(PathBuf, toml::Table)>, String
             format!("{}: cannot read pipeline file: {e}", file.display())
         })?;
         let doc: toml::Table = toml::from_str(&text)
-            .map_err(|e| format!("{}: invalid TOML: {}", file.display(), e.message()))?;
+            .map_err(|e| {
+                let (line, column) = e.span().map_or((1, 1), |span| {
+                    let before = &text[..span.start.min(text.len())];
+                    (before.matches('\n').count() + 1, before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1)
+                });
+                format!("{}:{line}:{column}: invalid TOML: {}", file.display(), e.message().trim_end())
+            })?;
         if let Some(base) = doc.get("extends") {
             let base = base
                 .as_str()
@@ -477,11 +501,13 @@ fn check_unknown_keys(
         };
         let kind = match table.get("kind") {
             None => {
-                errors.push(located(
-                    figment,
-                    &path,
-                    &format!("has no `kind`\n  hint: one of {}", StageKind::names().join(", ")),
-                ));
+                // Most often a misspelled stage name in `--set stages.NAME.key=...`.
+                let named: Vec<&str> = stages.iter().filter(|(_, t)| matches!(t, Value::Dict(_, d) if d.contains_key("kind"))).map(|(n, _)| n.as_str()).collect();
+                let hint = match did_you_mean(name, &named) {
+                    d if !d.is_empty() => format!("names no stage of the pipeline{d}"),
+                    _ => format!("has no `kind`\n  hint: one of {}", StageKind::names().join(", ")),
+                };
+                errors.push(located(figment, &path, &hint));
                 continue;
             }
             Some(Value::String(_, kind)) => kind,

@@ -12,7 +12,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), rand::random::<u32>()));
+    let tmp = dir.join(format!(".{name}{TEMPORARY}{}-{}", std::process::id(), rand::random::<u32>()));
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -23,6 +23,13 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         anyhow::anyhow!("{}: cannot write: {e}", path.display())
     })
+}
+
+const TEMPORARY: &str = ".tmp-";
+
+/// Whether `path` is one of [`atomic_write`]'s temporaries, which a killed process leaves.
+pub fn is_temporary(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.') && n.to_string_lossy().contains(TEMPORARY))
 }
 
 /// Size and modification time of a file, for keys that depend on a user's file.

@@ -10,6 +10,9 @@ pub mod commands;
 pub mod config;
 pub mod data;
 pub mod files;
+pub mod fingerprint;
+pub mod interrupt;
+pub mod machine;
 pub mod model;
 pub mod pipeline;
 pub mod prune;
@@ -18,3 +21,8 @@ pub mod stages;
 pub mod suggest;
 pub mod sweep;
 pub mod train;
+
+/// The source tree this binary was built from, hashed by `build.rs` (see [`fingerprint`]).
+pub mod sources {
+    include!(concat!(env!("OUT_DIR"), "/sources.rs"));
+}

@@ -130,11 +130,18 @@ enum BenchCommand {
 enum CacheCommand {
     /// List cached artifacts: key, stage, size, last use.
     Ls,
-    /// Remove artifacts that no pipeline file references.
+    /// Remove entries that no pipeline or sweep point under `--pipelines` references and that
+    /// were not used recently.
     Gc {
-        /// Where the pipeline files are.
+        /// Where the pipeline and sweep files are.
         #[arg(long, default_value = "pipelines")]
         pipelines: PathBuf,
+        /// Keep entries used within this many days, referenced or not (0: keep only referenced).
+        #[arg(long, default_value_t = 7.0)]
+        keep_days: f64,
+        /// Print what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -160,6 +167,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let cache = Cache::from_env();
     match cli.command {
         Command::Run { pipeline, with, mut set, backend, devices, force, dry_run } => {
+            nvit::interrupt::install();
             if let Some(b) = backend {
                 set.push(format!("pipeline.backend={b}"));
             }
@@ -176,7 +184,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             let shard = shard.as_deref().map(nvit::sweep::parse_shard).transpose()?;
-            let args = nvit::sweep::SweepArgs { sweep, with, shard, devices, dry_run, force, runner };
+            let args = nvit::sweep::SweepArgs { sweep, with, shard, devices, dry_run, force, runner, started: chrono::Utc::now() };
             print!("{}", nvit::sweep::run(&args, &cache)?);
             Ok(())
         }
@@ -201,8 +209,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print!("{}", commands::bench_model(&commands::BenchModel { preset, batch, steps, backend, devices, precision, out })?);
             Ok(())
         }
-        Command::Cache { command: CacheCommand::Gc { pipelines } } => {
-            print!("{}", commands::cache_gc(&cache, &pipelines)?);
+        Command::Cache { command: CacheCommand::Gc { pipelines, keep_days, dry_run } } => {
+            print!("{}", commands::cache_gc(&cache, &pipelines, keep_days, dry_run)?);
             Ok(())
         }
     }

@@ -161,7 +161,15 @@ impl Sweep {
         let mut errors = Vec::new();
         for point in &self.points {
             match config::load(&self.file.pipeline, &self.overrides(point, &self.file.devices[..self.file.devices_per_point], &root)) {
-                Ok(p) => pipelines.push(p),
+                Ok(p) => {
+                    // A point runs on whichever worker is free: every worker's devices must do.
+                    for devices in self.file.devices.chunks(self.file.devices_per_point) {
+                        if let Err(e) = crate::backend::check(p.pipeline.backend, devices) {
+                            errors.push(format!("point `{}` on the worker of devices {devices:?}: {e}", point.name));
+                        }
+                    }
+                    pipelines.push(p)
+                }
                 Err(e) => errors.push(format!("point `{}`:\n{e}", point.name)),
             }
         }
@@ -242,6 +250,8 @@ pub struct SweepArgs {
     pub force: Vec<String>,
     /// The `runner` executable each point runs in.
     pub runner: PathBuf,
+    /// When the sweep started: what `--force` rebuilds is older than this.
+    pub started: chrono::DateTime<chrono::Utc>,
 }
 
 /// Runs the sweep's points (or one shard of them) on local workers, then rewrites the
@@ -307,9 +317,9 @@ pub fn run(args: &SweepArgs, cache: &Cache) -> Result<String> {
         }
     });
     progress.into_inner().unwrap().finish();
-    let summary = write_combined(&sweep, &pipelines, &root, cache)?;
-    log.info(&summary);
     let failed = failed.into_inner().unwrap();
+    let summary = write_combined(&sweep, &pipelines, &root, cache, &failed)?;
+    log.info(&summary);
     if !failed.is_empty() {
         bail!("{} of {} points failed: {}; their output is in {}", failed.len(), mine.len(), failed.join(", "), log_dir.display());
     }
@@ -332,6 +342,13 @@ fn run_point(args: &SweepArgs, sweep: &Sweep, point: &Point, devices: &[usize], 
     }
     for s in &overrides.set {
         cmd.arg("--set").arg(s);
+    }
+    // A stage every point forces (`--force evaluate` of the shared dense model) is rebuilt
+    // once: by whichever point gets it first after the sweep started.
+    cmd.env("RUNNER_FORCE_SINCE", args.started.to_rfc3339());
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, crate::interrupt::die_with_parent);
     }
     let mut child = cmd
         .stdin(Stdio::null())
@@ -362,11 +379,13 @@ fn run_point(args: &SweepArgs, sweep: &Sweep, point: &Point, devices: &[usize], 
 /// `results/<sweep>/sweep.csv` (every finished point's evaluated models, the grid values as
 /// columns), `accuracy.svg` and a README; read from the cache, so a shard that finishes last
 /// writes the table of all shards. Returns a one-line summary.
-fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Cache) -> Result<String> {
+fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Cache, failed: &[String]) -> Result<String> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let lock = std::fs::File::create(root.join(".sweep.lock"))?;
     fs2::FileExt::lock_exclusive(&lock).with_context(|| format!("locking {}", root.display()))?;
     let mut lines: Vec<(&Point, table::Row)> = Vec::new();
+    // The latency each row's prune stage reached: short of the target where it stopped early.
+    let mut reached: Vec<Option<f64>> = Vec::new();
     let mut finished = 0;
     for (point, p) in sweep.points.iter().zip(pipelines) {
         let plan = pipeline::plan(p, cache, &[], &p.device_name())?;
@@ -374,10 +393,14 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
         let mut evaluated = Vec::new();
         for s in &evaluates {
             if let Some(manifest) = cache.complete(&s.key) {
-                evaluated.push((manifest.metrics, crate::stages::report::latency_target(p, &s.spec.name)));
+                let prune = crate::stages::report::upstream_prune(p, &s.spec.name);
+                let prune_metrics = prune.and_then(|(name, _)| plan.stages.iter().find(|st| st.spec.name == name)).and_then(|st| cache.complete(&st.key));
+                reached.push(prune_metrics.and_then(|m| m.metrics["latency_ratio"].as_f64()));
+                evaluated.push((manifest.metrics, prune.map(|(_, target)| target)));
             }
         }
-        if !evaluated.is_empty() && evaluated.len() == evaluates.len() {
+        // A point that failed now is not finished, whatever an earlier run left in the cache.
+        if !evaluated.is_empty() && evaluated.len() == evaluates.len() && !failed.contains(&point.name) {
             finished += 1;
         }
         lines.extend(table::measured_rows(&evaluated)?.into_iter().map(|r| (point, r)));
@@ -387,12 +410,14 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
     let mut header = vec!["point".to_string()];
     header.extend(keys.iter().map(|k| k.to_string()));
     header.extend(table_columns());
+    header.push("latency_reached".into());
     w.write_record(&header)?;
-    for (point, row) in &lines {
+    for ((point, row), reached) in lines.iter().zip(&reached) {
         let mut record = vec![point.name.clone()];
         record.extend(point.values.iter().map(|(_, v)| v.to_string()));
         let json = serde_json::to_value(row)?;
         record.extend(table_columns().iter().map(|c| crate::report::csv_cell(&json[c])));
+        record.push(reached.map_or(String::new(), |r| format!("{r:.4}")));
         w.write_record(&record)?;
     }
     atomic_write(&root.join("sweep.csv"), &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
@@ -412,11 +437,13 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
     let readme = format!(
         "# sweep {}\n\nWritten by `runner sweep {}`: {} points over `{}`, {finished} finished. Every row was measured by this \
          repository's `evaluate` stage (backend and device in each row); `speedup` is throughput over the point's first \
-         evaluated model.\n\n{}\n![top-1 against measured speedup](accuracy.svg)\n",
+         evaluated model; {}. `latency_reached` is the estimated latency the point's prune stage reached, \
+         as a fraction of dense, beside its `latency_target`.\n\n{}\n![top-1 against measured speedup](accuracy.svg)\n",
         sweep.name,
         sweep.path.display(),
         sweep.points.len(),
         sweep.file.pipeline.display(),
+        format!("throughput is measured {}", crate::machine::MEASURED_ALONE),
         table::markdown(&lines.iter().map(|(p, r)| table::Row { model: format!("{} {}", p.name, r.model), ..r.clone() }).collect::<Vec<_>>()),
     );
     atomic_write(&root.join("README.md"), readme.as_bytes())?;
@@ -446,7 +473,9 @@ pub fn slurm_script(sweep_path: &Path, with: &[PathBuf], runner: &Path, cache: &
     let cwd = std::env::current_dir()?;
     let logs = abs(&base.pipeline.runs_dir.join("sweeps").join(&sweep.name));
     let gpus = sweep.file.devices_per_point;
-    let devices = (0..gpus).map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+    // A GPU task sees its GPUs as 0..n; the CPU backend has the one device 0, split in shards.
+    let cpu = base.pipeline.backend == crate::backend::BackendKind::Ndarray;
+    let devices = (0..gpus).map(|d| if cpu { "0".into() } else { d.to_string() }).collect::<Vec<_>>().join(",");
     let mut out = String::from("#!/bin/bash\n");
     out.push_str(&format!("# Written by `runner sweep {} --emit-slurm`: {} points in {shards} array tasks.\n", sweep_path.display(), sweep.points.len()));
     out.push_str("# Submit with `sbatch` from any directory; the cache must be on a filesystem every node sees.\n");

@@ -137,8 +137,8 @@ throughput_repeats = 1
 ";
     let path = common::tiny_pipeline(dir.path(), stages);
     let p = common::load(&path, &["stages.train.epochs=1", "pipeline.backend=\"wgpu\""]);
-    let plan = common::plan(&p, &cache);
-    let records = common::execute_on::<Autodiff<Wgpu>>(&p, &plan, &cache, &[Default::default()]).unwrap();
+    let mut plan = common::plan(&p, &cache);
+    let records = common::execute_on::<Autodiff<Wgpu>>(&p, &mut plan, &cache, &[Default::default()]).unwrap();
     assert_eq!(records.len(), 7);
     let metrics = |name: &str| cache.complete(&plan.stages.iter().find(|s| s.spec.name == name).unwrap().key).unwrap().metrics;
     // Latencies measured on lavapipe are noise at this size: that the model shrank is what holds.
@@ -162,7 +162,7 @@ fn train_on_wgpu(precision: Option<&str>, shards: usize) -> anyhow::Result<Vec<f
     let mut plan = common::plan(&p, &cache);
     plan.stages.truncate(1);
     let devices = vec![Default::default(); shards];
-    common::execute_on::<Autodiff<Wgpu>>(&p, &plan, &cache, &devices)?;
+    common::execute_on::<Autodiff<Wgpu>>(&p, &mut plan, &cache, &devices)?;
     let m = cache.complete(&plan.stages[0].key).unwrap().metrics;
     Ok(m["epoch_losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
 }

@@ -13,10 +13,10 @@ fn changing_one_setting_reruns_exactly_the_affected_stages() {
     let path = tiny_pipeline(dir.path(), "");
 
     let p = load(&path, &[]);
-    let first = plan(&p, &cache);
+    let mut first = plan(&p, &cache);
     assert_eq!(statuses(&first), [("train".into(), "run"), ("evaluate".into(), "run")]);
     assert_eq!(reasons(&first, "train"), ["never run"]);
-    execute(&p, &first, &cache);
+    execute(&p, &mut first, &cache);
     assert_eq!(statuses(&plan(&p, &cache)), [("train".into(), "cached"), ("evaluate".into(), "cached")]);
 
     // An evaluation setting: only evaluate runs, and it says why.
@@ -30,7 +30,7 @@ fn changing_one_setting_reruns_exactly_the_affected_stages() {
     let pl = plan(&p, &cache);
     assert_eq!(statuses(&pl), [("train".into(), "run"), ("evaluate".into(), "run")]);
     assert_eq!(reasons(&pl, "train"), ["changed: settings.lr: 0.002 -> 0.001"]);
-    assert!(reasons(&pl, "evaluate").contains(&"its input `train` will run".to_string()), "{:?}", reasons(&pl, "evaluate"));
+    assert_eq!(reasons(&pl, "evaluate"), ["its input `train` will run (cached instead if its output comes out the same)"]);
 
     // How fast data is read changes nothing.
     let p = load(&path, &["dataset.workers=1", "dataset.prefetch=1"]);
@@ -47,16 +47,20 @@ fn a_stage_without_manifest_is_rerun_and_forcing_reruns_one_stage() {
     let cache = Cache { root: dir.path().join("cache") };
     let path = tiny_pipeline(dir.path(), "");
     let p = load(&path, &[]);
-    let pl = plan(&p, &cache);
-    execute(&p, &pl, &cache);
+    let mut pl = plan(&p, &cache);
+    execute(&p, &mut pl, &cache);
 
     let eval_key = pl.stages[1].key.clone();
     std::fs::remove_file(cache.entry_dir(&eval_key).join("manifest.json")).unwrap();
-    let pl = plan(&p, &cache);
+    // A half-written file that a kill left (as a killed `report` would).
+    let leftover = cache.entry_dir(&eval_key).join(".table.csv.tmp-123-456");
+    std::fs::write(&leftover, "half").unwrap();
+    let mut pl = plan(&p, &cache);
     assert_eq!(statuses(&pl), [("train".into(), "cached"), ("evaluate".into(), "run")]);
     assert!(reasons(&pl, "evaluate")[0].starts_with("interrupted earlier (no manifest)"));
-    execute(&p, &pl, &cache);
+    execute(&p, &mut pl, &cache);
     assert!(cache.complete(&eval_key).is_some());
+    assert!(!leftover.exists(), "temporaries of a killed run are removed when the entry is rebuilt");
 
     // A manifest whose files are gone is a miss, not an error.
     std::fs::remove_file(cache.entry_dir(&pl.stages[0].key).join("model/model.safetensors")).unwrap();
@@ -64,12 +68,14 @@ fn a_stage_without_manifest_is_rerun_and_forcing_reruns_one_stage() {
 
     let forced = nvit::pipeline::plan(&p, &cache, &["evaluate".into()], "test-cpu").unwrap();
     assert_eq!(reasons(&forced, "evaluate"), ["forced with --force"]);
-    // Forcing a stage forces the stages that read it, and only those.
+    // Forcing a stage re-runs the stages that read it only if its output changes: their keys
+    // hold the digest of what it produced, known once it has run.
     let path = tiny_pipeline(dir.path(), "[stages.again]\nkind = \"evaluate\"\ninput = \"train\"\n\n[stages.r]\nkind = \"report\"\nmodels = [\"evaluate\"]\n");
     let p = load(&path, &[]);
     let forced = nvit::pipeline::plan(&p, &cache, &["evaluate".into()], "test-cpu").unwrap();
-    assert_eq!(reasons(&forced, "r"), ["its input `evaluate` is forced with --force"]);
-    assert!(forced.stages.iter().find(|s| s.spec.name == "r").unwrap().forced, "its complete entry is discarded, not reused");
+    assert_eq!(reasons(&forced, "r"), ["its input `evaluate` will run (cached instead if its output comes out the same)"]);
+    assert!(forced.stages.iter().find(|s| s.spec.name == "r").unwrap().pending());
+    assert!(!forced.stages.iter().find(|s| s.spec.name == "r").unwrap().forced);
     assert!(!forced.stages.iter().find(|s| s.spec.name == "again").unwrap().forced);
     let err = nvit::pipeline::plan(&p, &cache, &["evaluat".into()], "test-cpu").err().unwrap().to_string();
     assert!(err.starts_with("--force evaluat: the pipeline has no stage `evaluat`; did you mean `evaluate`?"), "{err}");
@@ -81,8 +87,8 @@ fn evaluate_writes_its_row_and_training_lowers_the_loss() {
     let cache = Cache { root: dir.path().join("cache") };
     let path = tiny_pipeline(dir.path(), "");
     let p = load(&path, &["stages.train.epochs=6", "dataset.train_size=256"]);
-    let pl = plan(&p, &cache);
-    execute(&p, &pl, &cache);
+    let mut pl = plan(&p, &cache);
+    execute(&p, &mut pl, &cache);
 
     let manifest = cache.complete(&pl.stages[0].key).unwrap();
     let losses: Vec<f64> = serde_json::from_value(manifest.metrics["epoch_losses"].clone()).unwrap();

@@ -37,6 +37,10 @@ fn missing_backend_feature_says_how_to_build_it() {
     let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--backend", "cuda"]));
     assert_eq!(code, 1);
     assert!(err.contains("error: backend `cuda` is not compiled into this runner\n  hint: build it with `cargo build --release --features cuda`"), "{err}");
+    // `--dry-run` plans (for a cluster's build, say) and says so.
+    let (code, out, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--backend", "cuda", "--dry-run"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("note: backend `cuda` is not compiled into this runner: `runner run` would stop here"), "{out}");
 }
 
 #[test]
@@ -60,9 +64,9 @@ fn bench_model_writes_training_and_inference_rates() {
 fn a_second_cpu_device_is_refused_with_a_hint() {
     let dir = tempfile::tempdir().unwrap();
     let path = common::tiny_pipeline(dir.path(), "");
-    let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--devices", "0,1"]));
-    assert_eq!(code, 1);
-    assert!(err.contains("pipeline.devices names 1: the ndarray backend has one device, 0") && err.contains("hint: repeat it (devices = [0, 0])"), "{err}");
+    let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--devices", "0,1", "--dry-run"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("pipeline.devices") && err.contains("names 1: the ndarray backend has one device, 0") && err.contains("hint: repeat it (devices = [0, 0])"), "{err}");
 }
 
 #[test]
@@ -81,9 +85,9 @@ fn show_and_dry_run_explain_the_pipeline() {
     let path = common::tiny_pipeline(dir.path(), "");
     let (code, out, err) = output(runner(dir.path()).args(["show", path.to_str().unwrap(), "--set", "stages.train.epochs=3"]));
     assert_eq!(code, 0, "{err}");
-    assert!(out.lines().any(|l| l.starts_with("stages.train.epochs = 3") && l.ends_with("# --set stages.train.epochs=3")), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("stages.train.min_lr = 0.00001") && l.ends_with("# default")), "{out}");
-    assert!(out.contains("evaluate (evaluate) <- train"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("epochs = 3") && l.ends_with("# --set stages.train.epochs=3")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("min_lr = 0.00001") && l.ends_with("# default")), "{out}");
+    assert!(out.contains("[stages.evaluate]\ninput = \"train\""), "{out}");
 
     let (code, out, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--dry-run"]));
     assert_eq!(code, 0, "{err}");
@@ -178,10 +182,21 @@ fn cache_ls_and_gc_keep_what_pipelines_reference() {
     assert_eq!(ls.lines().count(), 1 + 4, "{ls}");
     assert_eq!(ls.lines().filter(|l| l.contains(" train ")).count(), 2, "{ls}");
 
-    // The file says lr = 0.002: the entries of the lr = 0.001 run are garbage.
-    let (code, out, err) = output(runner(dir.path()).args(["cache", "gc", "--pipelines", pipelines.to_str().unwrap()]));
+    // The file says lr = 0.002: the entries of the lr = 0.001 run are garbage, but recently
+    // used ones are kept unless told.
+    let gc = |extra: &[&str]| output(runner(dir.path()).args(["cache", "gc", "--pipelines", pipelines.to_str().unwrap()]).args(extra));
+    let (code, out, err) = gc(&[]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.starts_with("removed 2 entries"), "{out}");
+    assert!(out.starts_with("removed 0 entries"), "{out}");
+    let (code, out, err) = gc(&["--keep-days", "0", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("would remove ")).count(), 2 + 1, "{out}");
+    assert!(out.contains("train train of tiny"), "{out}");
+    let (_, ls_after, _) = output(runner(dir.path()).args(["cache", "ls"]));
+    assert_eq!(ls_after, ls, "a dry run removes nothing");
+    let (code, out, err) = gc(&["--keep-days", "0"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().last().unwrap().starts_with("removed 2 entries"), "{out}");
     let (_, out, _) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--dry-run"]));
     assert_eq!(out.lines().filter(|l| l.contains(" cached ")).count(), 2, "{out}");
 }
@@ -194,9 +209,141 @@ fn quickstart_shows_and_plans() {
     let quickstart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/quickstart.toml");
     let (code, out, err) = output(runner(dir.path()).args(["show", quickstart.to_str().unwrap()]));
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("dataset.root = \"/usr/share/datasets/fashion-mnist\""), "{out}");
+    assert!(out.contains("[dataset]\n") && out.contains("\nroot = \"/usr/share/datasets/fashion-mnist\""), "{out}");
     let (code, out, err) = output(runner(dir.path()).args(["run", quickstart.to_str().unwrap(), "--dry-run"]));
     assert_eq!(code, 0, "{err}");
     let stages: Vec<&str> = out.lines().filter(|l| !l.trim_start().starts_with('-')).map(|l| l.split_whitespace().next().unwrap()).collect();
     assert_eq!(stages, ["train", "evaluate", "latency", "prune", "distill", "evaluate_pruned", "report"], "{out}");
+}
+
+/// gc removes only what it can prove no pipeline uses: without pipelines it refuses, and the
+/// entries of a sweep's points (`--set` variants no file names) are kept.
+#[test]
+fn cache_gc_refuses_without_pipelines_and_keeps_sweep_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--set", "stages.train.epochs=1"]));
+    assert_eq!(code, 0, "{err}");
+    let (_, before, _) = output(runner(dir.path()).args(["cache", "ls"]));
+    let empty = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (code, out, err) = output(runner(&empty).env("RUNNER_CACHE", dir.path().join("cache")).args(["cache", "gc", "--keep-days", "0"]));
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("found no pipeline under `pipelines`") && err.contains("removed nothing") && err.contains("--pipelines DIR"), "{err}");
+    let (_, after, _) = output(runner(dir.path()).args(["cache", "ls"]));
+    assert_eq!(before, after);
+
+    // A sweep over the evaluate stage whose base file sets epochs = 2: its points' entries
+    // (epochs = 1 from the sweep's [set]) are referenced by no pipeline file, only the sweep.
+    let sweeps = dir.path().join("pipelines");
+    std::fs::create_dir_all(&sweeps).unwrap();
+    std::fs::rename(&path, sweeps.join("tiny.toml")).unwrap();
+    std::fs::write(
+        sweeps.join("tiny-sweep.toml"),
+        "pipeline = \"tiny.toml\"\n[set]\n\"stages.train.epochs\" = 1\n[grid]\n\"stages.evaluate.throughput_batch\" = [8]\n",
+    )
+    .unwrap();
+    let (code, out, err) = output(runner(dir.path()).args(["sweep", "pipelines/tiny-sweep.toml"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = output(runner(dir.path()).args(["cache", "gc", "--keep-days", "0"]));
+    assert_eq!(code, 0, "{err}");
+    // The point shares train and evaluate (throughput_batch 8 is the file's) with the first run.
+    assert!(out.lines().last().unwrap().starts_with("removed 0 entries"), "{out}");
+    let (_, after, _) = output(runner(dir.path()).args(["cache", "ls"]));
+    assert_eq!(after.lines().count(), 1 + 2, "{after}");
+}
+
+/// `runner show` prints TOML that parses, stages in the order they run, implied inputs marked.
+#[test]
+fn show_prints_valid_toml_in_run_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "[stages.a_report]\nkind = \"report\"\nmodels = [\"evaluate\"]\n");
+    let (code, out, err) = output(runner(dir.path()).args(["show", path.to_str().unwrap()]));
+    assert_eq!(code, 0, "{err}");
+    let parsed: toml::Table = out.parse().unwrap_or_else(|e| panic!("{e}\n{out}"));
+    let stages: Vec<&String> = parsed["stages"].as_table().unwrap().keys().collect();
+    assert_eq!(stages, ["train", "evaluate", "a_report"], "{out}");
+    assert_eq!(parsed["stages"]["evaluate"]["input"].as_str(), Some("train"));
+    assert!(out.lines().any(|l| l.starts_with("input = \"train\"") && l.ends_with("# implied: the previous stage")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("# grad_clip = (unset)")), "{out}");
+}
+
+/// Batches that cannot fit in memory are refused before anything runs, naming the key.
+#[test]
+fn an_impossible_batch_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--set", "stages.evaluate.throughput_batch=100000000"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("stages.evaluate.throughput_batch = 100000000 needs at least") && err.contains("hint: lower stages.evaluate.throughput_batch"), "{err}");
+    assert!(!dir.path().join("cache").exists(), "nothing ran");
+}
+
+/// A runner waiting on another's lock says so, and a stage another runner built is recorded
+/// as such in `artifacts.json`.
+#[test]
+fn a_waiting_runner_says_who_holds_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let args = ["run", path.to_str().unwrap(), "--set", "stages.train.epochs=40"];
+    let first = runner(dir.path()).args(args).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // The first runner holds train's lock once its entry has an owner.
+    let start = Instant::now();
+    while !std::fs::read_dir(dir.path().join("cache")).into_iter().flatten().filter_map(|e| e.ok()).any(|e| e.path().join(".owner").exists()) {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (code, _, err) = output(runner(dir.path()).args(args));
+    assert_eq!(code, 0, "{err}");
+    let pid = first.id();
+    first.wait_with_output().unwrap();
+    assert!(err.contains(&format!("train: waiting for runner pid {pid} on")), "{err}");
+    let runs: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path().join("runs/tiny")).unwrap().map(|e| e.unwrap().path()).collect();
+    let statuses: Vec<String> = runs
+        .iter()
+        .map(|r| std::fs::read_to_string(r.join("artifacts.json")).unwrap())
+        .collect();
+    assert!(statuses.iter().any(|s| s.contains("\"built by another runner\"")), "{statuses:?}");
+}
+
+#[test]
+fn cache_ls_columns_fit_long_pipeline_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let long = "a_pipeline_name_much_longer_than_sixteen_characters";
+    let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--set", &format!("pipeline.name=\"{long}\"")]));
+    assert_eq!(code, 0, "{err}");
+    let (_, ls, _) = output(runner(dir.path()).args(["cache", "ls"]));
+    let header = ls.lines().next().unwrap();
+    let column = header.find("size").unwrap();
+    for line in ls.lines().skip(1) {
+        assert!(line.contains(long), "{ls}");
+        // Sizes are right-aligned under their header.
+        assert!(line[..column + 4].ends_with("KiB") || line[..column + 4].ends_with(" B"), "{ls}");
+    }
+}
+
+/// Every image unreadable with `on_bad_image = "skip"`: a clear error, not a panic.
+#[test]
+fn a_training_split_of_unreadable_images_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    for split in ["train", "val"] {
+        for class in ["a", "b"] {
+            let folder = dir.path().join("data").join(split).join(class);
+            std::fs::create_dir_all(&folder).unwrap();
+            for i in 0..8 {
+                std::fs::write(folder.join(format!("{i}.JPEG")), b"\xff\xd8\xff not a jpeg").unwrap();
+            }
+        }
+    }
+    let path = common::tiny_pipeline(dir.path(), "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let dataset = format!("[dataset]\nkind = \"imagefolder\"\nroot = \"{}\"\non_bad_image = \"skip\"\nworkers = 2\n", dir.path().join("data").display());
+    let start = text.find("[dataset]").unwrap();
+    let end = text.find("[model]").unwrap();
+    std::fs::write(&path, format!("{}{dataset}\n{}", &text[..start], &text[end..])).unwrap();
+    let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap()]));
+    assert_eq!(code, 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("epoch 1 gave no batch: 16 of the training split's 16 images were unreadable and skipped"), "{err}");
 }

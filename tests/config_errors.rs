@@ -186,3 +186,45 @@ fn devices_must_name_at_least_one_and_the_old_key_is_pointed_to_the_new() {
     let err = errors("extends = \"base.toml\"\n[pipeline]\ndevice = 1\n", &[]);
     assert!(err.contains("unknown key `pipeline.device`; did you mean `devices`?"), "{err}");
 }
+
+#[test]
+fn model_geometry_is_checked_before_any_work() {
+    let e = errors(&format!("{OK}[model]\nimage_size = 30\npatch_size = 4\nembed_dim = 32\nheads = 3\n"), &[]);
+    assert!(e.contains("p.toml: model.patch_size: 4 does not divide image_size = 30"), "{e}");
+    assert!(e.contains("p.toml: model.heads: 3 does not divide embed_dim = 32"), "{e}");
+    // A default named as such.
+    let e = errors(&format!("{OK}[model]\nembed_dim = 32\n"), &[]);
+    assert!(e.contains("model.heads: 3 (default) does not divide embed_dim = 32"), "{e}");
+}
+
+#[test]
+fn teachers_and_inputs_must_name_stages_with_a_model() {
+    let text = format!(
+        "{OK}[stages.latency]\nkind = \"profile_latency\"\ninput = \"train\"\n[stages.student]\nkind = \"train\"\ninput = \"train\"\nteacher = \"latency\"\n[stages.eval]\nkind = \"evaluate\"\ninput = \"latency\"\n"
+    );
+    let e = errors(&text, &[]);
+    assert!(e.contains("p.toml: stages.student.teacher: names `latency`, a profile_latency stage, which writes no model"), "{e}");
+    assert!(e.contains("hint: name a load_pretrained, train, prune, distill stage"), "{e}");
+    assert!(e.contains("stages.eval.input: names `latency`, a profile_latency stage, which writes no model"), "{e}");
+}
+
+#[test]
+fn a_bad_value_in_one_stage_adds_no_error_to_the_stages_that_name_it() {
+    let e = errors(&format!("{OK}[stages.train]\nepochs = \"many\"\n[stages.eval]\nkind = \"evaluate\"\ninput = \"train\"\n"), &[]);
+    assert!(e.contains("stages.train.epochs: invalid type"), "{e}");
+    assert!(!e.contains("names no stage"), "{e}");
+}
+
+#[test]
+fn a_misspelled_stage_in_set_gets_a_suggestion_and_toml_errors_a_line_and_column() {
+    let e = errors(OK, &["stages.trian.lr=0.1"]);
+    assert!(e.contains("--set stages.trian.lr=0.1: stages.trian: names no stage of the pipeline; did you mean `train`?"), "{e}");
+    let e = errors(&format!("{OK}[stages.train]\nlr = \n"), &[]);
+    assert!(e.contains("p.toml:3:6: invalid TOML"), "{e}");
+}
+
+#[test]
+fn devices_the_backend_cannot_have_are_refused_at_load() {
+    let e = errors(&format!("{OK}[pipeline]\ndevices = [0, 1]\n"), &[]);
+    assert!(e.contains("pipeline.devices") && e.contains("names 1: the ndarray backend has one device, 0"), "{e}");
+}

@@ -26,8 +26,8 @@ fn run(devices: &str) -> (serde_json::Value, serde_json::Value, Vec<f32>) {
     // Odd batches (15) leave shards of 8 and 7: the shard weights must not assume equal halves.
     let p = load(&path, &[&format!("pipeline.devices={devices}"), "stages.train.batch_size=15", "stages.scores.batch_size=15"]);
     assert_eq!(p.pipeline.devices.len(), devices.matches('0').count());
-    let pl = plan(&p, &cache);
-    execute(&p, &pl, &cache);
+    let mut pl = plan(&p, &cache);
+    execute(&p, &mut pl, &cache);
     let metrics = |name: &str| cache.complete(&pl.stages.iter().find(|s| s.spec.name == name).unwrap().key).unwrap().metrics;
     let scores_dir = cache.entry_dir(&pl.stages.iter().find(|s| s.spec.name == "scores").unwrap().key);
     let scores: nvit::prune::Masks = serde_json::from_slice(&std::fs::read(scores_dir.join("scores.json")).unwrap()).unwrap();

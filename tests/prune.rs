@@ -30,9 +30,9 @@ fn latency_table_and_scores_from_a_pipeline() {
     let cache = Cache { root: dir.path().join("cache") };
     let path = tiny_pipeline(dir.path(), STAGES);
     let p = load(&path, &["stages.train.epochs=1"]);
-    let pl = plan(&p, &cache);
+    let mut pl = plan(&p, &cache);
     assert_eq!(statuses(&pl).iter().map(|s| s.0.as_str()).collect::<Vec<_>>(), ["train", "evaluate", "latency", "scores"]);
-    execute(&p, &pl, &cache);
+    execute(&p, &mut pl, &cache);
 
     let model_dir = checkpoint::model_dir(&cache.entry_dir(&pl.stages[0].key));
     let config = nvit::model::VitConfig::read_json(&model_dir.join("dims.json")).unwrap();
@@ -60,8 +60,8 @@ fn latency_table_and_scores_from_a_pipeline() {
     let values: Vec<f64> = scores.lines().skip(1).map(|l| l.rsplit(',').next().unwrap().parse().unwrap()).collect();
     assert!(values.iter().all(|v| *v >= 0.0) && values.iter().any(|v| *v > 0.0), "squared saliencies");
 
-    let again = nvit::pipeline::plan(&p, &cache, &["scores".into()], "test-cpu").unwrap();
-    execute(&p, &again, &cache);
+    let mut again = nvit::pipeline::plan(&p, &cache, &["scores".into()], "test-cpu").unwrap();
+    execute(&p, &mut again, &cache);
     assert_eq!(std::fs::read_to_string(scores_dir.join("scores.csv")).unwrap(), scores);
 }
 
@@ -95,10 +95,10 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
     let table = dir.path().join("table.json");
     std::fs::write(&table, serde_json::to_vec(&LatencyTable::new(grid, values).unwrap().to_json()).unwrap()).unwrap();
     let p = load(&path, &["stages.train.epochs=1", &format!("stages.latency.table=\"{}\"", table.display())]);
-    let pl = plan(&p, &cache);
+    let mut pl = plan(&p, &cache);
     let prune = pl.stages.iter().find(|s| s.spec.name == "prune").unwrap();
     assert_eq!(prune.key_input.inputs.iter().map(|i| i.0.as_str()).collect::<Vec<_>>(), ["train", "latency"]);
-    execute(&p, &pl, &cache);
+    execute(&p, &mut pl, &cache);
 
     let dir_of = |name: &str| cache.entry_dir(&pl.stages.iter().find(|s| s.spec.name == name).unwrap().key);
     let log = std::fs::read_to_string(dir_of("prune").join("pruning_log.csv")).unwrap();

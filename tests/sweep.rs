@@ -85,20 +85,23 @@ fn local_workers_run_the_points_side_by_side() {
     assert!(err.contains("throughput_batch-8: done in"), "{err}");
     assert_eq!(ran(dir.path(), "train"), 1);
     assert_eq!(table(dir.path()).len(), 3);
-    assert!(std::fs::read_to_string(dir.path().join("results/tiny-sweep/README.md")).unwrap().contains("2 points over"));
+    let readme = std::fs::read_to_string(dir.path().join("results/tiny-sweep/README.md")).unwrap();
+    assert!(readme.contains("2 points over") && readme.contains("throughput is measured alone"), "{readme}");
+    assert_eq!(table(dir.path())[0].last().unwrap(), "latency_reached");
 }
 
 #[test]
 fn emit_slurm_writes_an_array_script_of_shards() {
     let dir = tempfile::tempdir().unwrap();
-    let sweep = sweep_file(dir.path(), "devices_per_point = 2\ndevices = [0, 1]\n\n[slurm]\nshards = 2\ntime = \"2:00:00\"\ncpus_per_task = 8\nmem = \"32G\"\nextra = [\"--account=vision\"]\n");
+    let sweep = sweep_file(dir.path(), "devices_per_point = 2\ndevices = [0, 0]\n\n[slurm]\nshards = 2\ntime = \"2:00:00\"\ncpus_per_task = 8\nmem = \"32G\"\nextra = [\"--account=vision\"]\n");
     let (code, script, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap(), "--emit-slurm"]));
     assert_eq!(code, 0, "{err}");
     for line in ["#SBATCH --array=1-2", "#SBATCH --time=2:00:00", "#SBATCH --account=vision", "#SBATCH --cpus-per-task=8"] {
         assert!(script.lines().any(|l| l == line), "{line} in:\n{script}");
     }
     assert!(!script.contains("--gpus-per-task"), "an ndarray pipeline asks for no GPU:\n{script}");
-    assert!(script.contains("--shard \"$SLURM_ARRAY_TASK_ID/2\" --devices 0,1"), "{script}");
+    // The CPU backend has one device, split into shards.
+    assert!(script.contains("--shard \"$SLURM_ARRAY_TASK_ID/2\" --devices 0,0"), "{script}");
     assert!(script.contains("export RUNNER_CACHE="), "{script}");
     let file = dir.path().join("sweep.sbatch");
     std::fs::write(&file, &script).unwrap();
@@ -113,7 +116,7 @@ fn bad_sweeps_fail_before_anything_runs_naming_the_file_point_and_key() {
     assert_eq!(code, 1);
     assert!(err.contains("tiny-sweep.toml") && err.contains("unknown field `device`"), "{err}");
 
-    let sweep = sweep_file(dir.path(), "devices_per_point = 2\ndevices = [0, 1]");
+    let sweep = sweep_file(dir.path(), "devices_per_point = 2\ndevices = [0, 0]");
     let (code, _, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap(), "--devices", "0"]));
     assert_eq!(code, 1);
     assert!(err.contains("devices [0] cannot be split into workers of devices_per_point = 2"), "{err}");
@@ -148,4 +151,73 @@ fn the_paper_sweep_expands_to_its_four_targets() {
         assert!(script.lines().any(|l| l == line), "{line} in:\n{script}");
     }
     assert!(script.contains(&format!("--with '{}' --shard", smoke.display())), "{script}");
+}
+
+/// `--force train` with two workers: train, shared by both points, is rebuilt once (under its
+/// lock, by whichever point gets it first); nothing fails.
+#[test]
+fn a_forced_stage_shared_by_the_points_is_rebuilt_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = sweep_file(dir.path(), "devices = [0, 0]");
+    let (code, out, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap()]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(ran(dir.path(), "train"), 1);
+    for _ in 0..2 {
+        let (code, out, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap(), "--force", "train"]));
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("2 of 2 points finished") && !err.contains("failed"), "{out}{err}");
+        // The points' logs are this sweep's: one point rebuilt train, the other took it.
+        assert_eq!(ran(dir.path(), "train"), 1, "rebuilt once per forced sweep, not once per point");
+    }
+}
+
+/// Killing the sweep (SIGKILL, no chance to clean up) stops its `runner run` workers too.
+#[test]
+fn workers_die_with_their_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    common::tiny_pipeline(dir.path(), "");
+    let sweep = dir.path().join("long-sweep.toml");
+    // Two points that train for long, each its own model.
+    std::fs::write(&sweep, "pipeline = \"tiny.toml\"\ndevices = [0, 0]\n[set]\n\"stages.train.epochs\" = 400\n[grid]\n\"stages.train.lr\" = [0.001, 0.002]\n").unwrap();
+    let mut child = runner(dir.path()).args(["sweep", sweep.to_str().unwrap()]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let children = |pid: u32| -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    let start = std::time::Instant::now();
+    let mut workers = Vec::new();
+    while workers.len() < 2 {
+        workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .unwrap()
+            .filter_map(|t| t.ok())
+            .flat_map(|t| children(t.file_name().to_string_lossy().parse().unwrap()))
+            .collect();
+        assert!(start.elapsed().as_secs() < 60, "no workers started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for pid in workers {
+        let start = std::time::Instant::now();
+        // A zombie (state Z) has exited; only its parent, gone, could reap it.
+        let alive = || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"));
+        while alive() {
+            assert!(start.elapsed().as_secs() < 20, "worker {pid} outlived its sweep");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// A point whose devices the backend cannot have fails the sweep's check, before anything runs.
+#[test]
+fn a_point_on_devices_the_backend_lacks_is_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = sweep_file(dir.path(), "devices = [0, 1]");
+    let (code, out, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap(), "--dry-run"]));
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("point `throughput_batch-") && err.contains("names 1: the ndarray backend has one device, 0"), "{err}");
+    assert!(!dir.path().join("cache").exists());
 }

@@ -35,6 +35,40 @@ fn logits_match_timm_to_1e4() {
     assert!(scale > 0.1, "the fixture's logits are not trivially small");
 }
 
+/// Where `[model]` leaves the geometry open the checkpoint decides, the softmax scale
+/// included: loaded against deit-tiny's defaults (E 192), the model still computes timm's.
+#[test]
+fn the_checkpoint_decides_what_model_leaves_open_scale_included() {
+    let device = Default::default();
+    let hint = nvit::model::ModelSection { heads: Some(3), ..Default::default() }.resolve(10).unwrap();
+    assert_eq!(hint.embed_dim, 192);
+    let model = checkpoint::load_pretrained::<NdArray>(&fixture().join("model.safetensors"), &hint, &device).unwrap();
+    assert_eq!((model.config.embed_dim, model.config.head_dim), (48, 16));
+    let io = StateDict::read(&fixture().join("io.safetensors")).unwrap();
+    let x = Tensor::<NdArray, 4>::from_data(TensorData::new(io.tensors["input"].1.clone(), [4, 3, 32, 32]), &device);
+    let ours = model.forward(x).logits().into_data().to_vec::<f32>().unwrap();
+    let worst = ours.iter().zip(&io.tensors["logits"].1).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "max |ours - timm| = {worst}");
+}
+
+/// A checkpoint whose geometry disagrees with explicit `[model]` keys is an error listing them.
+#[test]
+fn a_checkpoint_that_disagrees_with_model_is_an_error_listing_each_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "[stages.train]\nkind = \"train\"\nepochs = 2\nbatch_size = 16\nlr = 2e-3\nwarmup_epochs = 0\n",
+        &format!("[stages.load]\nkind = \"load_pretrained\"\npath = \"{}\"\n", fixture().join("model.safetensors").display()),
+    );
+    std::fs::write(&path, text.replace("heads = 2", "heads = 2\nin_chans = 1")).unwrap();
+    let (code, _, err) = common::output(common::runner(dir.path()).args(["run", path.to_str().unwrap()]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("model.safetensors: the checkpoint disagrees with [model]"), "{err}");
+    for line in ["model.image_size = 16, the checkpoint's is 32", "model.patch_size = 4, the checkpoint's is 8", "model.in_chans = 1, the checkpoint's is 3", "model.embed_dim = 16, the checkpoint's is 48"] {
+        assert!(err.contains(line), "{line}: {err}");
+    }
+}
+
 #[test]
 fn load_pretrained_stage_reads_the_checkpoint_and_evaluate_runs_on_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -50,12 +84,12 @@ fn load_pretrained_stage_reads_the_checkpoint_and_evaluate_runs_on_it() {
         .replace("synthetic_size = 16", "synthetic_size = 32\nclasses = 10")
         .replace("classes = 4\n", "")
         .replace("[stages.train]\nkind = \"train\"\nepochs = 2\nbatch_size = 16\nlr = 2e-3\nwarmup_epochs = 0\n", &stages)
-        .replace("image_size = 16\npatch_size = 4\nembed_dim = 16\ndepth = 2\nheads = 2", "heads = 3");
+        .replace("image_size = 16\npatch_size = 4\nembed_dim = 16\ndepth = 2\nheads = 2\nmlp_ratio = 2.0\n", "heads = 3\n");
     std::fs::write(&path, text).unwrap();
     let p = common::load(&path, &[]);
-    let plan = common::plan(&p, &cache);
+    let mut plan = common::plan(&p, &cache);
     assert_eq!(common::statuses(&plan), [("load".into(), "run"), ("evaluate".into(), "run")]);
-    common::execute(&p, &plan, &cache);
+    common::execute(&p, &mut plan, &cache);
     let csv = std::fs::read_to_string(dir.path().join("results/tiny/metrics.csv")).unwrap();
     let row: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
     assert_eq!(&row[..4], ["load", "synthetic-10c-32px", "val", "32"]);

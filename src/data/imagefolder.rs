@@ -70,24 +70,33 @@ impl ImageFolder {
     }
 
     /// Every image of both splits that exist, for the cache's dataset identity.
+    /// Every image of both splits, for the dataset's identity; checks the layout on the way,
+    /// so that a missing split, an empty class folder or a validation class that training
+    /// does not have is an error before any stage runs.
     pub fn index_files(root: &Path) -> Result<Vec<PathBuf>, DataError> {
         let mut files = Vec::new();
+        let train_classes = Self::classes(&split_dir(root, Split::Train)?)?;
         for split in [Split::Train, Split::Val] {
-            if let Ok(dir) = split_dir(root, split) {
+            let dir = split_dir(root, split)?;
+            for class in Self::classes(&dir)? {
+                if split == Split::Val && !train_classes.contains(&class) {
+                    return Err(DataError::file(&dir.join(&class), format!("class `{class}` is not a folder of train/: the model would have no output for it")));
+                }
+                let before = files.len();
                 files.extend(
-                    WalkDir::new(dir)
-                        .min_depth(2)
-                        .max_depth(2)
+                    WalkDir::new(dir.join(&class))
+                        .min_depth(1)
+                        .max_depth(1)
                         .sort_by_file_name()
                         .into_iter()
                         .filter_map(|e| e.ok())
                         .filter(|e| e.file_type().is_file() && is_image(e.path()))
                         .map(|e| e.into_path()),
                 );
+                if files.len() == before {
+                    return Err(DataError::file(&dir.join(&class), "holds no .JPEG, .jpg or .png image: an empty class folder\n  hint: remove it, or add its images"));
+                }
             }
-        }
-        if files.is_empty() {
-            return Err(DataError::file(root, "no images under train/<class>/ or val/<class>/"));
         }
         Ok(files)
     }
@@ -147,6 +156,23 @@ mod tests {
         assert_eq!(train.label(8), 2);
         let img = train.image(8).unwrap().to_rgb8();
         assert_eq!((img.width(), img.height()), (8, 6));
+    }
+
+    #[test]
+    fn layout_problems_are_errors_naming_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tree(dir.path());
+        assert_eq!(ImageFolder::index_files(dir.path()).unwrap().len(), 12);
+        std::fs::create_dir_all(dir.path().join("train/dog")).unwrap();
+        let err = ImageFolder::index_files(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("train/dog") && err.contains("an empty class folder"), "{err}");
+        std::fs::remove_dir(dir.path().join("train/dog")).unwrap();
+        std::fs::rename(dir.path().join("val/bee"), dir.path().join("val/bees")).unwrap();
+        let err = ImageFolder::index_files(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("val/bees") && err.contains("class `bees` is not a folder of train/"), "{err}");
+        std::fs::remove_dir_all(dir.path().join("val")).unwrap();
+        let err = ImageFolder::index_files(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("missing `val/` folder"), "{err}");
     }
 
     #[test]

@@ -113,6 +113,12 @@ impl Loader {
 
     /// The batches of one epoch, produced on a background thread.
     pub fn epoch(&self, epoch: u64) -> Receiver<Result<Batch, DataError>> {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of one epoch after its first `skip`, which are never read: where a resumed
+    /// run picks up.
+    pub fn epoch_from(&self, epoch: u64, skip: usize) -> Receiver<Result<Batch, DataError>> {
         let mut order: Vec<usize> = (0..self.dataset.len()).collect();
         if self.shuffle {
             order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix(self.seed, epoch, u64::MAX)));
@@ -124,8 +130,12 @@ impl Loader {
         let (tx, rx) = sync_channel(self.prefetch);
         let this = self.clone();
         std::thread::spawn(move || {
-            for chunk in chunks {
+            for chunk in chunks.into_iter().skip(skip) {
                 let batch = this.pool.install(|| this.make_batch(&chunk, epoch));
+                // A batch whose every image was skipped as unreadable is no batch.
+                if batch.as_ref().is_ok_and(|b| b.labels.is_empty()) {
+                    continue;
+                }
                 let stop = batch.is_err();
                 if tx.send(batch).is_err() || stop {
                     return;

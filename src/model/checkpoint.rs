@@ -251,7 +251,9 @@ pub fn infer_config(sd: &StateDict, hint: &VitConfig) -> Result<VitConfig> {
         embed_dim: e,
         num_classes: head[0],
         distilled,
-        head_dim: hint.head_dim,
+        // The softmax scale: timm's `E / heads`, from the checkpoint's E where `[model]` said
+        // another (or left it to the default).
+        head_dim: if hint.embed_dim == e { hint.head_dim } else { e / hint.blocks[0].heads.max(1) },
         drop_path: hint.drop_path,
         blocks,
     })

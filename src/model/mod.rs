@@ -247,7 +247,55 @@ impl ModelSection {
         if self.mlp_ratio.is_some_and(|r| r <= 0.0) {
             problems.push(("mlp_ratio".into(), format!("must be positive, got {}", self.mlp_ratio.unwrap())));
         }
+        // Geometry, with the preset's (or deit-tiny's) values for the keys left unset.
+        let base = self.preset.as_deref().and_then(VitConfig::preset).unwrap_or_else(|| VitConfig::preset("deit-tiny").expect("built-in preset"));
+        let named = |own: Option<usize>, v: usize| if own.is_some() { format!("{v}") } else { format!("{v} (default)") };
+        let (image, patch) = (self.image_size.unwrap_or(base.image_size), self.patch_size.unwrap_or(base.patch_size));
+        if patch == 0 || image % patch != 0 {
+            problems.push((
+                "patch_size".into(),
+                format!("{} does not divide image_size = {}: patches must tile the image", named(self.patch_size, patch), named(self.image_size, image)),
+            ));
+        }
+        let (embed, heads) = (self.embed_dim.unwrap_or(base.embed_dim), self.heads.unwrap_or(base.blocks[0].heads));
+        if self.dims.is_none() && self.redistribute != Some(true) && (heads == 0 || embed % heads != 0) {
+            problems.push((
+                "heads".into(),
+                format!("{} does not divide embed_dim = {}: every head must be equally wide", named(self.heads, heads), named(self.embed_dim, embed)),
+            ));
+        }
         problems
+    }
+
+    /// Where a checkpoint's geometry disagrees with what this section says explicitly (its
+    /// keys, or its preset's values), as `key: section vs checkpoint` lines.
+    pub fn disagreements(&self, checkpoint: &VitConfig) -> Vec<String> {
+        let preset = self.preset.as_deref().and_then(VitConfig::preset);
+        let said = |own: Option<usize>, from_preset: fn(&VitConfig) -> usize| own.or(preset.as_ref().map(from_preset));
+        let c = checkpoint;
+        let mut out = Vec::new();
+        let mut check = |key: &str, said: Option<usize>, found: usize| {
+            if let Some(v) = said.filter(|v| *v != found) {
+                out.push(format!("model.{key} = {v}, the checkpoint's is {found}"));
+            }
+        };
+        check("image_size", said(self.image_size, |p| p.image_size), c.image_size);
+        check("patch_size", said(self.patch_size, |p| p.patch_size), c.patch_size);
+        check("in_chans", said(self.in_chans, |p| p.in_chans), c.in_chans);
+        check("embed_dim", said(self.embed_dim, |p| p.embed_dim), c.embed_dim);
+        check("depth", said(self.depth, |p| p.depth()), c.depth());
+        check("num_classes", self.num_classes, c.num_classes);
+        if self.dims.is_none() && self.redistribute != Some(true) {
+            if let Some(r) = self.mlp_ratio {
+                check("mlp_ratio x embed_dim", Some((r * c.embed_dim as f64).round() as usize), c.blocks[0].mlp);
+            }
+        }
+        if let Some(d) = self.distilled.or(preset.as_ref().map(|p| p.distilled)) {
+            if d != c.distilled {
+                out.push(format!("model.distilled = {d}, the checkpoint {} a distillation token", if c.distilled { "has" } else { "has no" }));
+            }
+        }
+        out
     }
 
     /// The model this section describes; `dataset_classes` fills `num_classes` when unset.

@@ -1,10 +1,11 @@
 //! The content-addressed stage cache.
 //!
-//! A stage's key is the hash of a [`KeyInput`]: its kind and resolved settings, the keys of the
-//! stages it consumes, the dataset's settings and identity, the model section, seed, backend
-//! and crate version. Its artifacts live in `<cache>/<key>/`; `manifest.json` is written last,
-//! so an entry without one (a killed run) never counts as done, and a manifest whose files are
-//! missing is a miss, not an error.
+//! A stage's key is the hash of a [`KeyInput`]: its kind and resolved settings, the digests of
+//! what the stages it consumes produced, the dataset's settings and identity, the model
+//! section, seed, backend, and the hashes of the source code its kind runs (see
+//! [`crate::fingerprint`]). Its artifacts live in `<cache>/<key>/`; `manifest.json` is written
+//! last, so an entry without one (a killed run) never counts as done, and a manifest whose files
+//! are missing or of another size is a miss, not an error.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,14 +20,18 @@ use crate::files::atomic_write;
 pub const MANIFEST: &str = "manifest.json";
 const KEY_INPUT: &str = "key.json";
 const LAST_USED: &str = ".last_used";
+const LOCK: &str = ".lock";
+/// Who holds the lock, for the message of a runner that waits on it.
+const OWNER: &str = ".owner";
 
 /// Everything a stage's output depends on. Its hash is the cache key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct KeyInput {
-    pub version: String,
+    /// `(source path, hash)` of the code the stage kind runs, and of Cargo.lock.
+    pub code: Vec<(String, String)>,
     pub kind: String,
     pub settings: serde_json::Value,
-    /// `(stage name, key)` of the stages this one consumes.
+    /// `(stage name, digest of its output)` of the stages this one consumes.
     pub inputs: Vec<(String, String)>,
     pub dataset: serde_json::Value,
     pub dataset_identity: String,
@@ -53,16 +58,20 @@ impl KeyInput {
             ("model", old.model.clone(), self.model.clone()),
             ("seed", j(&old.seed), j(&self.seed)),
             ("backend", j(&old.backend), j(&self.backend)),
-            ("version", j(&old.version), j(&self.version)),
             ("extra", j(&old.extra), j(&self.extra)),
         ] {
             diff_json(name, &a, &b, &mut changes);
+        }
+        let changed: Vec<&str> = self.code.iter().filter(|c| !old.code.contains(c)).map(|(path, _)| path.as_str()).collect();
+        if !changed.is_empty() {
+            changes.push(format!("code changed: {}", changed.join(", ")));
         }
         if old.dataset_identity != self.dataset_identity {
             changes.push("the dataset's files changed".into());
         }
         for ((name, new), (_, prev)) in self.inputs.iter().zip(&old.inputs) {
-            if new != prev {
+            // An input that will run is reported as such by the plan.
+            if new != prev && !new.starts_with("pending:") {
                 changes.push(format!("input `{name}` changed"));
             }
         }
@@ -112,9 +121,41 @@ pub struct Manifest {
     pub files: Vec<(String, u64)>,
     /// What the stage measured, for results tables.
     pub metrics: serde_json::Value,
+    /// SHA-256 of the files and metrics: what the stages reading this one have in their keys.
+    #[serde(default)]
+    pub digest: String,
 }
 
 impl Manifest {
+    /// The manifest of a stage that has just written its files into `dir`.
+    pub fn describe(dir: &Path, key: &str, pipeline: &crate::config::Pipeline, spec: &crate::config::StageSpec, seconds: f64, metrics: serde_json::Value) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut digest = Sha256::new();
+        for entry in walkdir::WalkDir::new(dir).sort_by_file_name().into_iter().filter_map(|e| e.ok()) {
+            let rel = entry.path().strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+            let internal = rel.starts_with('.') || rel == MANIFEST || rel == KEY_INPUT || rel.starts_with("checkpoint");
+            if entry.file_type().is_file() && !internal {
+                let bytes = std::fs::read(entry.path()).with_context(|| format!("reading {}", entry.path().display()))?;
+                digest.update(rel.as_bytes());
+                digest.update((bytes.len() as u64).to_le_bytes());
+                digest.update(&bytes);
+                files.push((rel, bytes.len() as u64));
+            }
+        }
+        digest.update(serde_json::to_vec(&metrics)?);
+        Ok(Manifest {
+            key: key.into(),
+            pipeline: pipeline.pipeline.name.clone(),
+            stage: spec.name.clone(),
+            kind: spec.kind.name().into(),
+            created: chrono::Utc::now().to_rfc3339(),
+            seconds,
+            files,
+            metrics,
+            digest: hex::encode(&digest.finalize()[..16]),
+        })
+    }
+
     /// The manifest in an entry directory.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
@@ -145,21 +186,69 @@ impl Cache {
         self.root.join(key)
     }
 
-    /// The manifest of a complete entry; `None` when absent, unreadable or missing a file.
+    /// The manifest of a complete entry; `None` when absent, unreadable, or missing a file or
+    /// holding one of another size than recorded (truncated, say).
     pub fn complete(&self, key: &str) -> Option<Manifest> {
         let dir = self.entry_dir(key);
         let manifest = Manifest::read(&dir).ok()?;
-        manifest.files.iter().all(|(f, _)| dir.join(f).exists()).then_some(manifest)
+        let intact = manifest.files.iter().all(|(f, size)| std::fs::metadata(dir.join(f)).is_ok_and(|m| m.len() == *size));
+        intact.then_some(manifest)
+    }
+
+    /// Takes the entry's build lock, waiting (after calling `waiting` with who holds it) while
+    /// another runner has it. The lock is released when the file is dropped.
+    pub fn lock(&self, key: &str, waiting: impl FnOnce(&str)) -> Result<std::fs::File> {
+        let dir = self.entry_dir(key);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating cache entry {}", dir.display()))?;
+        let path = dir.join(LOCK);
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        if fs2::FileExt::try_lock_exclusive(&file).is_err() {
+            let holder = std::fs::read_to_string(dir.join(OWNER)).unwrap_or_default();
+            waiting(if holder.trim().is_empty() { "another runner" } else { holder.trim() });
+            fs2::FileExt::lock_exclusive(&file).with_context(|| format!("locking {}", path.display()))?;
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let _ = std::fs::write(dir.join(OWNER), format!("runner pid {} on {}", std::process::id(), host.trim()));
+        Ok(file)
+    }
+
+    /// Empties an entry for a forced rebuild, under its lock: keeps the lock itself.
+    pub fn restart(&self, key: &str, input: &KeyInput) -> Result<PathBuf> {
+        let dir = self.entry_dir(key);
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.file_name().is_some_and(|n| n == LOCK || n == OWNER) {
+                continue;
+            }
+            let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            removed.with_context(|| format!("removing {}", path.display()))?;
+        }
+        self.begin(key, input)
+    }
+
+    /// Removes a committed entry's resume state (`checkpoint/`, and `checkpoint.tmp/` if a kill
+    /// left one).
+    pub fn drop_checkpoints(&self, key: &str) {
+        let dir = self.entry_dir(key);
+        for name in ["checkpoint", "checkpoint.tmp"] {
+            let _ = std::fs::remove_dir_all(dir.join(name));
+        }
     }
 
     pub fn key_input(&self, key: &str) -> Option<KeyInput> {
         serde_json::from_slice(&std::fs::read(self.entry_dir(key).join(KEY_INPUT)).ok()?).ok()
     }
 
-    /// Creates the entry directory and records what its key was made of.
+    /// Creates the entry directory and records what its key was made of. Half-written files a
+    /// killed run left (`atomic_write`'s temporaries) go; its checkpoints stay, to resume from.
     pub fn begin(&self, key: &str, input: &KeyInput) -> Result<PathBuf> {
         let dir = self.entry_dir(key);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating cache entry {}", dir.display()))?;
+        for entry in walkdir::WalkDir::new(&dir).into_iter().filter_map(|e| e.ok()) {
+            if entry.file_type().is_file() && crate::files::is_temporary(entry.path()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         atomic_write(&dir.join(KEY_INPUT), &serde_json::to_vec_pretty(input)?)?;
         Ok(dir)
     }
@@ -212,14 +301,25 @@ impl Cache {
         Ok(out)
     }
 
-    /// Removes every entry whose key is not in `keep`; returns the removed keys and bytes.
-    pub fn gc(&self, keep: &std::collections::HashSet<String>) -> Result<Vec<(String, u64)>> {
+    /// Removes every entry whose key is not in `keep` and that was not used within `recent`,
+    /// skipping entries a runner is building (their lock is held); with `dry_run` removes
+    /// nothing. Returns the entries removed (or that would be).
+    pub fn gc(&self, keep: &std::collections::HashSet<String>, recent: std::time::Duration, dry_run: bool) -> Result<Vec<EntryInfo>> {
         let mut removed = Vec::new();
         for entry in self.entries()? {
-            if !keep.contains(&entry.key) {
-                self.invalidate(&entry.key)?;
-                removed.push((entry.key, entry.bytes));
+            let used = entry.last_used.or_else(|| std::fs::metadata(self.entry_dir(&entry.key)).and_then(|m| m.modified()).ok());
+            let recently = used.is_some_and(|t| t.elapsed().is_ok_and(|age| age < recent));
+            if keep.contains(&entry.key) || recently {
+                continue;
             }
+            let lock = std::fs::File::open(self.entry_dir(&entry.key).join(LOCK)).ok();
+            if lock.as_ref().is_some_and(|f| fs2::FileExt::try_lock_exclusive(f).is_err()) {
+                continue; // a runner is building it
+            }
+            if !dry_run {
+                self.invalidate(&entry.key)?;
+            }
+            removed.push(entry);
         }
         Ok(removed)
     }

@@ -83,7 +83,13 @@ impl Progress<'_> {
 
     /// Advances one step and shows `message` (loss, accuracy, throughput).
     pub fn step(&mut self, message: &str) {
-        self.bar.inc(1);
+        let pos = self.bar.position() + 1;
+        self.update(pos, message);
+    }
+
+    /// Moves to `pos` and shows `message`; logs a line every 30 s.
+    pub fn update(&mut self, pos: u64, message: &str) {
+        self.bar.set_position(pos);
         self.bar.set_message(message.to_string());
         if self.last_log.elapsed() > Duration::from_secs(30) {
             self.last_log = Instant::now();
@@ -118,10 +124,36 @@ pub struct PlannedStage {
     pub status: Status,
     /// `--force` named it: its entry, partial work included, is discarded before it runs.
     pub forced: bool,
+    /// `(stage name, key)` of the stages it reads, whose entries it opens.
+    pub input_keys: Vec<(String, String)>,
 }
+
+impl PlannedStage {
+    /// Whether the key waits on an input that has not run yet: it is final once that input's
+    /// output exists, since a key holds the digest of what its inputs produced.
+    pub fn pending(&self) -> bool {
+        self.key_input.inputs.iter().any(|(_, d)| d.starts_with(PENDING))
+    }
+}
+
+/// Stands for the digest of an input that will run before this stage.
+const PENDING: &str = "pending:";
 
 pub struct Plan {
     pub stages: Vec<PlannedStage>,
+    /// `--force` rebuilds an entry unless its manifest is younger than this: the stage was
+    /// rebuilt by another runner of the same sweep, which forced it too.
+    pub force_since: chrono::DateTime<chrono::Utc>,
+}
+
+/// `RUNNER_FORCE_SINCE` (set by `runner sweep` for its points), or now.
+fn force_since() -> Result<chrono::DateTime<chrono::Utc>> {
+    match std::env::var("RUNNER_FORCE_SINCE") {
+        Ok(text) => Ok(chrono::DateTime::parse_from_rfc3339(&text)
+            .with_context(|| format!("RUNNER_FORCE_SINCE={text}: expected an RFC 3339 time"))?
+            .with_timezone(&chrono::Utc)),
+        Err(_) => Ok(chrono::Utc::now()),
+    }
 }
 
 /// Which stages `--force` names: `all`, or stage names.
@@ -150,16 +182,18 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &
         d.remove("prefetch");
     }
     let index = read_index(cache, &pipeline.pipeline.name);
+    // What each stage produced, for the keys of the stages that read it; `pending:` where it
+    // has still to run.
+    let mut digests: BTreeMap<String, String> = BTreeMap::new();
     let mut keys: BTreeMap<String, String> = BTreeMap::new();
     let mut stages = Vec::new();
     let mut upstream_runs: HashSet<String> = HashSet::new();
-    let mut forced_stages: HashSet<String> = HashSet::new();
     for spec in &pipeline.stages {
-        let inputs: Vec<(String, String)> = spec.upstream().into_iter().map(|(_, i)| (i.to_string(), keys[i].clone())).collect();
+        let inputs: Vec<(String, String)> = spec.upstream().into_iter().map(|(_, i)| (i.to_string(), digests[i].clone())).collect();
         let key_input = KeyInput {
-            version: env!("CARGO_PKG_VERSION").into(),
+            code: spec.kind.code_fingerprint(),
             kind: spec.kind.name().into(),
-            settings: serde_json::to_value(&spec.settings)?,
+            settings: key_settings(&spec.settings)?,
             inputs,
             dataset: dataset.clone(),
             dataset_identity: dataset_identity.clone(),
@@ -169,47 +203,52 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &
             extra: stages::key_extra(spec, device_name),
         };
         let key = key_input.key();
-        keys.insert(spec.name.clone(), key.clone());
-        // A stage that reads a forced stage's output is forced too: its own output would
-        // otherwise describe the old one (a report of re-measured throughput, say).
-        let named = force.iter().any(|f| f == "all" || *f == spec.name);
-        let forced_input = spec.upstream().into_iter().map(|(_, i)| i).find(|i| forced_stages.contains(*i));
-        let forced = named || forced_input.is_some();
-        if forced {
-            forced_stages.insert(spec.name.clone());
-        }
+        let forced = force.iter().any(|f| f == "all" || *f == spec.name);
+        let done = cache.complete(&key);
         let status = if forced {
-            Status::Run(vec![match forced_input {
-                Some(i) if !named => format!("its input `{i}` is forced with --force"),
-                _ => "forced with --force".into(),
-            }])
-        } else if cache.complete(&key).is_some() {
+            Status::Run(vec!["forced with --force".into()])
+        } else if done.is_some() {
             Status::Cached
         } else {
             let mut why = Vec::new();
+            let waiting: Vec<&String> = key_input.inputs.iter().filter(|(i, _)| upstream_runs.contains(i)).map(|(i, _)| i).collect();
             if cache.entry_dir(&key).exists() {
                 why.push("interrupted earlier (no manifest); resumes from its last checkpoint if it has one".into());
             } else if let Some(prev) = index.get(&spec.name).and_then(|k| cache.key_input(k)) {
                 why.extend(key_input.diff(&prev).into_iter().map(|c| format!("changed: {c}")));
-                if why.is_empty() {
-                    why.push("its previous output was removed from the cache".into());
+                if why.is_empty() && waiting.is_empty() {
+                    why.push("its previous output was removed from the cache, or is damaged".into());
                 }
-            } else {
+            } else if waiting.is_empty() {
                 why.push("never run".into());
             }
-            for (i, _) in &key_input.inputs {
-                if upstream_runs.contains(i) {
-                    why.push(format!("its input `{i}` will run"));
-                }
+            for i in waiting {
+                why.push(format!("its input `{i}` will run (cached instead if its output comes out the same)"));
             }
             Status::Run(why)
         };
-        if status != Status::Cached {
-            upstream_runs.insert(spec.name.clone());
-        }
-        stages.push(PlannedStage { spec: spec.clone(), key, key_input, status, forced });
+        match (&status, &done) {
+            (Status::Cached, Some(m)) => digests.insert(spec.name.clone(), m.digest.clone()),
+            _ => {
+                upstream_runs.insert(spec.name.clone());
+                digests.insert(spec.name.clone(), format!("{PENDING}{key}"))
+            }
+        };
+        keys.insert(spec.name.clone(), key.clone());
+        let input_keys = key_input.inputs.iter().map(|(i, _)| (i.clone(), keys[i].clone())).collect();
+        stages.push(PlannedStage { spec: spec.clone(), key, key_input, status, forced, input_keys });
     }
-    Ok(Plan { stages })
+    Ok(Plan { stages, force_since: force_since()? })
+}
+
+/// A stage's settings as its key holds them: without those that only say how often to save
+/// a checkpoint, which does not change what the stage computes.
+fn key_settings(settings: &stages::StageSettings) -> Result<serde_json::Value> {
+    let mut value = serde_json::to_value(settings)?;
+    if let Some(v) = value.as_object_mut() {
+        v.remove("checkpoint_every");
+    }
+    Ok(value)
 }
 
 /// Last completed key of each stage of a pipeline, to say what changed since.
@@ -239,7 +278,8 @@ pub fn describe(plan: &Plan) -> String {
         match &s.status {
             Status::Cached => out.push_str(&format!("{name:<width$} {kind:<16} cached ({})\n", s.key)),
             Status::Run(why) => {
-                out.push_str(&format!("{name:<width$} {kind:<16} will run ({})\n", s.key));
+                let key = if s.pending() { "key known once its inputs ran".to_string() } else { s.key.clone() };
+                out.push_str(&format!("{name:<width$} {kind:<16} will run ({key})\n"));
                 for w in why {
                     out.push_str(&format!("{:<indent$}- {w}\n", "", indent = width + 17));
                 }
@@ -286,16 +326,19 @@ pub struct StageRecord {
     pub stage: String,
     pub kind: String,
     pub key: String,
+    /// `cached`, `ran`, or `built by another runner` (one sharing the cache finished it first).
     pub status: String,
     pub dir: PathBuf,
     pub files: Vec<(String, u64)>,
     pub seconds: f64,
 }
 
-/// Runs the planned stages in order on backend `B`, skipping cached ones.
+/// Runs the planned stages in order on backend `B`, skipping cached ones. Keys that waited on
+/// an input are completed as the input finishes (`plan` is updated), so a stage whose input
+/// was rebuilt with the same output stays cached.
 pub fn execute<B: AutodiffBackend>(
     pipeline: &Pipeline,
-    plan: &Plan,
+    plan: &mut Plan,
     cache: &Cache,
     devices: &[B::Device],
     device_name: &str,
@@ -303,91 +346,91 @@ pub fn execute<B: AutodiffBackend>(
     log: &RunLog,
 ) -> Result<Vec<StageRecord>> {
     let mut records: Vec<StageRecord> = Vec::new();
-    let write_records = |records: &Vec<StageRecord>| -> Result<()> {
-        if let Some(dir) = run_dir {
-            atomic_write(&dir.join("artifacts.json"), &serde_json::to_vec_pretty(records)?)?;
+    let (mut digests, mut keys) = (BTreeMap::<String, String>::new(), BTreeMap::<String, String>::new());
+    let force_since = plan.force_since;
+    for planned in &mut plan.stages {
+        if planned.pending() {
+            for (name, digest) in &mut planned.key_input.inputs {
+                if digest.starts_with(PENDING) {
+                    digest.clone_from(&digests[name.as_str()]);
+                }
+            }
+            for (name, key) in &mut planned.input_keys {
+                key.clone_from(&keys[name.as_str()]);
+            }
+            planned.key = planned.key_input.key();
+            if !planned.forced && cache.complete(&planned.key).is_some() {
+                planned.status = Status::Cached;
+            }
         }
-        Ok(())
-    };
-    for planned in &plan.stages {
         let spec = &planned.spec;
         let dir = cache.entry_dir(&planned.key);
-        let manifest = match (&planned.status, cache.complete(&planned.key)) {
+        let (manifest, how) = match (&planned.status, cache.complete(&planned.key)) {
             (Status::Cached, Some(manifest)) => {
                 log.info(&format!("{}: cached ({})", spec.name, dir.display()));
                 cache.touch(&planned.key);
-                manifest
+                (manifest, "cached")
             }
             _ => {
-                if planned.forced {
-                    cache.invalidate(&planned.key)?;
-                }
-                let manifest = run_stage::<B>(pipeline, planned, cache, devices, device_name, log)
+                let (manifest, how) = run_stage::<B>(pipeline, planned, force_since, cache, devices, device_name, log)
                     .with_context(|| format!("stage `{}` ({}) failed", spec.name, spec.kind.name()))?;
                 record_in_index(cache, &pipeline.pipeline.name, &spec.name, &planned.key)?;
-                manifest
+                (manifest, how)
             }
         };
         stages::publish(pipeline, spec, &dir, &manifest, log)?;
+        digests.insert(spec.name.clone(), manifest.digest.clone());
+        keys.insert(spec.name.clone(), planned.key.clone());
         records.push(StageRecord {
             stage: spec.name.clone(),
             kind: spec.kind.name().into(),
             key: planned.key.clone(),
-            status: if planned.status == Status::Cached { "cached".into() } else { "ran".into() },
+            status: how.into(),
             dir: dir.clone(),
             files: manifest.files.clone(),
             seconds: manifest.seconds,
         });
-        write_records(&records)?;
+        if let Some(dir) = run_dir {
+            atomic_write(&dir.join("artifacts.json"), &serde_json::to_vec_pretty(&records)?)?;
+        }
     }
     Ok(records)
 }
 
+/// Builds one entry under its lock; returns its manifest and who built it.
 fn run_stage<B: AutodiffBackend>(
     pipeline: &Pipeline,
     planned: &PlannedStage,
+    force_since: chrono::DateTime<chrono::Utc>,
     cache: &Cache,
     devices: &[B::Device],
     device_name: &str,
     log: &RunLog,
-) -> Result<Manifest> {
+) -> Result<(Manifest, &'static str)> {
     let spec = &planned.spec;
-    let dir = cache.begin(&planned.key, &planned.key_input)?;
-    // Two runners sharing a cache (a sweep) must not build the same entry at once.
-    let lock = File::create(dir.join(".lock"))?;
-    fs2::FileExt::lock_exclusive(&lock).with_context(|| format!("locking {}", dir.display()))?;
+    // Two runners sharing a cache (a sweep) must not build the same entry at once, and a forced
+    // rebuild must not pull an entry from under the runner building it.
+    let _lock = cache.lock(&planned.key, |holder| {
+        log.info(&format!("{}: waiting for {holder}, which is building it (entry {})", spec.name, cache.entry_dir(&planned.key).display()))
+    })?;
     if let Some(done) = cache.complete(&planned.key) {
-        log.info(&format!("{}: completed by another runner meanwhile", spec.name));
-        return Ok(done);
+        let rebuilt_since_force = chrono::DateTime::parse_from_rfc3339(&done.created).is_ok_and(|t| t >= force_since);
+        if !planned.forced || rebuilt_since_force {
+            log.info(&format!("{}: completed by another runner meanwhile", spec.name));
+            return Ok((done, "built by another runner"));
+        }
     }
+    let dir = if planned.forced { cache.restart(&planned.key, &planned.key_input)? } else { cache.begin(&planned.key, &planned.key_input)? };
     log.info(&format!("{}: running {} -> {}", spec.name, spec.kind.name(), dir.display()));
-    let stages: Vec<(String, PathBuf)> = planned.key_input.inputs.iter().map(|(name, key)| (name.clone(), cache.entry_dir(key))).collect();
+    let stages: Vec<(String, PathBuf)> = planned.input_keys.iter().map(|(name, key)| (name.clone(), cache.entry_dir(key))).collect();
     let input = spec.input.as_ref().map(|name| stages.iter().find(|(n, _)| n == name).cloned().expect("the input is planned"));
     let start = Instant::now();
     let ctx = StageContext::<B> { pipeline, spec, dir: dir.clone(), input, stages, devices: devices.to_vec(), device_name, log };
     let metrics = stages::run(&ctx)?;
-    let seconds = start.elapsed().as_secs_f64();
-    let mut files = Vec::new();
-    for entry in walkdir::WalkDir::new(&dir).sort_by_file_name().into_iter().filter_map(|e| e.ok()) {
-        let rel = entry.path().strip_prefix(&dir).unwrap().to_string_lossy().into_owned();
-        let internal = rel.starts_with('.') || rel == cache::MANIFEST || rel == "key.json" || rel.starts_with("checkpoint");
-        if entry.file_type().is_file() && !internal {
-            files.push((rel, entry.metadata()?.len()));
-        }
-    }
-    let manifest = Manifest {
-        key: planned.key.clone(),
-        pipeline: pipeline.pipeline.name.clone(),
-        stage: spec.name.clone(),
-        kind: spec.kind.name().into(),
-        created: chrono::Utc::now().to_rfc3339(),
-        seconds,
-        files,
-        metrics,
-    };
+    let manifest = Manifest::describe(&dir, &planned.key, pipeline, spec, start.elapsed().as_secs_f64(), metrics)?;
     cache.commit(&manifest)?;
-    // The checkpoint only served to resume this stage; the manifest now stands for it.
-    let _ = std::fs::remove_dir_all(dir.join("checkpoint"));
-    log.info(&format!("{}: done in {seconds:.1} s", spec.name));
-    Ok(manifest)
+    // Only now, with the manifest standing for the stage, is its resume state of no use.
+    cache.drop_checkpoints(&planned.key);
+    log.info(&format!("{}: done in {:.1} s", spec.name, manifest.seconds));
+    Ok((manifest, "ran"))
 }

@@ -7,9 +7,9 @@
 //! the unit is pruned). Burn's `Linear` stores `[d_in, d_out]`, the transpose of PyTorch, so a
 //! PyTorch "row" (output) is a Burn column here.
 
-use burn::module::Param;
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::nn::{LayerNorm, Linear};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -147,6 +147,20 @@ impl Masks {
     pub fn apply<B: Backend>(&self, model: Vit<B>, set: ParamSet) -> Vit<B> {
         let units = self.to_tensors(&model.cls_token.device());
         gate(model, &units, set)
+    }
+
+    /// Zeroes the pruned units of a model being trained. The product is taken outside the
+    /// autodiff graph and the weights come back as leaves that require gradients: a product
+    /// inside the graph would make every weight an intermediate node, for which backward keeps
+    /// no gradient, and the optimizer would silently stop updating the model.
+    pub fn apply_trainable<B: AutodiffBackend>(&self, model: Vit<B>) -> Vit<B> {
+        struct Trainable;
+        impl<B: AutodiffBackend> ModuleMapper<B> for Trainable {
+            fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+                param.map(|w| Tensor::from_inner(w.inner()).require_grad())
+            }
+        }
+        Vit::from_inner(self.apply(model.valid(), ParamSet::Pruned)).map(&mut Trainable)
     }
 
     pub fn to_tensors<B: Backend>(&self, device: &B::Device) -> UnitTensors<B> {

@@ -107,7 +107,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &HessianScoresSettings)
                 (scalar(loss), grads, sums)
             });
             let value = step.loss;
-            check_finite(value, epoch as usize, done)?;
+            check_finite(value, &format!("batch {}", done + 1), "the model's loss is not finite on this data: check the input stage's model")?;
             // Gate gradients of the shards' weighted losses add up to the full batch's.
             let mut sums = Masks::filled(&model.config, 0.0);
             step.shards.iter().for_each(|s| sums.add(s));

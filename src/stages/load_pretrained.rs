@@ -17,7 +17,7 @@ pub struct LoadPretrainedSettings {
     pub path: PathBuf,
 }
 
-pub const KEYS: &[KeyDoc] = &[("path", "path", "the checkpoint: a timm/DeiT state dict as .safetensors")];
+pub const KEYS: &[KeyDoc] = &[("path", "path", "the checkpoint: a timm/DeiT state dict, .safetensors or .pth")];
 
 impl LoadPretrainedSettings {
     pub fn validate(&self) -> Vec<(String, String)> {
@@ -39,7 +39,16 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &LoadPretrainedSettings
         B::InnerBackend::seed(ctx.device(), ctx.pipeline.pipeline.seed);
         hint.init::<B::InnerBackend>(ctx.device())
     } else {
-        checkpoint::load_pretrained::<B::InnerBackend>(&s.path, &hint, ctx.device())?
+        let model = checkpoint::load_pretrained::<B::InnerBackend>(&s.path, &hint, ctx.device())?;
+        let disagree = ctx.pipeline.model.disagreements(&model.config);
+        if !disagree.is_empty() {
+            anyhow::bail!(
+                "{}: the checkpoint disagrees with [model]:\n  {}\n  hint: correct [model], or leave those keys unset so that the checkpoint decides",
+                s.path.display(),
+                disagree.join("\n  ")
+            );
+        }
+        model
     };
     let c = &model.config;
     ctx.log.info(&format!(

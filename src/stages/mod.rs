@@ -96,7 +96,7 @@ impl StageKind {
 
     pub fn doc(self) -> &'static str {
         match self {
-            StageKind::LoadPretrained => "reads a timm/DeiT checkpoint (.safetensors) into the model",
+            StageKind::LoadPretrained => "reads a timm/DeiT checkpoint (.safetensors or .pth) into the model; [model] keys it gives must agree with it",
             StageKind::Train => "trains the model (from scratch, or its input's) with AdamW, warm-up + cosine, DeiT augmentation, optional teacher",
             StageKind::ProfileLatency => "times one block over a grid of widths on the device; writes the latency table",
             StageKind::HessianScores => "scores every unit of every structure (Hessian-aware saliency or a baseline); writes scores.csv",
@@ -120,6 +120,31 @@ impl StageKind {
         }
     }
 
+    /// The source its output depends on, for its cache key: a change to any of these re-runs
+    /// the stage (and, if its output changes, what reads it). Every kind also depends on the
+    /// shared stage code, the model and Cargo.lock (the libraries, burn included).
+    pub fn code(self) -> Vec<&'static str> {
+        let own: &[&str] = match self {
+            StageKind::LoadPretrained => &["src/stages/load_pretrained.rs", "src/data"],
+            StageKind::Train => &["src/stages/train.rs", "src/train", "src/data"],
+            StageKind::Distill => &["src/stages/distill.rs", "src/stages/train.rs", "src/train", "src/data"],
+            StageKind::ProfileLatency => &["src/stages/profile_latency.rs", "src/prune"],
+            StageKind::HessianScores => &["src/stages/hessian_scores.rs", "src/prune", "src/train", "src/data"],
+            StageKind::Prune => &["src/stages/prune.rs", "src/prune", "src/train", "src/data"],
+            StageKind::Evaluate => &["src/stages/evaluate.rs", "src/train", "src/data"],
+            StageKind::Report => &["src/stages/report.rs", "src/report"],
+        };
+        let mut paths = vec!["Cargo.lock", "src/files.rs", "src/model", "src/stages/mod.rs"];
+        paths.extend(own);
+        paths
+    }
+
+    /// The hashes of [`StageKind::code`] in the source tree this binary was built from.
+    pub fn code_fingerprint(self) -> Vec<(String, String)> {
+        let tree: Vec<(String, String)> = crate::sources::SOURCES.iter().map(|(p, h)| (p.to_string(), h.to_string())).collect();
+        crate::fingerprint::modules(&tree, &self.code())
+    }
+
     /// Valid keys of the stage's table besides `kind` and `input`.
     pub fn fields(self) -> &'static [&'static str] {
         use crate::suggest::struct_fields;
@@ -133,6 +158,11 @@ impl StageKind {
             StageKind::Evaluate => struct_fields::<EvaluateSettings>(),
             StageKind::Report => struct_fields::<ReportSettings>(),
         }
+    }
+
+    /// Stages whose entry holds a model that others may take as input or teacher.
+    pub fn writes_model(self) -> bool {
+        matches!(self, StageKind::LoadPretrained | StageKind::Train | StageKind::Prune | StageKind::Distill)
     }
 
     /// Stages that never take an input model by default.
@@ -240,6 +270,27 @@ pub fn key_extra(spec: &StageSpec, device_name: &str) -> BTreeMap<String, String
         | StageSettings::Report(_) => {}
     }
     extra
+}
+
+/// A lower bound on the memory one step of the stage needs with `model`, and the key whose
+/// batch size sets it: a batch that cannot fit fails before anything runs, not after hours of
+/// training on an allocation abort. Counts the input and the activations of a forward pass
+/// (of every block, for training stages), in f32.
+pub fn memory_needed(spec: &StageSpec, model: &VitConfig) -> Option<(String, usize, f64)> {
+    let (key, batch, training) = match &spec.settings {
+        StageSettings::Train(s) | StageSettings::Distill(DistillSettings(s)) => ("batch_size", s.batch_size, true),
+        StageSettings::Prune(s) => ("batch_size", s.batch_size, true),
+        StageSettings::HessianScores(s) => ("batch_size", s.batch_size, true),
+        StageSettings::Evaluate(s) => ("throughput_batch", s.throughput_batch.max(s.batch_size), false),
+        StageSettings::ProfileLatency(s) => ("batch_size", s.batch_size, false),
+        StageSettings::LoadPretrained(_) | StageSettings::Report(_) => return None,
+    };
+    let tokens = model.num_tokens() as f64;
+    let block = |d: &crate::model::BlockDims| tokens * (4.0 * model.embed_dim as f64 + d.mlp as f64) + d.heads as f64 * tokens * tokens;
+    let blocks: Vec<f64> = model.blocks.iter().map(block).collect();
+    let activations = if training { blocks.iter().sum() } else { blocks.iter().cloned().fold(0.0, f64::max) };
+    let per_image = (model.in_chans * model.image_size * model.image_size) as f64 + activations;
+    Some((format!("stages.{}.{key}", spec.name), batch, batch as f64 * per_image * 4.0))
 }
 
 /// Training augmentation beyond the dataset's crop and flip, from a stage's settings.

@@ -131,6 +131,13 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings
     }))
 }
 
+/// The grid points measured so far, in `checkpoint/measured.json`.
+#[derive(Serialize, Deserialize)]
+struct Partial {
+    grid: Grid,
+    values: Vec<f64>,
+}
+
 fn measure<B: AutodiffBackend>(
     ctx: &StageContext<B>,
     s: &ProfileLatencySettings,
@@ -145,9 +152,22 @@ fn measure<B: AutodiffBackend>(
     let device = ctx.device();
     let points = grid.points();
     let mut progress = ctx.log.progress(&ctx.spec.name, points.len() as u64);
-    let mut values = Vec::with_capacity(points.len());
+    // Points measured before a kill are kept: a job preempted more often than the whole
+    // profile lasts still finishes.
+    let partial = ctx.dir.join("checkpoint").join("measured.json");
+    let mut values: Vec<f64> = std::fs::read(&partial)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Partial>(&b).ok())
+        .filter(|p| p.grid == grid && p.values.len() <= points.len())
+        .map(|p| p.values)
+        .unwrap_or_default();
+    if !values.is_empty() {
+        ctx.log.info(&format!("{}: resuming after {} of {} grid points", ctx.spec.name, values.len(), points.len()));
+        progress.set_position(values.len() as u64);
+    }
     let scale = (head_dim as f64).powf(-0.5);
-    for (e, dims) in &points {
+    for (e, dims) in &points[values.len()..] {
+        crate::interrupt::check()?;
         let block = crate::model::Block::<B::InnerBackend>::new(*e, *dims, scale, 0.0, device);
         let x = Tensor::<B::InnerBackend, 3>::random([s.batch_size, tokens, *e], Distribution::Default, device);
         let run = || {
@@ -156,12 +176,15 @@ fn measure<B: AutodiffBackend>(
             let _ = B::InnerBackend::sync(device);
             start.elapsed().as_secs_f64()
         };
+        let alone = crate::machine::measuring();
         for _ in 0..s.warmup {
             run();
         }
         let mut times: Vec<f64> = (0..s.repeats).map(|_| run()).collect();
+        drop(alone);
         times.sort_by(f64::total_cmp);
         values.push(times[times.len() / 2]);
+        atomic_write(&partial, &serde_json::to_vec(&Partial { grid: grid.clone(), values: values.clone() })?)?;
         progress.step(&format!("E {e} {dims:?}"));
     }
     progress.finish();

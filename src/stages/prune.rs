@@ -16,10 +16,11 @@ use crate::data::Split;
 use crate::model::{checkpoint, BlockDims, Vit, VitConfig};
 use crate::files::atomic_write;
 use crate::prune::saliency::{gate_gradients, rng, score};
-use crate::prune::{compact, Criterion, LatencyTable, Masks, Normalizers, ParamSet, Structure};
+use crate::prune::{compact, Criterion, LatencyTable, Masks, Normalizers, Structure};
 use crate::data::mix::soft_targets;
 use crate::train::optim::AdamW;
 use crate::train::parallel::data_parallel;
+use crate::train::resume;
 use crate::train::{check_finite, classification_loss, distillation_loss, scalar, shard_tensors, teacher_output};
 
 /// How pruning is spread over the network: NViT's global ranking, or the ablation's baseline.
@@ -48,6 +49,7 @@ pub struct PruneSettings {
     pub group_v: usize,
     pub group_mlp: usize,
     pub max_prune_steps: usize,
+    pub checkpoint_every: usize,
     pub batch_size: usize,
     pub lr: f64,
     pub weight_decay: f64,
@@ -71,7 +73,8 @@ pub const KEYS: &[KeyDoc] = &[
     ("group_qk", "integer", "query/key dims per group"),
     ("group_v", "integer", "value dims per group"),
     ("group_mlp", "integer", "MLP units per group"),
-    ("max_prune_steps", "integer", "cap on pruning steps if the target is not reached"),
+    ("max_prune_steps", "integer", "cap on pruning steps; stopping there short of the target is a warning, and the tables show the latency reached"),
+    ("checkpoint_every", "integer", "pruning steps between checkpoints a killed run resumes from (not part of the cache key)"),
     ("batch_size", "integer", "images per optimizer step"),
     ("lr", "float", "AdamW learning rate while pruning"),
     ("weight_decay", "float", "AdamW weight decay while pruning (as timm: none on biases, LayerNorms, tokens)"),
@@ -98,6 +101,7 @@ impl Default for PruneSettings {
             group_v: 8,
             group_mlp: 16,
             max_prune_steps: 1000,
+            checkpoint_every: 5,
             batch_size: 64,
             lr: 1e-4,
             weight_decay: 0.05,
@@ -135,6 +139,7 @@ impl PruneSettings {
                 ("group_v", self.group_v),
                 ("group_mlp", self.group_mlp),
                 ("max_prune_steps", self.max_prune_steps),
+                ("checkpoint_every", self.checkpoint_every),
                 ("batch_size", self.batch_size),
             ],
         );
@@ -262,6 +267,24 @@ fn prune_uniform(scores: &Masks, masks: &mut Masks, keep: f64) {
     }
 }
 
+/// What a killed prune resumes from (with the student and AdamW's moments), written every
+/// `checkpoint_every` pruning steps and when the run is stopped by a signal.
+#[derive(Serialize, Deserialize)]
+struct PruneState {
+    step: usize,
+    prune_step: usize,
+    epoch: u64,
+    /// Batches of `epoch` already trained on.
+    batch: usize,
+    masks: Masks,
+    interval_sum: Masks,
+    smoothed: Option<Masks>,
+    /// `pruning_log.csv` so far.
+    log: String,
+    ratio: f64,
+    last_loss: f64,
+}
+
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Result<serde_json::Value> {
     let device = ctx.device();
     let Some(dense) = ctx.input_model::<B>(device)? else {
@@ -276,22 +299,38 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     let config = student.config.clone();
     let dense_latency = table.model_latency(&config);
     let loader = ctx.loader(Split::Train, &config, s.batch_size, s.augment.then(Extras::default))?;
-    let mut optim = AdamW::<B>::new(s.weight_decay, None);
     let normalizers = Normalizers::default();
-    let mut random = rng(ctx.pipeline.pipeline.seed);
+    let seed = ctx.pipeline.pipeline.seed;
 
-    let mut masks = Masks::ones(&config);
-    let mut interval_sum = Masks::filled(&config, 0.0);
-    let mut smoothed: Option<Masks> = None;
-    let mut log = String::from("step,prune_step,est_latency_s,latency_ratio,params,flops,loss,embed_dim,widths\n");
-    let (mut step, mut prune_step, mut epoch) = (0usize, 0usize, 0u64);
-    let mut ratio: f64;
-    let mut last_loss: f64;
-    let mut progress = ctx.log.progress(&ctx.spec.name, s.max_prune_steps as u64);
+    let mut state = PruneState {
+        step: 0,
+        prune_step: 0,
+        epoch: 0,
+        batch: 0,
+        masks: Masks::ones(&config),
+        interval_sum: Masks::filled(&config, 0.0),
+        smoothed: None,
+        log: String::from("step,prune_step,est_latency_s,latency_ratio,params,flops,loss,embed_dim,widths\n"),
+        ratio: 1.0,
+        last_loss: f64::NAN,
+    };
+    let ckpt = ctx.dir.join("checkpoint");
+    let warn = |w: String| ctx.log.info(&format!("{}: warning: {w}", ctx.spec.name));
+    let (restored, mut optim) = resume::load::<B, PruneState>(&ckpt, &student, AdamW::<B>::new(s.weight_decay, None), device, warn);
+    if let Some((model, saved)) = restored {
+        (student, state) = (model, saved);
+        ctx.log.info(&format!("{}: resuming after pruning step {} (optimizer step {})", ctx.spec.name, state.prune_step, state.step));
+    }
+    // Sized by the latency still to remove, which is what ends the stage.
+    let to_remove = |ratio: f64| (((1.0 - ratio) / (1.0 - s.latency_target).max(1e-9)).clamp(0.0, 1.0) * 1000.0) as u64;
+    let mut progress = ctx.log.progress(&ctx.spec.name, 1000);
+    progress.update(to_remove(state.ratio), "latency removed, per mille");
+    let mut exhausted: bool;
     'outer: loop {
-        let before = step;
-        for batch in loader.epoch(epoch) {
+        let mut read = 0;
+        for batch in loader.epoch_from(state.epoch, state.batch) {
             let batch = batch?;
+            read += 1;
             let targets = soft_targets(&batch.labels, config.num_classes, 0.0, 1.0);
             let result = data_parallel(&student, &ctx.devices, batch.labels.len(), teachers.clone(), |replica, range, teacher, weight| {
                 let (images, _, targets) = shard_tensors::<B>(&batch, &targets, range, &replica.cls_token.device());
@@ -303,22 +342,26 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                 });
                 (scalar(loss), grads, sums)
             });
-            last_loss = result.loss;
-            check_finite(last_loss, epoch as usize, step)?;
+            state.last_loss = result.loss;
+            check_finite(state.last_loss, &format!("step {}", state.step + 1), &format!("lower stages.{}.lr", ctx.spec.name))?;
             // Saliency from the full batch's gradients: shards' gate gradients add up to them.
             let mut sums = Masks::filled(&config, 0.0);
             result.shards.iter().for_each(|s| sums.add(s));
             let grads = result.grads;
-            interval_sum.add(&score(s.criterion, &student, &sums, &grads, &normalizers, &mut random));
+            // Seeded by the step (the `random` criterion), so a resumed run draws as an
+            // uninterrupted one would.
+            let mut random = rng(seed ^ (state.step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            state.interval_sum.add(&score(s.criterion, &student, &sums, &grads, &normalizers, &mut random));
             student = optim.step(s.lr, student, grads);
             // Pruned slices stay exactly zero whatever AdamW's moments do.
-            student = masks.apply(student, ParamSet::Pruned);
-            step += 1;
+            student = state.masks.apply_trainable(student);
+            state.step += 1;
+            state.batch += 1;
 
-            if step % s.interval == 0 {
-                let mut avg = std::mem::replace(&mut interval_sum, Masks::filled(&config, 0.0));
+            if state.step % s.interval == 0 {
+                let mut avg = std::mem::replace(&mut state.interval_sum, Masks::filled(&config, 0.0));
                 avg.scale(1.0 / s.interval as f32);
-                let current = match smoothed.take() {
+                let current = match state.smoothed.take() {
                     Some(mut prev) if s.ema > 0.0 => {
                         prev.scale(s.ema as f32);
                         avg.scale(1.0 - s.ema as f32);
@@ -327,42 +370,67 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                     }
                     _ => avg,
                 };
-                let exhausted = match s.allocation {
+                exhausted = match s.allocation {
                     Allocation::Global => {
-                        let ranked = groups(s, &current, &masks, &table);
-                        prune_lowest(&ranked, &mut masks, s.groups_per_step, s.group_emb) == 0
+                        let ranked = groups(s, &current, &state.masks, &table);
+                        prune_lowest(&ranked, &mut state.masks, s.groups_per_step, s.group_emb) == 0
                     }
                     Allocation::Uniform => {
                         // Rounding may leave a step with nothing to prune; only an empty keep ends it.
-                        let keep = 1.0 - (prune_step + 1) as f64 * s.uniform_step;
-                        prune_uniform(&current, &mut masks, keep.max(0.0));
+                        let keep = 1.0 - (state.prune_step + 1) as f64 * s.uniform_step;
+                        prune_uniform(&current, &mut state.masks, keep.max(0.0));
                         keep <= 0.0
                     }
                 };
-                smoothed = Some(current);
-                student = masks.apply(student, ParamSet::Pruned);
-                prune_step += 1;
-                let (e, dims) = masks.surviving_dims();
+                state.smoothed = Some(current);
+                student = state.masks.apply_trainable(student);
+                state.prune_step += 1;
+                let (e, dims) = state.masks.surviving_dims();
                 let now = VitConfig { embed_dim: e, blocks: dims.clone(), ..config.clone() };
                 let latency = table.model_latency(&now);
-                ratio = latency / dense_latency;
+                state.ratio = latency / dense_latency;
                 let widths = dims.iter().map(|d| format!("{}/{}/{}/{}", d.heads, d.qk, d.v, d.mlp)).collect::<Vec<_>>().join(" ");
-                log.push_str(&format!("{step},{prune_step},{latency:e},{ratio:.5},{},{},{last_loss:.5},{e},{widths}\n", now.params(), now.flops()));
-                progress.step(&format!("latency {:.3} of dense, loss {last_loss:.4}", ratio));
+                let (step, prune_step, ratio, loss) = (state.step, state.prune_step, state.ratio, state.last_loss);
+                state.log.push_str(&format!("{step},{prune_step},{latency:e},{ratio:.5},{},{},{loss:.5},{e},{widths}\n", now.params(), now.flops()));
+                progress.update(to_remove(ratio), &format!("step {prune_step}: latency {ratio:.3} of dense, loss {loss:.4}"));
                 if ratio <= s.latency_target || prune_step >= s.max_prune_steps || exhausted {
-                    if exhausted {
-                        ctx.log.info(&format!("{}: nothing left to prune above the floors", ctx.spec.name));
-                    }
                     break 'outer;
                 }
+                if prune_step % s.checkpoint_every == 0 {
+                    resume::save(&ckpt, &student, &optim, &state)?;
+                }
+            }
+            if crate::interrupt::check().is_err() {
+                resume::save(&ckpt, &student, &optim, &state)?;
+                crate::interrupt::check()?;
             }
         }
-        if step == before {
-            anyhow::bail!("the training split gave no batch of {}", s.batch_size);
+        if read == 0 {
+            anyhow::bail!(
+                "the training split gave no batch of {} ({} unreadable images skipped)",
+                s.batch_size,
+                loader.skipped()
+            );
         }
-        epoch += 1;
+        state.epoch += 1;
+        state.batch = 0;
     }
     progress.finish();
+    let PruneState { step, prune_step, ratio, last_loss, masks, log, .. } = state;
+    let reached = ratio <= s.latency_target;
+    let stopped_by = if reached {
+        "reached the latency target"
+    } else if exhausted {
+        "nothing left to prune above the floors"
+    } else {
+        "max_prune_steps"
+    };
+    if !reached {
+        ctx.log.info(&format!(
+            "{}: warning: stopped by {stopped_by} at an estimated latency of {ratio:.3} of dense, short of latency_target = {}\n  hint: raise stages.{}.max_prune_steps or groups_per_step",
+            ctx.spec.name, s.latency_target, ctx.spec.name
+        ));
+    }
     atomic_write(&ctx.dir.join("pruning_log.csv"), log.as_bytes())?;
     atomic_write(&ctx.dir.join("masks.json"), &serde_json::to_vec(&masks)?)?;
     let small = compact(&student.valid(), &masks, device)?;
@@ -378,6 +446,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         "steps": step,
         "prune_steps": prune_step,
         "latency_ratio": ratio,
+        "latency_target": s.latency_target,
+        "target_reached": reached,
+        "stopped_by": stopped_by,
         "params": small.config.params(),
         "flops": small.config.flops(),
         "final_loss": last_loss,
@@ -407,6 +478,34 @@ mod tests {
         assert_eq!(masks.get(Structure::Mlp, 1)[7], 0.0, "the lowest-scored unit went first");
         prune_uniform(&scores, &mut masks, 0.0);
         assert!(masks.surviving_dims().1.iter().all(|d| *d == BlockDims { heads: 1, qk: 1, v: 1, mlp: 1 }));
+    }
+
+    /// The student keeps training while it is pruned: zeroing the pruned units after every
+    /// step leaves the other weights trainable (a product inside the autodiff graph froze the
+    /// whole student after the first step).
+    #[test]
+    fn masked_weights_keep_training_step_after_step() {
+        use burn::optim::GradientsParams;
+        use burn::tensor::{Distribution, Tensor};
+        type A = burn::backend::Autodiff<burn::backend::NdArray>;
+        let device = Default::default();
+        let c = VitConfig::uniform(8, 4, 3, 8, 1, 2, 2.0, 3, false);
+        let mut model = c.init::<A>(&device);
+        let mut masks = Masks::ones(&c);
+        masks.get_mut(Structure::Mlp, 0)[0] = 0.0;
+        let mut optim = AdamW::<A>::new(0.0, None);
+        let x = Tensor::<A, 4>::random([2, 3, 8, 8], Distribution::Default, &device);
+        let weights = |m: &Vit<A>| m.head.weight.val().inner().into_data().to_vec::<f32>().unwrap();
+        for step in 0..3 {
+            let before = weights(&model);
+            let loss = model.forward(x.clone()).logits().powi_scalar(2).mean();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = masks.apply_trainable(optim.step(1e-2, model, grads));
+            assert_ne!(weights(&model), before, "step {step} left the weights unchanged");
+        }
+        let fc1 = model.blocks[0].mlp.fc1.weight.val().inner().into_data().to_vec::<f32>().unwrap();
+        let rows = fc1.len() / c.blocks[0].mlp;
+        assert!((0..rows).all(|r| fc1[r * c.blocks[0].mlp] == 0.0), "the pruned MLP unit stays zero");
     }
 
     #[test]

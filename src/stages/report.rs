@@ -82,10 +82,15 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ReportSettings) -> Res
 
 /// The target of the first prune stage upstream of `stage` (its input, its input's, ...).
 pub fn latency_target(pipeline: &Pipeline, stage: &str) -> Option<f64> {
+    upstream_prune(pipeline, stage).map(|(_, target)| target)
+}
+
+/// The first prune stage upstream of `stage` and its latency target.
+pub fn upstream_prune<'a>(pipeline: &'a Pipeline, stage: &str) -> Option<(&'a str, f64)> {
     let mut name = stage;
     while let Some(spec) = pipeline.stages.iter().find(|st| st.name == name) {
         if let StageSettings::Prune(p) = &spec.settings {
-            return Some(p.latency_target);
+            return Some((spec.name.as_str(), p.latency_target));
         }
         name = spec.input.as_deref()?;
     }
@@ -116,8 +121,14 @@ fn readme<B: AutodiffBackend>(ctx: &StageContext<B>, rows: &[table::Row], trajec
         s.push_str("## Pruning trajectory\n\n![estimated latency and loss against step](trajectory.svg)\n\n");
         for (name, steps) in trajectories {
             if let Some(last) = steps.last() {
+                let short = match upstream_prune(ctx.pipeline, name) {
+                    Some((_, target)) if last.latency_ratio > target => {
+                        format!(" **Warning: short of its latency target {target}**: it stopped at max_prune_steps or with nothing left to prune.")
+                    }
+                    _ => String::new(),
+                };
                 s.push_str(&format!(
-                    "- `{name}`: {} pruning steps over {} optimizer steps, estimated latency {:.3} of dense, final widths (heads/qk/v/mlp per block) `{}`, EMB {}.\n",
+                    "- `{name}`: {} pruning steps over {} optimizer steps, estimated latency {:.3} of dense, final widths (heads/qk/v/mlp per block) `{}`, EMB {}.{short}\n",
                     last.prune_step, last.step, last.latency_ratio, last.widths, last.embed_dim
                 ));
             }

@@ -5,12 +5,10 @@
 //! this loop with the teacher required). It checkpoints after every epoch and resumes from
 //! there when re-run.
 
-use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use burn::module::{AutodiffModule, Module};
-use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
@@ -21,8 +19,8 @@ use crate::data::mix::Mixer;
 use crate::data::randaugment::RandAugment;
 use crate::data::Split;
 use crate::model::{checkpoint, Vit};
-use crate::files::atomic_write;
 use crate::train::optim::AdamW;
+use crate::train::resume;
 use crate::train::parallel::data_parallel;
 use crate::train::{
     check_finite, classification_loss, correct, distillation_loss, forward_in, in_precision, scalar, shard_tensors, teacher_output, Precision,
@@ -167,8 +165,6 @@ struct CheckpointState {
     last_accuracy: f64,
 }
 
-type Rec = BinFileRecorder<FullPrecisionSettings>;
-
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Result<serde_json::Value> {
     let device = ctx.device();
     let seed = ctx.pipeline.pipeline.seed;
@@ -221,13 +217,11 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
     let ckpt = ctx.dir.join("checkpoint");
     let mut start_epoch = 0;
     let (mut epoch_losses, mut last_accuracy) = (Vec::new(), f64::NAN);
-    if let Some(state) = read_state(&ckpt) {
-        model = model
-            .load_file(ckpt.join("model"), &Rec::new(), device)
-            .with_context(|| format!("resuming from {}", ckpt.display()))?;
-        let record = Recorder::<B>::load(&Rec::new(), ckpt.join("optim"), device)
-            .with_context(|| format!("resuming the optimizer from {}", ckpt.display()))?;
-        optim = optim.load_record(record);
+    let warn = |w: String| ctx.log.info(&format!("{}: warning: {w}", ctx.spec.name));
+    let (restored, restored_optim) = resume::load::<B, CheckpointState>(&ckpt, &model, optim, device, warn);
+    optim = restored_optim;
+    if let Some((m, state)) = restored {
+        model = m;
         start_epoch = state.epochs_done;
         (epoch_losses, last_accuracy) = (state.epoch_losses, state.last_accuracy);
         ctx.log.info(&format!("{}: resuming after epoch {start_epoch} of {}", ctx.spec.name, s.epochs));
@@ -242,6 +236,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
         for (i, batch) in loader.epoch(epoch as u64).into_iter().take(steps_per_epoch).enumerate() {
             let step = epoch * steps_per_epoch + i;
             let mut batch = batch?;
+            crate::interrupt::check()?;
             // Seeded by the step, so a resumed run mixes as an uninterrupted one would.
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let targets = mixer.apply(&mut batch, &mut rng);
@@ -260,7 +255,11 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
                 (scalar(weighted.clone()), weighted.backward(), top1)
             });
             let loss_value = step_result.loss;
-            check_finite(loss_value, epoch, i)?;
+            check_finite(
+                loss_value,
+                &format!("epoch {}, step {}", epoch + 1, i + 1),
+                &format!("lower stages.{0}.lr or set stages.{0}.grad_clip", ctx.spec.name),
+            )?;
             model = optim.step(schedule.at(step), model, step_result.grads);
             let top1: usize = step_result.shards.iter().sum();
             loss_sum += loss_value * n as f64;
@@ -269,6 +268,14 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
             images_seen += n;
             let rate = images_seen as f64 / started.elapsed().as_secs_f64();
             progress.step(&format!("epoch {} loss {loss_value:.4} acc {:.3} {rate:.0} img/s", epoch + 1, hits as f64 / seen as f64));
+        }
+        if seen == 0 {
+            anyhow::bail!(
+                "epoch {} gave no batch: {} of the training split's {} images were unreadable and skipped (on_bad_image = \"skip\")",
+                epoch + 1,
+                loader.skipped(),
+                loader.dataset().len()
+            );
         }
         let last_loss = loss_sum / seen as f64;
         last_accuracy = hits as f64 / seen as f64;
@@ -279,16 +286,15 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
             epoch + 1,
             s.epochs
         ));
-        save_checkpoint(&ckpt, &model, &optim, &CheckpointState { epochs_done: epoch + 1, epoch_losses: epoch_losses.clone(), last_accuracy })?;
+        resume::save(&ckpt, &model, &optim, &CheckpointState { epochs_done: epoch + 1, epoch_losses: epoch_losses.clone(), last_accuracy })?;
     }
     progress.finish();
     if loader.skipped() > 0 {
         ctx.log.info(&format!("{}: skipped {} unreadable images", ctx.spec.name, loader.skipped()));
     }
+    // The checkpoint stays until the runner has committed the entry: a kill before then
+    // resumes from it.
     checkpoint::save(&model.valid(), &checkpoint::model_dir(&ctx.dir))?;
-    // The optimizer's moments triple the model's size; once the final model is saved they are
-    // only worth keeping for a kill in the next instant.
-    let _ = std::fs::remove_dir_all(&ckpt);
     Ok(serde_json::json!({
         "epochs": s.epochs,
         "steps": s.epochs * steps_per_epoch,
@@ -296,33 +302,4 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
         "final_train_accuracy": last_accuracy,
         "skipped_images": loader.skipped(),
     }))
-}
-
-fn read_state(ckpt: &Path) -> Option<CheckpointState> {
-    // A kill between removing the old checkpoint and renaming the new one leaves only the
-    // new one, complete (its state.json is written last).
-    let tmp = ckpt.with_extension("tmp");
-    if !ckpt.join("state.json").exists() && tmp.join("state.json").exists() {
-        std::fs::rename(&tmp, ckpt).ok()?;
-    }
-    serde_json::from_slice(&std::fs::read(ckpt.join("state.json")).ok()?).ok()
-}
-
-/// Writes the checkpoint beside the old one and swaps it in, so a kill at any moment leaves
-/// one complete checkpoint.
-fn save_checkpoint<B: AutodiffBackend>(
-    ckpt: &Path,
-    model: &Vit<B>,
-    optim: &AdamW<B>,
-    state: &CheckpointState,
-) -> Result<()> {
-    let tmp = ckpt.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    model.clone().save_file(tmp.join("model"), &Rec::new()).context("saving the model checkpoint")?;
-    Recorder::<B>::record(&Rec::new(), optim.to_record(), tmp.join("optim")).context("saving the optimizer checkpoint")?;
-    atomic_write(&tmp.join("state.json"), &serde_json::to_vec(state)?)?;
-    let _ = std::fs::remove_dir_all(ckpt);
-    std::fs::rename(&tmp, ckpt).with_context(|| format!("moving checkpoint into {}", ckpt.display()))?;
-    Ok(())
 }

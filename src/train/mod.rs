@@ -12,6 +12,7 @@ use crate::model::{Vit, VitOutput};
 
 pub mod optim;
 pub mod parallel;
+pub mod resume;
 
 /// A loader batch on `device`: images `[batch, channels, size, size]` and labels `[batch]`.
 pub fn to_tensors<B: Backend>(batch: Batch, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
@@ -143,9 +144,10 @@ pub fn distillation_loss<B: Backend>(student: &VitOutput<B>, teacher: &VitOutput
 }
 
 /// Stops the stage on a NaN or infinite loss, naming where it happened.
-pub fn check_finite(loss: f64, epoch: usize, step: usize) -> Result<()> {
+/// An error for a NaN or infinite loss at `at` (1-based, as the log counts), with `hint`.
+pub fn check_finite(loss: f64, at: &str, hint: &str) -> Result<()> {
     if !loss.is_finite() {
-        bail!("the loss became {loss} at epoch {epoch}, step {step}\n  hint: lower the learning rate or set grad_clip");
+        bail!("the loss became {loss} at {at}\n  hint: {hint}");
     }
     Ok(())
 }
@@ -235,7 +237,7 @@ mod tests {
 
     #[test]
     fn nan_loss_names_the_step() {
-        let err = check_finite(f64::NAN, 2, 17).unwrap_err().to_string();
-        assert!(err.contains("NaN at epoch 2, step 17"), "{err}");
+        let err = check_finite(f64::NAN, "epoch 2, step 17", "lower lr").unwrap_err().to_string();
+        assert!(err.contains("NaN at epoch 2, step 17\n  hint: lower lr"), "{err}");
     }
 }

@@ -59,6 +59,8 @@ where
     P: Send,
     T: Send,
 {
+    // Another runner on this machine may be timing a model: it waits for this step.
+    let _working = crate::machine::working();
     let ranges = shards(n, devices.len());
     if ranges.len() == 1 {
         let payload = payloads.into_iter().next().expect("one payload per device");

@@ -80,14 +80,14 @@ pub fn plan(p: &Pipeline, cache: &Cache) -> Plan {
     pipeline::plan(p, cache, &[], "test-cpu").unwrap()
 }
 
-pub fn execute(p: &Pipeline, plan: &Plan, cache: &Cache) -> Vec<StageRecord> {
+pub fn execute(p: &Pipeline, plan: &mut Plan, cache: &Cache) -> Vec<StageRecord> {
     // `devices = [0, 0]` runs data-parallel over two CPU shards, as the runner would.
     let devices = vec![Default::default(); p.pipeline.devices.len()];
     execute_on::<B>(p, plan, cache, &devices).unwrap()
 }
 
 /// `plan` on backend `BB`'s `devices`, silently.
-pub fn execute_on<BB: burn::tensor::backend::AutodiffBackend>(p: &Pipeline, plan: &Plan, cache: &Cache, devices: &[BB::Device]) -> anyhow::Result<Vec<StageRecord>> {
+pub fn execute_on<BB: burn::tensor::backend::AutodiffBackend>(p: &Pipeline, plan: &mut Plan, cache: &Cache, devices: &[BB::Device]) -> anyhow::Result<Vec<StageRecord>> {
     pipeline::execute::<BB>(p, plan, cache, devices, "test-cpu", None, &RunLog::silent())
 }
 

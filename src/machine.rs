@@ -1,0 +1,97 @@
+//! What runners on one machine share: the lock that keeps timing measurements alone. A stage
+//! that times the model (`evaluate`'s throughput, `profile_latency`) holds it exclusively;
+//! every training step holds it shared. So the workers of a sweep never time one point while
+//! another trains, and a waiting measurement is never starved: it first takes the `wanted`
+//! lock, which stops new steps from starting.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Held while it lives.
+pub struct Guard(#[allow(dead_code)] Vec<File>);
+
+/// `RUNNER_MACHINE_LOCK_DIR`, or the system's temporary directory: one per machine.
+fn lock_dir() -> PathBuf {
+    std::env::var_os("RUNNER_MACHINE_LOCK_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir)
+}
+
+fn lock_file(dir: &Path, name: &str) -> Option<File> {
+    std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(dir.join(name)).ok()
+}
+
+/// The exclusive lock, for a measurement: waits for the training steps of other runners on
+/// this machine to finish and keeps new ones from starting until dropped.
+pub fn measuring() -> Guard {
+    measuring_in(&lock_dir())
+}
+
+fn measuring_in(dir: &Path) -> Guard {
+    let mut held = Vec::new();
+    for name in ["nvit-measure-wanted.lock", "nvit-measure.lock"] {
+        if let Some(f) = lock_file(dir, name) {
+            if fs2::FileExt::lock_exclusive(&f).is_ok() {
+                held.push(f);
+            }
+        }
+    }
+    Guard(held)
+}
+
+/// The shared lock, for one training step. Best effort: where the lock file cannot be opened
+/// (another user's, say) the step runs without it.
+pub fn working() -> Guard {
+    working_in(&lock_dir())
+}
+
+fn working_in(dir: &Path) -> Guard {
+    if let Some(wanted) = lock_file(dir, "nvit-measure-wanted.lock") {
+        // Waits while a measurement is pending, then lets it go.
+        let _ = fs2::FileExt::lock_shared(&wanted);
+        let _ = fs2::FileExt::unlock(&wanted);
+    }
+    let mut held = Vec::new();
+    if let Some(f) = lock_file(dir, "nvit-measure.lock") {
+        if fs2::FileExt::lock_shared(&f).is_ok() {
+            held.push(f);
+        }
+    }
+    Guard(held)
+}
+
+/// How throughput and latency are measured, for results tables.
+pub const MEASURED_ALONE: &str = "alone: a machine-wide lock pauses other runners' training while timing";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    #[test]
+    fn a_measurement_waits_for_training_steps_and_holds_off_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let step = working_in(dir.path());
+        let _other = working_in(dir.path()); // steps of two runners at once
+        let measured = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _alone = measuring_in(dir.path());
+                measured.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(300));
+            });
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(!measured.load(Ordering::SeqCst), "measured while a step ran");
+            drop(step);
+            drop(_other);
+            let start = std::time::Instant::now();
+            while !measured.load(Ordering::SeqCst) {
+                assert!(start.elapsed() < Duration::from_secs(5), "the measurement never started");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // A new step waits for the measurement to finish.
+            let start = std::time::Instant::now();
+            let _next = working_in(dir.path());
+            assert!(start.elapsed() >= Duration::from_millis(100), "a step started during the measurement");
+        });
+    }
+}
