@@ -60,7 +60,7 @@ pub fn check(kind: BackendKind, indices: &[usize]) -> Result<()> {
         BackendKind::Wgpu => {
             if indices.iter().any(|&i| i != indices[0]) {
                 bail!(
-                    "pipeline.devices = {indices:?}: data parallel over several wgpu devices needs copies between them, which burn 0.21's wgpu runtime does not implement (cubecl's send/recv panic)\n  hint: use the cuda backend for several GPUs, or one wgpu device"
+                    "pipeline.devices names several wgpu devices {indices:?}: data parallel over several wgpu devices needs copies between them, which burn 0.21's wgpu runtime does not implement (cubecl's send/recv panic)\n  hint: use the cuda backend for several GPUs, or one wgpu device"
                 );
             }
         }
