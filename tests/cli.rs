@@ -14,6 +14,7 @@ fn stages_lists_kinds_with_keys_types_and_defaults() {
     assert!(out.contains("train: trains the model"), "{out}");
     assert!(out.lines().any(|l| l.trim_start().starts_with("lr") && l.contains("float") && l.contains("default 0.0005")), "{out}");
     assert!(out.contains("evaluate: measures top-1/top-5"), "{out}");
+    assert!(out.contains("load_pretrained: reads a timm/DeiT checkpoint (.safetensors or .pth)"), "{out}");
 }
 
 #[test]

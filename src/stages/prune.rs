@@ -267,6 +267,12 @@ fn prune_uniform(scores: &Masks, masks: &mut Masks, keep: f64) {
     }
 }
 
+/// Progress in per mille of the latency to remove, which is what ends the stage (not the
+/// `max_prune_steps` cap, which a run rarely reaches): the bar's ETA then means something.
+fn latency_removed(ratio: f64, target: f64) -> u64 {
+    (((1.0 - ratio) / (1.0 - target).max(1e-9)).clamp(0.0, 1.0) * 1000.0).round() as u64
+}
+
 /// What a killed prune resumes from (with the student and AdamW's moments), written every
 /// `checkpoint_every` pruning steps and when the run is stopped by a signal.
 #[derive(Serialize, Deserialize)]
@@ -321,8 +327,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         (student, state) = (model, saved);
         ctx.log.info(&format!("{}: resuming after pruning step {} (optimizer step {})", ctx.spec.name, state.prune_step, state.step));
     }
-    // Sized by the latency still to remove, which is what ends the stage.
-    let to_remove = |ratio: f64| (((1.0 - ratio) / (1.0 - s.latency_target).max(1e-9)).clamp(0.0, 1.0) * 1000.0) as u64;
+    let to_remove = |ratio: f64| latency_removed(ratio, s.latency_target);
     let mut progress = ctx.log.progress(&ctx.spec.name, 1000);
     progress.update(to_remove(state.ratio), "latency removed, per mille");
     let mut exhausted: bool;
@@ -506,6 +511,14 @@ mod tests {
         let fc1 = model.blocks[0].mlp.fc1.weight.val().inner().into_data().to_vec::<f32>().unwrap();
         let rows = fc1.len() / c.blocks[0].mlp;
         assert!((0..rows).all(|r| fc1[r * c.blocks[0].mlp] == 0.0), "the pruned MLP unit stays zero");
+    }
+
+    #[test]
+    fn progress_counts_the_latency_removed_towards_the_target() {
+        assert_eq!(latency_removed(1.0, 0.5), 0);
+        assert_eq!(latency_removed(0.75, 0.5), 500);
+        assert_eq!(latency_removed(0.5, 0.5), 1000);
+        assert_eq!(latency_removed(0.3, 0.5), 1000);
     }
 
     #[test]
