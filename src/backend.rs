@@ -74,6 +74,16 @@ pub fn check(kind: BackendKind, indices: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// The device problems `check` finds, for a pipeline being loaded (`--dry-run`, a sweep's
+/// plan): a backend this build lacks passes here, since a plan may be for another machine's
+/// build (a Slurm script), and `runner run` reports it.
+pub fn check_devices(kind: BackendKind, indices: &[usize]) -> Result<()> {
+    if compiled(kind) {
+        check(kind, indices)?;
+    }
+    Ok(())
+}
+
 pub fn dispatch<J: BackendJob>(kind: BackendKind, indices: &[usize], job: J) -> Result<J::Output> {
     check(kind, indices)?;
     match kind {

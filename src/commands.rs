@@ -204,15 +204,16 @@ pub fn cache_gc(cache: &Cache, dir: &Path, keep_days: f64, dry_run: bool) -> Res
     let files = walkdir::WalkDir::new(dir).sort_by_file_name().into_iter().filter_map(|e| e.ok());
     for entry in files.filter(|e| e.path().extension().is_some_and(|x| x == "toml")) {
         let path = entry.path();
-        let is_sweep = std::fs::read_to_string(path).ok().and_then(|t| t.parse::<toml::Table>().ok()).is_some_and(|t| t.contains_key("grid"));
-        let pipelines = if is_sweep {
+        // Unreadable files go to `load`, whose error keeps their entries below.
+        let doc = std::fs::read_to_string(path).ok().and_then(|t| t.parse::<toml::Table>().ok());
+        let pipelines = if doc.as_ref().is_some_and(|d| d.contains_key("grid")) {
             // The points are `--set` variants no pipeline file names: expand them.
             let (_, points) = crate::sweep::Sweep::read(path)
                 .and_then(|s| s.check())
                 .with_context(|| format!("{}: cannot expand this sweep, so cannot tell which entries its points use; nothing removed\n  hint: fix or move the file, then run gc again", path.display()))?;
             points.into_iter().map(Ok).collect()
-        } else if is_layer(path) {
-            continue; // a layer for `--with`, not a pipeline
+        } else if doc.is_some_and(|d| !d.contains_key("stages") && !d.contains_key("pipeline")) {
+            continue; // a layer for `--with` (smoke.toml), not a pipeline
         } else {
             vec![load(path, &Overrides::default())]
         };
@@ -242,12 +243,12 @@ pub fn cache_gc(cache: &Cache, dir: &Path, keep_days: f64, dry_run: bool) -> Res
     let recent = std::time::Duration::from_secs_f64(keep_days.max(0.0) * 86400.0);
     let removed = cache.gc(&keep, recent, dry_run).context("collecting the cache")?;
     let bytes: u64 = removed.iter().map(|e| e.bytes).sum();
+    let verb = if dry_run { "would remove" } else { "removed" };
     let mut out = notes;
     for e in &removed {
         let what = e.manifest.as_ref().map_or("(incomplete)".to_string(), |m| format!("{} {} of {}", m.stage, m.kind, m.pipeline));
-        out.push_str(&format!("{} {} {what} ({})\n", if dry_run { "would remove" } else { "removed" }, e.key, human_bytes(e.bytes)));
+        out.push_str(&format!("{verb} {} {what} ({})\n", e.key, human_bytes(e.bytes)));
     }
-    let verb = if dry_run { "would remove" } else { "removed" };
     out.push_str(&format!(
         "{verb} {} entries ({}); kept {} referenced by {found} pipeline or sweep files, and any used in the last {keep_days} days\n",
         removed.len(),
@@ -255,11 +256,6 @@ pub fn cache_gc(cache: &Cache, dir: &Path, keep_days: f64, dry_run: bool) -> Res
         keep.len()
     ));
     Ok(out)
-}
-
-/// A TOML file with neither `[pipeline]` nor `[stages]`: a layer for `--with` (smoke.toml).
-fn is_layer(path: &Path) -> bool {
-    std::fs::read_to_string(path).ok().and_then(|t| t.parse::<toml::Table>().ok()).is_some_and(|t| !t.contains_key("stages") && !t.contains_key("pipeline"))
 }
 
 fn human_bytes(b: u64) -> String {

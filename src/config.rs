@@ -287,12 +287,8 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
     if let Some(p) = &pipeline {
         if p.devices.is_empty() {
             errors.push(located(&figment, "pipeline.devices", "is empty: give at least one device index, e.g. [0]"));
-        } else if crate::backend::compiled(p.backend) {
-            // A backend this build lacks is reported by `runner run` (a plan for another
-            // machine's build, such as a Slurm script, still resolves here).
-            if let Err(e) = crate::backend::check(p.backend, &p.devices) {
-                errors.push(located(&figment, "pipeline.devices", &e.to_string().replace("pipeline.devices ", "")));
-            }
+        } else if let Err(e) = crate::backend::check_devices(p.backend, &p.devices) {
+            errors.push(located(&figment, "pipeline.devices", &e.to_string().replace("pipeline.devices ", "")));
         }
     }
     if let Some(dataset) = &dataset {

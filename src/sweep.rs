@@ -163,9 +163,8 @@ impl Sweep {
             match config::load(&self.file.pipeline, &self.overrides(point, &self.file.devices[..self.file.devices_per_point], &root)) {
                 Ok(p) => {
                     // A point runs on whichever worker is free: every worker's devices must do.
-                    let devices = if crate::backend::compiled(p.pipeline.backend) { self.file.devices.chunks(self.file.devices_per_point).collect() } else { vec![] };
-                    for devices in devices {
-                        if let Err(e) = crate::backend::check(p.pipeline.backend, devices) {
+                    for devices in self.file.devices.chunks(self.file.devices_per_point) {
+                        if let Err(e) = crate::backend::check_devices(p.pipeline.backend, devices) {
                             errors.push(format!("point `{}` on the worker of devices {devices:?}: {e}", point.name));
                         }
                     }

@@ -12,14 +12,7 @@ use nvit::stages::StageKind;
 /// Copies `src/` and `Cargo.lock` of this repository into `to`.
 fn copy_sources(to: &Path) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for entry in walkdir::WalkDir::new(root.join("src")).into_iter().filter_map(|e| e.ok()) {
-        let target = to.join(entry.path().strip_prefix(root).unwrap());
-        if entry.file_type().is_dir() {
-            std::fs::create_dir_all(&target).unwrap();
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
+    common::copy_dir(&root.join("src"), &to.join("src"));
     std::fs::copy(root.join("Cargo.lock"), to.join("Cargo.lock")).unwrap();
 }
 

@@ -75,17 +75,6 @@ fn wait_for(cache: &Path, kind: &str, file: &str, child: &mut std::process::Chil
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    for entry in walkdir::WalkDir::new(from).into_iter().filter_map(|e| e.ok()) {
-        let target = to.join(entry.path().strip_prefix(from).unwrap());
-        if entry.file_type().is_dir() {
-            std::fs::create_dir_all(&target).unwrap();
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
 #[test]
 fn a_killed_prune_resumes_and_ends_as_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -100,7 +89,7 @@ fn a_killed_prune_resumes_and_ends_as_an_uninterrupted_one() {
     // as prune has checkpointed, then run again.
     let other = tempfile::tempdir().unwrap();
     let cache = other.path().join("cache");
-    copy_dir(&dir.path().join("cache"), &cache);
+    common::copy_dir(&dir.path().join("cache"), &cache);
     std::fs::remove_dir_all(cache.join(whole.file_name().unwrap())).unwrap();
     let again = || {
         let mut c = runner(dir.path());

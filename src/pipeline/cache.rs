@@ -20,6 +20,8 @@ use crate::files::atomic_write;
 pub const MANIFEST: &str = "manifest.json";
 const KEY_INPUT: &str = "key.json";
 const LAST_USED: &str = ".last_used";
+/// Stands, in a key's inputs, for the digest of an input that will run before the stage.
+pub const PENDING: &str = "pending:";
 const LOCK: &str = ".lock";
 /// Who holds the lock, for the message of a runner that waits on it.
 const OWNER: &str = ".owner";
@@ -71,7 +73,7 @@ impl KeyInput {
         }
         for ((name, new), (_, prev)) in self.inputs.iter().zip(&old.inputs) {
             // An input that will run is reported as such by the plan.
-            if new != prev && !new.starts_with("pending:") {
+            if new != prev && !new.starts_with(PENDING) {
                 changes.push(format!("input `{name}` changed"));
             }
         }

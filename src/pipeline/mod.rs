@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 pub use cache::{Cache, KeyInput, Manifest, MANIFEST};
+use cache::PENDING;
 
 use crate::config::{Pipeline, StageSpec};
 use crate::files::atomic_write;
@@ -135,9 +136,6 @@ impl PlannedStage {
         self.key_input.inputs.iter().any(|(_, d)| d.starts_with(PENDING))
     }
 }
-
-/// Stands for the digest of an input that will run before this stage.
-const PENDING: &str = "pending:";
 
 pub struct Plan {
     pub stages: Vec<PlannedStage>,

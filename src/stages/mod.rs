@@ -322,6 +322,11 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
         &self.devices[0]
     }
 
+    /// A warning in the run log, named after the stage.
+    pub fn warn(&self, message: &str) {
+        self.log.info(&format!("{}: warning: {message}", self.spec.name));
+    }
+
     /// The entry directory of a stage this one references.
     pub fn stage_dir(&self, name: &str) -> Result<PathBuf> {
         self.stages

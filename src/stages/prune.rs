@@ -321,8 +321,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         last_loss: f64::NAN,
     };
     let ckpt = ctx.dir.join("checkpoint");
-    let warn = |w: String| ctx.log.info(&format!("{}: warning: {w}", ctx.spec.name));
-    let (restored, mut optim) = resume::load::<B, PruneState>(&ckpt, &student, AdamW::<B>::new(s.weight_decay, None), device, warn);
+    let (restored, mut optim) = resume::load::<B, PruneState>(&ckpt, &student, AdamW::<B>::new(s.weight_decay, None), device, |w| ctx.warn(&w));
     if let Some((model, saved)) = restored {
         (student, state) = (model, saved);
         ctx.log.info(&format!("{}: resuming after pruning step {} (optimizer step {})", ctx.spec.name, state.prune_step, state.step));
@@ -405,9 +404,10 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                     resume::save(&ckpt, &student, &optim, &state)?;
                 }
             }
-            if crate::interrupt::check().is_err() {
+            // Stopped by a signal: save where it is, then stop.
+            if let Err(stop) = crate::interrupt::check() {
                 resume::save(&ckpt, &student, &optim, &state)?;
-                crate::interrupt::check()?;
+                return Err(stop);
             }
         }
         if read == 0 {
@@ -431,9 +431,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         "max_prune_steps"
     };
     if !reached {
-        ctx.log.info(&format!(
-            "{}: warning: stopped by {stopped_by} at an estimated latency of {ratio:.3} of dense, short of latency_target = {}\n  hint: raise stages.{}.max_prune_steps or groups_per_step",
-            ctx.spec.name, s.latency_target, ctx.spec.name
+        ctx.warn(&format!(
+            "stopped by {stopped_by} at an estimated latency of {ratio:.3} of dense, short of latency_target = {}\n  hint: raise stages.{}.max_prune_steps or groups_per_step",
+            s.latency_target, ctx.spec.name
         ));
     }
     atomic_write(&ctx.dir.join("pruning_log.csv"), log.as_bytes())?;

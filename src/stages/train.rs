@@ -217,8 +217,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
     let ckpt = ctx.dir.join("checkpoint");
     let mut start_epoch = 0;
     let (mut epoch_losses, mut last_accuracy) = (Vec::new(), f64::NAN);
-    let warn = |w: String| ctx.log.info(&format!("{}: warning: {w}", ctx.spec.name));
-    let (restored, restored_optim) = resume::load::<B, CheckpointState>(&ckpt, &model, optim, device, warn);
+    let (restored, restored_optim) = resume::load::<B, CheckpointState>(&ckpt, &model, optim, device, |w| ctx.warn(&w));
     optim = restored_optim;
     if let Some((m, state)) = restored {
         model = m;
