@@ -1,4 +1,5 @@
-//! Hashes the source tree for the stage cache's keys (see src/fingerprint.rs).
+//! Hashes the source tree for the stage cache's keys (see src/fingerprint.rs); with the `tch`
+//! feature, records where LibTorch's libraries are so the runner finds them at run time.
 
 #[path = "src/fingerprint.rs"]
 #[allow(dead_code)]
@@ -14,6 +15,34 @@ fn main() {
     out.push_str("];\n");
     let dest = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("sources.rs");
     std::fs::write(dest, out).unwrap();
+    if std::env::var_os("CARGO_FEATURE_TCH").is_some() {
+        libtorch_rpath();
+    }
     println!("cargo:rerun-if-changed=src");
     println!("cargo:rerun-if-changed=Cargo.lock");
+}
+
+/// torch-sys links LibTorch's shared libraries but leaves finding them at run time to
+/// `LD_LIBRARY_PATH`: an rpath to the same directory (the `LIBTORCH` it was given, or the
+/// PyTorch of the Python that `LIBTORCH_USE_PYTORCH=1` makes it ask, as it does) spares that.
+fn libtorch_rpath() {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
+    println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
+    let lib = if let Some(root) = std::env::var_os("LIBTORCH") {
+        Some(std::path::PathBuf::from(root).join("lib"))
+    } else if std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
+        let python = if std::env::var_os("VIRTUAL_ENV").is_some() { "python" } else { "python3" };
+        std::process::Command::new(python)
+            .args(["-c", "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+    } else {
+        None
+    };
+    if let Some(lib) = lib.filter(|l| l.is_dir()) {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    }
 }

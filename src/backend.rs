@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     Ndarray,
+    /// PyTorch's own kernels through LibTorch (tch), on the CPU or, where LibTorch sees one, a
+    /// CUDA GPU: see the README for building it against a PyTorch wheel.
+    Tch,
     Wgpu,
     Cuda,
 }
@@ -20,9 +23,17 @@ impl std::fmt::Display for BackendKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             BackendKind::Ndarray => "ndarray",
+            BackendKind::Tch => "tch",
             BackendKind::Wgpu => "wgpu",
             BackendKind::Cuda => "cuda",
         })
+    }
+}
+
+impl BackendKind {
+    /// The backends that compute on the CPU only, with the one device 0.
+    pub fn cpu_only(self) -> bool {
+        matches!(self, BackendKind::Ndarray)
     }
 }
 
@@ -37,6 +48,7 @@ pub trait BackendJob {
 pub fn compiled(kind: BackendKind) -> bool {
     match kind {
         BackendKind::Ndarray => true,
+        BackendKind::Tch => cfg!(feature = "tch"),
         BackendKind::Wgpu => cfg!(feature = "wgpu"),
         BackendKind::Cuda => cfg!(feature = "cuda"),
     }
@@ -48,12 +60,20 @@ pub fn check(kind: BackendKind, indices: &[usize]) -> Result<()> {
     if indices.is_empty() {
         bail!("pipeline.devices is empty");
     }
+    let cpu_only = |kind: BackendKind| -> Result<()> {
+        if let Some(i) = indices.iter().find(|&&i| i != 0) {
+            bail!(
+                "pipeline.devices names {i}: the {kind} backend has one device, 0\n  hint: repeat it (devices = [0, 0]) to split each batch into shards on the CPU"
+            );
+        }
+        Ok(())
+    };
     match kind {
-        BackendKind::Ndarray => {
-            if let Some(i) = indices.iter().find(|&&i| i != 0) {
-                bail!(
-                    "pipeline.devices names {i}: the ndarray backend has one device, 0\n  hint: repeat it (devices = [0, 0]) to split each batch into shards on the CPU"
-                );
+        BackendKind::Ndarray => cpu_only(kind)?,
+        #[cfg(feature = "tch")]
+        BackendKind::Tch => {
+            if !tch_has_cuda() {
+                cpu_only(kind)?;
             }
         }
         #[cfg(feature = "wgpu")]
@@ -91,6 +111,12 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, indices: &[usize], job: J) -> 
             let devices = vec![burn::backend::ndarray::NdArrayDevice::Cpu; indices.len()];
             job.run::<Autodiff<burn::backend::NdArray<f32>>>(devices)
         }
+        #[cfg(feature = "tch")]
+        BackendKind::Tch => {
+            use burn::backend::libtorch::LibTorchDevice;
+            let device = |i: usize| if tch_has_cuda() { LibTorchDevice::Cuda(i) } else { LibTorchDevice::Cpu };
+            job.run::<Autodiff<burn::backend::LibTorch<f32>>>(indices.iter().map(|&i| device(i)).collect())
+        }
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
             use burn::backend::wgpu::WgpuDevice;
@@ -112,8 +138,11 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, indices: &[usize], job: J) -> 
 /// of device is never taken for another's, and is shared by identical ones (a latency table
 /// profiled on GPU 0 serves a sweep point on GPU 3 of the same model).
 pub fn device_name(kind: BackendKind, index: usize) -> String {
+    if is_gpu(kind, index) && kind != BackendKind::Wgpu {
+        return nvidia_gpu_name(index).map_or_else(|| format!("cuda:{index}"), |name| format!("cuda {name}"));
+    }
     match kind {
-        BackendKind::Ndarray => {
+        BackendKind::Ndarray | BackendKind::Tch => {
             let model = std::fs::read_to_string("/proc/cpuinfo")
                 .ok()
                 .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
@@ -121,9 +150,25 @@ pub fn device_name(kind: BackendKind, index: usize) -> String {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             format!("cpu {model} x{cores}")
         }
-        BackendKind::Cuda => nvidia_gpu_name(index).map_or_else(|| format!("cuda:{index}"), |name| format!("cuda {name}")),
         other => format!("{other}:{index}"),
     }
+}
+
+/// Whether `kind` computes on a GPU in this build and on this machine.
+pub fn is_gpu(kind: BackendKind, _index: usize) -> bool {
+    match kind {
+        BackendKind::Tch => tch_has_cuda(),
+        other => !other.cpu_only(),
+    }
+}
+
+/// Whether the LibTorch this runner links sees a CUDA device (a CUDA build of PyTorch on a
+/// machine with a GPU); the `tch` backend then computes there, else on the CPU.
+fn tch_has_cuda() -> bool {
+    #[cfg(feature = "tch")]
+    return tch::Cuda::is_available();
+    #[cfg(not(feature = "tch"))]
+    false
 }
 
 /// The model name of visible CUDA device `index` (`NVIDIA H100 80GB HBM3`), from nvidia-smi,

@@ -6,6 +6,7 @@
 //! model of [`model`] and the data of [`data`].
 
 pub mod backend;
+pub mod bench;
 pub mod commands;
 pub mod config;
 pub mod data;

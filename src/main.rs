@@ -90,9 +90,10 @@ enum Command {
 enum BenchCommand {
     /// Training and inference images/s of a model on synthetic images (DeiT-B by default).
     Model {
-        /// A model preset: deit-base-distilled, deit-small-distilled, deit-tiny-distilled, ...
-        #[arg(long, default_value = "deit-base-distilled")]
-        preset: String,
+        /// A model preset (deit-base-distilled, deit-small-distilled, deit-tiny-distilled, ...)
+        /// or a pipeline file whose [model] to take (pipelines/quickstart.toml).
+        #[arg(long, alias = "preset", default_value = "deit-base-distilled")]
+        model: String,
         #[arg(long, default_value_t = 64)]
         batch: usize,
         /// Timed steps, after one untimed.
@@ -107,6 +108,36 @@ enum BenchCommand {
         #[arg(long, value_enum)]
         precision: Option<Precision>,
         /// Default: results/bench/model-<backend>.csv.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The same models on the runner and on PyTorch + timm (benches/torch_reference.py), one
+    /// after the other in one run: images/s and their ratio, into
+    /// results/bench/vs-pytorch-<device>.csv.
+    VsPytorch {
+        /// `MODEL:BATCH` pairs; a model is a preset or a pipeline file.
+        #[arg(long, value_delimiter = ',', default_value = "deit-tiny-distilled:16,deit-small-distilled:16,deit-base-distilled:8,pipelines/quickstart.toml:128")]
+        models: Vec<String>,
+        /// The runner's backends to measure, each against the same PyTorch run.
+        #[arg(long, value_delimiter = ',', default_value = "ndarray")]
+        backends: Vec<BackendKind>,
+        /// The device index (a GPU's; PyTorch then runs on cuda:N).
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        #[arg(long, value_enum)]
+        precision: Option<Precision>,
+        /// Timed steps, after one untimed.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Threads for both sides. Default: every core.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// A Python with torch and timm installed.
+        #[arg(long, default_value = "python3")]
+        python: PathBuf,
+        #[arg(long, default_value = "benches/torch_reference.py")]
+        script: PathBuf,
+        /// Default: results/bench/vs-pytorch-<device>.csv (`cpu`, or the GPU's model).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -201,12 +232,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { command: BenchCommand::Loader { root, images, size, batch, out } } => {
-            print!("{}", commands::bench_loader(root.as_deref(), images, size, batch, &out)?);
+            print!("{}", nvit::bench::loader(root.as_deref(), images, size, batch, &out)?);
             Ok(())
         }
-        Command::Bench { command: BenchCommand::Model { preset, batch, steps, backend, devices, precision, out } } => {
+        Command::Bench { command: BenchCommand::Model { model, batch, steps, backend, devices, precision, out } } => {
             let out = out.unwrap_or_else(|| PathBuf::from(format!("results/bench/model-{backend}.csv")));
-            print!("{}", commands::bench_model(&commands::BenchModel { preset, batch, steps, backend, devices, precision, out })?);
+            let config = nvit::bench::resolve_model(&model)?;
+            print!("{}", nvit::bench::model(&model, &nvit::bench::BenchModel { config, batch, steps, backend, devices, precision }, &out)?);
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::VsPytorch { models, backends, device, precision, steps, threads, python, script, out } } => {
+            let models = models
+                .iter()
+                .map(|m| match m.rsplit_once(':').map(|(spec, b)| (spec, b.parse::<usize>())) {
+                    Some((spec, Ok(batch))) if batch > 0 => Ok((spec.to_string(), batch)),
+                    _ => Err(anyhow::anyhow!("--models: `{m}` is not MODEL:BATCH (e.g. deit-tiny-distilled:16)")),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let args = nvit::bench::VsPytorch { models, backends, device, precision, steps, threads, python, script, out };
+            print!("{}", nvit::bench::vs_pytorch(&args)?);
             Ok(())
         }
         Command::Cache { command: CacheCommand::Gc { pipelines, keep_days, dry_run } } => {

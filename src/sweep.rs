@@ -474,7 +474,7 @@ pub fn slurm_script(sweep_path: &Path, with: &[PathBuf], runner: &Path, cache: &
     let logs = abs(&base.pipeline.runs_dir.join("sweeps").join(&sweep.name));
     let gpus = sweep.file.devices_per_point;
     // A GPU task sees its GPUs as 0..n; the CPU backend has the one device 0, split in shards.
-    let cpu = base.pipeline.backend == crate::backend::BackendKind::Ndarray;
+    let cpu = base.pipeline.backend.cpu_only();
     let devices = (0..gpus).map(|d| if cpu { "0".into() } else { d.to_string() }).collect::<Vec<_>>().join(",");
     let mut out = String::from("#!/bin/bash\n");
     out.push_str(&format!("# Written by `runner sweep {} --emit-slurm`: {} points in {shards} array tasks.\n", sweep_path.display(), sweep.points.len()));
@@ -482,7 +482,7 @@ pub fn slurm_script(sweep_path: &Path, with: &[PathBuf], runner: &Path, cache: &
     out.push_str(&format!("#SBATCH --job-name=nvit-{}\n", sweep.name));
     out.push_str(&format!("#SBATCH --array=1-{shards}\n"));
     out.push_str("#SBATCH --ntasks=1\n");
-    if base.pipeline.backend != crate::backend::BackendKind::Ndarray {
+    if !cpu {
         out.push_str(&format!("#SBATCH --gpus-per-task={gpus}\n"));
     }
     out.push_str(&format!("#SBATCH --cpus-per-task={}\n#SBATCH --mem={}\n#SBATCH --time={}\n", s.cpus_per_task, s.mem, s.time));

@@ -1,11 +1,13 @@
-//! GPU backends against the CPU reference: the same weights and batch give the same loss,
-//! logits and gradients. Built only with `--features wgpu`; CI runs it on Mesa's lavapipe
-//! (a software Vulkan driver), so the kernels burn compiles for GPUs are exercised without one.
-#![cfg(feature = "wgpu")]
+//! The optional backends against the default one (ndarray): the same weights and batch give the
+//! same loss, logits and gradients, and every stage runs end to end. Built only with
+//! `--features wgpu` or `tch`; CI runs wgpu on Mesa's lavapipe (a software Vulkan
+//! driver), so the kernels burn compiles for GPUs are exercised without one, and tch on
+//! LibTorch's CPU kernels.
+#![cfg(any(feature = "wgpu", feature = "tch"))]
 
 mod common;
 
-use burn::backend::{Autodiff, NdArray, Wgpu};
+use burn::backend::{Autodiff, NdArray};
 use burn::module::Param;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
@@ -64,8 +66,8 @@ fn rel_err(ours: &[f32], reference: &[f32]) -> f32 {
     ours.iter().zip(reference).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale
 }
 
-#[test]
-fn wgpu_forward_and_backward_match_ndarray() {
+/// `B`'s forward and backward pass against ndarray's, within `tol` of each tensor's scale.
+fn forward_and_backward_match_ndarray<B: AutodiffBackend>(device: &B::Device, tol: f32) {
     let _turn = turn();
     // Widths that are not powers of two nor multiples of the GPU tile sizes, as after pruning.
     let mut config = VitConfig::uniform(32, 8, 3, 48, 2, 3, 4.0, 10, true);
@@ -77,26 +79,22 @@ fn wgpu_forward_and_backward_match_ndarray() {
     let images: Vec<f32> = (0..labels.len() * 3 * 32 * 32).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
 
     let reference = pass::<Autodiff<NdArray>>(&weights, &config, &images, &labels, &cpu);
-    let gpu = pass::<Autodiff<Wgpu>>(&weights, &config, &images, &labels, &Default::default());
-
-    // f32 throughout; reductions run in a different order on the GPU.
-    const TOL: f32 = 1e-5; // measured: at most 7.3e-7 on lavapipe
-    assert!((gpu.loss - reference.loss).abs() < TOL * reference.loss.abs(), "loss {} vs {}", gpu.loss, reference.loss);
-    let e = rel_err(&gpu.logits, &reference.logits);
-    eprintln!("loss {} vs {}; logits rel. err {e:.2e}", gpu.loss, reference.loss);
-    assert!(e < TOL, "logits differ by {e} of their scale");
-    for ((name, ours), (_, theirs)) in gpu.grads.iter().zip(&reference.grads) {
+    let ours = pass::<B>(&weights, &config, &images, &labels, device);
+    assert!((ours.loss - reference.loss).abs() < tol * reference.loss.abs(), "loss {} vs {}", ours.loss, reference.loss);
+    let e = rel_err(&ours.logits, &reference.logits);
+    eprintln!("loss {} vs {}; logits rel. err {e:.2e}", ours.loss, reference.loss);
+    assert!(e < tol, "logits differ by {e} of their scale");
+    for ((name, ours), (_, theirs)) in ours.grads.iter().zip(&reference.grads) {
         assert!(theirs.iter().any(|v| *v != 0.0), "{name}: the reference gradient is zero");
         let e = rel_err(ours, theirs);
         eprintln!("{name}: rel. err {e:.2e}");
-        assert!(e < TOL, "{name}: gradients differ by {e} of their scale");
+        assert!(e < tol, "{name}: gradients differ by {e} of their scale");
     }
 }
 
-/// Every stage kind that trains or measures, end to end on wgpu: a tiny dense model trained,
-/// its latency profiled on the device, scored, pruned, distilled and evaluated.
-#[test]
-fn every_stage_runs_on_wgpu() {
+/// Every stage kind that trains or measures, end to end on `backend`: a tiny dense model
+/// trained, its latency profiled on the device, scored, pruned, distilled and evaluated.
+fn every_stage_runs<B: AutodiffBackend>(backend: &str, device: B::Device) {
     let _turn = turn();
     let dir = tempfile::tempdir().unwrap();
     let cache = nvit::pipeline::Cache { root: dir.path().join("cache") };
@@ -136,20 +134,53 @@ throughput_batch = 8
 throughput_repeats = 1
 ";
     let path = common::tiny_pipeline(dir.path(), stages);
-    let p = common::load(&path, &["stages.train.epochs=1", "pipeline.backend=\"wgpu\""]);
+    let p = common::load(&path, &["stages.train.epochs=1", &format!("pipeline.backend=\"{backend}\"")]);
     let mut plan = common::plan(&p, &cache);
-    let records = common::execute_on::<Autodiff<Wgpu>>(&p, &mut plan, &cache, &[Default::default()]).unwrap();
+    let records = common::execute_on::<B>(&p, &mut plan, &cache, &[device]).unwrap();
     assert_eq!(records.len(), 7);
     let metrics = |name: &str| cache.complete(&plan.stages.iter().find(|s| s.spec.name == name).unwrap().key).unwrap().metrics;
-    // Latencies measured on lavapipe are noise at this size: that the model shrank is what holds.
+    // Latencies are noise at this size (on lavapipe above all): that the model shrank is what holds.
     let prune = metrics("prune");
     assert!(prune["prune_steps"].as_u64().unwrap() >= 1 && prune["latency_ratio"].as_f64().unwrap().is_finite(), "{prune}");
     let params = |stage: &str| metrics(stage)["params_m"].as_f64().unwrap();
     assert!(params("eval_pruned") < params("evaluate"), "{prune}");
     assert!(metrics("distill")["epoch_losses"][0].as_f64().unwrap().is_finite());
     let top1 = metrics("eval_pruned")["top1"].as_f64().unwrap();
-    assert!((0.0..=100.0).contains(&top1) && metrics("eval_pruned")["backend"] == "wgpu");
+    assert!((0.0..=100.0).contains(&top1) && metrics("eval_pruned")["backend"] == backend);
 }
+
+#[cfg(feature = "tch")]
+mod tch {
+    use burn::backend::{libtorch::LibTorchDevice, Autodiff, LibTorch};
+
+    #[test]
+    fn tch_forward_and_backward_match_ndarray() {
+        super::forward_and_backward_match_ndarray::<Autodiff<LibTorch>>(&LibTorchDevice::Cpu, 1e-5);
+    }
+
+    #[test]
+    fn every_stage_runs_on_tch() {
+        super::every_stage_runs::<Autodiff<LibTorch>>("tch", LibTorchDevice::Cpu);
+    }
+}
+
+#[cfg(feature = "wgpu")]
+mod wgpu {
+    use super::*;
+    use burn::backend::Wgpu;
+
+    #[test]
+    fn wgpu_forward_and_backward_match_ndarray() {
+        // f32 throughout; reductions run in a different order on the GPU. Measured: at most
+        // 7.3e-7 on lavapipe.
+        forward_and_backward_match_ndarray::<Autodiff<Wgpu>>(&Default::default(), 1e-5);
+    }
+
+    #[test]
+    fn every_stage_runs_on_wgpu() {
+        every_stage_runs::<Autodiff<Wgpu>>("wgpu", Default::default());
+    }
+
 
 /// Runs the tiny pipeline's `train` on wgpu with `precision` set (or not); its epoch losses.
 fn train_on_wgpu(precision: Option<&str>, shards: usize) -> anyhow::Result<Vec<f64>> {
@@ -217,4 +248,5 @@ fn several_distinct_wgpu_devices_are_refused_with_a_hint() {
     // Refused when the pipeline is loaded, before anything runs.
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("pipeline.devices: names several wgpu devices [0, 1]: data parallel over several wgpu devices") && err.contains("hint: use the cuda backend"), "{err}");
+}
 }

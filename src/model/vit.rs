@@ -10,6 +10,8 @@ use burn::module::{Initializer, Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 
@@ -38,8 +40,17 @@ impl<B: Backend> Attention<B> {
         let q = split(self.q.forward(x.clone()), self.qk);
         let k = split(self.k.forward(x.clone()), self.qk);
         let v = split(self.v.forward(x), self.v_dim);
-        let attn = softmax(q.matmul(k.transpose()).mul_scalar(self.scale), 3); // [b, h, n, n]
-        let out = attn.matmul(v).swap_dims(1, 2).reshape([b, n, h * self.v_dim]);
+        let out = if B::ad_enabled(&q.device()) {
+            // Under autodiff burn 0.21 computes `attention` as its own composite, with more
+            // operations to differentiate than this one.
+            softmax(q.matmul(k.transpose()).mul_scalar(self.scale), 3).matmul(v) // [b, h, n, v]
+        } else {
+            // The backend's fused kernel where it has one (LibTorch's scaled_dot_product_attention,
+            // cubecl's flash attention); it takes a value width other than the query/key width.
+            let options = AttentionModuleOptions { scale: Some(self.scale), softcap: None, is_causal: false };
+            attention(q, k, v, None, None, options)
+        };
+        let out = out.swap_dims(1, 2).reshape([b, n, h * self.v_dim]);
         self.proj.forward(out)
     }
 }
@@ -262,11 +273,30 @@ impl<B: Backend> Vit<B> {
         ids
     }
 
+    /// `[batch, channels, height, width] -> [batch, patches, embed]`: the patch embedding, a
+    /// convolution whose stride is its kernel, computed as what it is, one product of the
+    /// image's patches with the kernel (timm's row-major patch order). burn-ndarray's direct
+    /// `conv2d` and its backward took a fifth of a DeiT-T training step.
+    fn embed_patches(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [e, c, p, _] = self.patch_embed.weight.dims();
+        let [b, _, h, w] = images.dims();
+        let (gh, gw) = (h / p, w / p);
+        // As the convolution, pixels past the last whole patch are left out.
+        let images = if h % p != 0 || w % p != 0 { images.slice([0..b, 0..c, 0..gh * p, 0..gw * p]) } else { images };
+        let patches = images.reshape([b, c, gh, p, gw, p]).permute([0, 2, 4, 1, 3, 5]).reshape([b * gh * gw, c * p * p]);
+        let kernel = self.patch_embed.weight.val().reshape([e, c * p * p]).transpose();
+        let x = patches.matmul(kernel);
+        let x = match &self.patch_embed.bias {
+            Some(bias) => x + bias.val().reshape([1, e]),
+            None => x,
+        };
+        x.reshape([b, gh * gw, e])
+    }
+
     /// `[batch, channels, height, width]` -> logits of both heads, `[batch, classes]` each.
     pub fn forward(&self, images: Tensor<B, 4>) -> VitOutput<B> {
-        let x = self.patch_embed.forward(images); // [b, e, h/p, w/p]
-        let [b, e, gh, gw] = x.dims();
-        let x = x.reshape([b, e, gh * gw]).swap_dims(1, 2); // [b, patches, e]
+        let x = self.embed_patches(images); // [b, patches, e]
+        let [b, _, e] = x.dims();
         let mut prefix = vec![self.cls_token.val().expand([b, 1, e])];
         if let Some(dist) = &self.dist_token {
             prefix.push(dist.val().expand([b, 1, e]));

@@ -1,0 +1,326 @@
+//! `runner bench`: throughput measurements whose outputs are committed under `results/bench/`,
+//! and the same model side by side with PyTorch + timm (`benches/torch_reference.py`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::backend::{self, BackendJob, BackendKind};
+use crate::model::VitConfig;
+use crate::train::Precision;
+
+/// `runner bench loader`: images/s of the loader on an ImageFolder of JPEGs, with the training
+/// transform (decode, random-resized crop to `size`, flip, normalize) on every core.
+pub fn loader(root: Option<&Path>, images: usize, size: u32, batch: usize, out: &Path) -> Result<String> {
+    use crate::data::transforms::{Mode, TrainAugment, Transform};
+    use crate::data::{loader::LoaderOptions, Dataset, ImageFolder, Loader, OnBadImage, Split};
+    let tmp;
+    let (root, source) = match root {
+        Some(r) => (r.to_path_buf(), r.display().to_string()),
+        None => {
+            // ImageNet's average image is about 400x350; q90 JPEGs of smooth noise are close in size.
+            tmp = tempfile::tempdir()?;
+            for i in 0..images {
+                let dir = tmp.path().join("train").join(format!("class{}", i % 10));
+                std::fs::create_dir_all(&dir)?;
+                let img = image::RgbImage::from_fn(500, 375, |x, y| {
+                    let v = ((x * 7 + y * 13 + i as u32 * 31) % 255) as u8;
+                    image::Rgb([v, v.wrapping_mul(3), 255 - v])
+                });
+                img.save(dir.join(format!("{i}.JPEG")))?;
+            }
+            (tmp.path().to_path_buf(), format!("{images} generated 500x375 JPEGs"))
+        }
+    };
+    let dataset = std::sync::Arc::new(ImageFolder::open(&root, Split::Train)?);
+    let n = dataset.len().min(images);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let transform = Transform {
+        size,
+        channels: 3,
+        mean: vec![0.485, 0.456, 0.406],
+        std: vec![0.229, 0.224, 0.225],
+        mode: Mode::Train(TrainAugment::basic([0.08, 1.0], true)),
+    };
+    let options = LoaderOptions { batch_size: batch, shuffle: true, drop_last: false, seed: 0, workers, prefetch: 4, on_bad_image: OnBadImage::Error };
+    let loader = Loader::new(dataset, transform, options);
+    let start = std::time::Instant::now();
+    let mut seen = 0;
+    for b in loader.epoch(0) {
+        seen += b?.labels.len();
+        if seen >= n {
+            break;
+        }
+    }
+    let rate = seen as f64 / start.elapsed().as_secs_f64();
+    let cpu = backend::device_name(backend::BackendKind::Ndarray, 0);
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["what", "source", "images", "size", "batch", "workers", "images_per_s", "device"])?;
+    w.write_record(["loader train transform", &source, &seen.to_string(), &size.to_string(), &batch.to_string(), &workers.to_string(), &format!("{rate:.2}"), &cpu])?;
+    crate::files::atomic_write(out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    Ok(format!("{seen} images in {:.2} s: {rate:.1} images/s ({workers} workers, {cpu}) -> {}\n", start.elapsed().as_secs_f64(), out.display()))
+}
+
+/// A model to measure: a preset (`deit-tiny-distilled`), or a pipeline file whose `[model]` is
+/// taken (`pipelines/quickstart.toml`, with its dataset's class count where it leaves it open).
+pub fn resolve_model(spec: &str) -> Result<VitConfig> {
+    if let Some(c) = VitConfig::preset(spec) {
+        return Ok(c);
+    }
+    if !spec.ends_with(".toml") {
+        bail!(
+            "`{spec}` is neither a model preset{} nor a pipeline file (.toml)\n  hint: a preset is one of {}",
+            crate::suggest::did_you_mean(spec, &VitConfig::PRESETS),
+            VitConfig::PRESETS.join(", ")
+        );
+    }
+    let overrides = crate::config::Overrides { env: false, ..Default::default() };
+    let pipeline = crate::config::load(Path::new(spec), &overrides)?;
+    let classes = match pipeline.model.num_classes {
+        Some(n) => n,
+        None => pipeline.dataset.open(crate::data::Split::Train, pipeline.pipeline.seed)?.num_classes(),
+    };
+    pipeline.model.resolve(classes).with_context(|| format!("{spec}: [model]"))
+}
+
+/// One model on one backend: `steps` timed training steps (forward, backward, AdamW) and
+/// inference passes on a synthetic batch, after one untimed each; the rate is the batch over
+/// the median step.
+pub struct BenchModel {
+    pub config: VitConfig,
+    pub batch: usize,
+    pub steps: usize,
+    pub backend: BackendKind,
+    pub devices: Vec<usize>,
+    pub precision: Option<Precision>,
+}
+
+/// The median: a step slowed by another process on a shared machine does not move it.
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    let n = times.len();
+    if n % 2 == 1 { times[n / 2] } else { (times[n / 2 - 1] + times[n / 2]) / 2.0 }
+}
+
+/// Images per second, at the median step.
+#[derive(Debug, Clone, Copy)]
+pub struct Throughput {
+    pub train: f64,
+    pub inference: f64,
+}
+
+impl BackendJob for &BenchModel {
+    type Output = Throughput;
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Throughput> {
+        use burn::module::AutodiffModule;
+        if self.steps == 0 || self.batch == 0 {
+            bail!("--steps and --batch must be at least 1");
+        }
+        let config = &self.config;
+        let device = &devices[0];
+        let half = self.precision.map(|p| p.compute_dtype::<B>(&devices)).transpose()?.flatten();
+        let mut model = config.init::<B>(device);
+        let (size, chans) = (config.image_size, config.in_chans);
+        let pixels: Vec<f32> = (0..self.batch * chans * size * size).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
+        let labels: Vec<i64> = (0..self.batch).map(|i| (i % config.num_classes) as i64).collect();
+        let batch = crate::data::Batch { images: pixels, labels, shape: [self.batch, chans, size, size] };
+        let targets = crate::data::mix::soft_targets(&batch.labels, config.num_classes, 0.1, 1.0);
+        let mut optim = crate::train::optim::AdamW::<B>::new(0.05, None);
+
+        let mut train_step = |model: crate::model::Vit<B>| -> crate::model::Vit<B> {
+            let step = crate::train::parallel::data_parallel(&model, &devices, self.batch, vec![(); devices.len()], |replica, range, (), weight| {
+                let (images, _, t) = crate::train::shard_tensors::<B>(&batch, &targets, range, &replica.cls_token.device());
+                let output = crate::train::forward_in(replica, images, half);
+                let loss = crate::train::classification_loss(&output, t).mul_scalar(weight);
+                (crate::train::scalar(loss.clone()), loss.backward(), ())
+            });
+            optim.step(1e-4, model, step.grads)
+        };
+        // One untimed step each: kernels compile and memory pools grow on the first.
+        model = train_step(model);
+        let mut times = Vec::new();
+        for _ in 0..self.steps {
+            let start = Instant::now();
+            model = train_step(model); // reading the loss synchronizes the device
+            times.push(start.elapsed().as_secs_f64());
+        }
+        let train = self.batch as f64 / median(times);
+
+        let eval = crate::train::in_precision(model.valid(), half);
+        let x = crate::train::to_tensors::<B::InnerBackend>(batch.slice(0..self.batch), device).0;
+        // The cast of the parameters is done once, as an inference deployment would.
+        let infer = || eval.forward(half.map_or(x.clone(), |d| x.clone().cast(d))).cls.slice([0..1, 0..1]).into_data();
+        infer();
+        let mut times = Vec::new();
+        for _ in 0..self.steps {
+            let start = Instant::now();
+            infer();
+            times.push(start.elapsed().as_secs_f64());
+        }
+        let inference = self.batch as f64 / median(times);
+        Ok(Throughput { train, inference })
+    }
+}
+
+const TRAIN: &str = "train (forward, backward, AdamW)";
+
+/// `runner bench model`: one model on one backend, into a CSV.
+pub fn model(spec: &str, args: &BenchModel, out: &Path) -> Result<String> {
+    let rate = backend::dispatch(args.backend, &args.devices, args)?;
+    let device = backend::device_name(args.backend, args.devices[0]);
+    let precision = args.precision.map_or("f32".to_string(), |p| p.to_string());
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["what", "model", "batch", "devices", "precision", "steps", "images_per_s", "backend", "device"])?;
+    let mut text = String::new();
+    for (what, rate) in [(TRAIN, rate.train), ("inference", rate.inference)] {
+        let (devices, rate) = (args.devices.len().to_string(), format!("{rate:.2}"));
+        w.write_record([what, spec, &args.batch.to_string(), &devices, &precision, &args.steps.to_string(), &rate, &args.backend.to_string(), &device])?;
+        text.push_str(&format!("{what}: {rate} images/s ({spec}, batch {}, {devices} device(s), {precision}, {} on {device})\n", args.batch, args.backend));
+    }
+    crate::files::atomic_write(out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    text.push_str(&format!("-> {}\n", out.display()));
+    Ok(text)
+}
+
+/// `runner bench vs-pytorch`: each model on each backend, then on PyTorch + timm with the same
+/// geometry, batch, precision and thread count, row after row in one run.
+pub struct VsPytorch {
+    /// `(model spec, batch)`.
+    pub models: Vec<(String, usize)>,
+    pub backends: Vec<BackendKind>,
+    /// The runner's device index (a GPU's; 0 on the CPU).
+    pub device: usize,
+    pub precision: Option<Precision>,
+    pub steps: usize,
+    pub threads: usize,
+    /// A Python with torch and timm.
+    pub python: PathBuf,
+    pub script: PathBuf,
+    pub out: Option<PathBuf>,
+}
+
+/// What the reference printed for one measurement.
+#[derive(serde::Deserialize)]
+struct TorchRow {
+    what: String,
+    images_per_s: f64,
+    torch: String,
+    timm: String,
+    threads: usize,
+}
+
+pub fn vs_pytorch(args: &VsPytorch) -> Result<String> {
+    // Everything that can be known before the first measurement is checked first.
+    for &b in &args.backends {
+        backend::check(b, &[args.device])?;
+    }
+    let models = args.models.iter().map(|(spec, batch)| Ok((spec.as_str(), resolve_model(spec)?, *batch))).collect::<Result<Vec<_>>>()?;
+    if !args.script.is_file() {
+        bail!("{}: the PyTorch reference script is missing (run from the repository root, or pass --script)", args.script.display());
+    }
+    let versions = std::process::Command::new(&args.python)
+        .args(["-c", "import torch, timm; print(torch.__version__, timm.__version__)"])
+        .output()
+        .with_context(|| format!("cannot run `{}`", args.python.display()))?;
+    if !versions.status.success() {
+        bail!(
+            "`{} -c 'import torch, timm'` failed:\n{}\n  hint: python3 -m venv .venv-bench && .venv-bench/bin/pip install torch timm, then --python .venv-bench/bin/python",
+            args.python.display(),
+            String::from_utf8_lossy(&versions.stderr).trim()
+        );
+    }
+    // The CPU backends' thread pools (rayon's) get the count PyTorch gets.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(args.threads).build_global();
+    std::env::set_var("MATMUL_NUM_THREADS", args.threads.to_string());
+
+    let gpu = args.backends.iter().any(|b| backend::is_gpu(*b, args.device));
+    let torch_device = if gpu { format!("cuda:{}", args.device) } else { "cpu".to_string() };
+    let device = backend::device_name(args.backends[0], args.device);
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/bench/vs-pytorch-{}.csv", slug(&device, gpu))));
+    let precision = args.precision.unwrap_or(Precision::F32);
+
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["what", "model", "batch", "precision", "threads", "backend", "runner_images_per_s", "pytorch_images_per_s", "ratio", "device", "pytorch"])?;
+    for (spec, config, batch) in &models {
+        let mut ours = Vec::new();
+        for &kind in &args.backends {
+            let job = BenchModel { config: config.clone(), batch: *batch, steps: args.steps, backend: kind, devices: vec![args.device], precision: args.precision };
+            ours.push((kind, backend::dispatch(kind, &[args.device], &job).with_context(|| format!("{spec} on {kind}"))?));
+        }
+        let theirs = torch_reference(args, config, *batch, &torch_device, precision).with_context(|| format!("{spec}: the PyTorch reference"))?;
+        let torch = theirs.first().map_or(String::new(), |r| format!("torch {} + timm {} ({} threads)", r.torch, r.timm, r.threads));
+        for row in &theirs {
+            for (kind, rate) in &ours {
+                let (what, mine) = if row.what == "train" { (TRAIN, rate.train) } else { ("inference", rate.inference) };
+                let ratio = mine / row.images_per_s;
+                w.write_record([
+                    what,
+                    spec,
+                    &batch.to_string(),
+                    &precision.to_string(),
+                    &args.threads.to_string(),
+                    &kind.to_string(),
+                    &format!("{mine:.2}"),
+                    &format!("{:.2}", row.images_per_s),
+                    &format!("{ratio:.2}"),
+                    &device,
+                    &torch,
+                ])?;
+                eprintln!("{spec} (batch {batch}) {what}: {kind} {mine:.1} / PyTorch {:.1} images/s = {ratio:.2}x", row.images_per_s);
+            }
+        }
+    }
+    crate::files::atomic_write(&out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    Ok(format!("-> {} ({device}, {} threads)\n", out.display(), args.threads))
+}
+
+fn torch_reference(args: &VsPytorch, c: &VitConfig, batch: usize, device: &str, precision: Precision) -> Result<Vec<TorchRow>> {
+    if c.blocks.iter().any(|b| b != &c.blocks[0]) || c.head_dim * c.blocks[0].heads != c.embed_dim {
+        bail!("timm's DeiT has the same widths in every block: a pruned model has no PyTorch reference here");
+    }
+    let block = &c.blocks[0];
+    let mut cmd = std::process::Command::new(&args.python);
+    cmd.arg(&args.script);
+    for (key, value) in [
+        ("--image-size", c.image_size.to_string()),
+        ("--patch-size", c.patch_size.to_string()),
+        ("--in-chans", c.in_chans.to_string()),
+        ("--num-classes", c.num_classes.to_string()),
+        ("--embed-dim", c.embed_dim.to_string()),
+        ("--depth", c.depth().to_string()),
+        ("--heads", block.heads.to_string()),
+        ("--mlp-ratio", (block.mlp as f64 / c.embed_dim as f64).to_string()),
+        ("--batch", batch.to_string()),
+        ("--steps", args.steps.to_string()),
+        ("--threads", args.threads.to_string()),
+        ("--device", device.to_string()),
+        ("--precision", precision.to_string()),
+    ] {
+        cmd.arg(key).arg(value);
+    }
+    if c.distilled {
+        cmd.arg("--distilled");
+    }
+    let output = cmd.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("cannot run `{}`", args.python.display()))?;
+    if !output.status.success() {
+        bail!("{} exited with {}", args.script.display(), output.status);
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).with_context(|| format!("unexpected output line: {l}")))
+        .collect()
+}
+
+/// A file-name part for the device: `cpu` on the CPU, the GPU's model otherwise
+/// (`nvidia-h100-80gb-hbm3`).
+fn slug(device: &str, gpu: bool) -> String {
+    if !gpu {
+        return "cpu".into();
+    }
+    let name = device.strip_prefix("cuda ").unwrap_or(device).to_lowercase();
+    let s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    s.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-")
+}
