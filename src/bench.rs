@@ -246,8 +246,11 @@ pub fn vs_pytorch(args: &VsPytorch) -> Result<String> {
     for (spec, config, batch) in &models {
         let mut ours = Vec::new();
         for &kind in &args.backends {
-            let job = BenchModel { config: config.clone(), batch: *batch, steps: args.steps, backend: kind, devices: vec![args.device], precision: args.precision };
-            ours.push((kind, backend::dispatch(kind, &[args.device], &job).with_context(|| format!("{spec} on {kind}"))?));
+            // ndarray trains on every thread as a pipeline does, with one shard per thread
+            // (`devices = [0, 0, ...]`, see `backend::concurrent_shards`).
+            let devices = if kind.cpu_only() { vec![0; args.threads.min(*batch)] } else { vec![args.device] };
+            let job = BenchModel { config: config.clone(), batch: *batch, steps: args.steps, backend: kind, devices: devices.clone(), precision: args.precision };
+            ours.push((kind, backend::dispatch(kind, &devices, &job).with_context(|| format!("{spec} on {kind}"))?));
         }
         let theirs = torch_reference(args, config, *batch, &torch_device, precision).with_context(|| format!("{spec}: the PyTorch reference"))?;
         let torch = theirs.first().map_or(String::new(), |r| format!("torch {} + timm {} ({} threads)", r.torch, r.timm, r.threads));

@@ -43,7 +43,8 @@ pub struct Step<T> {
 pub type ShardResult<B, T> = (f64, <B as AutodiffBackend>::Gradients, T);
 
 /// Runs `work(replica, shard, payload, weight)` for each shard of a batch of `n` examples, one
-/// per device, the devices in parallel (a device listed twice runs its shards in turn). `work`
+/// per device, the devices in parallel (a GPU listed twice runs its shards in turn; the CPU
+/// runs each in a thread of its own). `work`
 /// must scale its loss by `weight` (the shard's share of the batch) before `backward`. `payloads` holds one value per device (its replica of a teacher,
 /// say), handed to that device's shard. With one device, `work` runs on `model` itself with
 /// weight 1 (an exact multiplication), as a loop without this would.
@@ -68,10 +69,12 @@ where
         return Step { loss, grads: GradientsParams::from_grads(grads, model), shards: vec![out] };
     }
     let main = &devices[0];
-    // Shards that share a device run in turn on it: threads would only contend for it.
+    // Shards that share a GPU run in turn on it: threads would only contend for it. On the CPU
+    // each shard gets a thread of its own (see `backend::concurrent_shards`).
+    let concurrent = crate::backend::concurrent_shards::<B>(main);
     let mut groups: Vec<(&B::Device, Vec<(Range<usize>, P)>)> = Vec::new();
     for ((range, device), payload) in ranges.into_iter().zip(devices).zip(payloads) {
-        match groups.iter_mut().find(|(d, _)| *d == device) {
+        match groups.iter_mut().find(|(d, _)| *d == device && !concurrent) {
             Some((_, items)) => items.push((range, payload)),
             None => groups.push((device, vec![(range, payload)])),
         }
