@@ -61,6 +61,33 @@ fn bench_model_writes_training_and_inference_rates() {
     }
 }
 
+/// `bench vs-pytorch` refuses what it cannot run before measuring anything: a malformed model
+/// list, an unknown model, a Python without torch.
+#[test]
+fn bench_vs_pytorch_names_bad_input_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("vs.csv");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["bench", "vs-pytorch", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        output(runner(dir.path()).args(args))
+    };
+    let (code, _, err) = run(&["--models", "deit-tiny-distilled"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--models: `deit-tiny-distilled` is not MODEL:BATCH"), "{err}");
+    let (code, _, err) = run(&["--models", "deit-tiny-distiled:4"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("`deit-tiny-distiled` is neither a model preset") && err.contains("deit-tiny-distilled"), "{err}");
+    let (code, _, err) = run(&["--models", "deit-tiny-distilled:4"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("benches/torch_reference.py: the PyTorch reference script is missing"), "{err}");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/torch_reference.py");
+    let (code, _, err) = run(&["--models", "deit-tiny-distilled:4", "--script", script, "--python", "/nonexistent/python"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot run `/nonexistent/python`"), "{err}");
+    assert!(!out.exists(), "nothing written");
+}
+
 #[test]
 fn a_second_cpu_device_is_refused_with_a_hint() {
     let dir = tempfile::tempdir().unwrap();
