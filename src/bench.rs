@@ -97,13 +97,6 @@ pub struct BenchModel {
     pub precision: Option<Precision>,
 }
 
-/// The median: a step slowed by another process on a shared machine does not move it.
-fn median(mut times: Vec<f64>) -> f64 {
-    times.sort_by(f64::total_cmp);
-    let n = times.len();
-    if n % 2 == 1 { times[n / 2] } else { (times[n / 2 - 1] + times[n / 2]) / 2.0 }
-}
-
 /// Images per second, at the median step.
 #[derive(Debug, Clone, Copy)]
 pub struct Throughput {
@@ -146,7 +139,7 @@ impl BackendJob for &BenchModel {
             model = train_step(model); // reading the loss synchronizes the device
             times.push(start.elapsed().as_secs_f64());
         }
-        let train = self.batch as f64 / median(times);
+        let train = self.batch as f64 / crate::machine::median(times);
 
         let eval = crate::train::in_precision(model.valid(), half);
         let x = crate::train::to_tensors::<B::InnerBackend>(batch.slice(0..self.batch), device).0;
@@ -159,7 +152,7 @@ impl BackendJob for &BenchModel {
             infer();
             times.push(start.elapsed().as_secs_f64());
         }
-        let inference = self.batch as f64 / median(times);
+        let inference = self.batch as f64 / crate::machine::median(times);
         Ok(Throughput { train, inference })
     }
 }

@@ -1,4 +1,5 @@
-//! What runners on one machine share: the lock that keeps timing measurements alone. A stage
+//! What runners on one machine share, and how they time: the lock that keeps timing
+//! measurements alone, and the median they report. A stage
 //! that times the model (`evaluate`'s throughput, `profile_latency`) holds it exclusively;
 //! every training step holds it shared. So the workers of a sweep never time one point while
 //! another trains, and a waiting measurement is never starved: it first takes the `wanted`
@@ -6,6 +7,17 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+
+/// The median of timings: a run slowed by another process on a shared machine does not move
+/// it. The mean of the middle two for an even count; NaN for none.
+pub fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    match times.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => times[n / 2],
+        n => (times[n / 2 - 1] + times[n / 2]) / 2.0,
+    }
+}
 
 /// Held while it lives.
 pub struct Guard(#[allow(dead_code)] Vec<File>);
@@ -66,6 +78,13 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
+
+    #[test]
+    fn the_median_ignores_one_slow_run_and_averages_the_middle_pair() {
+        assert_eq!(median(vec![3.0, 1.0, 100.0]), 3.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 100.0]), 3.0);
+        assert!(median(Vec::new()).is_nan());
+    }
 
     #[test]
     fn a_measurement_waits_for_training_steps_and_holds_off_new_ones() {

@@ -86,6 +86,11 @@ enum Command {
     },
 }
 
+/// A count that must be at least 1, refused by the parser with the flag's name.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Training and inference images/s of a model on synthetic images (DeiT-B by default).
@@ -94,10 +99,10 @@ enum BenchCommand {
         /// or a pipeline file whose [model] to take (pipelines/quickstart.toml).
         #[arg(long, alias = "preset", default_value = "deit-base-distilled")]
         model: String,
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = at_least_one())]
         batch: usize,
         /// Timed steps, after one untimed.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = at_least_one())]
         steps: usize,
         #[arg(long, value_enum, default_value = "ndarray")]
         backend: BackendKind,
@@ -127,7 +132,7 @@ enum BenchCommand {
         #[arg(long, value_enum)]
         precision: Option<Precision>,
         /// Timed steps, after one untimed.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = at_least_one())]
         steps: usize,
         /// Threads for both sides. Default: every core.
         #[arg(long)]

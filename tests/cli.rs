@@ -88,6 +88,22 @@ fn bench_vs_pytorch_names_bad_input_before_any_work() {
     assert!(!out.exists(), "nothing written");
 }
 
+/// A benchmark of no steps or an empty batch measures nothing: refused by name, nothing written.
+#[test]
+fn bench_counts_of_zero_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model.csv");
+    for flag in ["--steps", "--batch"] {
+        let (code, _, err) = output(runner(dir.path()).args(["bench", "model", "--model", "deit-tiny-distilled", flag, "0", "--out", out.to_str().unwrap()]));
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(&format!("'{flag} <{}>'", flag[2..].to_uppercase())) && err.contains("0 is not in 1.."), "{err}");
+    }
+    let (code, _, err) = output(runner(dir.path()).args(["bench", "vs-pytorch", "--steps", "0", "--out", out.to_str().unwrap()]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--steps <STEPS>") && err.contains("0 is not in 1.."), "{err}");
+    assert!(!out.exists(), "nothing written");
+}
+
 #[test]
 fn a_second_cpu_device_is_refused_with_a_hint() {
     let dir = tempfile::tempdir().unwrap();

@@ -90,9 +90,34 @@ impl<B: Backend> Block<B> {
         }
         let keep = 1.0 - self.drop_path;
         let [b, _, _] = branch.dims();
-        let mask = Tensor::<B, 3>::random([b, 1, 1], Distribution::Bernoulli(keep), &branch.device());
+        let device = branch.device();
+        let mask = SHARD_RNG.with_borrow_mut(|rng| match rng {
+            Some(rng) => {
+                use rand::Rng;
+                let kept: Vec<f32> = (0..b).map(|_| if rng.random::<f64>() < keep { 1.0 } else { 0.0 }).collect();
+                super::float_tensor::<B, 3>(kept, [b, 1, 1], &device)
+            }
+            None => Tensor::<B, 3>::random([b, 1, 1], Distribution::Bernoulli(keep), &device),
+        });
         branch * mask.div_scalar(keep)
     }
+}
+
+thread_local! {
+    /// Where a data-parallel shard's drop-path masks come from. Shards that run in threads at
+    /// once would otherwise draw from the backend's one generator in whatever order the threads
+    /// reach it, and no two runs would train alike.
+    static SHARD_RNG: std::cell::RefCell<Option<rand::rngs::StdRng>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's drop-path masks drawn from a generator seeded with `seed`, so
+/// that a shard's masks depend on its seed only, not on other threads.
+pub fn with_drop_path_seed<R>(seed: u64, f: impl FnOnce() -> R) -> R {
+    use rand::SeedableRng;
+    let previous = SHARD_RNG.replace(Some(rand::rngs::StdRng::seed_from_u64(seed)));
+    let out = f();
+    SHARD_RNG.set(previous);
+    out
 }
 
 /// GELU in its erf form, `x * Phi(x)`, written out so that autodiff differentiates it exactly
@@ -336,6 +361,27 @@ mod tests {
         assert_ne!(a, b, "stochastic under autodiff");
         let eval = burn::module::AutodiffModule::valid(&model);
         assert_eq!(eval.forward(x.clone().inner()).logits().into_data(), eval.forward(x.inner()).logits().into_data());
+    }
+
+    /// What data-parallel shards in threads rely on: a seeded thread's masks do not depend on
+    /// what other threads draw meanwhile.
+    #[test]
+    fn a_seeded_thread_draws_its_own_drop_path_masks_whatever_runs_beside_it() {
+        use burn::backend::Autodiff;
+        type A = Autodiff<NdArray>;
+        let device = Default::default();
+        let model = VitConfig::uniform(16, 4, 3, 24, 4, 2, 2.0, 5, false).init::<A>(&device).with_drop_path(0.5);
+        let x = crate::model::float_tensor::<A, 4>((0..8 * 3 * 16 * 16).map(|i| (i % 13) as f32 / 6.0 - 1.0).collect(), [8, 3, 16, 16], &device);
+        let run = |seed| with_drop_path_seed(seed, || model.forward(x.clone()).logits().into_data().to_vec::<f32>().unwrap());
+        let alone = run(1);
+        let (again, other) = std::thread::scope(|s| {
+            let noise = s.spawn(|| (0..50).for_each(|_| drop(Tensor::<A, 1>::random([64], Distribution::Default, &device))));
+            let (a, b) = (s.spawn(|| run(1)), s.spawn(|| run(2)));
+            noise.join().unwrap();
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert_eq!(again, alone, "same seed, same masks");
+        assert_ne!(other, alone, "another seed drops other branches");
     }
 
     #[test]

@@ -88,10 +88,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
     for _ in 0..s.warmup {
         time_one();
     }
-    let mut times: Vec<f64> = (0..s.throughput_repeats).map(|_| time_one()).collect();
+    let times: Vec<f64> = (0..s.throughput_repeats).map(|_| time_one()).collect();
     drop(alone);
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let median = crate::machine::median(times);
 
     let data = &ctx.pipeline.dataset;
     let dataset = match data.kind {

@@ -180,10 +180,9 @@ fn measure<B: AutodiffBackend>(
         for _ in 0..s.warmup {
             run();
         }
-        let mut times: Vec<f64> = (0..s.repeats).map(|_| run()).collect();
+        let times: Vec<f64> = (0..s.repeats).map(|_| run()).collect();
         drop(alone);
-        times.sort_by(f64::total_cmp);
-        values.push(times[times.len() / 2]);
+        values.push(crate::machine::median(times));
         atomic_write(&partial, &serde_json::to_vec(&Partial { grid: grid.clone(), values: values.clone() })?)?;
         progress.step(&format!("E {e} {dims:?}"));
     }

@@ -10,6 +10,7 @@ use std::ops::Range;
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Distribution, Tensor};
 
 use crate::model::Vit;
 
@@ -48,6 +49,17 @@ pub type ShardResult<B, T> = (f64, <B as AutodiffBackend>::Gradients, T);
 /// must scale its loss by `weight` (the shard's share of the batch) before `backward`. `payloads` holds one value per device (its replica of a teacher,
 /// say), handed to that device's shard. With one device, `work` runs on `model` itself with
 /// weight 1 (an exact multiplication), as a loop without this would.
+/// A seed per shard for its drop-path masks (none without drop path), drawn from the backend's
+/// generator on `main` before any shard starts, so that a step's masks depend on the
+/// pipeline's seed alone, however the shards' threads interleave.
+fn drop_path_seeds<B: AutodiffBackend>(model: &Vit<B>, main: &B::Device, shards: usize) -> Vec<Option<u64>> {
+    if model.blocks.iter().all(|b| b.drop_path == 0.0) {
+        return vec![None; shards];
+    }
+    let draws = Tensor::<B::InnerBackend, 1>::random([shards], Distribution::Uniform(0.0, (1u64 << 24) as f64), main);
+    draws.into_data().iter::<f32>().map(|x| Some(x as u64)).collect()
+}
+
 pub fn data_parallel<B, P, T>(
     model: &Vit<B>,
     devices: &[B::Device],
@@ -72,20 +84,25 @@ where
     // Shards that share a GPU run in turn on it: threads would only contend for it. On the CPU
     // each shard gets a thread of its own (see `backend::concurrent_shards`).
     let concurrent = crate::backend::concurrent_shards::<B>(main);
-    let mut groups: Vec<(&B::Device, Vec<(Range<usize>, P)>)> = Vec::new();
-    for ((range, device), payload) in ranges.into_iter().zip(devices).zip(payloads) {
+    let seeds = drop_path_seeds(model, main, ranges.len());
+    let mut groups: Vec<(&B::Device, Vec<(Range<usize>, P, Option<u64>)>)> = Vec::new();
+    for (((range, device), payload), seed) in ranges.into_iter().zip(devices).zip(payloads).zip(seeds) {
         match groups.iter_mut().find(|(d, _)| *d == device && !concurrent) {
-            Some((_, items)) => items.push((range, payload)),
-            None => groups.push((device, vec![(range, payload)])),
+            Some((_, items)) => items.push((range, payload, seed)),
+            None => groups.push((device, vec![(range, payload, seed)])),
         }
     }
-    let run_group = |device: &B::Device, items: Vec<(Range<usize>, P)>| -> Vec<(f64, GradientsParams, T)> {
+    let run_group = |device: &B::Device, items: Vec<(Range<usize>, P, Option<u64>)>| -> Vec<(f64, GradientsParams, T)> {
         items
             .into_iter()
-            .map(|(range, payload)| {
+            .map(|(range, payload, seed)| {
                 let replica = model.clone().fork(device);
                 let weight = range.len() as f32 / n as f32;
-                let (loss, grads, out) = work(&replica, range, payload, weight);
+                let shard = || work(&replica, range, payload, weight);
+                let (loss, grads, out) = match seed {
+                    Some(seed) => crate::model::with_drop_path_seed(seed, shard),
+                    None => shard(),
+                };
                 (loss, GradientsParams::from_grads(grads, &replica).to_device(main, &replica), out)
             })
             .collect()
