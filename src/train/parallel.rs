@@ -1,9 +1,11 @@
 //! Data parallelism in one process: each device takes a contiguous shard of the batch, runs
 //! forward and backward on its own replica of the model (one thread per device), and the
-//! gradients are summed on the first device before the optimizer step. Each shard's loss is weighted by its share of the
-//! batch, so the sum is the gradient of the whole batch's mean loss: the step is the one a
-//! single device would take on the full batch, up to floating-point order. Saliencies built
-//! from these gradients use the averaged gradient too (METHOD.md).
+//! gradients are summed for the optimizer step on the first device: sent there by every other
+//! device, or, with the `collective` feature, all-reduced in a ring by burn's collective (see
+//! README, "Many devices"). Each shard's loss is weighted by its share of the batch, so the
+//! sum is the gradient of the whole batch's mean loss: the step is the one a single device
+//! would take on the full batch, up to floating-point order. Saliencies built from these
+//! gradients use the averaged gradient too (METHOD.md).
 
 use std::ops::Range;
 
@@ -43,12 +45,6 @@ pub struct Step<T> {
 /// loss, on the shard's replica) and anything else the caller collects.
 pub type ShardResult<B, T> = (f64, <B as AutodiffBackend>::Gradients, T);
 
-/// Runs `work(replica, shard, payload, weight)` for each shard of a batch of `n` examples, one
-/// per device, the devices in parallel (a GPU listed twice runs its shards in turn; the CPU
-/// runs each in a thread of its own). `work`
-/// must scale its loss by `weight` (the shard's share of the batch) before `backward`. `payloads` holds one value per device (its replica of a teacher,
-/// say), handed to that device's shard. With one device, `work` runs on `model` itself with
-/// weight 1 (an exact multiplication), as a loop without this would.
 /// A seed per shard for its drop-path masks (none without drop path), drawn from the backend's
 /// generator on `main` before any shard starts, so that a step's masks depend on the
 /// pipeline's seed alone, however the shards' threads interleave.
@@ -60,6 +56,12 @@ fn drop_path_seeds<B: AutodiffBackend>(model: &Vit<B>, main: &B::Device, shards:
     draws.into_data().iter::<f32>().map(|x| Some(x as u64)).collect()
 }
 
+/// Runs `work(replica, shard, payload, weight)` for each shard of a batch of `n` examples, one
+/// per device, the devices in parallel (a GPU listed twice runs its shards in turn; the CPU
+/// runs each in a thread of its own). `work` must scale its loss by `weight` (the shard's
+/// share of the batch) before `backward`. `payloads` holds one value per device (its replica
+/// of a teacher, say), handed to that device's shard. With one device, `work` runs on `model`
+/// itself with weight 1 (an exact multiplication), as a loop without this would.
 pub fn data_parallel<B, P, T>(
     model: &Vit<B>,
     devices: &[B::Device],
@@ -85,46 +87,115 @@ where
     // each shard gets a thread of its own (see `backend::concurrent_shards`).
     let concurrent = crate::backend::concurrent_shards::<B>(main);
     let seeds = drop_path_seeds(model, main, ranges.len());
-    let mut groups: Vec<(&B::Device, Vec<(Range<usize>, P, Option<u64>)>)> = Vec::new();
+    let mut groups: Vec<Group<'_, B::Device, P>> = Vec::new();
     for (((range, device), payload), seed) in ranges.into_iter().zip(devices).zip(payloads).zip(seeds) {
         match groups.iter_mut().find(|(d, _)| *d == device && !concurrent) {
             Some((_, items)) => items.push((range, payload, seed)),
             None => groups.push((device, vec![(range, payload, seed)])),
         }
     }
-    let run_group = |device: &B::Device, items: Vec<(Range<usize>, P, Option<u64>)>| -> Vec<(f64, GradientsParams, T)> {
-        items
+    // A group's shards, in turn on its device: their first examples, losses and outputs, and the
+    // sum of their gradients on that device.
+    let run_group = |device: &B::Device, items: Vec<(Range<usize>, P, Option<u64>)>| -> (Vec<Shard<T>>, GradientsParams) {
+        let mut sum = GradientsAccumulator::<Vit<B>>::new();
+        let outs = items
             .into_iter()
             .map(|(range, payload, seed)| {
                 let replica = model.clone().fork(device);
-                let weight = range.len() as f32 / n as f32;
+                let (first, weight) = (range.start, range.len() as f32 / n as f32);
                 let shard = || work(&replica, range, payload, weight);
                 let (loss, grads, out) = match seed {
                     Some(seed) => crate::model::with_drop_path_seed(seed, shard),
                     None => shard(),
                 };
-                (loss, GradientsParams::from_grads(grads, &replica).to_device(main, &replica), out)
+                sum.accumulate(&replica, GradientsParams::from_grads(grads, &replica));
+                (first, loss, out)
             })
-            .collect()
+            .collect();
+        (outs, sum.grads())
     };
-    let results: Vec<(f64, GradientsParams, T)> = if groups.len() == 1 {
+    let (mut outs, grads) = if groups.len() == 1 {
         let (device, items) = groups.pop().expect("one group");
         run_group(device, items)
     } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = groups.into_iter().map(|(device, items)| s.spawn(|| run_group(device, items))).collect();
-            handles.into_iter().flat_map(|h| h.join().expect("a device's thread panicked")).collect()
-        })
+        sum_over_groups(model, main, groups, run_group)
     };
+    outs.sort_by_key(|(first, _, _)| *first);
+    let loss = outs.iter().map(|(_, l, _)| l).sum();
+    Step { loss, grads, shards: outs.into_iter().map(|(_, _, out)| out).collect() }
+}
+
+/// A device's share of a step: its shards (range, payload, drop-path seed).
+type Group<'a, D, P> = (&'a D, Vec<(Range<usize>, P, Option<u64>)>);
+/// A shard's first example, weighted loss and output.
+type Shard<T> = (usize, f64, T);
+
+/// Groups in threads of their own; their gradients summed on the first device, each group's
+/// copied there (a hub: `main` receives every other device's gradients).
+#[cfg(not(feature = "collective"))]
+fn sum_over_groups<B: AutodiffBackend, P: Send, T: Send>(
+    model: &Vit<B>,
+    main: &B::Device,
+    groups: Vec<Group<'_, B::Device, P>>,
+    run_group: impl Fn(&B::Device, Vec<(Range<usize>, P, Option<u64>)>) -> (Vec<Shard<T>>, GradientsParams) + Sync,
+) -> (Vec<Shard<T>>, GradientsParams) {
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = groups.into_iter().map(|(device, items)| s.spawn(|| run_group(device, items))).collect();
+        handles.into_iter().map(|h| h.join().expect("a device's thread panicked")).collect()
+    });
     let mut total = GradientsAccumulator::<Vit<B>>::new();
-    let mut loss = 0.0;
-    let mut outs = Vec::with_capacity(results.len());
-    for (l, grads, out) in results {
-        loss += l;
-        total.accumulate(model, grads);
-        outs.push(out);
+    let mut outs = Vec::new();
+    for (group_outs, grads) in results {
+        total.accumulate(model, grads.to_device(main, model));
+        outs.extend(group_outs);
     }
-    Step { loss, grads: total.grads(), shards: outs }
+    (outs, total.grads())
+}
+
+/// Groups in threads of their own, each a peer of burn's collective: their gradients are
+/// all-reduced in a ring (each device sends and receives 2(N-1)/N of the gradients' bytes,
+/// instead of the first device receiving N-1 times them), and the first device's sum is the
+/// step's.
+#[cfg(feature = "collective")]
+fn sum_over_groups<B: AutodiffBackend, P: Send, T: Send>(
+    _model: &Vit<B>,
+    _main: &B::Device,
+    groups: Vec<Group<'_, B::Device, P>>,
+    run_group: impl Fn(&B::Device, Vec<(Range<usize>, P, Option<u64>)>) -> (Vec<Shard<T>>, GradientsParams) + Sync,
+) -> (Vec<Shard<T>>, GradientsParams) {
+    use burn::collective::{finish_collective, register, AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation};
+    // burn's local collective server takes one set of peers at a time per backend: steps of
+    // two trainings in one process (tests) take turns.
+    static ONE_COLLECTIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_COLLECTIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let config = CollectiveConfig::default().with_num_devices(groups.len()).with_local_all_reduce_strategy(AllReduceStrategy::Ring);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = groups
+            .into_iter()
+            .enumerate()
+            .map(|(k, (device, items))| {
+                let (config, run_group) = (config.clone(), &run_group);
+                s.spawn(move || {
+                    let peer = PeerId(k as u32);
+                    let (outs, grads) = run_group(device, items);
+                    // The peers are this function's threads with one config: an error is a bug.
+                    let failed = |what: &str, e: burn::collective::CollectiveError| -> ! { panic!("collective {what} of peer {k}: {e:?}") };
+                    register::<B::InnerBackend>(peer, device.clone(), config).unwrap_or_else(|e| failed("register", e));
+                    let grads = grads.all_reduce::<B::InnerBackend>(peer, ReduceOperation::Sum).unwrap_or_else(|e| failed("all-reduce", e));
+                    finish_collective::<B::InnerBackend>(peer).unwrap_or_else(|e| failed("finish", e));
+                    (outs, grads)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a device's thread panicked")).collect()
+    });
+    let mut outs = Vec::new();
+    let mut grads = None;
+    for (group_outs, group_grads) in results {
+        outs.extend(group_outs);
+        grads.get_or_insert(group_grads);
+    }
+    (outs, grads.expect("at least two groups"))
 }
 
 #[cfg(test)]
