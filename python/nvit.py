@@ -1,0 +1,199 @@
+"""The runner's models in PyTorch: a ViT / DeiT whose blocks each have their own widths.
+
+A pruned NViT has per-block widths (heads, query/key and value width per head, MLP width)
+that timm's `VisionTransformer` cannot express. This single file, which needs only torch and
+safetensors, builds the model from the `dims.json` that the runner writes beside
+`model.safetensors` (timm's tensor names) and loads the weights:
+
+    import nvit
+    model = nvit.load("path/to/exported/model")  # the folder with model.safetensors and dims.json
+    model.eval()
+    logits = model(images)  # [batch, classes]; a distilled model averages its two heads
+
+`images` are `[batch, in_chans, image_size, image_size]`, normalized with the mean and std of
+the pipeline's `[dataset]`. A dense timm DeiT checkpoint loads too, `nvit.from_timm(path,
+heads=...)`, and gives timm's logits. `nvit.save(model, folder)` writes what the runner reads.
+"""
+
+import json
+import pathlib
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS = "model.safetensors"
+DIMS = "dims.json"
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose query/key width per head (`qk`) may differ from the value
+    width (`v`). The softmax scale is `head_dim ** -0.5` of the model before pruning, so a
+    pruned model computes what it was pruned from."""
+
+    def __init__(self, dim, heads, qk, v, head_dim):
+        super().__init__()
+        self.heads, self.qk_dim, self.v_dim = heads, qk, v
+        self.scale = head_dim**-0.5
+        self.q = nn.Linear(dim, heads * qk)
+        self.k = nn.Linear(dim, heads * qk)
+        self.v = nn.Linear(dim, heads * v)
+        self.proj = nn.Linear(heads * v, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        if self.heads == 0:  # every head pruned: the branch is the projection's bias
+            return self.proj(x.new_zeros(b, n, 0))
+
+        def split(t, d):
+            return t.reshape(b, n, self.heads, d).transpose(1, 2)  # [b, heads, n, d]
+
+        q, k, v = split(self.q(x), self.qk_dim), split(self.k(x), self.qk_dim), split(self.v(x), self.v_dim)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [b, heads, n, v]
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * self.v_dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # the erf form, as timm and the runner
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, dims, head_dim):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, dims["heads"], dims["qk"], dims["v"], head_dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, dims["mlp"])
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch, in_chans, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # [b, patches, dim]
+
+
+class NViT(nn.Module):
+    """A ViT (DeiT when `distilled`) with the widths of `dims`, the runner's `dims.json`."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+        e, p = dims["embed_dim"], dims["patch_size"]
+        patches = (dims["image_size"] // p) ** 2
+        self.distilled = dims["distilled"]
+        self.patch_embed = PatchEmbed(p, dims["in_chans"], e)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, e))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, e)) if self.distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, patches + 1 + self.distilled, e))
+        self.blocks = nn.ModuleList(Block(e, b, dims["head_dim"]) for b in dims["blocks"])
+        self.norm = nn.LayerNorm(e, eps=1e-6)
+        self.head = nn.Linear(e, dims["num_classes"])
+        self.head_dist = nn.Linear(e, dims["num_classes"]) if self.distilled else None
+
+    def forward_heads(self, images):
+        """Logits of the class head and, for a distilled model, of the distillation head."""
+        x = self.patch_embed(images)
+        prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
+        if self.distilled:
+            prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
+        x = torch.cat(prefix + [x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return self.head(x[:, 0]), (self.head_dist(x[:, 1]) if self.distilled else None)
+
+    def forward(self, images):
+        """`[batch, classes]`: the class head, averaged with the distillation head's as DeiT
+        evaluates (in training mode a distilled model returns both, as timm's does)."""
+        cls, dist = self.forward_heads(images)
+        if dist is None:
+            return cls
+        return (cls, dist) if self.training else (cls + dist) / 2
+
+
+def _split_fused_qkv(state, dims):
+    """timm's fused `attn.qkv` (rows: every head's q, then k, then v) as `q`, `k`, `v`."""
+    state = dict(state)
+    for i, b in enumerate(dims["blocks"]):
+        p = f"blocks.{i}.attn"
+        if f"{p}.qkv.weight" not in state:
+            continue
+        sizes = [b["heads"] * b["qk"], b["heads"] * b["qk"], b["heads"] * b["v"]]
+        for kind in ("weight", "bias"):
+            for name, part in zip("qkv", state.pop(f"{p}.qkv.{kind}").split(sizes)):
+                state[f"{p}.{name}.{kind}"] = part
+    return state
+
+
+def from_state_dict(state, dims):
+    """A model of `dims` holding `state` (timm's names; fused or split `qkv`). Every tensor of
+    the model must be there and nothing else: a mismatch names the tensors."""
+    model = NViT(dims)
+    missing, unexpected = model.load_state_dict(_split_fused_qkv(state, dims), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"state dict does not fit dims: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def load(folder):
+    """The model the runner exported into `folder` (`model.safetensors` and `dims.json`)."""
+    folder = pathlib.Path(folder)
+    dims = json.loads((folder / DIMS).read_text())
+    return from_state_dict(load_file(folder / WEIGHTS), dims)
+
+
+def from_timm(path, heads):
+    """A dense timm ViT / DeiT checkpoint (`.safetensors`, timm's names) with `heads` heads
+    per block; the other widths come from the tensors' shapes."""
+    state = load_file(path)
+    e, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
+    distilled = "dist_token" in state
+    patches = state["pos_embed"].shape[1] - 1 - distilled
+    grid = round(patches**0.5)
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    blocks = [
+        {"heads": heads, "qk": e // heads, "v": e // heads, "mlp": state[f"blocks.{i}.mlp.fc1.weight"].shape[0]}
+        for i in range(depth)
+    ]
+    dims = {
+        "image_size": grid * patch,
+        "patch_size": patch,
+        "in_chans": in_chans,
+        "embed_dim": e,
+        "num_classes": state["head.weight"].shape[0],
+        "distilled": distilled,
+        "head_dim": e // heads,
+        "drop_path": 0.0,
+        "blocks": blocks,
+    }
+    return from_state_dict(state, dims)
+
+
+def save(model, folder):
+    """Writes `model` as the runner exports: timm's names, `qkv` fused where a block's query/key
+    and value widths are equal, and `dims.json`."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    for i, b in enumerate(model.dims["blocks"]):
+        p = f"blocks.{i}.attn"
+        if b["qk"] == b["v"]:
+            for kind in ("weight", "bias"):
+                state[f"{p}.qkv.{kind}"] = torch.cat([state.pop(f"{p}.{n}.{kind}") for n in "qkv"])
+    save_file(state, folder / WEIGHTS)
+    (folder / DIMS).write_text(json.dumps(model.dims, indent=2) + "\n")
