@@ -4,8 +4,8 @@ runner's `evaluate` stage wrote to results/quickstart/metrics.csv).
 
     python python/evaluate_fashion_mnist.py MODEL_FOLDER [FASHION_MNIST_ROOT]
 
-MODEL_FOLDER holds model.safetensors and dims.json (a stage's `model/` in the runner's cache,
-e.g. `.runner-cache/<key>/model` as `runner run` prints it). Needs torch, safetensors, numpy.
+MODEL_FOLDER holds model.safetensors and dims.json, as `runner export pipelines/quickstart.toml
+--stage distill --out MODEL_FOLDER` writes them. Needs torch, safetensors, numpy.
 """
 import gzip
 import pathlib

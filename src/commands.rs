@@ -266,3 +266,59 @@ fn human_bytes(b: u64) -> String {
         b => format!("{b} B"),
     }
 }
+
+/// Where a stage's model is in the cache: the stage must be cached as the pipeline says it
+/// (same settings, same inputs), else an error that says how to build it.
+pub fn stage_model_dir(path: &Path, overrides: &Overrides, stage: &str, cache: &Cache) -> Result<PathBuf> {
+    let pipeline = load(path, overrides)?;
+    let Some(spec) = pipeline.stage(stage) else {
+        let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+        anyhow::bail!(
+            "{}: no stage `{stage}`{}\n  hint: its stages are {}",
+            path.display(),
+            crate::suggest::did_you_mean(stage, &names),
+            names.join(", ")
+        );
+    };
+    let kind = spec.kind.name();
+    let plan = pipeline::plan(&pipeline, cache, &[], &pipeline.device_name())?;
+    let planned = plan.stages.iter().find(|s| s.spec.name == stage).expect("every stage is planned");
+    if planned.status != pipeline::Status::Cached {
+        anyhow::bail!(
+            "{}: stage `{stage}` has not run as the pipeline now says ({})\n  hint: run it first: runner run {}",
+            path.display(),
+            match &planned.status {
+                pipeline::Status::Run(why) => why.join("; "),
+                pipeline::Status::Cached => unreachable!(),
+            },
+            path.display()
+        );
+    }
+    let dir = cache.entry_dir(&planned.key).join("model");
+    if !dir.join(crate::model::checkpoint::DIMS).is_file() {
+        anyhow::bail!("{}: stage `{stage}` ({kind}) produces no model\n  hint: name a stage that trains or prunes one (train, prune, distill, load_pretrained)", path.display());
+    }
+    Ok(dir)
+}
+
+/// What `runner export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// `model.safetensors` (timm's names) and `dims.json`, into a folder: what python/nvit.py loads.
+    Safetensors,
+}
+
+/// `runner export`: a stage's model out of the cache, in `format`, into `out`.
+pub fn export(path: &Path, overrides: &Overrides, stage: &str, format: ExportFormat, out: &Path, cache: &Cache) -> Result<String> {
+    let dir = stage_model_dir(path, overrides, stage, cache)?;
+    match format {
+        ExportFormat::Safetensors => {
+            std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
+            for name in [crate::model::checkpoint::WEIGHTS, crate::model::checkpoint::DIMS] {
+                let bytes = std::fs::read(dir.join(name)).with_context(|| format!("reading {}", dir.join(name).display()))?;
+                crate::files::atomic_write(&out.join(name), &bytes).with_context(|| format!("{}: cannot write the export", out.display()))?;
+            }
+            Ok(format!("{stage}: model.safetensors and dims.json -> {}\n", out.display()))
+        }
+    }
+}

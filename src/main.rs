@@ -72,6 +72,23 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Copy a stage's model out of the cache (the stage must have run as the pipeline says):
+    /// `runner export pipelines/quickstart.toml --stage distill --out model/`.
+    Export {
+        pipeline: PathBuf,
+        /// The stage whose model to export (train, prune, distill, load_pretrained).
+        #[arg(long)]
+        stage: String,
+        #[arg(long, value_enum, default_value = "safetensors")]
+        format: commands::ExportFormat,
+        /// The folder to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long = "with", value_name = "FILE")]
+        with: Vec<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// List every stage kind with its keys, types, defaults and docs.
     Stages,
     /// Inspect or clean the stage cache (`RUNNER_CACHE`, default `.runner-cache/`).
@@ -226,6 +243,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Show { pipeline, with, set } => {
             print!("{}", commands::show(&pipeline, &Overrides { with, set, env: true })?);
+            Ok(())
+        }
+        Command::Export { pipeline, stage, format, out, with, set } => {
+            print!("{}", commands::export(&pipeline, &Overrides { with, set, env: true }, &stage, format, &out, &cache)?);
             Ok(())
         }
         Command::Stages => {

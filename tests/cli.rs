@@ -391,3 +391,51 @@ fn a_training_split_of_unreadable_images_is_an_error_not_a_panic() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.contains("epoch 1 gave no batch: 16 of the training split's 16 images were unreadable and skipped"), "{err}");
 }
+
+/// `runner export` copies a stage's model out of the cache once the stage has run as the
+/// pipeline says, and names what is wrong otherwise, writing nothing.
+#[test]
+fn export_copies_a_run_stages_model_and_names_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let path = path.to_str().unwrap();
+    let out = dir.path().join("exported");
+    let export = |extra: &[&str]| {
+        let mut args = vec!["export", path, "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        output(runner(dir.path()).args(args))
+    };
+    let (code, _, err) = export(&["--stage", "train"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("stage `train` has not run as the pipeline now says (never run)") && err.contains("hint: run it first: runner run"), "{err}");
+    assert!(!out.exists(), "nothing written");
+
+    let (code, _, err) = output(runner(dir.path()).args(["run", path]));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = export(&["--stage", "trian"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no stage `trian`; did you mean `train`?") && err.contains("its stages are train, evaluate"), "{err}");
+    let (code, _, err) = export(&["--stage", "evaluate"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("stage `evaluate` (evaluate) produces no model"), "{err}");
+    let (code, _, err) = export(&["--stage", "train", "--set", "stages.train.lr=1e-3"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("changed: settings.lr"), "{err}");
+    let (code, _, err) = export(&["--stage", "train", "--format", "onnx"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid value 'onnx' for '--format <FORMAT>'"), "{err}");
+    assert!(!out.exists(), "nothing written");
+
+    let (code, stdout, err) = export(&["--stage", "train"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("train: model.safetensors and dims.json ->"), "{stdout}");
+    let model = nvit::model::checkpoint::load::<burn::backend::NdArray>(&out, &Default::default()).unwrap();
+    assert_eq!(model.config.embed_dim, 16);
+    assert_eq!(model.config.blocks.len(), 2);
+
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, "").unwrap();
+    let (code, _, err) = output(runner(dir.path()).args(["export", path, "--stage", "train", "--out", blocker.join("sub").to_str().unwrap()]));
+    assert_ne!(code, 0);
+    assert!(err.contains("a-file/sub: cannot create the output folder"), "{err}");
+}
