@@ -130,6 +130,15 @@ type Group<'a, D, P> = (&'a D, Vec<(Range<usize>, P, Option<u64>)>);
 /// A shard's first example, weighted loss and output.
 type Shard<T> = (usize, f64, T);
 
+/// `each(k, device, shards)` for every group `k` in a thread of its own; results in group order.
+fn in_threads<D: Sync, P: Send, R: Send>(groups: Vec<Group<'_, D, P>>, each: impl Fn(usize, &D, Vec<(Range<usize>, P, Option<u64>)>) -> R + Sync) -> Vec<R> {
+    std::thread::scope(|s| {
+        let each = &each;
+        let handles: Vec<_> = groups.into_iter().enumerate().map(|(k, (device, items))| s.spawn(move || each(k, device, items))).collect();
+        handles.into_iter().map(|h| h.join().expect("a device's thread panicked")).collect()
+    })
+}
+
 /// Groups in threads of their own; their gradients summed on the first device, each group's
 /// copied there (a hub: `main` receives every other device's gradients).
 #[cfg(not(feature = "collective"))]
@@ -139,13 +148,9 @@ fn sum_over_groups<B: AutodiffBackend, P: Send, T: Send>(
     groups: Vec<Group<'_, B::Device, P>>,
     run_group: impl Fn(&B::Device, Vec<(Range<usize>, P, Option<u64>)>) -> (Vec<Shard<T>>, GradientsParams) + Sync,
 ) -> (Vec<Shard<T>>, GradientsParams) {
-    let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = groups.into_iter().map(|(device, items)| s.spawn(|| run_group(device, items))).collect();
-        handles.into_iter().map(|h| h.join().expect("a device's thread panicked")).collect()
-    });
     let mut total = GradientsAccumulator::<Vit<B>>::new();
     let mut outs = Vec::new();
-    for (group_outs, grads) in results {
+    for (group_outs, grads) in in_threads(groups, |_, device, items| run_group(device, items)) {
         total.accumulate(model, grads.to_device(main, model));
         outs.extend(group_outs);
     }
@@ -169,25 +174,15 @@ fn sum_over_groups<B: AutodiffBackend, P: Send, T: Send>(
     static ONE_COLLECTIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_COLLECTIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let config = CollectiveConfig::default().with_num_devices(groups.len()).with_local_all_reduce_strategy(AllReduceStrategy::Ring);
-    let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = groups
-            .into_iter()
-            .enumerate()
-            .map(|(k, (device, items))| {
-                let (config, run_group) = (config.clone(), &run_group);
-                s.spawn(move || {
-                    let peer = PeerId(k as u32);
-                    let (outs, grads) = run_group(device, items);
-                    // The peers are this function's threads with one config: an error is a bug.
-                    let failed = |what: &str, e: burn::collective::CollectiveError| -> ! { panic!("collective {what} of peer {k}: {e:?}") };
-                    register::<B::InnerBackend>(peer, device.clone(), config).unwrap_or_else(|e| failed("register", e));
-                    let grads = grads.all_reduce::<B::InnerBackend>(peer, ReduceOperation::Sum).unwrap_or_else(|e| failed("all-reduce", e));
-                    finish_collective::<B::InnerBackend>(peer).unwrap_or_else(|e| failed("finish", e));
-                    (outs, grads)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("a device's thread panicked")).collect()
+    let results = in_threads(groups, |k, device, items| {
+        let peer = PeerId(k as u32);
+        let (outs, grads) = run_group(device, items);
+        // The peers are this function's threads with one config: an error is a bug.
+        let failed = |what: &str, e: burn::collective::CollectiveError| -> ! { panic!("collective {what} of peer {k}: {e:?}") };
+        register::<B::InnerBackend>(peer, device.clone(), config.clone()).unwrap_or_else(|e| failed("register", e));
+        let grads = grads.all_reduce::<B::InnerBackend>(peer, ReduceOperation::Sum).unwrap_or_else(|e| failed("all-reduce", e));
+        finish_collective::<B::InnerBackend>(peer).unwrap_or_else(|e| failed("finish", e));
+        (outs, grads)
     });
     let mut outs = Vec::new();
     let mut grads = None;
