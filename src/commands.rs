@@ -283,14 +283,11 @@ pub fn stage_model_dir(path: &Path, overrides: &Overrides, stage: &str, cache: &
     let kind = spec.kind.name();
     let plan = pipeline::plan(&pipeline, cache, &[], &pipeline.device_name())?;
     let planned = plan.stages.iter().find(|s| s.spec.name == stage).expect("every stage is planned");
-    if planned.status != pipeline::Status::Cached {
+    if let pipeline::Status::Run(why) = &planned.status {
         anyhow::bail!(
             "{}: stage `{stage}` has not run as the pipeline now says ({})\n  hint: run it first: runner run {}",
             path.display(),
-            match &planned.status {
-                pipeline::Status::Run(why) => why.join("; "),
-                pipeline::Status::Cached => unreachable!(),
-            },
+            why.join("; "),
             path.display()
         );
     }
