@@ -7,6 +7,9 @@ use burn::tensor::backend::AutodiffBackend;
 
 use serde::{Deserialize, Serialize};
 
+/// Where work that only reads a model's weights runs (`runner export`).
+pub type Cpu = burn::backend::NdArray<f32>;
+
 /// Also the values of `--backend`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

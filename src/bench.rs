@@ -63,15 +63,22 @@ pub fn loader(root: Option<&Path>, images: usize, size: u32, batch: usize, out: 
     Ok(format!("{seen} images in {:.2} s: {rate:.1} images/s ({workers} workers, {cpu}) -> {}\n", start.elapsed().as_secs_f64(), out.display()))
 }
 
-/// A model to measure: a preset (`deit-tiny-distilled`), or a pipeline file whose `[model]` is
-/// taken (`pipelines/quickstart.toml`, with its dataset's class count where it leaves it open).
+/// A model to measure: a preset (`deit-tiny-distilled`), a pipeline file whose `[model]` is
+/// taken (`pipelines/quickstart.toml`, with its dataset's class count where it leaves it open),
+/// or a pruned model's widths (its `dims.json`, or a `runner export` folder).
 pub fn resolve_model(spec: &str) -> Result<VitConfig> {
     if let Some(c) = VitConfig::preset(spec) {
         return Ok(c);
     }
+    let path = Path::new(spec);
+    if path.is_dir() || spec.ends_with(".json") {
+        // A model's widths as the runner writes them (`dims.json`, or the folder that holds it).
+        let file = if path.is_dir() { path.join(crate::model::checkpoint::DIMS) } else { path.to_path_buf() };
+        return VitConfig::read_json(&file);
+    }
     if !spec.ends_with(".toml") {
         bail!(
-            "`{spec}` is neither a model preset{} nor a pipeline file (.toml)\n  hint: a preset is one of {}",
+            "`{spec}` is neither a model preset{}, a pipeline file (.toml) nor a model's dims.json\n  hint: a preset is one of {}",
             crate::suggest::did_you_mean(spec, &VitConfig::PRESETS),
             VitConfig::PRESETS.join(", ")
         );
@@ -224,9 +231,7 @@ pub fn vs_pytorch(args: &VsPytorch) -> Result<String> {
             String::from_utf8_lossy(&versions.stderr).trim()
         );
     }
-    // The CPU backends' thread pools (rayon's) get the count PyTorch gets.
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(args.threads).build_global();
-    std::env::set_var("MATMUL_NUM_THREADS", args.threads.to_string());
+    use_threads(args.threads);
 
     let gpu = args.backends.iter().any(|b| backend::is_gpu(*b, args.device));
     let torch_device = if gpu { format!("cuda:{}", args.device) } else { "cpu".to_string() };
@@ -319,4 +324,165 @@ fn slug(device: &str, gpu: bool) -> String {
     let name = device.strip_prefix("cuda ").unwrap_or(device).to_lowercase();
     let s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     s.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-")
+}
+
+/// The CPU backends' thread pools (rayon's, matrixmultiply's) get `threads`, as the other
+/// runtime of a comparison does.
+fn use_threads(threads: usize) {
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+    std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
+}
+
+/// `runner bench onnxruntime`: dense and pruned models of each pair, exported as ONNX and run
+/// in ONNX Runtime (`benches/onnxruntime_bench.py`), beside the runner's own inference on the
+/// same models, at each batch size; the speedup of the pruned model in each runtime.
+pub struct VsOnnxruntime {
+    /// `(dense, pruned)` model specs (see [`resolve_model`]).
+    pub pairs: Vec<(String, String)>,
+    pub batches: Vec<usize>,
+    pub backend: BackendKind,
+    pub device: usize,
+    pub steps: usize,
+    pub threads: usize,
+    /// A Python with onnxruntime and numpy.
+    pub python: PathBuf,
+    pub script: PathBuf,
+    pub out: Option<PathBuf>,
+}
+
+/// The runner's inference images/s of a randomly initialized `config` at each batch size, the
+/// model also written to `onnx` (speed does not depend on the weights' values).
+struct Inference<'a> {
+    config: &'a VitConfig,
+    batches: &'a [usize],
+    steps: usize,
+    onnx: &'a Path,
+}
+
+impl BackendJob for Inference<'_> {
+    type Output = Vec<f64>;
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Vec<f64>> {
+        let device = &devices[0];
+        let c = self.config;
+        let model = c.init::<B::InnerBackend>(device);
+        let spec = crate::export::InputSpec { mean: vec![0.5; c.in_chans], std: vec![0.5; c.in_chans], classes: None };
+        crate::files::atomic_write(self.onnx, &crate::export::onnx::to_onnx(&model, &spec))?;
+        let mut rates = Vec::new();
+        for &batch in self.batches {
+            let shape = [batch, c.in_chans, c.image_size, c.image_size];
+            let pixels: Vec<f32> = (0..shape.iter().product::<usize>()).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
+            let x = crate::model::float_tensor::<B::InnerBackend, 4>(pixels, shape, device);
+            let infer = || model.forward(x.clone()).logits().slice([0..1, 0..1]).into_data();
+            infer();
+            let times: Vec<f64> = (0..self.steps)
+                .map(|_| {
+                    let start = Instant::now();
+                    infer();
+                    start.elapsed().as_secs_f64()
+                })
+                .collect();
+            rates.push(batch as f64 / crate::machine::median(times));
+        }
+        Ok(rates)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct OrtRow {
+    model: String,
+    batch: usize,
+    images_per_s: f64,
+    onnxruntime: String,
+    provider: String,
+}
+
+pub fn vs_onnxruntime(args: &VsOnnxruntime) -> Result<String> {
+    backend::check(args.backend, &[args.device])?;
+    let mut models = Vec::new();
+    for (dense, pruned) in &args.pairs {
+        models.push((resolve_model(dense).with_context(|| format!("--pair {dense}"))?, resolve_model(pruned).with_context(|| format!("--pair {pruned}"))?));
+    }
+    if !args.script.is_file() {
+        bail!("{}: the ONNX Runtime script is missing (run from the repository root, or pass --script)", args.script.display());
+    }
+    let check = std::process::Command::new(&args.python).args(["-c", "import onnxruntime, numpy"]).output().with_context(|| format!("cannot run `{}`", args.python.display()))?;
+    if !check.status.success() {
+        bail!(
+            "`{} -c 'import onnxruntime, numpy'` failed:\n{}\n  hint: python3 -m venv .venv-ort && .venv-ort/bin/pip install onnxruntime numpy, then --python .venv-ort/bin/python",
+            args.python.display(),
+            String::from_utf8_lossy(&check.stderr).trim()
+        );
+    }
+    use_threads(args.threads);
+    let gpu = backend::is_gpu(args.backend, args.device);
+    let device = backend::device_name(args.backend, args.device);
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/bench/onnxruntime-{}.csv", slug(&device, gpu))));
+
+    let tmp = tempfile::tempdir()?;
+    let mut ours = Vec::new(); // (pair index, which, spec, config, rates)
+    let mut script = std::process::Command::new(&args.python);
+    script.arg(&args.script);
+    for (i, ((dense, pruned), (dense_config, pruned_config))) in args.pairs.iter().zip(&models).enumerate() {
+        for (which, spec, config) in [("dense", dense, dense_config), ("pruned", pruned, pruned_config)] {
+            let name = format!("{i}-{which}");
+            let onnx = tmp.path().join(format!("{name}.onnx"));
+            let job = Inference { config, batches: &args.batches, steps: args.steps, onnx: &onnx };
+            let rates = backend::dispatch(args.backend, &[args.device], job).with_context(|| format!("{spec} on {}", args.backend))?;
+            script.arg("--model").arg(format!("{name}={}", onnx.display()));
+            ours.push((i, which, spec, config, name, rates));
+        }
+    }
+    let batches: Vec<String> = args.batches.iter().map(|b| b.to_string()).collect();
+    script.args(["--batches", &batches.join(","), "--steps", &args.steps.to_string(), "--threads", &args.threads.to_string()]);
+    script.args(["--device", if gpu { "cuda" } else { "cpu" }]);
+    let output = script.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("cannot run `{}`", args.python.display()))?;
+    if !output.status.success() {
+        bail!("{} exited with {}", args.script.display(), output.status);
+    }
+    let theirs: Vec<OrtRow> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).with_context(|| format!("unexpected output line: {l}")))
+        .collect::<Result<_>>()?;
+    let ort = |name: &str, batch: usize| {
+        theirs.iter().find(|r| r.model == name && r.batch == batch).ok_or_else(|| anyhow::anyhow!("{} printed no rate for {name} at batch {batch}", args.script.display()))
+    };
+
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "pair", "model", "spec", "params_m", "gflops", "batch", "threads", "runner_backend", "runner_images_per_s", "runner_speedup",
+        "onnxruntime_images_per_s", "onnxruntime_speedup", "device", "onnxruntime",
+    ])?;
+    let mut text = String::new();
+    for (i, which, spec, config, name, rates) in &ours {
+        let dense = ours.iter().find(|o| o.0 == *i && o.1 == "dense").expect("every pair has a dense model");
+        let pair = format!("{} / {}", args.pairs[*i].0, args.pairs[*i].1);
+        for (b, &batch) in args.batches.iter().enumerate() {
+            let (row, dense_row) = (ort(name, batch)?, ort(&dense.4, batch)?);
+            let (runner_speedup, ort_speedup) = (rates[b] / dense.5[b], row.images_per_s / dense_row.images_per_s);
+            w.write_record([
+                pair.as_str(),
+                which,
+                spec.as_str(),
+                &format!("{:.3}", config.params() as f64 / 1e6),
+                &format!("{:.4}", config.flops() as f64 / 1e9),
+                &batch.to_string(),
+                &args.threads.to_string(),
+                &args.backend.to_string(),
+                &format!("{:.2}", rates[b]),
+                &format!("{runner_speedup:.2}"),
+                &format!("{:.2}", row.images_per_s),
+                &format!("{ort_speedup:.2}"),
+                &device,
+                &format!("onnxruntime {} ({})", row.onnxruntime, row.provider),
+            ])?;
+            text.push_str(&format!(
+                "{spec} batch {batch}: runner {:.1} images/s ({runner_speedup:.2}x), ONNX Runtime {:.1} images/s ({ort_speedup:.2}x)\n",
+                rates[b], row.images_per_s
+            ));
+        }
+    }
+    crate::files::atomic_write(&out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    text.push_str(&format!("-> {} ({device}, {} threads)\n", out.display(), args.threads));
+    Ok(text)
 }

@@ -269,8 +269,8 @@ fn human_bytes(b: u64) -> String {
 
 /// Where a stage's model is in the cache: the stage must be cached as the pipeline says it
 /// (same settings, same inputs), else an error that says how to build it.
-pub fn stage_model_dir(path: &Path, overrides: &Overrides, stage: &str, cache: &Cache) -> Result<PathBuf> {
-    let pipeline = load(path, overrides)?;
+pub fn stage_model_dir(pipeline: &Pipeline, stage: &str, cache: &Cache) -> Result<PathBuf> {
+    let path = &pipeline.path;
     let Some(spec) = pipeline.stage(stage) else {
         let names: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
         anyhow::bail!(
@@ -281,7 +281,7 @@ pub fn stage_model_dir(path: &Path, overrides: &Overrides, stage: &str, cache: &
         );
     };
     let kind = spec.kind.name();
-    let plan = pipeline::plan(&pipeline, cache, &[], &pipeline.device_name())?;
+    let plan = pipeline::plan(pipeline, cache, &[], &pipeline.device_name())?;
     let planned = plan.stages.iter().find(|s| s.spec.name == stage).expect("every stage is planned");
     if let pipeline::Status::Run(why) = &planned.status {
         anyhow::bail!(
@@ -298,24 +298,64 @@ pub fn stage_model_dir(path: &Path, overrides: &Overrides, stage: &str, cache: &
     Ok(dir)
 }
 
-/// What `runner export` writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExportFormat {
-    /// `model.safetensors` (timm's names) and `dims.json`, into a folder: what python/nvit.py loads.
-    Safetensors,
+/// `runner export`: a stage's model out of the cache, in `format`, to `out`.
+pub fn export(path: &Path, overrides: &Overrides, stage: &str, format: crate::export::Format, out: &Path, cache: &Cache) -> Result<String> {
+    let pipeline = load(path, overrides)?;
+    let dir = stage_model_dir(&pipeline, stage, cache)?;
+    let config = crate::model::VitConfig::read_json(&dir.join(crate::model::checkpoint::DIMS))?;
+    let (mean, std) = pipeline.dataset.normalization(config.in_chans);
+    let classes = pipeline.dataset.class_names();
+    let spec = crate::export::InputSpec { mean, std, classes };
+    Ok(format!("{stage}: {}\n", crate::export::write(&dir, format, &spec, out)?))
 }
 
-/// `runner export`: a stage's model out of the cache, in `format`, into `out`.
-pub fn export(path: &Path, overrides: &Overrides, stage: &str, format: ExportFormat, out: &Path, cache: &Cache) -> Result<String> {
-    let dir = stage_model_dir(path, overrides, stage, cache)?;
-    match format {
-        ExportFormat::Safetensors => {
-            std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
-            for name in [crate::model::checkpoint::WEIGHTS, crate::model::checkpoint::DIMS] {
-                let bytes = std::fs::read(dir.join(name)).with_context(|| format!("reading {}", dir.join(name).display()))?;
-                crate::files::atomic_write(&out.join(name), &bytes).with_context(|| format!("{}: cannot write the export", out.display()))?;
-            }
-            Ok(format!("{stage}: model.safetensors and dims.json -> {}\n", out.display()))
+pub struct PredictArgs<'a> {
+    pub pipeline: &'a Path,
+    pub overrides: &'a Overrides,
+    pub stage: &'a str,
+    pub images: &'a [PathBuf],
+    pub batch: usize,
+    pub top: usize,
+    pub out: Option<&'a Path>,
+    /// Where to run, if not on the pipeline's backend and first device.
+    pub backend: Option<backend::BackendKind>,
+}
+
+/// `runner predict`: the CSV of a stage's top classes for each image, written to `out` (then
+/// a line saying so is returned) or returned whole.
+pub fn predict(args: &PredictArgs, cache: &Cache) -> Result<String> {
+    let pipeline = load(args.pipeline, args.overrides)?;
+    let dir = stage_model_dir(&pipeline, args.stage, cache)?;
+    let files = crate::predict::image_files(args.images)?;
+    if let Some(out) = args.out {
+        if out.is_dir() {
+            anyhow::bail!("{}: is a folder\n  hint: name the CSV file to write, e.g. --out {}", out.display(), out.join("predictions.csv").display());
         }
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create the folder of the output file", out.display()))?;
+        }
+    }
+    let config = crate::model::VitConfig::read_json(&dir.join(crate::model::checkpoint::DIMS))?;
+    let names = pipeline.dataset.class_names().filter(|n| n.len() <= config.num_classes);
+    let top = args.top.min(config.num_classes);
+    let job = crate::predict::Predict {
+        model_dir: &dir,
+        files: &files,
+        transform: pipeline.dataset.eval_transform(config.image_size, config.in_chans),
+        batch: args.batch,
+        top,
+    };
+    let p = &pipeline.pipeline;
+    let predictions = match args.backend {
+        Some(kind) if kind != p.backend => backend::dispatch(kind, &[0], job)?,
+        _ => backend::dispatch(p.backend, &p.devices[..1], job)?,
+    };
+    let csv = crate::predict::to_csv(&predictions, top, names.as_deref())?;
+    match args.out {
+        Some(out) => {
+            crate::files::atomic_write(out, csv.as_bytes())?;
+            Ok(format!("{}: top {top} of {} images -> {}\n", args.stage, files.len(), out.display()))
+        }
+        None => Ok(csv),
     }
 }

@@ -73,17 +73,46 @@ enum Command {
         set: Vec<String>,
     },
     /// Copy a stage's model out of the cache (the stage must have run as the pipeline says):
-    /// `runner export pipelines/quickstart.toml --stage distill --out model/`.
+    /// `runner export pipelines/quickstart.toml --stage distill --out model/`, or as ONNX with
+    /// `--format onnx --out model.onnx`.
     Export {
         pipeline: PathBuf,
         /// The stage whose model to export (train, prune, distill, load_pretrained).
         #[arg(long)]
         stage: String,
         #[arg(long, value_enum, default_value = "safetensors")]
-        format: commands::ExportFormat,
-        /// The folder to write into (created if missing).
+        format: nvit::export::Format,
+        /// The folder to write into (safetensors, created if missing) or the file (onnx).
         #[arg(long)]
         out: PathBuf,
+        #[arg(long = "with", value_name = "FILE")]
+        with: Vec<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// A stage's model on images: top classes and probabilities per image as CSV, with the
+    /// evaluation transform of the pipeline's dataset and on its backend:
+    /// `runner predict pipelines/quickstart.toml --stage distill photos/`.
+    Predict {
+        pipeline: PathBuf,
+        /// The stage whose model to run (train, prune, distill, load_pretrained).
+        #[arg(long)]
+        stage: String,
+        /// Image files (.jpeg, .jpg, .png) and folders of them (searched recursively).
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Classes per image, most probable first.
+        #[arg(long, default_value_t = 5, value_parser = at_least_one())]
+        top: usize,
+        #[arg(long, default_value_t = 64, value_parser = at_least_one())]
+        batch: usize,
+        /// Write the CSV here instead of to standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Backend to run on (default: the pipeline's, on its first device); the model is the
+        /// one the pipeline's own backend trained.
+        #[arg(long, value_enum)]
+        backend: Option<BackendKind>,
         #[arg(long = "with", value_name = "FILE")]
         with: Vec<PathBuf>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -160,6 +189,37 @@ enum BenchCommand {
         #[arg(long, default_value = "benches/torch_reference.py")]
         script: PathBuf,
         /// Default: results/bench/vs-pytorch-<device>.csv (`cpu`, or the GPU's model).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Dense and pruned models exported as ONNX and run in ONNX Runtime
+    /// (benches/onnxruntime_bench.py) beside the runner's own inference, at each batch size:
+    /// images/s and the pruned model's speedup in each, into
+    /// results/bench/onnxruntime-<device>.csv.
+    Onnxruntime {
+        /// `--pair DENSE PRUNED` (repeatable): each a preset, a pipeline file or a dims.json
+        /// (or a `runner export` folder). Randomly initialized: speed does not depend on values.
+        #[arg(long, num_args = 2, value_names = ["DENSE", "PRUNED"], default_values = ["pipelines/quickstart.toml", "benches/quickstart-nvit50.json", "deit-base-distilled", "benches/nvit-base-like.json"])]
+        pair: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = at_least_one())]
+        batches: Vec<usize>,
+        /// The runner's backend (ONNX Runtime runs on the CPU, or CUDA for a GPU backend).
+        #[arg(long, value_enum, default_value = "ndarray")]
+        backend: BackendKind,
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// Timed runs per batch size, after one untimed.
+        #[arg(long, default_value_t = 10, value_parser = at_least_one())]
+        steps: usize,
+        /// Threads for both runtimes. Default: every core.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// A Python with onnxruntime and numpy installed.
+        #[arg(long, default_value = "python3")]
+        python: PathBuf,
+        #[arg(long, default_value = "benches/onnxruntime_bench.py")]
+        script: PathBuf,
+        /// Default: results/bench/onnxruntime-<device>.csv (`cpu`, or the GPU's model).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -249,6 +309,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print!("{}", commands::export(&pipeline, &Overrides { with, set, env: true }, &stage, format, &out, &cache)?);
             Ok(())
         }
+        Command::Predict { pipeline, stage, images, top, batch, out, backend, with, set } => {
+            let overrides = Overrides { with, set, env: true };
+            let args = commands::PredictArgs { pipeline: &pipeline, overrides: &overrides, stage: &stage, images: &images, batch, top, out: out.as_deref(), backend };
+            print!("{}", commands::predict(&args, &cache)?);
+            Ok(())
+        }
         Command::Stages => {
             print!("{}", commands::stages());
             Ok(())
@@ -278,6 +344,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let args = nvit::bench::VsPytorch { models, backends, device, precision, steps, threads, python, script, out };
             print!("{}", nvit::bench::vs_pytorch(&args)?);
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Onnxruntime { pair, batches, backend, device, steps, threads, python, script, out } } => {
+            let pairs = pair.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect();
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let args = nvit::bench::VsOnnxruntime { pairs, batches, backend, device, steps, threads, python, script, out };
+            print!("{}", nvit::bench::vs_onnxruntime(&args)?);
             Ok(())
         }
         Command::Cache { command: CacheCommand::Gc { pipelines, keep_days, dry_run } } => {

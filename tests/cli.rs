@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{output, runner};
@@ -421,9 +422,9 @@ fn export_copies_a_run_stages_model_and_names_what_is_wrong() {
     let (code, _, err) = export(&["--stage", "train", "--set", "stages.train.lr=1e-3"]);
     assert_ne!(code, 0);
     assert!(err.contains("changed: settings.lr"), "{err}");
-    let (code, _, err) = export(&["--stage", "train", "--format", "onnx"]);
+    let (code, _, err) = export(&["--stage", "train", "--format", "tflite"]);
     assert_eq!(code, 2);
-    assert!(err.contains("invalid value 'onnx' for '--format <FORMAT>'"), "{err}");
+    assert!(err.contains("invalid value 'tflite' for '--format <FORMAT>'") && err.contains("[possible values: safetensors, onnx]"), "{err}");
     assert!(!out.exists(), "nothing written");
 
     let (code, stdout, err) = export(&["--stage", "train"]);
@@ -438,4 +439,111 @@ fn export_copies_a_run_stages_model_and_names_what_is_wrong() {
     let (code, _, err) = output(runner(dir.path()).args(["export", path, "--stage", "train", "--out", blocker.join("sub").to_str().unwrap()]));
     assert_ne!(code, 0);
     assert!(err.contains("a-file/sub: cannot create the output folder"), "{err}");
+
+    let onnx = dir.path().join("model.onnx");
+    let (code, stdout, err) = output(runner(dir.path()).args(["export", path, "--stage", "train", "--format", "onnx", "--out", onnx.to_str().unwrap()]));
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("train: ONNX opset 17") && onnx.is_file(), "{stdout}");
+    let (code, _, err) = output(runner(dir.path()).args(["export", path, "--stage", "train", "--format", "onnx", "--out", out.to_str().unwrap()]));
+    assert_ne!(code, 0);
+    assert!(err.contains("exported: is a folder; --format onnx writes one file"), "{err}");
+    let (code, _, err) = output(runner(dir.path()).args(["export", path, "--stage", "train", "--format", "onnx", "--out", blocker.join("m.onnx").to_str().unwrap()]));
+    assert_ne!(code, 0);
+    assert!(err.contains("a-file/m.onnx: cannot write the export"), "{err}");
+}
+
+/// An ImageFolder whose classes a tiny model tells apart only in part: each image is a class's
+/// colour under heavy noise.
+fn noisy_image_folder(root: &Path) {
+    let mut state = 12345u64;
+    let mut noise = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as f32 / (1u64 << 31) as f32
+    };
+    for (split, n) in [("train", 16), ("val", 12)] {
+        for (c, class) in ["ember", "moss", "sky"].iter().enumerate() {
+            let folder = root.join(split).join(class);
+            std::fs::create_dir_all(&folder).unwrap();
+            for i in 0..n {
+                let img = image::RgbImage::from_fn(16, 16, |_, _| {
+                    image::Rgb(std::array::from_fn(|ch| ((if ch == c { 0.06 } else { 0.0 } + 0.9 * noise()) * 255.0) as u8))
+                });
+                img.save(folder.join(format!("{i}.png"))).unwrap();
+            }
+        }
+    }
+}
+
+/// `runner predict` on the validation images gives, image for image, the top-1 labels that
+/// `evaluate` counts as correct, with the ImageFolder's class names; bad inputs are named.
+#[test]
+fn predict_gives_the_labels_evaluate_counts_and_names_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    noisy_image_folder(&data);
+    let path = common::tiny_pipeline(dir.path(), "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let dataset = format!("[dataset]\nkind = \"imagefolder\"\nroot = \"{}\"\neval_crop_pct = 1.0\nworkers = 2\n", data.display());
+    let (start, end) = (text.find("[dataset]").unwrap(), text.find("[model]").unwrap());
+    std::fs::write(&path, format!("{}{dataset}\n{}", &text[..start], &text[end..])).unwrap();
+    let path = path.to_str().unwrap();
+    let (code, _, err) = output(runner(dir.path()).args(["run", path]));
+    assert_eq!(code, 0, "{err}");
+
+    let metrics = std::fs::read_to_string(dir.path().join("results/tiny/metrics.csv")).unwrap();
+    let mut rows = csv::Reader::from_reader(metrics.as_bytes());
+    let header = rows.headers().unwrap().clone();
+    let row = rows.records().next().unwrap().unwrap();
+    let field = |name: &str| row[header.iter().position(|h| h == name).unwrap()].parse::<f64>().unwrap();
+    let (top1, images) = (field("top1"), field("images"));
+    assert_eq!(images, 36.0);
+
+    let val = data.join("val");
+    let (code, stdout, err) = output(runner(dir.path()).args(["predict", path, "--stage", "train", "--batch", "5", val.to_str().unwrap()]));
+    assert_eq!(code, 0, "{err}");
+    let mut rows = csv::Reader::from_reader(stdout.as_bytes());
+    assert_eq!(rows.headers().unwrap().iter().collect::<Vec<_>>(), ["image", "class1", "prob1", "class2", "prob2", "class3", "prob3"]);
+    let mut correct = 0;
+    let mut seen = 0;
+    for row in rows.records() {
+        let row = row.unwrap();
+        let truth = Path::new(&row[0]).parent().unwrap().file_name().unwrap().to_str().unwrap().to_string();
+        correct += usize::from(row[1] == truth);
+        seen += 1;
+        let probs: Vec<f64> = [2, 4, 6].iter().map(|&i| row[i].parse().unwrap()).collect();
+        assert!(probs[0] >= probs[1] && probs[1] >= probs[2] && (probs.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{probs:?}");
+        let mut names = vec![&row[1], &row[3], &row[5]];
+        names.sort();
+        assert_eq!(names, ["ember", "moss", "sky"]);
+    }
+    assert_eq!(seen, 36);
+    assert!((100.0 * correct as f64 / 36.0 - top1).abs() < 0.006, "predict's top-1 agrees with evaluate's: {correct} of 36 vs {top1}%");
+
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "not an image").unwrap();
+    let broken = dir.path().join("broken.png");
+    std::fs::write(&broken, "not a png either").unwrap();
+    let predict = |extra: &[&str]| {
+        let mut args = vec!["predict", path, "--stage", "train"];
+        args.extend_from_slice(extra);
+        output(runner(dir.path()).args(args))
+    };
+    let (code, _, err) = predict(&[val.to_str().unwrap(), notes.to_str().unwrap(), "missing.jpg"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("notes.txt: not an image") && err.contains("missing.jpg: no such file or folder"), "{err}");
+    let (code, _, err) = predict(&[broken.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("broken.png: cannot decode image") && !err.contains("panicked"), "{err}");
+    let (code, _, err) = output(runner(dir.path()).args(["predict", path, "--stage", "evaluate", val.to_str().unwrap()]));
+    assert_ne!(code, 0);
+    assert!(err.contains("stage `evaluate` (evaluate) produces no model"), "{err}");
+    let (code, _, err) = predict(&["--out", dir.path().to_str().unwrap(), val.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("is a folder") && err.contains("predictions.csv"), "{err}");
+
+    let csv_out = dir.path().join("out/predictions.csv");
+    let (code, stdout, err) = predict(&["--top", "1", "--out", csv_out.to_str().unwrap(), val.join("moss").to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("train: top 1 of 12 images ->"), "{stdout}");
+    assert_eq!(std::fs::read_to_string(&csv_out).unwrap().lines().next(), Some("image,class1,prob1"));
 }

@@ -26,7 +26,8 @@ fn split_dir(root: &Path, split: Split) -> Result<PathBuf, DataError> {
     }
 }
 
-fn is_image(path: &Path) -> bool {
+/// Whether `path`'s extension is one an ImageFolder's images have.
+pub fn is_image(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpeg" | "jpg" | "png"))
@@ -53,6 +54,11 @@ impl ImageFolder {
             return Err(DataError::file(&dir, "holds no .JPEG, .jpg or .png images under <class>/ folders"));
         }
         Ok(Self { files, classes })
+    }
+
+    /// The class names of the ImageFolder at `root`, in label order, without listing images.
+    pub fn class_names_at(root: &Path) -> Result<Vec<String>, DataError> {
+        Self::classes(&split_dir(root, Split::Train).or_else(|_| split_dir(root, Split::Val))?)
     }
 
     fn classes(dir: &Path) -> Result<Vec<String>, DataError> {
@@ -106,6 +112,15 @@ impl ImageFolder {
     }
 }
 
+/// Decodes the image at `path`, its format told by its bytes, not its name.
+pub fn decode(path: &Path) -> Result<DynamicImage, DataError> {
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| DataError::file(path, e.to_string()))?
+        .with_guessed_format()
+        .map_err(|e| DataError::file(path, e.to_string()))?;
+    reader.decode().map_err(|source| DataError::BadImage { path: path.to_path_buf(), source })
+}
+
 impl Dataset for ImageFolder {
     fn len(&self) -> usize {
         self.files.len()
@@ -117,12 +132,7 @@ impl Dataset for ImageFolder {
         self.files[index].1
     }
     fn image(&self, index: usize) -> Result<DynamicImage, DataError> {
-        let path = &self.files[index].0;
-        let reader = image::ImageReader::open(path)
-            .map_err(|e| DataError::file(path, e.to_string()))?
-            .with_guessed_format()
-            .map_err(|e| DataError::file(path, e.to_string()))?;
-        reader.decode().map_err(|source| DataError::BadImage { path: path.clone(), source })
+        decode(&self.files[index].0)
     }
 }
 

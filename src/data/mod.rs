@@ -7,7 +7,7 @@
 //! on worker threads.
 
 mod idx;
-mod imagefolder;
+pub mod imagefolder;
 pub mod loader;
 pub mod mix;
 pub mod randaugment;
@@ -24,7 +24,7 @@ pub use idx::{write_idx, IdxDataset};
 pub use imagefolder::ImageFolder;
 pub use loader::{Batch, Loader};
 pub use synthetic::Synthetic;
-pub use transforms::{TrainAugment, Transform};
+pub use transforms::{Mode, TrainAugment, Transform};
 
 /// Where Debian's `dataset-fashion-mnist` installs its IDX files.
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -242,6 +242,21 @@ impl DatasetConfig {
             total,
             hex::encode(&hasher.finalize()[..8])
         ))
+    }
+
+    /// Class names in label order, where the dataset has them (an ImageFolder's folders).
+    pub fn class_names(&self) -> Option<Vec<String>> {
+        match self.kind {
+            DatasetKind::Imagefolder => ImageFolder::class_names_at(&self.root).ok(),
+            DatasetKind::Idx | DatasetKind::Synthetic => None,
+        }
+    }
+
+    /// The evaluation transform (resize, center crop, normalize) for a model that takes
+    /// `channels` x `size` x `size` images.
+    pub fn eval_transform(&self, size: usize, channels: usize) -> Transform {
+        let (mean, std) = self.normalization(channels);
+        Transform { size: size as u32, channels, mean, std, mode: Mode::Eval { crop_pct: self.eval_crop_pct } }
     }
 
     /// Per-channel normalization for `channels` output channels.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use vit::{with_drop_path_seed, Block, Vit, VitOutput};
+pub use vit::{with_drop_path_seed, Block, Vit, VitOutput, LN_EPS};
 
 /// A float tensor from f32 values, stored in the backend's own float type: `from_data` would
 /// keep f32, and an f64 model would silently compute part of its graph in f32.

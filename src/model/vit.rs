@@ -17,7 +17,8 @@ use burn::tensor::{Distribution, Tensor};
 
 use super::{BlockDims, VitConfig};
 
-const LN_EPS: f64 = 1e-6;
+/// timm's LayerNorm epsilon for ViTs.
+pub const LN_EPS: f64 = 1e-6;
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {

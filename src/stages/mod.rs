@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::config::{Pipeline, StageSpec};
 use crate::data::loader::LoaderOptions;
 use crate::data::randaugment::RandAugment;
-use crate::data::transforms::{Mode, TrainAugment, Transform};
+use crate::data::transforms::{Mode, TrainAugment};
 use crate::data::{Dataset, Loader, Split};
 use crate::model::{checkpoint, Vit, VitConfig};
 use crate::files::atomic_write;
@@ -364,17 +364,15 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
                 model.num_classes
             );
         }
-        let (mean, std) = data.normalization(model.in_chans);
         let train = augment.is_some();
-        let mode = match augment {
-            Some(extras) => Mode::Train(TrainAugment {
+        let mut transform = data.eval_transform(model.image_size, model.in_chans);
+        if let Some(extras) = augment {
+            transform.mode = Mode::Train(TrainAugment {
                 randaugment: extras.randaugment,
                 erasing: extras.erasing,
                 ..TrainAugment::basic(data.crop_scale, data.hflip)
-            }),
-            None => Mode::Eval { crop_pct: data.eval_crop_pct },
-        };
-        let transform = Transform { size: model.image_size as u32, channels: model.in_chans, mean, std, mode };
+            });
+        }
         Ok(Loader::new(
             dataset,
             transform,

@@ -1,0 +1,297 @@
+//! A model as an ONNX graph (opset 17): what ONNX Runtime, TensorRT and OpenVINO load.
+//!
+//! The graph computes what `Vit::forward(..).logits()` computes: the patch embedding as a
+//! strided convolution, per-block attention with the block's own head count and query/key and
+//! value widths, erf GELU, `LayerNormalization` (new in opset 17), and the two heads averaged
+//! when the model is distilled. The batch dimension is symbolic (`batch`); the image size is
+//! the model's, since the position embedding is.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::backend::Backend;
+
+use super::protobuf::Message;
+use crate::model::checkpoint::export_split;
+use crate::model::Vit;
+
+/// The operator set the graph is written against (`LayerNormalization` needs 17).
+pub const OPSET: i64 = 17;
+/// The ONNX IR version that goes with opset 17.
+const IR_VERSION: i64 = 8;
+const FLOAT: i64 = 1;
+const INT64: i64 = 7;
+/// Names of the scalar constants GELU and the heads' average share.
+const SQRT_2: &str = "sqrt2";
+const ONE: &str = "one";
+const HALF: &str = "half";
+
+/// What the input expects, written into the file for whoever deploys it.
+#[derive(Debug, Clone)]
+pub struct InputSpec {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    /// Class names in label order, where the dataset has them.
+    pub classes: Option<Vec<String>>,
+}
+
+/// The ONNX file's bytes: input `images` `[batch, in_chans, image_size, image_size]` f32,
+/// normalized per channel with `spec`'s mean and std; output `logits` `[batch, num_classes]`.
+pub fn to_onnx<B: Backend>(model: &Vit<B>, spec: &InputSpec) -> Vec<u8> {
+    let c = &model.config;
+    let sd = export_split(model).tensors;
+    let w = |name: &str| -> &(Vec<usize>, Vec<f32>) { &sd[name] };
+    let mut g = Graph::default();
+    g.scalar(SQRT_2, std::f32::consts::SQRT_2);
+    g.scalar(ONE, 1.0);
+    g.scalar(HALF, 0.5);
+    let (e, p) = (c.embed_dim as i64, c.patch_size as i64);
+
+    // Patch embedding: [batch, C, H, W] -> [batch, E, H/p, W/p] -> [batch, patches, E].
+    let kernel = g.weight("patch_embed.proj.weight", w("patch_embed.proj.weight"));
+    let bias = g.weight("patch_embed.proj.bias", w("patch_embed.proj.bias"));
+    let conv = g.node("Conv", &["images", &kernel, &bias], &[Attr::Ints("kernel_shape", vec![p, p]), Attr::Ints("strides", vec![p, p])]);
+    let flat = g.reshape(&conv, &[0, e, -1]);
+    let patches = g.node("Transpose", &[&flat], &[Attr::Ints("perm", vec![0, 2, 1])]);
+
+    // The class (and distillation) token, repeated over the batch.
+    let shape = g.node("Shape", &["images"], &[]);
+    let (start, end) = (g.ints("batch_start", &[0]), g.ints("batch_end", &[1]));
+    let batch = g.node("Slice", &[&shape, &start, &end], &[]);
+    let token_tail = g.ints("token_shape_tail", &[1, e]);
+    let token_shape = g.node("Concat", &[&batch, &token_tail], &[Attr::Int("axis", 0)]);
+    let mut tokens = Vec::new();
+    for name in ["cls_token", "dist_token"].into_iter().filter(|n| sd.contains_key(*n)) {
+        let t = g.weight(name, w(name));
+        tokens.push(g.node("Expand", &[&t, &token_shape], &[]));
+    }
+    tokens.push(patches);
+    let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let x = g.node("Concat", &refs, &[Attr::Int("axis", 1)]);
+    let pos = g.weight("pos_embed", w("pos_embed"));
+    let mut x = g.node("Add", &[&x, &pos], &[]);
+
+    let scale = (c.head_dim as f32).powf(-0.5);
+    for (i, d) in c.blocks.iter().enumerate() {
+        let name = |s: &str| format!("blocks.{i}.{s}");
+        let (h, qk, v) = (d.heads as i64, d.qk as i64, d.v as i64);
+        let y = g.layer_norm(&x, &name("norm1"), &sd);
+        // The softmax scale folded into the query projection: one product fewer per block,
+        // on `[batch, heads, tokens, tokens]`, the largest tensor of the graph.
+        let q = g.linear_scaled(&y, &name("attn.q"), &sd, scale);
+        let k = g.linear(&y, &name("attn.k"), &sd);
+        let vv = g.linear(&y, &name("attn.v"), &sd);
+        let heads = |g: &mut Graph, t: &str, width: i64, perm: Vec<i64>| {
+            let split = g.reshape(t, &[0, 0, h, width]);
+            g.node("Transpose", &[&split], &[Attr::Ints("perm", perm)])
+        };
+        let q = heads(&mut g, &q, qk, vec![0, 2, 1, 3]); // [b, h, n, qk]
+        let k = heads(&mut g, &k, qk, vec![0, 2, 3, 1]); // [b, h, qk, n]
+        let vv = heads(&mut g, &vv, v, vec![0, 2, 1, 3]); // [b, h, n, v]
+        let scores = g.node("MatMul", &[&q, &k], &[]);
+        let attn = g.node("Softmax", &[&scores], &[Attr::Int("axis", -1)]);
+        let out = g.node("MatMul", &[&attn, &vv], &[]);
+        let out = g.node("Transpose", &[&out], &[Attr::Ints("perm", vec![0, 2, 1, 3])]);
+        let out = g.reshape(&out, &[0, 0, h * v]);
+        let out = g.linear(&out, &name("attn.proj"), &sd);
+        x = g.node("Add", &[&x, &out], &[]);
+
+        let y = g.layer_norm(&x, &name("norm2"), &sd);
+        let hidden = g.linear(&y, &name("mlp.fc1"), &sd);
+        let hidden = g.gelu(&hidden);
+        let out = g.linear(&hidden, &name("mlp.fc2"), &sd);
+        x = g.node("Add", &[&x, &out], &[]);
+    }
+
+    let x = g.layer_norm(&x, "norm", &sd);
+    let mut heads = Vec::new();
+    for (index, head) in [(0, "head"), (1, "head_dist")].into_iter().filter(|(_, h)| sd.contains_key(&format!("{h}.weight"))) {
+        let at = g.scalar_int(&format!("{head}_token"), index);
+        let token = g.node("Gather", &[&x, &at], &[Attr::Int("axis", 1)]); // [b, E]
+        heads.push(g.linear(&token, head, &sd));
+    }
+    let logits = match heads.as_slice() {
+        [cls] => g.node_named("Identity", &[cls], &[], "logits"),
+        [cls, dist] => {
+            // The two heads averaged, as DeiT evaluates a distilled model.
+            let sum = g.node("Add", &[cls, dist], &[]);
+            g.node_named("Mul", &[&sum, HALF], &[], "logits")
+        }
+        _ => unreachable!("a model has one or two heads"),
+    };
+    debug_assert_eq!(logits, "logits");
+
+    let input_doc = format!(
+        "RGB-order images of {size}x{size} pixels, {ch} channel(s), f32 in [0, 1] minus mean {mean:?}, divided by std {std:?} per channel; the evaluation transform resizes the shorter side and center-crops",
+        size = c.image_size,
+        ch = c.in_chans,
+        mean = spec.mean,
+        std = spec.std,
+    );
+    let input = value_info("images", &[Dim::Batch, Dim::Fixed(c.in_chans), Dim::Fixed(c.image_size), Dim::Fixed(c.image_size)], &input_doc);
+    let output = value_info("logits", &[Dim::Batch, Dim::Fixed(c.num_classes)], "class scores before the softmax");
+    let mut graph = Message::new();
+    for node in &g.nodes {
+        graph = graph.message(1, node);
+    }
+    graph = graph.string(2, "nvit");
+    for t in &g.initializers {
+        graph = graph.message(5, t);
+    }
+    graph = graph.message(11, &input).message(12, &output);
+
+    let mut meta = BTreeMap::new();
+    meta.insert("image_size", c.image_size.to_string());
+    meta.insert("mean", format!("{:?}", spec.mean));
+    meta.insert("std", format!("{:?}", spec.std));
+    meta.insert("dims", serde_json::to_string(c).expect("a config serializes"));
+    if let Some(classes) = &spec.classes {
+        meta.insert("classes", serde_json::to_string(classes).expect("strings serialize"));
+    }
+    let mut model = Message::new()
+        .int(1, IR_VERSION)
+        .string(2, "nvit runner")
+        .string(3, env!("CARGO_PKG_VERSION"))
+        .string(6, "A Vision Transformer with per-block widths (NViT); input `images`, output `logits`")
+        .message(7, &graph)
+        .message(8, &Message::new().string(1, "").int(2, OPSET));
+    for (k, v) in meta {
+        model = model.message(14, &Message::new().string(1, k).string(2, &v));
+    }
+    model.into_bytes()
+}
+
+enum Dim {
+    Batch,
+    Fixed(usize),
+}
+
+fn value_info(name: &str, dims: &[Dim], doc: &str) -> Message {
+    let mut shape = Message::new();
+    for d in dims {
+        let dim = match d {
+            Dim::Batch => Message::new().string(2, "batch"),
+            Dim::Fixed(n) => Message::new().int(1, *n as i64),
+        };
+        shape = shape.message(1, &dim);
+    }
+    let tensor = Message::new().int(1, FLOAT).message(2, &shape);
+    Message::new().string(1, name).message(2, &Message::new().message(1, &tensor)).string(3, doc)
+}
+
+enum Attr {
+    Int(&'static str, i64),
+    Float(&'static str, f32),
+    Ints(&'static str, Vec<i64>),
+}
+
+impl Attr {
+    fn encode(&self) -> Message {
+        const FLOAT_ATTR: i64 = 1;
+        const INT_ATTR: i64 = 2;
+        const INTS_ATTR: i64 = 7;
+        match self {
+            Attr::Int(name, v) => Message::new().string(1, name).int(3, *v).int(20, INT_ATTR),
+            Attr::Float(name, v) => Message::new().string(1, name).float(2, *v).int(20, FLOAT_ATTR),
+            Attr::Ints(name, v) => Message::new().string(1, name).ints(8, v.iter().copied()).int(20, INTS_ATTR),
+        }
+    }
+}
+
+/// Nodes and initializers, each node's one output named after its operator and position.
+#[derive(Default)]
+struct Graph {
+    nodes: Vec<Message>,
+    initializers: Vec<Message>,
+}
+
+impl Graph {
+    fn node(&mut self, op: &str, inputs: &[&str], attrs: &[Attr]) -> String {
+        let out = format!("{op}_{}", self.nodes.len());
+        self.node_named(op, inputs, attrs, &out)
+    }
+
+    fn node_named(&mut self, op: &str, inputs: &[&str], attrs: &[Attr], out: &str) -> String {
+        let mut n = Message::new();
+        for i in inputs {
+            n = n.string(1, i);
+        }
+        n = n.string(2, out).string(3, out).string(4, op);
+        for a in attrs {
+            n = n.message(5, &a.encode());
+        }
+        self.nodes.push(n);
+        out.to_string()
+    }
+
+    fn tensor(&mut self, name: &str, dims: &[usize], data_type: i64, raw: &[u8]) -> String {
+        let t = Message::new().ints(1, dims.iter().map(|&d| d as i64)).int(2, data_type).string(8, name).bytes(9, raw);
+        self.initializers.push(t);
+        name.to_string()
+    }
+
+    fn floats(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensor(name, dims, FLOAT, &raw)
+    }
+
+    fn weight(&mut self, name: &str, (dims, data): &(Vec<usize>, Vec<f32>)) -> String {
+        self.floats(name, dims, data)
+    }
+
+    fn scalar(&mut self, name: &str, v: f32) -> String {
+        self.floats(name, &[], &[v])
+    }
+
+    fn ints(&mut self, name: &str, data: &[i64]) -> String {
+        let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensor(name, &[data.len()], INT64, &raw)
+    }
+
+    fn scalar_int(&mut self, name: &str, v: i64) -> String {
+        self.tensor(name, &[], INT64, &v.to_le_bytes())
+    }
+
+    /// `Reshape` to `shape`, where 0 keeps the input's size and -1 takes what is left.
+    fn reshape(&mut self, x: &str, shape: &[i64]) -> String {
+        let name = format!("shape_{}", self.initializers.len());
+        let s = self.ints(&name, shape);
+        self.node("Reshape", &[x, &s], &[])
+    }
+
+    /// `x W^T + b` for a PyTorch-layout `[out, in]` weight, as `MatMul` with its `[in, out]`
+    /// transpose: `Gemm` takes two-dimensional inputs only.
+    fn linear(&mut self, x: &str, prefix: &str, sd: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> String {
+        self.linear_scaled(x, prefix, sd, 1.0)
+    }
+
+    fn linear_scaled(&mut self, x: &str, prefix: &str, sd: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, scale: f32) -> String {
+        let (dims, w) = &sd[&format!("{prefix}.weight")];
+        let (o, i) = (dims[0], dims[1]);
+        let mut t = vec![0.0; o * i];
+        for r in 0..o {
+            for c in 0..i {
+                t[c * o + r] = w[r * i + c] * scale;
+            }
+        }
+        let b: Vec<f32> = sd[&format!("{prefix}.bias")].1.iter().map(|v| v * scale).collect();
+        let w = self.floats(&format!("{prefix}.weight_t"), &[i, o], &t);
+        let b = self.floats(&format!("{prefix}.bias"), &[o], &b);
+        let y = self.node("MatMul", &[x, &w], &[]);
+        self.node("Add", &[&y, &b], &[])
+    }
+
+    fn layer_norm(&mut self, x: &str, prefix: &str, sd: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> String {
+        let gamma = self.weight(&format!("{prefix}.weight"), &sd[&format!("{prefix}.weight")]);
+        let beta = self.weight(&format!("{prefix}.bias"), &sd[&format!("{prefix}.bias")]);
+        self.node("LayerNormalization", &[x, &gamma, &beta], &[Attr::Int("axis", -1), Attr::Float("epsilon", crate::model::LN_EPS as f32)])
+    }
+
+    /// GELU in its erf form, `x * (1 + erf(x / sqrt 2)) / 2` (the `Gelu` operator is opset 20).
+    fn gelu(&mut self, x: &str) -> String {
+        let scaled = self.node("Div", &[x, SQRT_2], &[]);
+        let erf = self.node("Erf", &[&scaled], &[]);
+        let phi = self.node("Add", &[&erf, ONE], &[]);
+        let phi = self.node("Mul", &[&phi, HALF], &[]);
+        self.node("Mul", &[x, &phi], &[])
+    }
+}

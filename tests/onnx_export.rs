@@ -1,0 +1,102 @@
+//! `--format onnx`: the file the runner writes, run by tract (a pure-Rust ONNX runtime),
+//! computes the runner's logits, at any batch size.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::NdArray;
+use burn::tensor::TensorData;
+use nvit::export::{onnx, InputSpec};
+use nvit::model::checkpoint;
+use nvit::model::{Vit, VitConfig};
+use tract_onnx::prelude::*;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn spec(channels: usize) -> InputSpec {
+    InputSpec { mean: vec![0.5; channels], std: vec![0.25; channels], classes: None }
+}
+
+/// Deterministic inputs in about [-2, 2].
+fn images(shape: [usize; 4]) -> Vec<f32> {
+    (0..shape.iter().product::<usize>()).map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0).collect()
+}
+
+/// A model whose every tensor is off its initial value, biases and LayerNorms included, so
+/// that a bias the graph dropped or a transpose it missed shows.
+fn perturbed(config: &VitConfig) -> Vit<NdArray> {
+    let device = Default::default();
+    let mut sd = checkpoint::export(&config.init::<NdArray>(&device));
+    for (k, (_, (_, values))) in sd.tensors.iter_mut().enumerate() {
+        for (i, v) in values.iter_mut().enumerate() {
+            *v += 0.05 * ((i * 31 + k * 17) as f32 * 0.37).sin();
+        }
+    }
+    checkpoint::import(&sd, config, &device).unwrap()
+}
+
+fn runner_logits(model: &Vit<NdArray>, shape: [usize; 4]) -> Vec<f32> {
+    let x = burn::tensor::Tensor::<NdArray, 4>::from_data(TensorData::new(images(shape), shape), &Default::default());
+    model.forward(x).logits().into_data().to_vec::<f32>().unwrap()
+}
+
+/// Runs the ONNX file in tract at each of `batches` (one loaded model: the batch is symbolic)
+/// and compares with the runner's logits.
+fn assert_runs_like_the_runner(model: &Vit<NdArray>, batches: &[usize]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.onnx");
+    std::fs::write(&path, onnx::to_onnx(model, &spec(model.config.in_chans))).unwrap();
+    let graph = tract_onnx::onnx().model_for_path(&path).unwrap();
+    let input = graph.node(graph.inputs[0].node).name.clone();
+    let output = graph.node(graph.outputs[0].node).name.clone();
+    assert_eq!((input.as_str(), output.as_str()), ("images", "logits"));
+    let runnable = graph.into_optimized().unwrap().into_runnable().unwrap();
+    let c = &model.config;
+    for &b in batches {
+        let shape = [b, c.in_chans, c.image_size, c.image_size];
+        let x = tract_ndarray::Array4::from_shape_vec(shape, images(shape)).unwrap();
+        let out = runnable.run(tvec!(Tensor::from(x).into())).unwrap();
+        assert_eq!(out[0].shape(), &[b, c.num_classes], "batch {b}");
+        let theirs: Vec<f32> = out[0].to_array_view::<f32>().unwrap().iter().copied().collect();
+        let ours = runner_logits(model, shape);
+        let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let scale = ours.iter().map(|v| v.abs()).fold(0.0, f32::max);
+        assert!(worst < 1e-4, "batch {b}: max |runner - onnx| = {worst} (logits up to {scale})");
+        assert!(scale > 0.1, "logits are not trivially small");
+    }
+}
+
+#[test]
+fn a_dense_model_runs_in_tract_as_in_the_runner() {
+    // One input channel, as the quickstart's Fashion-MNIST model; no distillation head.
+    let config = VitConfig::uniform(16, 4, 1, 24, 2, 3, 2.0, 7, false);
+    assert_runs_like_the_runner(&perturbed(&config), &[3, 1]);
+}
+
+/// The PyTorch loader's fixture: a trained, distilled model whose blocks are 3 heads of qk 5 and
+/// v 7, one head of 8, and 2 heads of qk 3 and v 9.
+#[test]
+fn a_pruned_distilled_model_with_odd_widths_runs_in_tract_as_in_the_runner() {
+    let model = checkpoint::load::<NdArray>(&fixtures().join("nvit_py_pruned_16px"), &Default::default()).unwrap();
+    assert!(model.config.distilled && model.config.blocks.iter().any(|b| b.heads == 1 && b.qk != 5));
+    assert!(model.config.blocks.iter().any(|b| b.qk != b.v));
+    assert_runs_like_the_runner(&model, &[2, 5]);
+}
+
+/// What a deployer reads off the file: the input's size and normalization, and the widths.
+#[test]
+fn the_file_says_what_its_input_is() {
+    let config = VitConfig::uniform(16, 4, 3, 24, 1, 2, 2.0, 4, true);
+    let model = config.init::<NdArray>(&Default::default());
+    let spec = InputSpec { mean: vec![0.485, 0.456, 0.406], std: vec![0.229, 0.224, 0.225], classes: Some(vec!["cat".into(), "dog".into(), "eel".into(), "owl".into()]) };
+    let bytes = onnx::to_onnx(&model, &spec);
+    let proto = tract_onnx::onnx().proto_model_for_read(&mut &bytes[..]).unwrap();
+    assert_eq!(proto.opset_import[0].version, onnx::OPSET);
+    let meta: std::collections::HashMap<_, _> = proto.metadata_props.iter().map(|p| (p.key.as_str(), p.value.as_str())).collect();
+    assert_eq!(meta["mean"], "[0.485, 0.456, 0.406]");
+    assert_eq!(meta["classes"], r#"["cat","dog","eel","owl"]"#);
+    assert_eq!(serde_json::from_str::<VitConfig>(meta["dims"]).unwrap(), config);
+    let graph = proto.graph.unwrap();
+    assert!(graph.input[0].doc_string.contains("16x16") && graph.input[0].doc_string.contains("0.229"), "{}", graph.input[0].doc_string);
+}
