@@ -220,17 +220,7 @@ pub fn vs_pytorch(args: &VsPytorch) -> Result<String> {
     if !args.script.is_file() {
         bail!("{}: the PyTorch reference script is missing (run from the repository root, or pass --script)", args.script.display());
     }
-    let versions = std::process::Command::new(&args.python)
-        .args(["-c", "import torch, timm; print(torch.__version__, timm.__version__)"])
-        .output()
-        .with_context(|| format!("cannot run `{}`", args.python.display()))?;
-    if !versions.status.success() {
-        bail!(
-            "`{} -c 'import torch, timm'` failed:\n{}\n  hint: python3 -m venv .venv-bench && .venv-bench/bin/pip install torch timm, then --python .venv-bench/bin/python",
-            args.python.display(),
-            String::from_utf8_lossy(&versions.stderr).trim()
-        );
-    }
+    check_python(&args.python, &["torch", "timm"], ".venv-bench")?;
     use_threads(args.threads);
 
     let gpu = args.backends.iter().any(|b| backend::is_gpu(*b, args.device));
@@ -304,15 +294,7 @@ fn torch_reference(args: &VsPytorch, c: &VitConfig, batch: usize, device: &str, 
     if c.distilled {
         cmd.arg("--distilled");
     }
-    let output = cmd.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("cannot run `{}`", args.python.display()))?;
-    if !output.status.success() {
-        bail!("{} exited with {}", args.script.display(), output.status);
-    }
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).with_context(|| format!("unexpected output line: {l}")))
-        .collect()
+    json_lines(cmd, &args.python, &args.script)
 }
 
 /// A file-name part for the device: `cpu` on the CPU, the GPU's model otherwise
@@ -324,6 +306,37 @@ fn slug(device: &str, gpu: bool) -> String {
     let name = device.strip_prefix("cuda ").unwrap_or(device).to_lowercase();
     let s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     s.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-")
+}
+
+/// That `python` imports `packages`, else an error with the commands that install them.
+fn check_python(python: &Path, packages: &[&str], venv: &str) -> Result<()> {
+    let imports = packages.join(", ");
+    let check = std::process::Command::new(python)
+        .args(["-c", &format!("import {imports}")])
+        .output()
+        .with_context(|| format!("cannot run `{}`", python.display()))?;
+    if !check.status.success() {
+        bail!(
+            "`{} -c 'import {imports}'` failed:\n{}\n  hint: python3 -m venv {venv} && {venv}/bin/pip install {}, then --python {venv}/bin/python",
+            python.display(),
+            String::from_utf8_lossy(&check.stderr).trim(),
+            packages.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Runs a benchmark script and reads the JSON object on each line it prints that starts with `{`.
+fn json_lines<T: serde::de::DeserializeOwned>(mut script: std::process::Command, python: &Path, name: &Path) -> Result<Vec<T>> {
+    let output = script.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("cannot run `{}`", python.display()))?;
+    if !output.status.success() {
+        bail!("{} exited with {}", name.display(), output.status);
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).with_context(|| format!("unexpected output line: {l}")))
+        .collect()
 }
 
 /// The CPU backends' thread pools (rayon's, matrixmultiply's) get `threads`, as the other
@@ -400,19 +413,21 @@ pub fn vs_onnxruntime(args: &VsOnnxruntime) -> Result<String> {
     backend::check(args.backend, &[args.device])?;
     let mut models = Vec::new();
     for (dense, pruned) in &args.pairs {
-        models.push((resolve_model(dense).with_context(|| format!("--pair {dense}"))?, resolve_model(pruned).with_context(|| format!("--pair {pruned}"))?));
+        let (d, p) = (resolve_model(dense).with_context(|| format!("--pair {dense}"))?, resolve_model(pruned).with_context(|| format!("--pair {pruned}"))?);
+        let input = |c: &VitConfig| (c.image_size, c.patch_size, c.in_chans, c.num_classes);
+        if input(&d) != input(&p) {
+            bail!(
+                "--pair {dense} {pruned}: the two models differ in image size, patch size, channels or classes ({:?} vs {:?}): a speedup between them would not be pruning's",
+                input(&d),
+                input(&p)
+            );
+        }
+        models.push((d, p));
     }
     if !args.script.is_file() {
         bail!("{}: the ONNX Runtime script is missing (run from the repository root, or pass --script)", args.script.display());
     }
-    let check = std::process::Command::new(&args.python).args(["-c", "import onnxruntime, numpy"]).output().with_context(|| format!("cannot run `{}`", args.python.display()))?;
-    if !check.status.success() {
-        bail!(
-            "`{} -c 'import onnxruntime, numpy'` failed:\n{}\n  hint: python3 -m venv .venv-ort && .venv-ort/bin/pip install onnxruntime numpy, then --python .venv-ort/bin/python",
-            args.python.display(),
-            String::from_utf8_lossy(&check.stderr).trim()
-        );
-    }
+    check_python(&args.python, &["onnxruntime", "numpy"], ".venv-ort")?;
     use_threads(args.threads);
     let gpu = backend::is_gpu(args.backend, args.device);
     let device = backend::device_name(args.backend, args.device);
@@ -435,15 +450,7 @@ pub fn vs_onnxruntime(args: &VsOnnxruntime) -> Result<String> {
     let batches: Vec<String> = args.batches.iter().map(|b| b.to_string()).collect();
     script.args(["--batches", &batches.join(","), "--steps", &args.steps.to_string(), "--threads", &args.threads.to_string()]);
     script.args(["--device", if gpu { "cuda" } else { "cpu" }]);
-    let output = script.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("cannot run `{}`", args.python.display()))?;
-    if !output.status.success() {
-        bail!("{} exited with {}", args.script.display(), output.status);
-    }
-    let theirs: Vec<OrtRow> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).with_context(|| format!("unexpected output line: {l}")))
-        .collect::<Result<_>>()?;
+    let theirs: Vec<OrtRow> = json_lines(script, &args.python, &args.script)?;
     let ort = |name: &str, batch: usize| {
         theirs.iter().find(|r| r.model == name && r.batch == batch).ok_or_else(|| anyhow::anyhow!("{} printed no rate for {name} at batch {batch}", args.script.display()))
     };

@@ -89,6 +89,36 @@ fn bench_vs_pytorch_names_bad_input_before_any_work() {
     assert!(!out.exists(), "nothing written");
 }
 
+/// `runner bench onnxruntime` checks its pairs, script and Python before measuring anything.
+#[test]
+fn bench_onnxruntime_names_bad_input_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ort.csv");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["bench", "onnxruntime", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        output(runner(dir.path()).args(args))
+    };
+    let widths = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/quickstart-nvit50.json");
+    let (code, _, err) = run(&["--pair", "deit-tiny", "missing-dims.json"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--pair missing-dims.json") && err.contains("missing-dims.json"), "{err}");
+    let (code, _, err) = run(&["--pair", "deit-tiny"]);
+    assert_eq!(code, 2, "a pair needs two models: {err}");
+    let (code, _, err) = run(&["--pair", "deit-tiny", widths]);
+    assert_ne!(code, 0);
+    assert!(err.contains("the two models differ in image size, patch size, channels or classes ((224, 16, 3, 1000) vs (28, 7, 1, 10))"), "{err}");
+    let quickstart = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/quickstart.toml");
+    let (code, _, err) = run(&["--pair", quickstart, widths]);
+    assert_ne!(code, 0);
+    assert!(err.contains("benches/onnxruntime_bench.py: the ONNX Runtime script is missing"), "{err}");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/onnxruntime_bench.py");
+    let (code, _, err) = run(&["--pair", quickstart, widths, "--script", script, "--python", "/nonexistent/python"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot run `/nonexistent/python`"), "{err}");
+    assert!(!out.exists(), "nothing written");
+}
+
 /// A benchmark of no steps or an empty batch measures nothing: refused by name, nothing written.
 #[test]
 fn bench_counts_of_zero_are_refused_by_name() {
