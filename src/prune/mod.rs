@@ -2,6 +2,7 @@
 //! over them, the Hessian-aware saliency and its baselines, and the latency lookup table.
 
 pub mod compact;
+pub mod exact;
 pub mod latency_table;
 pub mod saliency;
 pub mod structures;
