@@ -151,3 +151,34 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
     }
     assert!(std::fs::read_to_string(results.join("README.md")).unwrap().contains("![per-block widths](widths.svg)"));
 }
+
+/// `selection = "exact"`: the budget falls from the dense latency to the target in
+/// `prune_steps` steps, every step's widths fit its budget, and the stage ends at the target.
+#[test]
+fn exact_selection_meets_each_steps_budget_and_ends_at_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache { root: dir.path().join("cache") };
+    let stages = format!(
+        "{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nlatency_target = 0.5\nselection = \"exact\"\nprune_steps = 3\ninterval = 2\ngroup_emb = 4\ngroup_qk = 2\ngroup_v = 2\ngroup_mlp = 4\nbatch_size = 16\nkd_weight = 1.0\n"
+    );
+    let path = tiny_pipeline(dir.path(), &stages);
+    let grid = nvit::prune::Grid { emb: vec![4, 16], heads: vec![1, 2], qk: vec![1, 8], v: vec![1, 8], mlp: vec![1, 32] };
+    let values = grid.points().iter().map(|(e, d)| 1e-6 * (*e * (d.heads * (d.qk + d.v) + d.mlp)) as f64).collect();
+    let table = dir.path().join("table.json");
+    std::fs::write(&table, serde_json::to_vec(&LatencyTable::new(grid, values).unwrap().to_json()).unwrap()).unwrap();
+    let p = load(&path, &["stages.train.epochs=1", &format!("stages.latency.table=\"{}\"", table.display())]);
+    let mut pl = plan(&p, &cache);
+    execute(&p, &mut pl, &cache);
+    let entry = cache.entry_dir(&pl.stages.iter().find(|s| s.spec.name == "prune").unwrap().key);
+    let log = std::fs::read_to_string(entry.join("pruning_log.csv")).unwrap();
+    let ratios: Vec<f64> = log.lines().skip(1).map(|l| l.split(',').nth(3).unwrap().parse().unwrap()).collect();
+    assert_eq!(ratios.len(), 3, "{log}");
+    for (k, r) in ratios.iter().enumerate() {
+        let budget = 1.0 - (k + 1) as f64 / 3.0 * 0.5;
+        assert!(*r <= budget + 1e-5 && *r > budget - 0.1, "step {}: {r} against a budget of {budget}: {log}", k + 1);
+    }
+
+    let bad = tiny_pipeline(dir.path(), &format!("{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nselection = \"exact\"\nallocation = \"uniform\"\n"));
+    let err = nvit::config::load(&bad, &Default::default()).err().unwrap().to_string();
+    assert!(err.contains("stages.prune.selection") && err.contains("cannot be combined with allocation = \"uniform\""), "{err}");
+}

@@ -31,6 +31,20 @@ pub enum Allocation {
     Uniform,
 }
 
+/// How each pruning step picks what goes: NViT's ranking of latency-adjusted groups, or every
+/// width chosen at once to keep the most saliency under the step's latency budget
+/// ([`crate::prune::exact`]).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Selection {
+    Greedy,
+    Exact,
+}
+
+/// Budget steps of the exact selection's dynamic program: a choice can lose at most one
+/// step, a thousandth of the budget, of latency per block to the rounding.
+const EXACT_BINS: usize = 1000;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PruneSettings {
@@ -38,6 +52,8 @@ pub struct PruneSettings {
     pub latency_target: f64,
     pub criterion: Criterion,
     pub allocation: Allocation,
+    pub selection: Selection,
+    pub prune_steps: usize,
     pub uniform_step: f64,
     pub interval: usize,
     pub ema: f64,
@@ -63,6 +79,8 @@ pub const KEYS: &[KeyDoc] = &[
     ("latency_target", "float", "stop once the estimated latency is at most this fraction of the dense model's, in (0, 1]"),
     ("criterion", "string", "`hessian`, `taylor`, `magnitude`, `weight-fisher` or `random`"),
     ("allocation", "string", "`global` (one ranking of all groups of the network) or `uniform` (the same fraction of every structure in every block)"),
+    ("selection", "string", "`greedy` (prune the lowest latency-adjusted groups, NViT) or `exact` (every width chosen to keep the most saliency under the step's latency budget)"),
+    ("prune_steps", "integer", "with exact selection: pruning steps over which the budget falls from the dense latency to latency_target"),
     ("uniform_step", "float", "with uniform allocation: the fraction of each original width removed per pruning step"),
     ("interval", "integer", "optimizer steps between pruning steps (saliencies accumulate over them)"),
     ("ema", "float", "momentum of the moving average of saliencies across intervals (0: none)"),
@@ -90,6 +108,8 @@ impl Default for PruneSettings {
             latency_target: 0.5,
             criterion: Criterion::Hessian,
             allocation: Allocation::Global,
+            selection: Selection::Greedy,
+            prune_steps: 10,
             uniform_step: 0.05,
             interval: 100,
             ema: 0.9,
@@ -125,6 +145,9 @@ impl PruneSettings {
             p.push(("ema".into(), format!("must be in [0, 1), got {}", self.ema)));
         }
         non_negative(&mut p, "eta", self.eta);
+        if self.selection == Selection::Exact && self.allocation == Allocation::Uniform {
+            p.push(("selection".into(), "`exact` chooses every width itself: it cannot be combined with allocation = \"uniform\"".into()));
+        }
         if !(self.uniform_step > 0.0 && self.uniform_step < 1.0) {
             p.push(("uniform_step".into(), format!("must be in (0, 1), got {}", self.uniform_step)));
         }
@@ -133,6 +156,7 @@ impl PruneSettings {
             &[
                 ("interval", self.interval),
                 ("groups_per_step", self.groups_per_step),
+                ("prune_steps", self.prune_steps),
                 ("group_emb", self.group_emb),
                 ("group_head", self.group_head),
                 ("group_qk", self.group_qk),
@@ -267,6 +291,12 @@ fn prune_uniform(scores: &Masks, masks: &mut Masks, keep: f64) {
     }
 }
 
+/// Whether the estimated latency is down to the target: a choice made to fit a budget of exactly
+/// the target can land a rounding error above it.
+fn reached(ratio: f64, target: f64) -> bool {
+    ratio <= target * (1.0 + 1e-9)
+}
+
 /// Progress in per mille of the latency to remove, which is what ends the stage (not the
 /// `max_prune_steps` cap, which a run rarely reaches): the bar's ETA then means something.
 fn latency_removed(ratio: f64, target: f64) -> u64 {
@@ -374,12 +404,23 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                     }
                     _ => avg,
                 };
-                exhausted = match s.allocation {
-                    Allocation::Global => {
+                exhausted = match (s.selection, s.allocation) {
+                    (Selection::Exact, _) => {
+                        let done = ((state.prune_step + 1) as f64 / s.prune_steps as f64).min(1.0);
+                        let budget = dense_latency * (1.0 - done * (1.0 - s.latency_target));
+                        match crate::prune::exact::select(&current, &state.masks, &table, budget, |st| s.group_size(st), EXACT_BINS) {
+                            Some(kept) => {
+                                state.masks = kept;
+                                false
+                            }
+                            None => true, // the narrowest widths allowed are over the budget
+                        }
+                    }
+                    (Selection::Greedy, Allocation::Global) => {
                         let ranked = groups(s, &current, &state.masks, &table);
                         prune_lowest(&ranked, &mut state.masks, s.groups_per_step, s.group_emb) == 0
                     }
-                    Allocation::Uniform => {
+                    (Selection::Greedy, Allocation::Uniform) => {
                         // Rounding may leave a step with nothing to prune; only an empty keep ends it.
                         let keep = 1.0 - (state.prune_step + 1) as f64 * s.uniform_step;
                         prune_uniform(&current, &mut state.masks, keep.max(0.0));
@@ -397,7 +438,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                 let (step, prune_step, ratio, loss) = (state.step, state.prune_step, state.ratio, state.last_loss);
                 state.log.push_str(&format!("{step},{prune_step},{latency:e},{ratio:.5},{},{},{loss:.5},{e},{widths}\n", now.params(), now.flops()));
                 progress.update(to_remove(ratio), &format!("step {prune_step}: latency {ratio:.3} of dense, loss {loss:.4}"));
-                if ratio <= s.latency_target || prune_step >= s.max_prune_steps || exhausted {
+                if reached(ratio, s.latency_target) || prune_step >= s.max_prune_steps || exhausted {
                     break 'outer;
                 }
                 if prune_step % s.checkpoint_every == 0 {
@@ -422,7 +463,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     }
     progress.finish();
     let PruneState { step, prune_step, ratio, last_loss, masks, log, .. } = state;
-    let reached = ratio <= s.latency_target;
+    let reached = reached(ratio, s.latency_target);
     let stopped_by = if reached {
         "reached the latency target"
     } else if exhausted {
