@@ -151,15 +151,8 @@ impl BackendJob for &BenchModel {
         let eval = crate::train::in_precision(model.valid(), half);
         let x = crate::train::to_tensors::<B::InnerBackend>(batch.slice(0..self.batch), device).0;
         // The cast of the parameters is done once, as an inference deployment would.
-        let infer = || eval.forward(half.map_or(x.clone(), |d| x.clone().cast(d))).cls.slice([0..1, 0..1]).into_data();
-        infer();
-        let mut times = Vec::new();
-        for _ in 0..self.steps {
-            let start = Instant::now();
-            infer();
-            times.push(start.elapsed().as_secs_f64());
-        }
-        let inference = self.batch as f64 / crate::machine::median(times);
+        let infer = || drop(eval.forward(half.map_or(x.clone(), |d| x.clone().cast(d))).cls.slice([0..1, 0..1]).into_data());
+        let inference = self.batch as f64 / crate::machine::median_time(1, self.steps, infer);
         Ok(Throughput { train, inference })
     }
 }
@@ -385,16 +378,8 @@ impl BackendJob for Inference<'_> {
             let shape = [batch, c.in_chans, c.image_size, c.image_size];
             let pixels: Vec<f32> = (0..shape.iter().product::<usize>()).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
             let x = crate::model::float_tensor::<B::InnerBackend, 4>(pixels, shape, device);
-            let infer = || model.forward(x.clone()).logits().slice([0..1, 0..1]).into_data();
-            infer();
-            let times: Vec<f64> = (0..self.steps)
-                .map(|_| {
-                    let start = Instant::now();
-                    infer();
-                    start.elapsed().as_secs_f64()
-                })
-                .collect();
-            rates.push(batch as f64 / crate::machine::median(times));
+            let infer = || drop(model.forward(x.clone()).logits().slice([0..1, 0..1]).into_data());
+            rates.push(batch as f64 / crate::machine::median_time(1, self.steps, infer));
         }
         Ok(rates)
     }
@@ -434,7 +419,16 @@ pub fn vs_onnxruntime(args: &VsOnnxruntime) -> Result<String> {
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/bench/onnxruntime-{}.csv", slug(&device, gpu))));
 
     let tmp = tempfile::tempdir()?;
-    let mut ours = Vec::new(); // (pair index, which, spec, config, rates)
+    /// One model of a pair, measured by the runner and exported for ONNX Runtime as `name`.
+    struct Measured<'a> {
+        pair: usize,
+        which: &'static str,
+        spec: &'a str,
+        config: &'a VitConfig,
+        name: String,
+        rates: Vec<f64>,
+    }
+    let mut ours = Vec::new();
     let mut script = std::process::Command::new(&args.python);
     script.arg(&args.script);
     for (i, ((dense, pruned), (dense_config, pruned_config))) in args.pairs.iter().zip(&models).enumerate() {
@@ -444,7 +438,7 @@ pub fn vs_onnxruntime(args: &VsOnnxruntime) -> Result<String> {
             let job = Inference { config, batches: &args.batches, steps: args.steps, onnx: &onnx };
             let rates = backend::dispatch(args.backend, &[args.device], job).with_context(|| format!("{spec} on {}", args.backend))?;
             script.arg("--model").arg(format!("{name}={}", onnx.display()));
-            ours.push((i, which, spec, config, name, rates));
+            ours.push(Measured { pair: i, which, spec, config, name, rates });
         }
     }
     let batches: Vec<String> = args.batches.iter().map(|b| b.to_string()).collect();
@@ -461,16 +455,17 @@ pub fn vs_onnxruntime(args: &VsOnnxruntime) -> Result<String> {
         "onnxruntime_images_per_s", "onnxruntime_speedup", "device", "onnxruntime",
     ])?;
     let mut text = String::new();
-    for (i, which, spec, config, name, rates) in &ours {
-        let dense = ours.iter().find(|o| o.0 == *i && o.1 == "dense").expect("every pair has a dense model");
-        let pair = format!("{} / {}", args.pairs[*i].0, args.pairs[*i].1);
+    for m in &ours {
+        let dense = ours.iter().find(|o| o.pair == m.pair && o.which == "dense").expect("every pair has a dense model");
+        let pair = format!("{} / {}", args.pairs[m.pair].0, args.pairs[m.pair].1);
+        let (spec, config, rates) = (m.spec, m.config, &m.rates);
         for (b, &batch) in args.batches.iter().enumerate() {
-            let (row, dense_row) = (ort(name, batch)?, ort(&dense.4, batch)?);
-            let (runner_speedup, ort_speedup) = (rates[b] / dense.5[b], row.images_per_s / dense_row.images_per_s);
+            let (row, dense_row) = (ort(&m.name, batch)?, ort(&dense.name, batch)?);
+            let (runner_speedup, ort_speedup) = (rates[b] / dense.rates[b], row.images_per_s / dense_row.images_per_s);
             w.write_record([
                 pair.as_str(),
-                which,
-                spec.as_str(),
+                m.which,
+                spec,
                 &format!("{:.3}", config.params() as f64 / 1e6),
                 &format!("{:.4}", config.flops() as f64 / 1e9),
                 &batch.to_string(),

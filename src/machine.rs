@@ -19,6 +19,22 @@ pub fn median(mut times: Vec<f64>) -> f64 {
     }
 }
 
+/// The median seconds of `repeats` calls of `run`, after `warmup` untimed ones (kernels
+/// compile and memory pools grow on the first calls). `run` must wait for its result.
+pub fn median_time(warmup: usize, repeats: usize, mut run: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        run();
+    }
+    let times = (0..repeats)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            run();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(times)
+}
+
 /// Held while it lives.
 pub struct Guard(#[allow(dead_code)] Vec<File>);
 

@@ -80,6 +80,16 @@ fn imported_table_is_keyed_by_its_file_and_bad_grids_are_rejected() {
     assert!(e.contains("stages.latency.table: `/no/lat.json` does not exist"), "{e}");
 }
 
+/// A latency table that is a known function of the widths, written into `dir`: measured
+/// latencies of so small a block are mostly overhead and noise.
+fn known_table(dir: &std::path::Path) -> std::path::PathBuf {
+    let grid = nvit::prune::Grid { emb: vec![4, 16], heads: vec![1, 2], qk: vec![1, 8], v: vec![1, 8], mlp: vec![1, 32] };
+    let values = grid.points().iter().map(|(e, d)| 1e-6 * (*e * (d.heads * (d.qk + d.v) + d.mlp)) as f64).collect();
+    let table = dir.join("table.json");
+    std::fs::write(&table, serde_json::to_vec(&LatencyTable::new(grid, values).unwrap().to_json()).unwrap()).unwrap();
+    table
+}
+
 #[test]
 fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
     let dir = tempfile::tempdir().unwrap();
@@ -88,12 +98,7 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
         "{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nlatency_target = 0.6\ninterval = 2\ngroups_per_step = 2\ngroup_emb = 4\ngroup_qk = 2\ngroup_v = 2\ngroup_mlp = 4\nbatch_size = 16\nkd_weight = 1.0\n\n[stages.distill]\nkind = \"distill\"\nteacher = \"train\"\nepochs = 2\nbatch_size = 16\nwarmup_epochs = 0\nlr = 1e-3\nrandaugment_ops = 2\nkd_weight = 10.0\n\n[stages.eval_pruned]\nkind = \"evaluate\"\nbatch_size = 32\nthroughput_batch = 8\nthroughput_repeats = 2\n\n[stages.report]\nkind = \"report\"\nmodels = [\"evaluate\", \"eval_pruned\"]\nprunes = [\"prune\"]\n"
     );
     let path = tiny_pipeline(dir.path(), &stages);
-    // A table that is a known function of the widths: measured latencies of so small a block
-    // are mostly overhead and noise.
-    let grid = nvit::prune::Grid { emb: vec![4, 16], heads: vec![1, 2], qk: vec![1, 8], v: vec![1, 8], mlp: vec![1, 32] };
-    let values = grid.points().iter().map(|(e, d)| 1e-6 * (*e * (d.heads * (d.qk + d.v) + d.mlp)) as f64).collect();
-    let table = dir.path().join("table.json");
-    std::fs::write(&table, serde_json::to_vec(&LatencyTable::new(grid, values).unwrap().to_json()).unwrap()).unwrap();
+    let table = known_table(dir.path());
     let p = load(&path, &["stages.train.epochs=1", &format!("stages.latency.table=\"{}\"", table.display())]);
     let mut pl = plan(&p, &cache);
     let prune = pl.stages.iter().find(|s| s.spec.name == "prune").unwrap();
@@ -162,10 +167,7 @@ fn exact_selection_meets_each_steps_budget_and_ends_at_the_target() {
         "{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nlatency_target = 0.5\nselection = \"exact\"\nprune_steps = 3\ninterval = 2\ngroup_emb = 4\ngroup_qk = 2\ngroup_v = 2\ngroup_mlp = 4\nbatch_size = 16\nkd_weight = 1.0\n"
     );
     let path = tiny_pipeline(dir.path(), &stages);
-    let grid = nvit::prune::Grid { emb: vec![4, 16], heads: vec![1, 2], qk: vec![1, 8], v: vec![1, 8], mlp: vec![1, 32] };
-    let values = grid.points().iter().map(|(e, d)| 1e-6 * (*e * (d.heads * (d.qk + d.v) + d.mlp)) as f64).collect();
-    let table = dir.path().join("table.json");
-    std::fs::write(&table, serde_json::to_vec(&LatencyTable::new(grid, values).unwrap().to_json()).unwrap()).unwrap();
+    let table = known_table(dir.path());
     let p = load(&path, &["stages.train.epochs=1", &format!("stages.latency.table=\"{}\"", table.display())]);
     let mut pl = plan(&p, &cache);
     execute(&p, &mut pl, &cache);

@@ -13,6 +13,9 @@ use super::latency_table::LatencyTable;
 use super::structures::{Masks, Structure};
 use crate::model::BlockDims;
 
+/// A block's structures, in the order [`BlockDims`] lists their widths.
+const IN_BLOCK: [Structure; 4] = [Structure::Head, Structure::Qk, Structure::V, Structure::Mlp];
+
 /// One structure of one block (or EMB): its alive units best first, and the value of keeping
 /// the best `k`, for each allowed width `k`.
 struct Ranked {
@@ -73,7 +76,7 @@ pub fn select(scores: &Masks, masks: &Masks, table: &LatencyTable, budget: f64, 
     let depth = masks.blocks.len();
     let ranked = |s: Structure, b: usize| rank(scores.get(s, b), masks.get(s, b), group(s), if s == Structure::Emb { group(s) } else { 1 });
     let emb = ranked(Structure::Emb, 0);
-    let blocks: Vec<[Ranked; 4]> = (0..depth).map(|b| [Structure::Head, Structure::Qk, Structure::V, Structure::Mlp].map(|s| ranked(s, b))).collect();
+    let blocks: Vec<[Ranked; 4]> = (0..depth).map(|b| IN_BLOCK.map(|s| ranked(s, b))).collect();
     let bins = bins.max(1);
     let step = budget / bins as f64;
     // Every E is its own knapsack: they run in parallel, and the most valuable wins.
@@ -126,9 +129,8 @@ pub fn select(scores: &Masks, masks: &Masks, table: &LatencyTable, budget: f64, 
     };
     keep(out.get_mut(Structure::Emb, 0), &emb, e);
     for (b, d) in dims.iter().enumerate() {
-        for (s, k) in [(Structure::Head, d.heads), (Structure::Qk, d.qk), (Structure::V, d.v), (Structure::Mlp, d.mlp)] {
-            let i = [Structure::Head, Structure::Qk, Structure::V, Structure::Mlp].iter().position(|x| *x == s).unwrap();
-            keep(out.get_mut(s, b), &blocks[b][i], k);
+        for (i, k) in [d.heads, d.qk, d.v, d.mlp].into_iter().enumerate() {
+            keep(out.get_mut(IN_BLOCK[i], b), &blocks[b][i], k);
         }
     }
     Some(out)
@@ -170,7 +172,7 @@ mod tests {
         let emb = rank(scores.get(Structure::Emb, 0), masks.get(Structure::Emb, 0), group(Structure::Emb), group(Structure::Emb));
         let blocks: Vec<Vec<Choice>> = (0..masks.blocks.len())
             .map(|b| {
-                let r = [Structure::Head, Structure::Qk, Structure::V, Structure::Mlp].map(|s| rank(scores.get(s, b), masks.get(s, b), group(s), 1));
+                let r = IN_BLOCK.map(|s| rank(scores.get(s, b), masks.get(s, b), group(s), 1));
                 let mut all = Vec::new();
                 for &(h, hv) in &r[0].widths {
                     for &(q, qv) in &r[1].widths {

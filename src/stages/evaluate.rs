@@ -2,7 +2,6 @@
 //! FLOPs, and measured inference throughput on the chosen backend: images/s and per-batch
 //! latency at a stated batch size, after warm-up, the median of repeats.
 
-use std::time::Instant;
 
 use anyhow::Result;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -78,19 +77,12 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
         Distribution::Default,
         device,
     );
-    let time_one = || {
-        let start = Instant::now();
+    let alone = crate::machine::measuring();
+    let median = crate::machine::median_time(s.warmup, s.throughput_repeats, || {
         let _ = model.forward(x.clone()).logits().into_data();
         let _ = B::InnerBackend::sync(device);
-        start.elapsed().as_secs_f64()
-    };
-    let alone = crate::machine::measuring();
-    for _ in 0..s.warmup {
-        time_one();
-    }
-    let times: Vec<f64> = (0..s.throughput_repeats).map(|_| time_one()).collect();
+    });
     drop(alone);
-    let median = crate::machine::median(times);
 
     let data = &ctx.pipeline.dataset;
     let dataset = match data.kind {

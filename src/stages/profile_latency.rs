@@ -4,7 +4,6 @@
 //! `latency.csv`. `table = "path.json"` imports a measured table instead.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::Result;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -170,19 +169,13 @@ fn measure<B: AutodiffBackend>(
         crate::interrupt::check()?;
         let block = crate::model::Block::<B::InnerBackend>::new(*e, *dims, scale, 0.0, device);
         let x = Tensor::<B::InnerBackend, 3>::random([s.batch_size, tokens, *e], Distribution::Default, device);
-        let run = || {
-            let start = Instant::now();
+        let alone = crate::machine::measuring();
+        let median = crate::machine::median_time(s.warmup, s.repeats, || {
             let _ = block.forward(x.clone()).into_data();
             let _ = B::InnerBackend::sync(device);
-            start.elapsed().as_secs_f64()
-        };
-        let alone = crate::machine::measuring();
-        for _ in 0..s.warmup {
-            run();
-        }
-        let times: Vec<f64> = (0..s.repeats).map(|_| run()).collect();
+        });
         drop(alone);
-        values.push(crate::machine::median(times));
+        values.push(median);
         atomic_write(&partial, &serde_json::to_vec(&Partial { grid: grid.clone(), values: values.clone() })?)?;
         progress.step(&format!("E {e} {dims:?}"));
     }
