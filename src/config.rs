@@ -66,6 +66,9 @@ pub struct StageSpec {
     pub kind: StageKind,
     /// The stage whose model this one consumes; `None` for a stage that starts from nothing.
     pub input: Option<String>,
+    /// This stage's own seed in place of `pipeline.seed`: pinned on the stages a seed sweep
+    /// should leave alone (the dense model of an ablation), whose cache keys then stay put.
+    pub seed: Option<u64>,
     pub settings: StageSettings,
 }
 
@@ -77,6 +80,11 @@ impl Pipeline {
 }
 
 impl StageSpec {
+    /// The seed of this stage's data order and randomness.
+    pub fn seed(&self, pipeline: &PipelineSection) -> u64 {
+        self.seed.unwrap_or(pipeline.seed)
+    }
+
     /// Every stage this one reads, as `(key, stage name)`: its `input`, then the stages its
     /// settings reference. They must come before it, and their cache keys are part of its own.
     pub fn upstream(&self) -> Vec<(&'static str, &str)> {
@@ -220,6 +228,11 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
                 None
             }
         };
+        let seed_key = format!("{key}.seed");
+        let seed = match figment.find_value(&seed_key) {
+            Err(_) => None,
+            Ok(_) => figment.extract_inner::<u64>(&seed_key).map_err(|e| errors.push(format_figment_error(&e))).ok(),
+        };
         let settings = {
             let mut table = match figment.find_value(&key) {
                 Ok(Value::Dict(_, dict)) => dict,
@@ -227,6 +240,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
             };
             table.remove("kind");
             table.remove("input");
+            table.remove("seed");
             let focused = Figment::from(Serialized::defaults(table));
             match kind.parse_settings(&focused) {
                 Ok(settings) => Some(settings),
@@ -240,7 +254,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
             }
         };
         if let Some(settings) = settings {
-            stages.push(StageSpec { name: name.clone(), kind, input, settings });
+            stages.push(StageSpec { name: name.clone(), kind, input, seed, settings });
         }
         previous = Some(name.clone());
     }
@@ -362,6 +376,9 @@ impl Pipeline {
             table.insert("kind".into(), toml::Value::String(stage.kind.name().into()));
             if let Some(input) = &stage.input {
                 table.insert("input".into(), toml::Value::String(input.clone()));
+            }
+            if let Some(seed) = stage.seed {
+                table.insert("seed".into(), toml::Value::Integer(seed as i64));
             }
             push(&format!("stages.{}", stage.name), toml::Value::Table(table));
         }
@@ -519,7 +536,7 @@ fn check_unknown_keys(
                 continue;
             }
         };
-        let mut valid: Vec<&str> = vec!["kind", "input"];
+        let mut valid: Vec<&str> = vec!["kind", "input", "seed"];
         valid.extend_from_slice(kind.fields());
         for key in table.keys() {
             if !valid.contains(&key.as_str()) {

@@ -34,6 +34,10 @@ fn unknown_top_level_table_and_dataset_key() {
 fn wrong_types_are_reported_with_the_key() {
     let e = errors(&format!("{OK}[stages.train]\nepochs = \"many\"\n"), &[]);
     assert!(e.contains("p.toml: stages.train.epochs: invalid type: found string \"many\", expected usize"), "{e}");
+    // A stage's own seed, as every stage may set it.
+    let e = errors(&format!("{OK}[stages.train]\nseed = \"x\"\n[stages.evaluate]\nkind = \"evaluate\"\nseeds = 3\n"), &[]);
+    assert!(e.contains("stages.train.seed: invalid type: found string \"x\""), "{e}");
+    assert!(e.contains("p.toml: unknown key `stages.evaluate.seeds`; did you mean `seed`?"), "{e}");
 }
 
 #[test]

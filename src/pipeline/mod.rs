@@ -196,7 +196,7 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &
             dataset: dataset.clone(),
             dataset_identity: dataset_identity.clone(),
             model: serde_json::to_value(&pipeline.model)?,
-            seed: pipeline.pipeline.seed,
+            seed: spec.seed(&pipeline.pipeline),
             backend: pipeline.pipeline.backend.to_string(),
             extra: stages::key_extra(spec, device_name),
         };

@@ -92,7 +92,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &HessianScoresSettings)
         loader = loader.without_shuffle();
     }
     let normalizers = s.normalizers();
-    let mut random = rng(ctx.pipeline.pipeline.seed);
+    let mut random = rng(ctx.seed());
     let mut total = Masks::filled(&model.config, 0.0);
     let mut progress = ctx.log.progress(&ctx.spec.name, s.batches as u64);
     let (mut done, mut loss_sum, mut epoch) = (0usize, 0.0, 0u64);

@@ -36,7 +36,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &LoadPretrainedSettings
     let hint = ctx.pipeline.model.resolve(classes)?;
     let model = if ctx.pipeline.model.init == Some(Init::Random) {
         ctx.log.info(&format!("{}: model.init = random: random weights, `{}` is not read", ctx.spec.name, s.path.display()));
-        B::InnerBackend::seed(ctx.device(), ctx.pipeline.pipeline.seed);
+        B::InnerBackend::seed(ctx.device(), ctx.seed());
         hint.init::<B::InnerBackend>(ctx.device())
     } else {
         let model = checkpoint::load_pretrained::<B::InnerBackend>(&s.path, &hint, ctx.device())?;

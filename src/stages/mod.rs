@@ -336,8 +336,13 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
             .ok_or_else(|| anyhow::anyhow!("stage `{name}` is not an input of `{}`", self.spec.name))
     }
 
+    /// The seed of this stage's data order and randomness (its own `seed`, or the pipeline's).
+    pub fn seed(&self) -> u64 {
+        self.spec.seed(&self.pipeline.pipeline)
+    }
+
     pub fn open(&self, split: Split) -> Result<Arc<dyn Dataset>> {
-        Ok(self.pipeline.dataset.open(split, self.pipeline.pipeline.seed)?)
+        Ok(self.pipeline.dataset.open(split, self.seed())?)
     }
 
     /// The input stage's model, or `None` when the stage has no input.
@@ -380,7 +385,7 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
                 batch_size,
                 shuffle: train,
                 drop_last: train,
-                seed: self.pipeline.pipeline.seed,
+                seed: self.seed(),
                 workers: data.workers,
                 prefetch: data.prefetch,
                 on_bad_image: data.on_bad_image,

@@ -167,7 +167,7 @@ struct CheckpointState {
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Result<serde_json::Value> {
     let device = ctx.device();
-    let seed = ctx.pipeline.pipeline.seed;
+    let seed = ctx.seed();
     B::seed(device, seed);
     let mut model: Vit<B> = match ctx.input_model::<B>(device)? {
         Some(model) => model,
