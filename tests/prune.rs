@@ -184,3 +184,82 @@ fn exact_selection_meets_each_steps_budget_and_ends_at_the_target() {
     let err = nvit::config::load(&bad, &Default::default()).err().unwrap().to_string();
     assert!(err.contains("stages.prune.selection") && err.contains("cannot be combined with allocation = \"uniform\""), "{err}");
 }
+
+/// Kept saliency: the scores of the units `masks` keeps, summed.
+fn kept(scores: &nvit::prune::Masks, masks: &nvit::prune::Masks) -> f64 {
+    masks.slots().into_iter().map(|(s, b)| scores.get(s, b).iter().zip(masks.get(s, b)).map(|(v, m)| (v * m) as f64).sum::<f64>()).sum()
+}
+
+/// The exact selection is the optimum the greedy one approximates: pruned by NViT's greedy
+/// ranking down to half the latency, with or without the latency credit, a model keeps no more
+/// saliency than the exact selection keeps at the latency greedy reached (plus the exact
+/// selection's rounding slack, one budget step per block of 10,000).
+#[test]
+fn exact_keeps_at_least_the_saliency_greedy_keeps_at_the_same_latency() {
+    use nvit::prune::{exact, greedy, Masks, Structure};
+    let dir = tempfile::tempdir().unwrap();
+    let table = LatencyTable::from_json(&known_table(dir.path())).unwrap();
+    let config = nvit::model::VitConfig::uniform(16, 4, 3, 16, 3, 2, 2.0, 5, false);
+    let group = |s: Structure| match s {
+        Structure::Emb => 4,
+        Structure::Head => 1,
+        Structure::Mlp => 8,
+        _ => 2,
+    };
+    let latency = |m: &Masks| {
+        let (e, dims) = m.surviving_dims();
+        table.model_latency(&nvit::model::VitConfig { embed_dim: e, blocks: dims, ..config.clone() })
+    };
+    let dense = latency(&Masks::ones(&config));
+    let bins = 10_000;
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    for seed in 0..6 {
+        let mut scores = Masks::filled(&config, 0.0);
+        for (s, b) in scores.slots() {
+            for v in scores.get_mut(s, b) {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                *v = (state >> 40) as f32 / (1u64 << 24) as f32;
+            }
+        }
+        let eta = if seed % 2 == 0 { 0.0 } else { 1e4 };
+        let mut masks = Masks::ones(&config);
+        while latency(&masks) > 0.5 * dense {
+            let ranked = greedy::groups(&scores, &masks, &table, eta, group);
+            assert!(greedy::prune_lowest(&ranked, &mut masks, 2, 4) > 0, "seed {seed}: greedy ran out of groups");
+        }
+        let reached = latency(&masks);
+        let budget = reached / (1.0 - config.blocks.len() as f64 / bins as f64);
+        let best = exact::select(&scores, &Masks::ones(&config), &table, budget, group, bins).unwrap();
+        assert!(latency(&best) <= budget * (1.0 + 1e-12), "seed {seed}: over the budget");
+        assert!(kept(&scores, &best) >= kept(&scores, &masks) - 1e-9, "seed {seed}, eta {eta}: exact {} < greedy {}", kept(&scores, &best), kept(&scores, &masks));
+    }
+}
+
+/// `ranking = "isomorphic"`: the stage prunes every structure type by the same fraction per
+/// step, stops at the target, and refuses the settings it cannot be combined with.
+#[test]
+fn isomorphic_ranking_ends_at_the_target_and_is_refused_with_exact_or_uniform() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache { root: dir.path().join("cache") };
+    let stages = format!(
+        "{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nlatency_target = 0.5\nranking = \"isomorphic\"\nisomorphic_step = 0.1\ninterval = 2\ngroup_emb = 4\ngroup_qk = 2\ngroup_v = 2\ngroup_mlp = 4\nbatch_size = 16\nkd_weight = 1.0\n"
+    );
+    let path = tiny_pipeline(dir.path(), &stages);
+    let table = known_table(dir.path());
+    let p = load(&path, &["stages.train.epochs=1", &format!("stages.latency.table=\"{}\"", table.display())]);
+    let mut pl = plan(&p, &cache);
+    execute(&p, &mut pl, &cache);
+    let entry = cache.entry_dir(&pl.stages.iter().find(|s| s.spec.name == "prune").unwrap().key);
+    let log = std::fs::read_to_string(entry.join("pruning_log.csv")).unwrap();
+    let rows: Vec<Vec<String>> = log.lines().skip(1).map(|l| l.split(',').map(String::from).collect()).collect();
+    let ratios: Vec<f64> = rows.iter().map(|r| r[3].parse().unwrap()).collect();
+    assert!(ratios.len() >= 2 && *ratios.last().unwrap() <= 0.5 && ratios[..ratios.len() - 1].iter().all(|r| *r > 0.5), "{log}");
+    // The first step takes a tenth of every type, rounded up to whole groups: EMB 16 -> 12.
+    assert_eq!(rows[0][7], "12", "{log}");
+
+    for other in ["selection = \"exact\"", "allocation = \"uniform\""] {
+        let bad = tiny_pipeline(dir.path(), &format!("{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nranking = \"isomorphic\"\n{other}\n"));
+        let err = nvit::config::load(&bad, &Default::default()).err().unwrap().to_string();
+        assert!(err.contains("stages.prune.ranking") && err.contains(&format!("cannot be combined with {other}")), "{err}");
+    }
+}

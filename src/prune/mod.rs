@@ -3,6 +3,7 @@
 
 pub mod compact;
 pub mod exact;
+pub mod greedy;
 pub mod latency_table;
 pub mod saliency;
 pub mod structures;

@@ -1,10 +1,10 @@
 //! `prune`: NViT's iterative global pruning (METHOD.md section 5). The model keeps training
 //! (AdamW, distillation from the dense input model) while saliencies accumulate over
-//! `interval` steps; then every unit's score is reduced by the latency it would save, units
-//! are grouped per structure and block, all groups of the network are ranked together, and
-//! the lowest `groups_per_step` are pruned (masked, and kept at zero after every step). It
-//! stops at `latency_target` x the dense latency (or `max_prune_steps`), writes
-//! `pruning_log.csv`, and compacts the model to its surviving widths.
+//! `interval` steps; then a pruning step masks what the selection chooses (`prune::greedy`:
+//! NViT's global ranking of latency-adjusted groups, isomorphic ranking, uniform allocation;
+//! `prune::exact`: the most saliency under a latency budget), and pruned units are kept at zero
+//! after every optimizer step. It stops at `latency_target` x the dense latency (or
+//! `max_prune_steps`), writes `pruning_log.csv`, and compacts the model to its surviving widths.
 
 use anyhow::{Context, Result};
 use burn::module::{AutodiffModule, Module};
@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{at_least_one, non_negative, positive, Extras, KeyDoc, StageContext};
 use crate::data::Split;
-use crate::model::{checkpoint, BlockDims, Vit, VitConfig};
+use crate::model::{checkpoint, Vit, VitConfig};
 use crate::files::atomic_write;
 use crate::prune::saliency::{gate_gradients, rng, score};
-use crate::prune::{compact, Criterion, LatencyTable, Masks, Normalizers, Structure};
+use crate::prune::{compact, greedy, Criterion, LatencyTable, Masks, Normalizers, Structure};
 use crate::data::mix::soft_targets;
 use crate::train::optim::AdamW;
 use crate::train::parallel::data_parallel;
@@ -29,6 +29,15 @@ use crate::train::{check_finite, classification_loss, distillation_loss, scalar,
 pub enum Allocation {
     Global,
     Uniform,
+}
+
+/// Which groups a greedy step ranks against each other: all of the network's (NViT), or only
+/// those of the same structure type (Isomorphic Pruning, [`crate::prune::greedy::prune_isomorphic`]).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Ranking {
+    Global,
+    Isomorphic,
 }
 
 /// How each pruning step picks what goes: NViT's ranking of latency-adjusted groups, or every
@@ -53,8 +62,10 @@ pub struct PruneSettings {
     pub criterion: Criterion,
     pub allocation: Allocation,
     pub selection: Selection,
+    pub ranking: Ranking,
     pub prune_steps: usize,
     pub uniform_step: f64,
+    pub isomorphic_step: f64,
     pub interval: usize,
     pub ema: f64,
     pub eta: f64,
@@ -80,8 +91,10 @@ pub const KEYS: &[KeyDoc] = &[
     ("criterion", "string", "`hessian`, `taylor`, `magnitude`, `weight-fisher` or `random`"),
     ("allocation", "string", "`global` (one ranking of all groups of the network) or `uniform` (the same fraction of every structure in every block)"),
     ("selection", "string", "`greedy` (prune the lowest latency-adjusted groups, NViT) or `exact` (every width chosen to keep the most saliency under the step's latency budget)"),
+    ("ranking", "string", "with greedy selection: `global` (every group of the network ranked together, NViT) or `isomorphic` (groups ranked only against their own structure type, each type losing the same fraction per step)"),
     ("prune_steps", "integer", "with exact selection: pruning steps over which the budget falls from the dense latency to latency_target"),
     ("uniform_step", "float", "with uniform allocation: the fraction of each original width removed per pruning step"),
+    ("isomorphic_step", "float", "with isomorphic ranking: the fraction of each structure type's alive units pruned per pruning step"),
     ("interval", "integer", "optimizer steps between pruning steps (saliencies accumulate over them)"),
     ("ema", "float", "momentum of the moving average of saliencies across intervals (0: none)"),
     ("eta", "float", "weight of the latency saved, in seconds, subtracted from each saliency"),
@@ -109,8 +122,10 @@ impl Default for PruneSettings {
             criterion: Criterion::Hessian,
             allocation: Allocation::Global,
             selection: Selection::Greedy,
+            ranking: Ranking::Global,
             prune_steps: 10,
             uniform_step: 0.05,
+            isomorphic_step: 0.05,
             interval: 100,
             ema: 0.9,
             eta: 5e-4,
@@ -148,8 +163,16 @@ impl PruneSettings {
         if self.selection == Selection::Exact && self.allocation == Allocation::Uniform {
             p.push(("selection".into(), "`exact` chooses every width itself: it cannot be combined with allocation = \"uniform\"".into()));
         }
-        if !(self.uniform_step > 0.0 && self.uniform_step < 1.0) {
-            p.push(("uniform_step".into(), format!("must be in (0, 1), got {}", self.uniform_step)));
+        if self.ranking == Ranking::Isomorphic && self.selection == Selection::Exact {
+            p.push(("ranking".into(), "`isomorphic` ranks groups for a greedy step: it cannot be combined with selection = \"exact\"".into()));
+        }
+        if self.ranking == Ranking::Isomorphic && self.allocation == Allocation::Uniform {
+            p.push(("ranking".into(), "`isomorphic` ranks groups across blocks: it cannot be combined with allocation = \"uniform\"".into()));
+        }
+        for (key, step) in [("uniform_step", self.uniform_step), ("isomorphic_step", self.isomorphic_step)] {
+            if !(step > 0.0 && step < 1.0) {
+                p.push((key.into(), format!("must be in (0, 1), got {step}")));
+            }
         }
         at_least_one(
             &mut p,
@@ -180,113 +203,6 @@ impl PruneSettings {
             Structure::Qk => self.group_qk,
             Structure::V => self.group_v,
             Structure::Mlp => self.group_mlp,
-        }
-    }
-}
-
-/// The widths below which the latency reduction is no longer credited (METHOD.md section 4).
-fn at_floor(s: Structure, d: &BlockDims) -> bool {
-    match s {
-        Structure::Head => d.heads <= 2,
-        Structure::Qk => d.qk <= 8,
-        Structure::V => d.v <= 8,
-        Structure::Mlp => d.mlp <= 16,
-        Structure::Emb => false,
-    }
-}
-
-fn minus_one(s: Structure, d: &BlockDims) -> BlockDims {
-    let mut d = *d;
-    match s {
-        Structure::Head => d.heads -= 1,
-        Structure::Qk => d.qk -= 1,
-        Structure::V => d.v -= 1,
-        Structure::Mlp => d.mlp -= 1,
-        Structure::Emb => {}
-    }
-    d
-}
-
-/// The latency one unit of `s` would save in each block (EMB: summed over blocks).
-fn latency_saved(table: &LatencyTable, e: usize, dims: &[BlockDims], s: Structure, block: usize) -> f64 {
-    match s {
-        Structure::Emb => dims.iter().map(|d| table.lookup(e, d) - table.lookup(e.saturating_sub(1), d)).sum(),
-        _ => {
-            let d = &dims[block];
-            if at_floor(s, d) {
-                0.0
-            } else {
-                table.lookup(e, d) - table.lookup(e, &minus_one(s, d))
-            }
-        }
-    }
-}
-
-/// A group of alive units of one structure in one block, and its score.
-struct Group {
-    structure: Structure,
-    block: usize,
-    units: Vec<usize>,
-    score: f64,
-}
-
-/// Groups the alive units of every structure and block by ascending adjusted score.
-fn groups(s: &PruneSettings, scores: &Masks, masks: &Masks, table: &LatencyTable) -> Vec<Group> {
-    let (e, dims) = masks.surviving_dims();
-    let mut out = Vec::new();
-    for (structure, block) in masks.slots() {
-        let saved = s.eta * latency_saved(table, e, &dims, structure, block);
-        let mask = masks.get(structure, block);
-        let mut alive: Vec<(usize, f64)> = scores
-            .get(structure, block)
-            .iter()
-            .enumerate()
-            .filter(|(u, _)| mask[*u] != 0.0)
-            .map(|(u, v)| (u, *v as f64 - saved))
-            .collect();
-        alive.sort_by(|a, b| a.1.total_cmp(&b.1));
-        let size = s.group_size(structure);
-        for chunk in alive.chunks(size) {
-            out.push(Group { structure, block, units: chunk.iter().map(|u| u.0).collect(), score: chunk.iter().map(|u| u.1).sum() });
-        }
-    }
-    out.sort_by(|a, b| a.score.total_cmp(&b.score));
-    out
-}
-
-/// Prunes the `n` lowest groups, never emptying a structure of a block (one unit stays, and
-/// for EMB one group).
-fn prune_lowest(groups: &[Group], masks: &mut Masks, n: usize, emb_group: usize) -> usize {
-    let mut pruned = 0;
-    for g in groups {
-        if pruned == n {
-            break;
-        }
-        let mask = masks.get_mut(g.structure, g.block);
-        let alive = mask.iter().filter(|m| **m != 0.0).count();
-        let floor = if g.structure == Structure::Emb { emb_group.min(alive) } else { 1 };
-        if alive < g.units.len() + floor {
-            continue;
-        }
-        for &u in &g.units {
-            mask[u] = 0.0;
-        }
-        pruned += 1;
-    }
-    pruned
-}
-
-/// Uniform allocation: every structure of every block keeps `keep` of its original width
-/// (at least one unit), its lowest-scored units going first.
-fn prune_uniform(scores: &Masks, masks: &mut Masks, keep: f64) {
-    for (structure, block) in masks.slots() {
-        let score = scores.get(structure, block);
-        let mask = masks.get_mut(structure, block);
-        let target = ((mask.len() as f64 * keep).round() as usize).max(1);
-        let mut alive: Vec<usize> = (0..mask.len()).filter(|&u| mask[u] != 0.0).collect();
-        alive.sort_by(|&a, &b| score[a].total_cmp(&score[b]));
-        for &u in &alive[..alive.len().saturating_sub(target)] {
-            mask[u] = 0.0;
         }
     }
 }
@@ -336,7 +252,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     let dense_latency = table.model_latency(&config);
     let loader = ctx.loader(Split::Train, &config, s.batch_size, s.augment.then(Extras::default))?;
     let normalizers = Normalizers::default();
-    let seed = ctx.pipeline.pipeline.seed;
+    let seed = ctx.seed();
 
     let mut state = PruneState {
         step: 0,
@@ -404,8 +320,12 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                     }
                     _ => avg,
                 };
-                exhausted = match (s.selection, s.allocation) {
-                    (Selection::Exact, _) => {
+                let ratio_of = |m: &Masks| {
+                    let (e, dims) = m.surviving_dims();
+                    table.model_latency(&VitConfig { embed_dim: e, blocks: dims, ..config.clone() }) / dense_latency
+                };
+                exhausted = match (s.selection, s.allocation, s.ranking) {
+                    (Selection::Exact, ..) => {
                         let done = ((state.prune_step + 1) as f64 / s.prune_steps as f64).min(1.0);
                         let budget = dense_latency * (1.0 - done * (1.0 - s.latency_target));
                         match crate::prune::exact::select(&current, &state.masks, &table, budget, |st| s.group_size(st), EXACT_BINS) {
@@ -416,14 +336,18 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                             None => true, // the narrowest widths allowed are over the budget
                         }
                     }
-                    (Selection::Greedy, Allocation::Global) => {
-                        let ranked = groups(s, &current, &state.masks, &table);
-                        prune_lowest(&ranked, &mut state.masks, s.groups_per_step, s.group_emb) == 0
+                    (Selection::Greedy, Allocation::Global, ranking) => {
+                        let ranked = greedy::groups(&current, &state.masks, &table, s.eta, |st| s.group_size(st));
+                        let pruned = match ranking {
+                            Ranking::Global => greedy::prune_lowest(&ranked, &mut state.masks, s.groups_per_step, s.group_emb),
+                            Ranking::Isomorphic => greedy::prune_isomorphic(&ranked, &mut state.masks, s.isomorphic_step, s.group_emb, |m| reached(ratio_of(m), s.latency_target)),
+                        };
+                        pruned == 0
                     }
-                    (Selection::Greedy, Allocation::Uniform) => {
+                    (Selection::Greedy, Allocation::Uniform, _) => {
                         // Rounding may leave a step with nothing to prune; only an empty keep ends it.
                         let keep = 1.0 - (state.prune_step + 1) as f64 * s.uniform_step;
-                        prune_uniform(&current, &mut state.masks, keep.max(0.0));
+                        greedy::prune_uniform(&current, &mut state.masks, keep.max(0.0));
                         keep <= 0.0
                     }
                 };
@@ -505,27 +429,6 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
 mod tests {
     use super::*;
 
-    fn table() -> LatencyTable {
-        let grid = crate::prune::Grid { emb: vec![8, 16], heads: vec![1, 4], qk: vec![1, 8], v: vec![1, 8], mlp: vec![1, 32] };
-        let values = grid.points().iter().map(|(e, d)| 1e-3 * (*e * (d.heads * (d.qk + d.v) + d.mlp)) as f64).collect();
-        LatencyTable::new(grid, values).unwrap()
-    }
-
-    #[test]
-    fn uniform_allocation_keeps_the_same_fraction_everywhere_lowest_scores_first() {
-        let config = VitConfig { blocks: vec![BlockDims { heads: 4, qk: 8, v: 8, mlp: 40 }; 3], embed_dim: 20, ..VitConfig::preset("deit-tiny").unwrap() };
-        let mut scores = Masks::filled(&config, 1.0);
-        scores.get_mut(Structure::Mlp, 1)[7] = 0.0;
-        let mut masks = Masks::ones(&config);
-        prune_uniform(&scores, &mut masks, 0.75);
-        let (e, dims) = masks.surviving_dims();
-        assert_eq!(e, 15);
-        assert!(dims.iter().all(|d| *d == BlockDims { heads: 3, qk: 6, v: 6, mlp: 30 }), "{dims:?}");
-        assert_eq!(masks.get(Structure::Mlp, 1)[7], 0.0, "the lowest-scored unit went first");
-        prune_uniform(&scores, &mut masks, 0.0);
-        assert!(masks.surviving_dims().1.iter().all(|d| *d == BlockDims { heads: 1, qk: 1, v: 1, mlp: 1 }));
-    }
-
     /// The student keeps training while it is pruned: zeroing the pruned units after every
     /// step leaves the other weights trainable (a product inside the autodiff graph froze the
     /// whole student after the first step).
@@ -560,53 +463,5 @@ mod tests {
         assert_eq!(latency_removed(0.75, 0.5), 500);
         assert_eq!(latency_removed(0.5, 0.5), 1000);
         assert_eq!(latency_removed(0.3, 0.5), 1000);
-    }
-
-    #[test]
-    fn never_prunes_a_structure_below_one_unit() {
-        let c = VitConfig::uniform(16, 4, 3, 16, 2, 4, 2.0, 5, false);
-        let s = PruneSettings { group_head: 2, group_qk: 2, group_v: 2, group_mlp: 8, group_emb: 4, eta: 0.0, ..Default::default() };
-        let mut masks = Masks::ones(&c);
-        let scores = Masks::filled(&c, 0.0);
-        for _ in 0..200 {
-            let g = groups(&s, &scores, &masks, &table());
-            prune_lowest(&g, &mut masks, 3, s.group_emb);
-        }
-        // Groups are pruned whole, so exactly one group of each structure stays.
-        let (e, dims) = masks.surviving_dims();
-        assert_eq!(e, 4, "one EMB group stays");
-        for d in dims {
-            assert_eq!(d, BlockDims { heads: 2, qk: 2, v: 2, mlp: 8 }, "one group of each structure stays");
-        }
-    }
-
-    #[test]
-    fn the_lowest_adjusted_groups_go_first_across_the_whole_network() {
-        let c = VitConfig::uniform(16, 4, 3, 16, 2, 4, 2.0, 5, false);
-        let s = PruneSettings { eta: 0.0, group_mlp: 4, ..Default::default() };
-        let mut scores = Masks::filled(&c, 10.0);
-        for u in [3, 9, 17, 30] {
-            scores.get_mut(Structure::Mlp, 1)[u] = 0.01;
-        }
-        let mut masks = Masks::ones(&c);
-        let g = groups(&s, &scores, &masks, &table());
-        assert_eq!((g[0].structure, g[0].block), (Structure::Mlp, 1));
-        assert_eq!(g[0].units, [3, 9, 17, 30]);
-        prune_lowest(&g, &mut masks, 1, s.group_emb);
-        assert_eq!(masks.surviving_dims().1[1].mlp, 28);
-        assert_eq!(masks.surviving_dims().1[0].mlp, 32);
-    }
-
-    #[test]
-    fn latency_credit_favours_units_that_save_time_and_stops_at_the_floors() {
-        let t = table();
-        let d = BlockDims { heads: 4, qk: 8, v: 8, mlp: 32 };
-        assert!(latency_saved(&t, 16, &[d], Structure::Mlp, 0) > 0.0);
-        let floor = BlockDims { heads: 2, qk: 8, v: 8, mlp: 16 };
-        for s in [Structure::Head, Structure::Qk, Structure::V, Structure::Mlp] {
-            assert_eq!(latency_saved(&t, 16, &[floor], s, 0), 0.0, "{s:?}");
-        }
-        let emb = latency_saved(&t, 16, &[d, d], Structure::Emb, 0);
-        assert!((emb - 2.0 * (t.lookup(16, &d) - t.lookup(15, &d))).abs() < 1e-15);
     }
 }

@@ -1,0 +1,282 @@
+//! Greedy selection (METHOD.md section 5): every unit's score is reduced by `eta` times the
+//! latency it would save, units are grouped per structure and block, and each pruning step
+//! removes the lowest groups. Three ways to choose them:
+//! - global ranking (NViT): all groups of the network ranked together ([`prune_lowest`]);
+//! - isomorphic ranking (Isomorphic Pruning, ECCV 2024): groups compete only with groups of
+//!   the same structure type across blocks, every type losing the same fraction of its units
+//!   ([`prune_isomorphic`]);
+//! - uniform allocation, the ablation's baseline: the same fraction of every structure in
+//!   every block ([`prune_uniform`]).
+
+use super::latency_table::LatencyTable;
+use super::structures::{Masks, Structure};
+use crate::model::BlockDims;
+
+/// The widths below which the latency reduction is no longer credited (METHOD.md section 4).
+fn at_floor(s: Structure, d: &BlockDims) -> bool {
+    match s {
+        Structure::Head => d.heads <= 2,
+        Structure::Qk => d.qk <= 8,
+        Structure::V => d.v <= 8,
+        Structure::Mlp => d.mlp <= 16,
+        Structure::Emb => false,
+    }
+}
+
+fn minus_one(s: Structure, d: &BlockDims) -> BlockDims {
+    let mut d = *d;
+    match s {
+        Structure::Head => d.heads -= 1,
+        Structure::Qk => d.qk -= 1,
+        Structure::V => d.v -= 1,
+        Structure::Mlp => d.mlp -= 1,
+        Structure::Emb => {}
+    }
+    d
+}
+
+/// The latency one unit of `s` would save in each block (EMB: summed over blocks).
+fn latency_saved(table: &LatencyTable, e: usize, dims: &[BlockDims], s: Structure, block: usize) -> f64 {
+    match s {
+        Structure::Emb => dims.iter().map(|d| table.lookup(e, d) - table.lookup(e.saturating_sub(1), d)).sum(),
+        _ => {
+            let d = &dims[block];
+            if at_floor(s, d) {
+                0.0
+            } else {
+                table.lookup(e, d) - table.lookup(e, &minus_one(s, d))
+            }
+        }
+    }
+}
+
+/// A group of alive units of one structure in one block, and its score.
+pub struct Group {
+    pub structure: Structure,
+    pub block: usize,
+    pub units: Vec<usize>,
+    pub score: f64,
+}
+
+/// The alive units of every structure and block, in groups of `group(structure)` units of
+/// adjacent latency-adjusted score, by ascending group score.
+pub fn groups(scores: &Masks, masks: &Masks, table: &LatencyTable, eta: f64, group: impl Fn(Structure) -> usize) -> Vec<Group> {
+    let (e, dims) = masks.surviving_dims();
+    let mut out = Vec::new();
+    for (structure, block) in masks.slots() {
+        let saved = eta * latency_saved(table, e, &dims, structure, block);
+        let mask = masks.get(structure, block);
+        let mut alive: Vec<(usize, f64)> = scores
+            .get(structure, block)
+            .iter()
+            .enumerate()
+            .filter(|(u, _)| mask[*u] != 0.0)
+            .map(|(u, v)| (u, *v as f64 - saved))
+            .collect();
+        alive.sort_by(|a, b| a.1.total_cmp(&b.1));
+        for chunk in alive.chunks(group(structure).max(1)) {
+            out.push(Group { structure, block, units: chunk.iter().map(|u| u.0).collect(), score: chunk.iter().map(|u| u.1).sum() });
+        }
+    }
+    out.sort_by(|a, b| a.score.total_cmp(&b.score));
+    out
+}
+
+/// Prunes `g` unless that would empty its structure in its block (one unit stays, and for EMB
+/// one group of `emb_group`); whether it did.
+fn remove(g: &Group, masks: &mut Masks, emb_group: usize) -> bool {
+    let mask = masks.get_mut(g.structure, g.block);
+    let alive = mask.iter().filter(|m| **m != 0.0).count();
+    let floor = if g.structure == Structure::Emb { emb_group.min(alive) } else { 1 };
+    if alive < g.units.len() + floor {
+        return false;
+    }
+    for &u in &g.units {
+        mask[u] = 0.0;
+    }
+    true
+}
+
+/// Global ranking: prunes the `n` lowest of `groups` (ascending) that can go; how many did.
+pub fn prune_lowest(groups: &[Group], masks: &mut Masks, n: usize, emb_group: usize) -> usize {
+    let mut pruned = 0;
+    for g in groups {
+        if pruned == n {
+            break;
+        }
+        if remove(g, masks, emb_group) {
+            pruned += 1;
+        }
+    }
+    pruned
+}
+
+/// Isomorphic ranking: each structure type (EMB, heads, QK, V, MLP) loses its lowest groups
+/// across blocks until `fraction` of its alive units are gone, so a head is only ever ranked
+/// against heads. The types' removals are interleaved by their progress through their own
+/// quota and stop as soon as `reached(masks)`, so a step ends at the latency target rather than
+/// past it. Returns how many groups went (0: nothing can).
+pub fn prune_isomorphic(groups: &[Group], masks: &mut Masks, fraction: f64, emb_group: usize, mut reached: impl FnMut(&Masks) -> bool) -> usize {
+    let mut queue: Vec<(f64, &Group)> = Vec::new();
+    for s in Structure::ALL {
+        // The types' masks are disjoint: which of a type's groups can go is decided on a copy.
+        let mut trial = masks.clone();
+        let alive: usize = trial.slots().into_iter().filter(|(t, _)| *t == s).map(|(t, b)| trial.get(t, b).iter().filter(|m| **m != 0.0).count()).sum();
+        let quota = (fraction * alive as f64).ceil() as usize;
+        let mut taken = 0;
+        let mut chosen = Vec::new();
+        for g in groups.iter().filter(|g| g.structure == s) {
+            if taken >= quota {
+                break;
+            }
+            if remove(g, &mut trial, emb_group) {
+                taken += g.units.len();
+                chosen.push(g);
+            }
+        }
+        let n = chosen.len() as f64;
+        queue.extend(chosen.into_iter().enumerate().map(|(k, g)| ((k as f64 + 0.5) / n, g)));
+    }
+    queue.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut pruned = 0;
+    for (_, g) in queue {
+        if remove(g, masks, emb_group) {
+            pruned += 1;
+            if reached(masks) {
+                break;
+            }
+        }
+    }
+    pruned
+}
+
+/// Uniform allocation: every structure of every block keeps `keep` of its original width
+/// (at least one unit), its lowest-scored units going first.
+pub fn prune_uniform(scores: &Masks, masks: &mut Masks, keep: f64) {
+    for (structure, block) in masks.slots() {
+        let score = scores.get(structure, block);
+        let mask = masks.get_mut(structure, block);
+        let target = ((mask.len() as f64 * keep).round() as usize).max(1);
+        let mut alive: Vec<usize> = (0..mask.len()).filter(|&u| mask[u] != 0.0).collect();
+        alive.sort_by(|&a, &b| score[a].total_cmp(&score[b]));
+        for &u in &alive[..alive.len().saturating_sub(target)] {
+            mask[u] = 0.0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::VitConfig;
+
+    fn table() -> LatencyTable {
+        let grid = crate::prune::Grid { emb: vec![8, 16], heads: vec![1, 4], qk: vec![1, 8], v: vec![1, 8], mlp: vec![1, 32] };
+        let values = grid.points().iter().map(|(e, d)| 1e-3 * (*e * (d.heads * (d.qk + d.v) + d.mlp)) as f64).collect();
+        LatencyTable::new(grid, values).unwrap()
+    }
+
+    /// Group sizes: EMB 4, heads 2, QK 2, V 2, MLP 8.
+    fn sizes(s: Structure) -> usize {
+        match s {
+            Structure::Emb => 4,
+            Structure::Mlp => 8,
+            _ => 2,
+        }
+    }
+
+    #[test]
+    fn uniform_allocation_keeps_the_same_fraction_everywhere_lowest_scores_first() {
+        let config = VitConfig { blocks: vec![BlockDims { heads: 4, qk: 8, v: 8, mlp: 40 }; 3], embed_dim: 20, ..VitConfig::preset("deit-tiny").unwrap() };
+        let mut scores = Masks::filled(&config, 1.0);
+        scores.get_mut(Structure::Mlp, 1)[7] = 0.0;
+        let mut masks = Masks::ones(&config);
+        prune_uniform(&scores, &mut masks, 0.75);
+        let (e, dims) = masks.surviving_dims();
+        assert_eq!(e, 15);
+        assert!(dims.iter().all(|d| *d == BlockDims { heads: 3, qk: 6, v: 6, mlp: 30 }), "{dims:?}");
+        assert_eq!(masks.get(Structure::Mlp, 1)[7], 0.0, "the lowest-scored unit went first");
+        prune_uniform(&scores, &mut masks, 0.0);
+        assert!(masks.surviving_dims().1.iter().all(|d| *d == BlockDims { heads: 1, qk: 1, v: 1, mlp: 1 }));
+    }
+
+    #[test]
+    fn never_prunes_a_structure_below_one_group() {
+        let c = VitConfig::uniform(16, 4, 3, 16, 2, 4, 2.0, 5, false);
+        let mut masks = Masks::ones(&c);
+        let scores = Masks::filled(&c, 0.0);
+        for _ in 0..200 {
+            let g = groups(&scores, &masks, &table(), 0.0, sizes);
+            prune_lowest(&g, &mut masks, 3, 4);
+        }
+        // Groups are pruned whole, so exactly one group of each structure stays.
+        let (e, dims) = masks.surviving_dims();
+        assert_eq!(e, 4, "one EMB group stays");
+        for d in dims {
+            assert_eq!(d, BlockDims { heads: 2, qk: 2, v: 2, mlp: 8 }, "one group of each structure stays");
+        }
+    }
+
+    #[test]
+    fn the_lowest_adjusted_groups_go_first_across_the_whole_network() {
+        let c = VitConfig::uniform(16, 4, 3, 16, 2, 4, 2.0, 5, false);
+        let mut scores = Masks::filled(&c, 10.0);
+        for u in [3, 9, 17, 30] {
+            scores.get_mut(Structure::Mlp, 1)[u] = 0.01;
+        }
+        let mut masks = Masks::ones(&c);
+        let g = groups(&scores, &masks, &table(), 0.0, |s| if s == Structure::Mlp { 4 } else { sizes(s) });
+        assert_eq!((g[0].structure, g[0].block), (Structure::Mlp, 1));
+        assert_eq!(g[0].units, [3, 9, 17, 30]);
+        prune_lowest(&g, &mut masks, 1, 4);
+        assert_eq!(masks.surviving_dims().1[1].mlp, 28);
+        assert_eq!(masks.surviving_dims().1[0].mlp, 32);
+    }
+
+    /// Heads scored far below everything else: a global ranking takes only heads, an
+    /// isomorphic one the same fraction of every type, each type's lowest blocks first.
+    #[test]
+    fn isomorphic_ranking_prunes_every_type_by_the_same_fraction_within_the_type() {
+        // Two blocks of 4 heads (qk 4, v 4), MLP 32, E 16.
+        let c = VitConfig::uniform(16, 4, 3, 16, 2, 4, 2.0, 5, false);
+        let mut scores = Masks::filled(&c, 10.0);
+        for b in 0..2 {
+            scores.get_mut(Structure::Head, b).iter_mut().for_each(|v| *v = 0.0);
+        }
+        // Block 1's MLP units are the least salient MLP units of the network.
+        scores.get_mut(Structure::Mlp, 1).iter_mut().for_each(|v| *v = 1.0);
+        let g = groups(&scores, &Masks::ones(&c), &table(), 0.0, |_| 1);
+        let mut global = Masks::ones(&c);
+        prune_lowest(&g, &mut global, 4, 1);
+        let (e, dims) = global.surviving_dims();
+        assert_eq!((e, dims.iter().map(|d| d.heads).sum::<usize>()), (16, 4), "global: four heads, nothing else");
+        assert!(dims.iter().all(|d| d.mlp == 32 && d.qk == 4));
+
+        let mut iso = Masks::ones(&c);
+        let n = prune_isomorphic(&g, &mut iso, 0.25, 1, |_| false);
+        let (e, dims) = iso.surviving_dims();
+        let total = |f: fn(&BlockDims) -> usize| dims.iter().map(f).sum::<usize>();
+        assert_eq!(e, 12, "a quarter of EMB");
+        assert_eq!(total(|d| d.heads), 6, "a quarter of the heads");
+        assert_eq!((total(|d| d.qk), total(|d| d.v)), (6, 6), "a quarter of QK and of V");
+        assert_eq!((dims[0].mlp, dims[1].mlp), (32, 16), "a quarter of the MLP units, all from block 1");
+        assert_eq!(n, 4 + 2 + 2 + 2 + 16);
+
+        // Stopped by the target after the first group.
+        let mut once = Masks::ones(&c);
+        assert_eq!(prune_isomorphic(&g, &mut once, 0.25, 1, |_| true), 1);
+    }
+
+    #[test]
+    fn latency_credit_favours_units_that_save_time_and_stops_at_the_floors() {
+        let t = table();
+        let d = BlockDims { heads: 4, qk: 8, v: 8, mlp: 32 };
+        assert!(latency_saved(&t, 16, &[d], Structure::Mlp, 0) > 0.0);
+        let floor = BlockDims { heads: 2, qk: 8, v: 8, mlp: 16 };
+        for s in [Structure::Head, Structure::Qk, Structure::V, Structure::Mlp] {
+            assert_eq!(latency_saved(&t, 16, &[floor], s, 0), 0.0, "{s:?}");
+        }
+        let emb = latency_saved(&t, 16, &[d, d], Structure::Emb, 0);
+        assert!((emb - 2.0 * (t.lookup(16, &d) - t.lookup(15, &d))).abs() < 1e-15);
+    }
+}
