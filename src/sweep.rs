@@ -421,6 +421,21 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
         w.write_record(&record)?;
     }
     atomic_write(&root.join("sweep.csv"), &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    let spread = keys.iter().any(|k| k.as_str() == SEED_KEY).then(|| {
+        let rows: Vec<(String, table::Row, Option<f64>)> = lines
+            .iter()
+            .zip(&reached)
+            .map(|((point, row), reached)| {
+                let setting = point.values.iter().filter(|(k, _)| k.as_str() != SEED_KEY).map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+                (setting, row.clone(), *reached)
+            })
+            .collect();
+        table::over_seeds(&rows)
+    });
+    if let Some(spread) = spread.as_ref().filter(|s| !s.is_empty()) {
+        table::write_csv(&root.join("seeds.csv"), spread)?;
+        plots::accuracy_spread(&root.join("seeds.svg"), spread)?;
+    }
     // Each point's models labelled by the point, but a model that several points share (the
     // dense baseline, from one cached stage) once, under its own name.
     let mut plotted: Vec<table::Row> = Vec::new();
@@ -446,6 +461,14 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
         format!("throughput is measured {}", crate::machine::MEASURED_ALONE),
         table::markdown(&lines.iter().map(|(p, r)| table::Row { model: format!("{} {}", p.name, r.model), ..r.clone() }).collect::<Vec<_>>()),
     );
+    let readme = match spread.filter(|s| !s.is_empty()) {
+        Some(spread) => format!(
+            "{readme}\n## Over seeds\n\n`seeds.csv`: each model of each setting over the points that differ only in `{SEED_KEY}`, its top-1 \
+             mean and sample standard deviation, and its speedup's.\n\n{}\n![mean top-1 with one standard deviation against measured speedup](seeds.svg)\n",
+            table::spread_markdown(&spread)
+        ),
+        None => readme,
+    };
     atomic_write(&root.join("README.md"), readme.as_bytes())?;
     Ok(format!(
         "sweep {}: {finished} of {} points finished; table in {}",
@@ -454,6 +477,10 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
         root.join("sweep.csv").display()
     ))
 }
+
+/// The grid key whose values repeat one experiment rather than change it: a sweep over it
+/// also writes each row's mean and spread (`seeds.csv`, `seeds.svg`).
+const SEED_KEY: &str = "pipeline.seed";
 
 fn table_columns() -> Vec<String> {
     ["model", "dataset", "top1", "top5", "params_m", "gflops", "images_per_s", "speedup", "resolution", "latency_target", "backend", "device"]

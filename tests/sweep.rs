@@ -221,3 +221,38 @@ fn a_point_on_devices_the_backend_lacks_is_refused_before_anything_runs() {
     assert!(err.contains("point `throughput_batch-") && err.contains("names 1: the ndarray backend has one device, 0"), "{err}");
     assert!(!dir.path().join("cache").exists());
 }
+
+/// A grid over `pipeline.seed` repeats the points: stages that pin their own seed (the dense
+/// model) run once, the others once per seed, and `seeds.csv` gives each model's mean and
+/// spread over the seeds, `seeds.svg` plots them.
+#[test]
+fn a_seed_grid_shares_the_pinned_stages_and_writes_mean_and_spread() {
+    let dir = tempfile::tempdir().unwrap();
+    common::tiny_pipeline(
+        dir.path(),
+        "seed = 5\n\n[stages.tune]\nkind = \"train\"\ninput = \"train\"\nepochs = 1\nbatch_size = 16\nwarmup_epochs = 0\n\n[stages.evaluate_tune]\nkind = \"evaluate\"\nbatch_size = 32\nthroughput_batch = 8\nthroughput_repeats = 2\nwarmup = 1\n",
+    );
+    let sweep = dir.path().join("sweeps/seeds.toml");
+    std::fs::create_dir_all(sweep.parent().unwrap()).unwrap();
+    std::fs::write(&sweep, "pipeline = \"../tiny.toml\"\n[set]\n\"stages.train.seed\" = 5\n\"stages.train.epochs\" = 1\n[grid]\n\"pipeline.seed\" = [1, 2]\n").unwrap();
+    let (code, out, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap()]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 of 2 points finished"), "{out}");
+    let logs: String = std::fs::read_dir(dir.path().join("runs/sweeps/seeds")).unwrap().map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default()).collect();
+    assert_eq!(logs.matches(" train: running ").count(), 1, "the pinned dense model is shared: {logs}");
+    assert_eq!(logs.matches(" tune: running ").count(), 2, "one fine-tuning per seed: {logs}");
+
+    let results = dir.path().join("results/seeds");
+    let mut reader = csv::Reader::from_path(results.join("seeds.csv")).unwrap();
+    let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+    assert_eq!(header[..5], ["setting", "model", "seeds", "top1_mean", "top1_std"]);
+    let rows: Vec<Vec<String>> = reader.records().map(|r| r.unwrap().iter().map(String::from).collect()).collect();
+    assert_eq!(rows.iter().map(|r| (r[1].as_str(), r[2].as_str())).collect::<Vec<_>>(), [("train", "2"), ("tune", "2")], "{rows:?}");
+    assert_eq!(rows[0][4].parse::<f64>().unwrap(), 0.0, "one dense model: no spread");
+    let sweep_csv = std::fs::read_to_string(results.join("sweep.csv")).unwrap();
+    let tune: Vec<f64> = sweep_csv.lines().filter(|l| l.contains(",tune,")).map(|l| l.split(',').nth(4).unwrap().parse().unwrap()).collect();
+    assert_eq!(tune.len(), 2, "{sweep_csv}");
+    assert!((rows[1][3].parse::<f64>().unwrap() - (tune[0] + tune[1]) / 2.0).abs() < 1e-9, "the mean of the seeds' top-1: {rows:?} {tune:?}");
+    assert!(results.join("seeds.svg").exists());
+    assert!(std::fs::read_to_string(results.join("README.md")).unwrap().contains("## Over seeds"));
+}

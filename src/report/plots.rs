@@ -7,7 +7,7 @@ use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::table::{PruneStep, Row, Widths};
+use super::table::{PruneStep, Row, Spread, Widths};
 use crate::model::BlockDims;
 
 /// Black for the first (dense) model, then matplotlib's tab10.
@@ -111,25 +111,52 @@ pub fn widths(path: &Path, models: &[Widths]) -> Result<()> {
 /// Top-1 of each measured model against its measured speedup over the dense model, each point
 /// labelled: the accuracy-for-speed trade-off at a glance.
 pub fn accuracy(path: &Path, rows: &[Row]) -> Result<()> {
+    let points: Vec<Point> = rows.iter().filter_map(|r| Some(Point { x: r.speedup?, y: r.top1, spread: 0.0, label: format!("{} {:.2}", r.model, r.top1) })).collect();
+    scatter(path, "top-1 against measured speedup", &points)
+}
+
+/// [`accuracy`] over seeds: each row's mean top-1 against its mean speedup, with a bar of one
+/// standard deviation either side.
+pub fn accuracy_spread(path: &Path, rows: &[Spread]) -> Result<()> {
+    let points: Vec<Point> = rows
+        .iter()
+        .filter_map(|r| {
+            let name = if r.setting.is_empty() { r.model.clone() } else { format!("{} {}", r.setting, r.model) };
+            Some(Point { x: r.speedup_mean?, y: r.top1_mean, spread: r.top1_std, label: format!("{name} {:.2}±{:.2}", r.top1_mean, r.top1_std) })
+        })
+        .collect();
+    scatter(path, "top-1 (mean ± std over seeds) against measured speedup", &points)
+}
+
+struct Point {
+    x: f64,
+    y: f64,
+    spread: f64,
+    label: String,
+}
+
+fn scatter(path: &Path, title: &str, points: &[Point]) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
-    let points: Vec<(f64, f64, &str)> = rows.iter().filter_map(|r| Some((r.speedup?, r.top1, r.model.as_str()))).collect();
-    let (lo, hi) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
-    let x_hi = points.iter().map(|p| p.0).fold(1.0, f64::max);
+    let (lo, hi) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.y - p.spread), hi.max(p.y + p.spread)));
+    let x_hi = points.iter().map(|p| p.x).fold(1.0, f64::max);
     let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let pad = ((hi - lo) * 0.15).max(0.5);
     let mut chart = ChartBuilder::on(&root)
-        .caption("top-1 against measured speedup", ("sans-serif", 16))
+        .caption(title, ("sans-serif", 16))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(48)
         .build_cartesian_2d(0.8f64..x_hi * 1.15, lo - pad..hi + pad)
         .map_err(|e| err(&e))?;
     chart.configure_mesh().x_desc("speedup over the dense model (measured)").y_desc("top-1 (%)").draw().map_err(|e| err(&e))?;
-    for (i, &(x, y, name)) in points.iter().enumerate() {
+    for (i, p) in points.iter().enumerate() {
         let c = color(i);
-        chart.draw_series([Circle::new((x, y), 4, c.filled())]).map_err(|e| err(&e))?;
-        chart.draw_series([Text::new(format!("{name} {y:.2}"), (x, y), ("sans-serif", 12).into_font().color(&c))]).map_err(|e| err(&e))?;
+        if p.spread > 0.0 {
+            chart.draw_series([PathElement::new(vec![(p.x, p.y - p.spread), (p.x, p.y + p.spread)], c.stroke_width(2))]).map_err(|e| err(&e))?;
+        }
+        chart.draw_series([Circle::new((p.x, p.y), 4, c.filled())]).map_err(|e| err(&e))?;
+        chart.draw_series([Text::new(p.label.clone(), (p.x, p.y), ("sans-serif", 12).into_font().color(&c))]).map_err(|e| err(&e))?;
     }
     root.present().map_err(|e| err(&e))
 }

@@ -91,6 +91,91 @@ pub fn measured_rows(models: &[(serde_json::Value, Option<f64>)]) -> Result<Vec<
         .collect()
 }
 
+/// One row of a seed sweep's `seeds.csv`: a model of one setting, measured once per seed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Spread {
+    /// The point's grid values other than the seed (empty when the seed is the only axis).
+    pub setting: String,
+    pub model: String,
+    pub seeds: usize,
+    pub top1_mean: f64,
+    /// Sample standard deviation (n - 1); 0 for one seed.
+    pub top1_std: f64,
+    pub top1_min: f64,
+    pub top1_max: f64,
+    pub speedup_mean: Option<f64>,
+    pub speedup_std: Option<f64>,
+    pub params_m_mean: f64,
+    pub latency_target: Option<f64>,
+    pub latency_reached_mean: Option<f64>,
+}
+
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 { xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+/// Rows of a sweep whose points differ only in their seed gathered per (setting, model), in
+/// the order each first appears: `(setting, row, latency reached)` in, mean and spread out.
+pub fn over_seeds(rows: &[(String, Row, Option<f64>)]) -> Vec<Spread> {
+    let mut keys: Vec<(&str, &str)> = Vec::new();
+    for (setting, row, _) in rows {
+        if !keys.contains(&(setting.as_str(), row.model.as_str())) {
+            keys.push((setting, &row.model));
+        }
+    }
+    keys.into_iter()
+        .map(|(setting, model)| {
+            let same: Vec<&(String, Row, Option<f64>)> = rows.iter().filter(|(s, r, _)| s == setting && r.model == model).collect();
+            let all = |f: &dyn Fn(&(String, Row, Option<f64>)) -> Option<f64>| -> Option<Vec<f64>> { same.iter().map(|r| f(r)).collect() };
+            let top1: Vec<f64> = same.iter().map(|(_, r, _)| r.top1).collect();
+            let (top1_mean, top1_std) = mean_std(&top1);
+            let speedup = all(&|(_, r, _)| r.speedup).map(|v| mean_std(&v));
+            Spread {
+                setting: setting.to_string(),
+                model: model.to_string(),
+                seeds: same.len(),
+                top1_mean,
+                top1_std,
+                top1_min: top1.iter().copied().fold(f64::INFINITY, f64::min),
+                top1_max: top1.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                speedup_mean: speedup.map(|s| s.0),
+                speedup_std: speedup.map(|s| s.1),
+                params_m_mean: mean_std(&same.iter().map(|(_, r, _)| r.params_m).collect::<Vec<_>>()).0,
+                latency_target: same[0].1.latency_target,
+                latency_reached_mean: all(&|(_, _, reached)| *reached).map(|v| mean_std(&v).0),
+            }
+        })
+        .collect()
+}
+
+/// A Markdown rendering of a seed summary for the generated README.
+pub fn spread_markdown(rows: &[Spread]) -> String {
+    let mut s = String::from("| setting | model | seeds | top-1 mean ± std | min – max | params (M) | est. latency reached | measured speedup |\n|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        let speedup = match (r.speedup_mean, r.speedup_std) {
+            (Some(m), Some(sd)) => format!("{m:.2} ± {sd:.2}"),
+            _ => "—".into(),
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.2} ± {:.2} | {:.2} – {:.2} | {:.3} | {} | {} |\n",
+            r.setting,
+            r.model,
+            r.seeds,
+            r.top1_mean,
+            r.top1_std,
+            r.top1_min,
+            r.top1_max,
+            r.params_m_mean,
+            r.latency_reached_mean.map_or("—".into(), |v| format!("{v:.3}")),
+            speedup
+        ));
+    }
+    s
+}
+
 /// Per-block widths of one model, as `dims.csv` lists them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Widths {
@@ -198,6 +283,40 @@ pub fn markdown(rows: &[Row]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seeds_are_gathered_per_setting_and_model_with_the_sample_spread() {
+        let row = |model: &str, top1: f64, speedup: f64| Row {
+            source: "measured".into(),
+            model: model.into(),
+            dataset: "d".into(),
+            top1,
+            top5: None,
+            params_m: 1.0,
+            gflops: 1.0,
+            images_per_s: Some(100.0),
+            speedup: Some(speedup),
+            resolution: 28,
+            latency_target: Some(0.5),
+            backend: String::new(),
+            device: String::new(),
+        };
+        let rows = vec![
+            (String::new(), row("a", 80.0, 2.0), Some(0.49)),
+            (String::new(), row("b", 70.0, 1.0), None),
+            (String::new(), row("a", 82.0, 2.2), Some(0.47)),
+            (String::new(), row("a", 84.0, 2.4), Some(0.48)),
+            ("x=1".into(), row("a", 50.0, 1.0), None),
+        ];
+        let s = over_seeds(&rows);
+        assert_eq!(s.iter().map(|r| (r.setting.as_str(), r.model.as_str(), r.seeds)).collect::<Vec<_>>(), [("", "a", 3), ("", "b", 1), ("x=1", "a", 1)]);
+        assert!((s[0].top1_mean - 82.0).abs() < 1e-12 && (s[0].top1_std - 2.0).abs() < 1e-12, "{:?}", s[0]);
+        assert_eq!((s[0].top1_min, s[0].top1_max), (80.0, 84.0));
+        assert!((s[0].speedup_std.unwrap() - 0.2).abs() < 1e-9);
+        assert!((s[0].latency_reached_mean.unwrap() - 0.48).abs() < 1e-12);
+        assert_eq!((s[1].top1_std, s[1].latency_reached_mean), (0.0, None), "one seed: no spread; no prune: no latency");
+        assert!(spread_markdown(&s).contains("| 82.00 ± 2.00 | 80.00 – 84.00 |"));
+    }
 
     #[test]
     fn speedup_is_over_the_first_model_and_paper_rows_are_marked() {
