@@ -90,6 +90,27 @@ fn known_table(dir: &std::path::Path) -> std::path::PathBuf {
     table
 }
 
+/// The tiny pipeline's train, the known latency table and a prune stage with `settings` (lines
+/// of its table) and small groups, run; the prune stage's `pruning_log.csv`.
+fn prune_log(dir: &std::path::Path, settings: &str) -> String {
+    let cache = Cache { root: dir.join("cache") };
+    let stages = format!(
+        "{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\n{settings}interval = 2\ngroup_emb = 4\ngroup_qk = 2\ngroup_v = 2\ngroup_mlp = 4\nbatch_size = 16\nkd_weight = 1.0\n"
+    );
+    let path = tiny_pipeline(dir, &stages);
+    let table = known_table(dir);
+    let p = load(&path, &["stages.train.epochs=1", &format!("stages.latency.table=\"{}\"", table.display())]);
+    let mut pl = plan(&p, &cache);
+    execute(&p, &mut pl, &cache);
+    let entry = cache.entry_dir(&pl.stages.iter().find(|s| s.spec.name == "prune").unwrap().key);
+    std::fs::read_to_string(entry.join("pruning_log.csv")).unwrap()
+}
+
+/// The estimated latency, as a fraction of dense, after each pruning step of a log.
+fn latency_ratios(log: &str) -> Vec<f64> {
+    log.lines().skip(1).map(|l| l.split(',').nth(3).unwrap().parse().unwrap()).collect()
+}
+
 #[test]
 fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
     let dir = tempfile::tempdir().unwrap();
@@ -108,7 +129,7 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
     let dir_of = |name: &str| cache.entry_dir(&pl.stages.iter().find(|s| s.spec.name == name).unwrap().key);
     let log = std::fs::read_to_string(dir_of("prune").join("pruning_log.csv")).unwrap();
     assert_eq!(std::fs::read_to_string(dir.path().join("results/tiny/pruning_log_prune.csv")).unwrap(), log, "published");
-    let ratios: Vec<f64> = log.lines().skip(1).map(|l| l.split(',').nth(3).unwrap().parse().unwrap()).collect();
+    let ratios = latency_ratios(&log);
     assert!(ratios.len() >= 2, "{log}");
     assert!(*ratios.last().unwrap() <= 0.6, "stopped at the target: {log}");
     assert!(ratios[..ratios.len() - 1].iter().all(|r| *r > 0.6), "and not later: {log}");
@@ -162,18 +183,8 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
 #[test]
 fn exact_selection_meets_each_steps_budget_and_ends_at_the_target() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache { root: dir.path().join("cache") };
-    let stages = format!(
-        "{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nlatency_target = 0.5\nselection = \"exact\"\nprune_steps = 3\ninterval = 2\ngroup_emb = 4\ngroup_qk = 2\ngroup_v = 2\ngroup_mlp = 4\nbatch_size = 16\nkd_weight = 1.0\n"
-    );
-    let path = tiny_pipeline(dir.path(), &stages);
-    let table = known_table(dir.path());
-    let p = load(&path, &["stages.train.epochs=1", &format!("stages.latency.table=\"{}\"", table.display())]);
-    let mut pl = plan(&p, &cache);
-    execute(&p, &mut pl, &cache);
-    let entry = cache.entry_dir(&pl.stages.iter().find(|s| s.spec.name == "prune").unwrap().key);
-    let log = std::fs::read_to_string(entry.join("pruning_log.csv")).unwrap();
-    let ratios: Vec<f64> = log.lines().skip(1).map(|l| l.split(',').nth(3).unwrap().parse().unwrap()).collect();
+    let log = prune_log(dir.path(), "latency_target = 0.5\nselection = \"exact\"\nprune_steps = 3\n");
+    let ratios = latency_ratios(&log);
     assert_eq!(ratios.len(), 3, "{log}");
     for (k, r) in ratios.iter().enumerate() {
         let budget = 1.0 - (k + 1) as f64 / 3.0 * 0.5;
@@ -240,22 +251,12 @@ fn exact_keeps_at_least_the_saliency_greedy_keeps_at_the_same_latency() {
 #[test]
 fn isomorphic_ranking_ends_at_the_target_and_is_refused_with_exact_or_uniform() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache { root: dir.path().join("cache") };
-    let stages = format!(
-        "{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nlatency_target = 0.5\nranking = \"isomorphic\"\nisomorphic_step = 0.1\ninterval = 2\ngroup_emb = 4\ngroup_qk = 2\ngroup_v = 2\ngroup_mlp = 4\nbatch_size = 16\nkd_weight = 1.0\n"
-    );
-    let path = tiny_pipeline(dir.path(), &stages);
-    let table = known_table(dir.path());
-    let p = load(&path, &["stages.train.epochs=1", &format!("stages.latency.table=\"{}\"", table.display())]);
-    let mut pl = plan(&p, &cache);
-    execute(&p, &mut pl, &cache);
-    let entry = cache.entry_dir(&pl.stages.iter().find(|s| s.spec.name == "prune").unwrap().key);
-    let log = std::fs::read_to_string(entry.join("pruning_log.csv")).unwrap();
-    let rows: Vec<Vec<String>> = log.lines().skip(1).map(|l| l.split(',').map(String::from).collect()).collect();
-    let ratios: Vec<f64> = rows.iter().map(|r| r[3].parse().unwrap()).collect();
+    let log = prune_log(dir.path(), "latency_target = 0.5\nranking = \"isomorphic\"\nisomorphic_step = 0.1\n");
+    let ratios = latency_ratios(&log);
     assert!(ratios.len() >= 2 && *ratios.last().unwrap() <= 0.5 && ratios[..ratios.len() - 1].iter().all(|r| *r > 0.5), "{log}");
+    let first: Vec<&str> = log.lines().nth(1).unwrap().split(',').collect();
     // The first step takes a tenth of every type, rounded up to whole groups: EMB 16 -> 12.
-    assert_eq!(rows[0][7], "12", "{log}");
+    assert_eq!(first[7], "12", "{log}");
 
     for other in ["selection = \"exact\"", "allocation = \"uniform\""] {
         let bad = tiny_pipeline(dir.path(), &format!("{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nranking = \"isomorphic\"\n{other}\n"));
