@@ -214,11 +214,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
         let kind = kinds[name];
         let key = format!("stages.{name}");
         let input_key = format!("{key}.input");
-        let given = match figment.find_value(&input_key) {
-            Err(_) => Ok(None),
-            Ok(_) => figment.extract_inner::<String>(&input_key).map(Some),
-        };
-        let input = match given {
+        let input = match optional::<String>(&figment, &input_key) {
             Ok(Some(input)) if input.is_empty() || input == "none" => None,
             Ok(Some(input)) => Some(input),
             Ok(None) if kind.starts_from_nothing() => None,
@@ -228,11 +224,10 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
                 None
             }
         };
-        let seed_key = format!("{key}.seed");
-        let seed = match figment.find_value(&seed_key) {
-            Err(_) => None,
-            Ok(_) => figment.extract_inner::<u64>(&seed_key).map_err(|e| errors.push(format_figment_error(&e))).ok(),
-        };
+        let seed = optional::<u64>(&figment, &format!("{key}.seed")).unwrap_or_else(|e| {
+            errors.push(format_figment_error(&e));
+            None
+        });
         let settings = {
             let mut table = match figment.find_value(&key) {
                 Ok(Value::Dict(_, dict)) => dict,
@@ -613,6 +608,14 @@ fn extract_or_push<'de, T: Deserialize<'de>>(
             }
         })
         .ok()
+}
+
+/// A key that may be unset: `None` then, else its value or why it has the wrong type.
+fn optional<T: serde::de::DeserializeOwned>(figment: &Figment, key: &str) -> Result<Option<T>, figment::Error> {
+    match figment.find_value(key) {
+        Err(_) => Ok(None),
+        Ok(_) => figment.extract_inner::<T>(key).map(Some),
+    }
 }
 
 fn format_figment_error(e: &figment::Error) -> String {

@@ -431,8 +431,9 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
             })
             .collect();
         table::over_seeds(&rows)
-    });
-    if let Some(spread) = spread.as_ref().filter(|s| !s.is_empty()) {
+    })
+    .filter(|s| !s.is_empty());
+    if let Some(spread) = &spread {
         table::write_csv(&root.join("seeds.csv"), spread)?;
         plots::accuracy_spread(&root.join("seeds.svg"), spread)?;
     }
@@ -461,7 +462,7 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
         format!("throughput is measured {}", crate::machine::MEASURED_ALONE),
         table::markdown(&lines.iter().map(|(p, r)| table::Row { model: format!("{} {}", p.name, r.model), ..r.clone() }).collect::<Vec<_>>()),
     );
-    let readme = match spread.filter(|s| !s.is_empty()) {
+    let readme = match spread {
         Some(spread) => format!(
             "{readme}\n## Over seeds\n\n`seeds.csv`: each model of each setting over the points that differ only in `{SEED_KEY}`, its top-1 \
              mean and sample standard deviation, and its speedup's.\n\n{}\n![mean top-1 with one standard deviation against measured speedup](seeds.svg)\n",

@@ -217,10 +217,7 @@ fn exact_keeps_at_least_the_saliency_greedy_keeps_at_the_same_latency() {
         Structure::Mlp => 8,
         _ => 2,
     };
-    let latency = |m: &Masks| {
-        let (e, dims) = m.surviving_dims();
-        table.model_latency(&nvit::model::VitConfig { embed_dim: e, blocks: dims, ..config.clone() })
-    };
+    let latency = |m: &Masks| table.model_latency(&m.surviving(&config));
     let dense = latency(&Masks::ones(&config));
     let bins = 10_000;
     let mut state = 0x2545_F491_4F6C_DD1Du64;

@@ -143,6 +143,12 @@ impl Masks {
         (alive(&self.emb), blocks)
     }
 
+    /// `config` at the widths that survive: the model the masks leave.
+    pub fn surviving(&self, config: &VitConfig) -> VitConfig {
+        let (embed_dim, blocks) = self.surviving_dims();
+        VitConfig { embed_dim, blocks, ..config.clone() }
+    }
+
     /// Multiplies every unit's parameters in `set` by its value.
     pub fn apply<B: Backend>(&self, model: Vit<B>, set: ParamSet) -> Vit<B> {
         let units = self.to_tensors(&model.cls_token.device());

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{at_least_one, non_negative, positive, Extras, KeyDoc, StageContext};
 use crate::data::Split;
-use crate::model::{checkpoint, Vit, VitConfig};
+use crate::model::{checkpoint, Vit};
 use crate::files::atomic_write;
 use crate::prune::saliency::{gate_gradients, rng, score};
 use crate::prune::{compact, greedy, Criterion, LatencyTable, Masks, Normalizers, Structure};
@@ -320,10 +320,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                     }
                     _ => avg,
                 };
-                let ratio_of = |m: &Masks| {
-                    let (e, dims) = m.surviving_dims();
-                    table.model_latency(&VitConfig { embed_dim: e, blocks: dims, ..config.clone() }) / dense_latency
-                };
+                let ratio_of = |m: &Masks| table.model_latency(&m.surviving(&config)) / dense_latency;
                 exhausted = match (s.selection, s.allocation, s.ranking) {
                     (Selection::Exact, ..) => {
                         let done = ((state.prune_step + 1) as f64 / s.prune_steps as f64).min(1.0);
@@ -354,11 +351,11 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                 state.smoothed = Some(current);
                 student = state.masks.apply_trainable(student);
                 state.prune_step += 1;
-                let (e, dims) = state.masks.surviving_dims();
-                let now = VitConfig { embed_dim: e, blocks: dims.clone(), ..config.clone() };
+                let now = state.masks.surviving(&config);
                 let latency = table.model_latency(&now);
                 state.ratio = latency / dense_latency;
-                let widths = dims.iter().map(|d| format!("{}/{}/{}/{}", d.heads, d.qk, d.v, d.mlp)).collect::<Vec<_>>().join(" ");
+                let e = now.embed_dim;
+                let widths = now.blocks.iter().map(|d| format!("{}/{}/{}/{}", d.heads, d.qk, d.v, d.mlp)).collect::<Vec<_>>().join(" ");
                 let (step, prune_step, ratio, loss) = (state.step, state.prune_step, state.ratio, state.last_loss);
                 state.log.push_str(&format!("{step},{prune_step},{latency:e},{ratio:.5},{},{},{loss:.5},{e},{widths}\n", now.params(), now.flops()));
                 progress.update(to_remove(ratio), &format!("step {prune_step}: latency {ratio:.3} of dense, loss {loss:.4}"));
@@ -428,6 +425,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::VitConfig;
 
     /// The student keeps training while it is pruned: zeroing the pruned units after every
     /// step leaves the other weights trainable (a product inside the autodiff graph froze the
