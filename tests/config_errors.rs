@@ -128,6 +128,11 @@ fn prune_settings_and_stage_references_are_checked() {
     assert!(e.contains("p.toml: stages.p.latency_target: must be in (0, 1], got 1.5"), "{e}");
     let e = errors(&format!("{OK}[stages.p]\nkind = \"prune\"\n"), &[]);
     assert!(e.contains("p.toml: stages.p.latency: is required: the name of a profile_latency stage"), "{e}");
+    // Issue 15's keys: an unknown ranking, and a step fraction outside (0, 1).
+    let e = errors(&format!("{OK}[stages.latency]\nkind = \"profile_latency\"\n[stages.p]\nkind = \"prune\"\nlatency = \"latency\"\nranking = \"isomorphc\"\n"), &[]);
+    assert!(e.contains("p.toml: stages.p.ranking: unknown variant: found `isomorphc`"), "{e}");
+    let e = errors(&format!("{OK}[stages.latency]\nkind = \"profile_latency\"\n[stages.p]\nkind = \"prune\"\nlatency = \"latency\"\nisomorphic_step = 1.5\n"), &[]);
+    assert!(e.contains("p.toml: stages.p.isomorphic_step: must be in (0, 1), got 1.5"), "{e}");
 }
 
 #[test]
