@@ -83,12 +83,6 @@ impl Loader {
         }
     }
 
-    /// The same loader reading the split in order, for deterministic passes.
-    pub fn without_shuffle(mut self) -> Self {
-        self.shuffle = false;
-        self
-    }
-
     pub fn dataset(&self) -> &Arc<dyn Dataset> {
         &self.dataset
     }

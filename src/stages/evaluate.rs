@@ -53,7 +53,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
         anyhow::bail!("evaluate needs a model: give it an `input` stage (load_pretrained, train, ...)");
     };
     let config = model.config.clone();
-    let loader = ctx.loader(s.split, &config, s.batch_size, None)?;
+    let loader = ctx.loader(s.split, &config, s.batch_size, false, None)?;
     let ce = CrossEntropyLossConfig::new().init(device);
     let (mut top1, mut top5, mut seen, mut loss_sum) = (0usize, 0usize, 0usize, 0.0);
     let mut progress = ctx.log.progress(&ctx.spec.name, loader.batches_per_epoch() as u64);

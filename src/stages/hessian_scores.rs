@@ -34,7 +34,7 @@ pub const KEYS: &[KeyDoc] = &[
     ("batches", "integer", "minibatches the scores are averaged over"),
     ("batch_size", "integer", "images per minibatch"),
     ("split", "string", "`train` or `val`"),
-    ("shuffle", "bool", "shuffle the split (false + augment false: deterministic)"),
+    ("shuffle", "bool", "read the split in a seeded random order (false: in file order; with augment false the scores are then deterministic)"),
     ("augment", "bool", "training transforms (else the evaluation transform)"),
     ("normalizer_emb", "float", "c for EMB units (unset: the number of blocks)"),
     ("normalizer_head", "float", "c for heads"),
@@ -87,10 +87,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &HessianScoresSettings)
     };
     // Scores are taken in evaluation mode: no stochastic depth.
     let model = model.without_drop_path();
-    let mut loader = ctx.loader(s.split, &model.config, s.batch_size, s.augment.then(Extras::default))?;
-    if !s.shuffle {
-        loader = loader.without_shuffle();
-    }
+    let loader = ctx.loader(s.split, &model.config, s.batch_size, s.shuffle, s.augment.then(Extras::default))?;
     let normalizers = s.normalizers();
     let mut random = rng(ctx.seed());
     let mut total = Masks::filled(&model.config, 0.0);

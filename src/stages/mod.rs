@@ -358,8 +358,10 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
     }
 
     /// A loader for `split` shaped for `model`: the dataset's random-resized crop and flip plus
-    /// `augment`'s extras when `augment` is given, evaluation transforms otherwise.
-    pub fn loader(&self, split: Split, model: &VitConfig, batch_size: usize, augment: Option<Extras>) -> Result<Loader> {
+    /// `augment`'s extras when `augment` is given, evaluation transforms otherwise. A `shuffle`d
+    /// pass is a training pass, in the stage seed's order each epoch, without a short last batch;
+    /// it does not depend on `augment` (a prune stage without augmentation still trains).
+    pub fn loader(&self, split: Split, model: &VitConfig, batch_size: usize, shuffle: bool, augment: Option<Extras>) -> Result<Loader> {
         let data = &self.pipeline.dataset;
         let dataset = self.open(split)?;
         if dataset.num_classes() > model.num_classes {
@@ -369,7 +371,6 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
                 model.num_classes
             );
         }
-        let train = augment.is_some();
         let mut transform = data.eval_transform(model.image_size, model.in_chans);
         if let Some(extras) = augment {
             transform.mode = Mode::Train(TrainAugment {
@@ -383,8 +384,8 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
             transform,
             LoaderOptions {
                 batch_size,
-                shuffle: train,
-                drop_last: train,
+                shuffle,
+                drop_last: shuffle,
                 seed: self.seed(),
                 workers: data.workers,
                 prefetch: data.prefetch,

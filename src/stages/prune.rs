@@ -250,7 +250,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     let teachers: Vec<Vit<B::InnerBackend>> = ctx.devices.iter().map(|d| teacher.clone().to_device(d)).collect();
     let config = student.config.clone();
     let dense_latency = table.model_latency(&config);
-    let loader = ctx.loader(Split::Train, &config, s.batch_size, s.augment.then(Extras::default))?;
+    let loader = ctx.loader(Split::Train, &config, s.batch_size, true, s.augment.then(Extras::default))?;
     let normalizers = Normalizers::default();
     let seed = ctx.seed();
 

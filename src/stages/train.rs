@@ -197,7 +197,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
     let teachers: Vec<Option<Vit<B::InnerBackend>>> =
         ctx.devices.iter().map(|d| teacher.clone().map(|t| in_precision(t.to_device(d), half))).collect();
     let mixer = Mixer { mixup: s.mixup, cutmix: s.cutmix, label_smoothing: s.label_smoothing, classes: config.num_classes };
-    let loader = ctx.loader(Split::Train, &config, s.batch_size, s.extras())?;
+    let loader = ctx.loader(Split::Train, &config, s.batch_size, true, s.extras())?;
     let steps_per_epoch = s.steps_per_epoch.map_or(loader.batches_per_epoch(), |c| c.min(loader.batches_per_epoch()));
     if steps_per_epoch == 0 {
         anyhow::bail!(
