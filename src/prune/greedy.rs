@@ -82,19 +82,29 @@ pub fn groups(scores: &Masks, masks: &Masks, table: &LatencyTable, eta: f64, gro
     out
 }
 
-/// Prunes `g` unless that would empty its structure in its block (one unit stays, and for EMB
-/// one group of `emb_group`); whether it did.
-fn remove(g: &Group, masks: &mut Masks, emb_group: usize) -> bool {
-    let mask = masks.get_mut(g.structure, g.block);
-    let alive = mask.iter().filter(|m| **m != 0.0).count();
+/// Whether `g` can go without emptying its structure in its block (one unit stays, and for
+/// EMB one group of `emb_group`).
+fn removable(g: &Group, masks: &Masks, emb_group: usize) -> bool {
+    let alive = masks.get(g.structure, g.block).iter().filter(|m| **m != 0.0).count();
     let floor = if g.structure == Structure::Emb { emb_group.min(alive) } else { 1 };
-    if alive < g.units.len() + floor {
+    alive >= g.units.len() + floor
+}
+
+/// Prunes `g` if it is [`removable`]; whether it did.
+fn remove(g: &Group, masks: &mut Masks, emb_group: usize) -> bool {
+    if !removable(g, masks, emb_group) {
         return false;
     }
+    let mask = masks.get_mut(g.structure, g.block);
     for &u in &g.units {
         mask[u] = 0.0;
     }
     true
+}
+
+/// Whether any of `groups` can still go.
+pub fn any_removable(groups: &[Group], masks: &Masks, emb_group: usize) -> bool {
+    groups.iter().any(|g| removable(g, masks, emb_group))
 }
 
 /// Global ranking: prunes the `n` lowest of `groups` (ascending) that can go; how many did.
@@ -112,25 +122,33 @@ pub fn prune_lowest(groups: &[Group], masks: &mut Masks, n: usize, emb_group: us
 }
 
 /// Isomorphic ranking: each structure type (EMB, heads, QK, V, MLP) loses its lowest groups
-/// across blocks until `fraction` of its alive units are gone, so a head is only ever ranked
-/// against heads. The types' removals are interleaved by their progress through their own
-/// quota and stop as soon as `reached(masks)`, so a step ends at the latency target rather than
-/// past it. Returns how many groups went (0: nothing can).
-pub fn prune_isomorphic(groups: &[Group], masks: &mut Masks, fraction: f64, emb_group: usize, mut reached: impl FnMut(&Masks) -> bool) -> usize {
+/// across blocks until it is down to `keep` of its original units, so a head is only ever
+/// ranked against heads. The target is cumulative and a type takes a group only when that
+/// brings it nearer the target: with `keep = (1 - step)^k` at step k every type loses `step` of
+/// its remaining units per step on average, and a type of few, large groups (EMB: 8 of 64) is
+/// not rounded up to a whole group every step. The types' removals are interleaved by their
+/// progress through their own quota and stop as soon as `reached(masks)`, so a step ends at
+/// the latency target rather than past it. Returns how many groups went (0 may only mean that
+/// every type is at its target for this step: see [`any_removable`]).
+pub fn prune_isomorphic(groups: &[Group], masks: &mut Masks, keep: f64, emb_group: usize, mut reached: impl FnMut(&Masks) -> bool) -> usize {
     let mut queue: Vec<(f64, &Group)> = Vec::new();
     for s in Structure::ALL {
         // The types' masks are disjoint: which of a type's groups can go is decided on a copy.
         let mut trial = masks.clone();
-        let alive: usize = trial.slots().into_iter().filter(|(t, _)| *t == s).map(|(t, b)| trial.get(t, b).iter().filter(|m| **m != 0.0).count()).sum();
-        let quota = (fraction * alive as f64).ceil() as usize;
-        let mut taken = 0;
+        let slots: Vec<_> = trial.slots().into_iter().filter(|(t, _)| *t == s).collect();
+        let original: usize = slots.iter().map(|(t, b)| trial.get(*t, *b).len()).sum();
+        let alive: usize = slots.iter().map(|(t, b)| trial.get(*t, *b).iter().filter(|m| **m != 0.0).count()).sum();
+        let quota = alive as f64 - keep * original as f64;
+        let mut taken = 0usize;
         let mut chosen = Vec::new();
         for g in groups.iter().filter(|g| g.structure == s) {
-            if taken >= quota {
+            let size = g.units.len();
+            // Nearer the target with the group gone than with it kept.
+            if (taken + size) as f64 > quota + size as f64 / 2.0 {
                 break;
             }
             if remove(g, &mut trial, emb_group) {
-                taken += g.units.len();
+                taken += size;
                 chosen.push(g);
             }
         }
@@ -253,7 +271,7 @@ mod tests {
         assert!(dims.iter().all(|d| d.mlp == 32 && d.qk == 4));
 
         let mut iso = Masks::ones(&c);
-        let n = prune_isomorphic(&g, &mut iso, 0.25, 1, |_| false);
+        let n = prune_isomorphic(&g, &mut iso, 0.75, 1, |_| false);
         let (e, dims) = iso.surviving_dims();
         let total = |f: fn(&BlockDims) -> usize| dims.iter().map(f).sum::<usize>();
         assert_eq!(e, 12, "a quarter of EMB");
@@ -264,7 +282,32 @@ mod tests {
 
         // Stopped by the target after the first group.
         let mut once = Masks::ones(&c);
-        assert_eq!(prune_isomorphic(&g, &mut once, 0.25, 1, |_| true), 1);
+        assert_eq!(prune_isomorphic(&g, &mut once, 0.75, 1, |_| true), 1);
+    }
+
+    /// EMB in groups of 8 of 16 channels pruned 5% a step: a per-step quota rounded up to a
+    /// group would take half of it at once; the cumulative target takes a group only once
+    /// half a group is due, and no type goes past its target.
+    #[test]
+    fn isomorphic_targets_are_cumulative_and_rounded_to_the_nearest_group() {
+        let c = VitConfig::uniform(16, 4, 3, 16, 2, 4, 2.0, 5, false);
+        let scores = Masks::filled(&c, 1.0);
+        let size = |s: Structure| if s == Structure::Emb { 8 } else { 1 };
+        let mut masks = Masks::ones(&c);
+        let mut emb = Vec::new();
+        for k in 1..=20 {
+            let keep = 0.95f64.powi(k);
+            let g = groups(&scores, &masks, &table(), 0.0, size);
+            prune_isomorphic(&g, &mut masks, keep, 8, |_| false);
+            let (e, dims) = masks.surviving_dims();
+            emb.push(e);
+            // Heads: 8 in all, one unit per group, so within half a unit of the target.
+            let heads: usize = dims.iter().map(|d| d.heads).sum();
+            assert!((heads as f64 - 8.0 * keep).abs() <= 0.5 + 1e-9, "step {k}: {heads} heads for {}", 8.0 * keep);
+        }
+        // 16 * 0.95^k falls below 12 (half a group gone) at k = 6; EMB never drops to 0.
+        assert_eq!(emb[..5], [16; 5]);
+        assert!(emb[5..].iter().all(|&e| e == 8), "{emb:?}");
     }
 
     #[test]

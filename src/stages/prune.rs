@@ -94,7 +94,7 @@ pub const KEYS: &[KeyDoc] = &[
     ("ranking", "string", "with greedy selection: `global` (every group of the network ranked together, NViT) or `isomorphic` (groups ranked only against their own structure type, each type losing the same fraction per step)"),
     ("prune_steps", "integer", "with exact selection: pruning steps over which the budget falls from the dense latency to latency_target"),
     ("uniform_step", "float", "with uniform allocation: the fraction of each original width removed per pruning step"),
-    ("isomorphic_step", "float", "with isomorphic ranking: the fraction of each structure type's alive units pruned per pruning step"),
+    ("isomorphic_step", "float", "with isomorphic ranking: the fraction of each structure type's remaining units pruned per pruning step (after k steps a type keeps (1 - isomorphic_step)^k of its units, to the nearest group)"),
     ("interval", "integer", "optimizer steps between pruning steps (saliencies accumulate over them)"),
     ("ema", "float", "momentum of the moving average of saliencies across intervals (0: none)"),
     ("eta", "float", "weight of the latency saved, in seconds, subtracted from each saliency"),
@@ -335,11 +335,15 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                     }
                     (Selection::Greedy, Allocation::Global, ranking) => {
                         let ranked = greedy::groups(&current, &state.masks, &table, s.eta, |st| s.group_size(st));
-                        let pruned = match ranking {
-                            Ranking::Global => greedy::prune_lowest(&ranked, &mut state.masks, s.groups_per_step, s.group_emb),
-                            Ranking::Isomorphic => greedy::prune_isomorphic(&ranked, &mut state.masks, s.isomorphic_step, s.group_emb, |m| reached(ratio_of(m), s.latency_target)),
-                        };
-                        pruned == 0
+                        match ranking {
+                            Ranking::Global => greedy::prune_lowest(&ranked, &mut state.masks, s.groups_per_step, s.group_emb) == 0,
+                            Ranking::Isomorphic => {
+                                let keep = (1.0 - s.isomorphic_step).powi(state.prune_step as i32 + 1);
+                                let pruned = greedy::prune_isomorphic(&ranked, &mut state.masks, keep, s.group_emb, |m| reached(ratio_of(m), s.latency_target));
+                                // A step may round every type to nothing; the next one's target is lower.
+                                pruned == 0 && !greedy::any_removable(&ranked, &state.masks, s.group_emb)
+                            }
+                        }
                     }
                     (Selection::Greedy, Allocation::Uniform, _) => {
                         // Rounding may leave a step with nothing to prune; only an empty keep ends it.
