@@ -8,7 +8,8 @@ use burn::tensor::backend::AutodiffBackend;
 
 use crate::backend::{self, BackendJob};
 use crate::config::{self, Overrides, Pipeline};
-use crate::pipeline::{self, Cache, Plan, RunDir, RunLog};
+use crate::pipeline::{self, Cache, Plan, RunDir};
+use crate::runlog::RunLog;
 use crate::stages::StageKind;
 
 pub struct RunArgs {
@@ -49,7 +50,7 @@ pub fn run(args: &RunArgs, cache: &Cache) -> Result<()> {
     }
     let job = Execute { pipeline: &pipeline, plan: &mut plan, cache, device_name: &device_name, run_dir: &run_dir.path, log: &run_dir.log };
     backend::dispatch(p.backend, &p.devices, job)?;
-    run_dir.log.info(&format!("finished; results in {}", p.results_dir.join(&p.name).display()));
+    run_dir.log.info(&format!("finished; results in {}", pipeline.results().display()));
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::BackendKind;
 use crate::data::DatasetConfig;
 use crate::model::ModelSection;
-use crate::stages::{StageKind, StageSettings};
+use crate::stages::{StageKind, StageSettings, StageSpec};
 use crate::suggest::{did_you_mean, struct_fields};
 
 /// Every error found in a pipeline, one per line.
@@ -59,37 +59,15 @@ impl Default for PipelineSection {
     }
 }
 
-/// One `[stages.NAME]` table, resolved.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct StageSpec {
-    pub name: String,
-    pub kind: StageKind,
-    /// The stage whose model this one consumes; `None` for a stage that starts from nothing.
-    pub input: Option<String>,
-    /// This stage's own seed in place of `pipeline.seed`: pinned on the stages a seed sweep
-    /// should leave alone (the dense model of an ablation), whose cache keys then stay put.
-    pub seed: Option<u64>,
-    pub settings: StageSettings,
-}
-
 impl Pipeline {
     /// The name of the device that takes the measurements (the first), for cache keys and tables.
     pub fn device_name(&self) -> String {
         crate::backend::device_name(self.pipeline.backend, self.pipeline.devices[0])
     }
-}
 
-impl StageSpec {
-    /// The seed of this stage's data order and randomness.
-    pub fn seed(&self, pipeline: &PipelineSection) -> u64 {
-        self.seed.unwrap_or(pipeline.seed)
-    }
-
-    /// Every stage this one reads, as `(key, stage name)`: its `input`, then the stages its
-    /// settings reference. They must come before it, and their cache keys are part of its own.
-    pub fn upstream(&self) -> Vec<(&'static str, &str)> {
-        let input = self.input.as_deref().map(|i| ("input", i));
-        input.into_iter().chain(self.settings.refs()).collect()
+    /// Where the pipeline's tables and figures go: `results/<name>/`.
+    pub fn results(&self) -> PathBuf {
+        self.pipeline.results_dir.join(&self.pipeline.name)
     }
 }
 

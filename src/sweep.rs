@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{self, Overrides, Pipeline};
 use crate::files::atomic_write;
-use crate::pipeline::{self, Cache, RunLog};
+use crate::pipeline::{self, Cache};
+use crate::runlog::RunLog;
 use crate::report::{plots, table};
 use crate::stages::StageKind;
 
@@ -393,7 +394,7 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
         let mut evaluated = Vec::new();
         for s in &evaluates {
             if let Some(manifest) = cache.complete(&s.key) {
-                let prune = crate::stages::report::upstream_prune(p, &s.spec.name);
+                let prune = crate::stages::report::upstream_prune(&p.stages, &s.spec.name);
                 let prune_metrics = prune.and_then(|(name, _)| plan.stages.iter().find(|st| st.spec.name == name)).and_then(|st| cache.complete(&st.key));
                 reached.push(prune_metrics.and_then(|m| m.metrics["latency_ratio"].as_f64()));
                 evaluated.push((manifest.metrics, prune.map(|(_, target)| target)));

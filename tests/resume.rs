@@ -182,10 +182,15 @@ fn train_keeps_its_checkpoint_until_the_entry_is_committed_and_a_damaged_one_is_
     let train = &plan.stages[0];
     // The stage alone, as the runner calls it before writing the manifest.
     let entry = cache.begin(&train.key, &train.key_input).unwrap();
-    let log = nvit::pipeline::RunLog::silent();
+    let log = nvit::runlog::RunLog::silent();
     let ctx = nvit::stages::StageContext::<common::B> {
-        pipeline: &p,
+        pipeline_name: &p.pipeline.name,
+        backend: p.pipeline.backend,
+        dataset: &p.dataset,
+        model: &p.model,
+        specs: &p.stages,
         spec: &train.spec,
+        seed: train.spec.seed(p.pipeline.seed),
         dir: entry.clone(),
         input: None,
         stages: vec![],

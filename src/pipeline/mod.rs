@@ -4,111 +4,21 @@
 pub mod cache;
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::tensor::backend::AutodiffBackend;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-pub use cache::{Cache, KeyInput, Manifest, MANIFEST};
+pub use cache::{Cache, KeyInput};
+use crate::manifest::Manifest;
 use cache::PENDING;
 
-use crate::config::{Pipeline, StageSpec};
+use crate::config::Pipeline;
+use crate::runlog::RunLog;
 use crate::files::atomic_write;
-use crate::stages::{self, StageContext};
-
-/// The run log: every line goes to `runner.log` in the run directory and to stderr.
-pub struct RunLog {
-    file: Option<Mutex<File>>,
-    pub path: Option<PathBuf>,
-    quiet: bool,
-}
-
-impl RunLog {
-    pub fn open(path: &Path) -> Result<Self> {
-        let file = File::options().create(true).append(true).open(path).with_context(|| format!("opening log {}", path.display()))?;
-        Ok(Self { file: Some(Mutex::new(file)), path: Some(path.to_path_buf()), quiet: false })
-    }
-
-    /// A log that writes nowhere, for tests and dry runs.
-    pub fn silent() -> Self {
-        Self { file: None, path: None, quiet: true }
-    }
-
-    pub fn info(&self, message: &str) {
-        let line = format!("{} {message}", chrono::Local::now().format("%H:%M:%S"));
-        if let Some(f) = &self.file {
-            let _ = writeln!(f.lock().unwrap(), "{line}");
-        }
-        if !self.quiet {
-            eprintln!("{line}");
-        }
-    }
-
-    /// A progress bar for `steps` steps of `stage`; it also logs a line every 30 s, so a run
-    /// without a terminal (CI, nohup) shows progress in the log too.
-    pub fn progress(&self, stage: &str, steps: u64) -> Progress<'_> {
-        let bar = ProgressBar::with_draw_target(Some(steps), if self.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
-        bar.set_style(
-            ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} (eta {eta})")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(stage.to_string());
-        Progress { bar, log: self, stage: stage.to_string(), start: Instant::now(), last_log: Instant::now() }
-    }
-}
-
-pub struct Progress<'a> {
-    bar: ProgressBar,
-    log: &'a RunLog,
-    stage: String,
-    start: Instant,
-    last_log: Instant,
-}
-
-impl Progress<'_> {
-    pub fn set_position(&mut self, pos: u64) {
-        self.bar.set_position(pos);
-    }
-
-    /// Shows `message` beside the bar without advancing it.
-    pub fn set_message(&self, message: &str) {
-        self.bar.set_message(message.to_string());
-    }
-
-    /// Advances one step and shows `message` (loss, accuracy, throughput).
-    pub fn step(&mut self, message: &str) {
-        let pos = self.bar.position() + 1;
-        self.update(pos, message);
-    }
-
-    /// Moves to `pos` and shows `message`; logs a line every 30 s.
-    pub fn update(&mut self, pos: u64, message: &str) {
-        self.bar.set_position(pos);
-        self.bar.set_message(message.to_string());
-        if self.last_log.elapsed() > Duration::from_secs(30) {
-            self.last_log = Instant::now();
-            let (pos, len) = (self.bar.position(), self.bar.length().unwrap_or(0));
-            let eta = if pos > 0 { self.start.elapsed().as_secs_f64() / pos as f64 * len.saturating_sub(pos) as f64 } else { 0.0 };
-            self.bar.suspend(|| self.log.info(&format!("{}: step {pos}/{len} {message} (eta {:.0} s)", self.stage, eta)));
-        }
-    }
-
-    /// Logs a line without tearing the bar.
-    pub fn println(&self, message: &str) {
-        self.bar.suspend(|| self.log.info(message));
-    }
-
-    pub fn finish(self) {
-        self.bar.finish_and_clear();
-    }
-}
+use crate::stages::{self, StageContext, StageSpec};
 
 /// Whether a stage runs, and why.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -196,7 +106,7 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &
             dataset: dataset.clone(),
             dataset_identity: dataset_identity.clone(),
             model: serde_json::to_value(&pipeline.model)?,
-            seed: spec.seed(&pipeline.pipeline),
+            seed: spec.seed(pipeline.pipeline.seed),
             backend: pipeline.pipeline.backend.to_string(),
             extra: stages::key_extra(spec, device_name),
         };
@@ -376,7 +286,7 @@ pub fn execute<B: AutodiffBackend>(
                 (manifest, how)
             }
         };
-        stages::publish(pipeline, spec, &dir, &manifest, log)?;
+        stages::publish(&pipeline.results(), &pipeline.pipeline.name, spec, &dir, &manifest, log)?;
         digests.insert(spec.name.clone(), manifest.digest.clone());
         keys.insert(spec.name.clone(), planned.key.clone());
         records.push(StageRecord {
@@ -423,9 +333,23 @@ fn run_stage<B: AutodiffBackend>(
     let stages: Vec<(String, PathBuf)> = planned.input_keys.iter().map(|(name, key)| (name.clone(), cache.entry_dir(key))).collect();
     let input = spec.input.as_ref().map(|name| stages.iter().find(|(n, _)| n == name).cloned().expect("the input is planned"));
     let start = Instant::now();
-    let ctx = StageContext::<B> { pipeline, spec, dir: dir.clone(), input, stages, devices: devices.to_vec(), device_name, log };
+    let ctx = StageContext::<B> {
+        pipeline_name: &pipeline.pipeline.name,
+        backend: pipeline.pipeline.backend,
+        dataset: &pipeline.dataset,
+        model: &pipeline.model,
+        specs: &pipeline.stages,
+        spec,
+        seed: spec.seed(pipeline.pipeline.seed),
+        dir: dir.clone(),
+        input,
+        stages,
+        devices: devices.to_vec(),
+        device_name,
+        log,
+    };
     let metrics = stages::run(&ctx)?;
-    let manifest = Manifest::describe(&dir, &planned.key, pipeline, spec, start.elapsed().as_secs_f64(), metrics)?;
+    let manifest = Manifest::describe(&dir, &planned.key, &pipeline.pipeline.name, &spec.name, spec.kind.name(), start.elapsed().as_secs_f64(), metrics)?;
     cache.commit(&manifest)?;
     // Only now, with the manifest standing for the stage, is its resume state of no use.
     cache.drop_checkpoints(&planned.key);

@@ -84,7 +84,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
     });
     drop(alone);
 
-    let data = &ctx.pipeline.dataset;
+    let data = ctx.dataset;
     let dataset = match data.kind {
         DatasetKind::Synthetic => format!("synthetic-{}c-{}px", data.classes, data.synthetic_size),
         _ => data.root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| data.root.display().to_string()),
@@ -104,9 +104,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
         "latency_ms": round(median * 1e3, 3),
         "batch": s.throughput_batch,
         "throughput_measured": crate::machine::MEASURED_ALONE,
-        "backend": ctx.pipeline.pipeline.backend.to_string(),
+        "backend": ctx.backend.to_string(),
         "device": ctx.device_name,
-        "pipeline": ctx.pipeline.pipeline.name,
+        "pipeline": ctx.pipeline_name,
         "image_size": config.image_size,
         "embed_dim": config.embed_dim,
         "blocks": config.blocks,

@@ -89,7 +89,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &HessianScoresSettings)
     let model = model.without_drop_path();
     let loader = ctx.loader(s.split, &model.config, s.batch_size, s.shuffle, s.augment.then(Extras::default))?;
     let normalizers = s.normalizers();
-    let mut random = rng(ctx.seed());
+    let mut random = rng(ctx.seed);
     let mut total = Masks::filled(&model.config, 0.0);
     let mut progress = ctx.log.progress(&ctx.spec.name, s.batches as u64);
     let (mut done, mut loss_sum, mut epoch) = (0usize, 0.0, 0u64);

@@ -33,14 +33,14 @@ impl LoadPretrainedSettings {
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &LoadPretrainedSettings) -> Result<serde_json::Value> {
     let classes = ctx.open(Split::Val)?.num_classes();
-    let hint = ctx.pipeline.model.resolve(classes)?;
-    let model = if ctx.pipeline.model.init == Some(Init::Random) {
+    let hint = ctx.model.resolve(classes)?;
+    let model = if ctx.model.init == Some(Init::Random) {
         ctx.log.info(&format!("{}: model.init = random: random weights, `{}` is not read", ctx.spec.name, s.path.display()));
-        B::InnerBackend::seed(ctx.device(), ctx.seed());
+        B::InnerBackend::seed(ctx.device(), ctx.seed);
         hint.init::<B::InnerBackend>(ctx.device())
     } else {
         let model = checkpoint::load_pretrained::<B::InnerBackend>(&s.path, &hint, ctx.device())?;
-        let disagree = ctx.pipeline.model.disagreements(&model.config);
+        let disagree = ctx.model.disagreements(&model.config);
         if !disagree.is_empty() {
             anyhow::bail!(
                 "{}: the checkpoint disagrees with [model]:\n  {}\n  hint: correct [model], or leave those keys unset so that the checkpoint decides",

@@ -20,14 +20,15 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use figment::Figment;
 use serde::Serialize;
 
-use crate::config::{Pipeline, StageSpec};
+use crate::backend::BackendKind;
 use crate::data::loader::LoaderOptions;
 use crate::data::randaugment::RandAugment;
 use crate::data::transforms::{Mode, TrainAugment};
-use crate::data::{Dataset, Loader, Split};
-use crate::model::{checkpoint, Vit, VitConfig};
+use crate::data::{Dataset, DatasetConfig, Loader, Split};
+use crate::model::{checkpoint, ModelSection, Vit, VitConfig};
 use crate::files::atomic_write;
-use crate::pipeline::{Manifest, RunLog};
+use crate::manifest::Manifest;
+use crate::runlog::RunLog;
 
 pub use distill::DistillSettings;
 pub use evaluate::EvaluateSettings;
@@ -197,6 +198,33 @@ impl StageKind {
     }
 }
 
+/// One `[stages.NAME]` table, resolved.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StageSpec {
+    pub name: String,
+    pub kind: StageKind,
+    /// The stage whose model this one consumes; `None` for a stage that starts from nothing.
+    pub input: Option<String>,
+    /// This stage's own seed in place of `pipeline.seed`: pinned on the stages a seed sweep
+    /// should leave alone (the dense model of an ablation), whose cache keys then stay put.
+    pub seed: Option<u64>,
+    pub settings: StageSettings,
+}
+
+impl StageSpec {
+    /// The seed of this stage's data order and randomness: its own, or the pipeline's.
+    pub fn seed(&self, pipeline_seed: u64) -> u64 {
+        self.seed.unwrap_or(pipeline_seed)
+    }
+
+    /// Every stage this one reads, as `(key, stage name)`: its `input`, then the stages its
+    /// settings reference. They must come before it, and their cache keys are part of its own.
+    pub fn upstream(&self) -> Vec<(&'static str, &str)> {
+        let input = self.input.as_deref().map(|i| ("input", i));
+        input.into_iter().chain(self.settings.refs()).collect()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum StageSettings {
@@ -300,10 +328,18 @@ pub struct Extras {
     pub erasing: f32,
 }
 
-/// What a running stage can see.
+/// What a running stage can see: its own spec and the parts of the pipeline it reads.
 pub struct StageContext<'a, B: AutodiffBackend> {
-    pub pipeline: &'a Pipeline,
+    /// The pipeline's name, for the metrics and reports the stage writes.
+    pub pipeline_name: &'a str,
+    pub backend: BackendKind,
+    pub dataset: &'a DatasetConfig,
+    pub model: &'a ModelSection,
+    /// Every stage of the pipeline, in order: a report looks upstream of what it tabulates.
+    pub specs: &'a [StageSpec],
     pub spec: &'a StageSpec,
+    /// The seed of the stage's data order and randomness: its own `seed`, or the pipeline's.
+    pub seed: u64,
     /// The stage's cache entry: everything it writes goes here.
     pub dir: PathBuf,
     /// The input stage's name and entry directory.
@@ -336,13 +372,8 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
             .ok_or_else(|| anyhow::anyhow!("stage `{name}` is not an input of `{}`", self.spec.name))
     }
 
-    /// The seed of this stage's data order and randomness (its own `seed`, or the pipeline's).
-    pub fn seed(&self) -> u64 {
-        self.spec.seed(&self.pipeline.pipeline)
-    }
-
     pub fn open(&self, split: Split) -> Result<Arc<dyn Dataset>> {
-        Ok(self.pipeline.dataset.open(split, self.seed())?)
+        Ok(self.dataset.open(split, self.seed)?)
     }
 
     /// The input stage's model, or `None` when the stage has no input.
@@ -362,7 +393,7 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
     /// pass is a training pass, in the stage seed's order each epoch, without a short last batch;
     /// it does not depend on `augment` (a prune stage without augmentation still trains).
     pub fn loader(&self, split: Split, model: &VitConfig, batch_size: usize, shuffle: bool, augment: Option<Extras>) -> Result<Loader> {
-        let data = &self.pipeline.dataset;
+        let data = self.dataset;
         let dataset = self.open(split)?;
         if dataset.num_classes() > model.num_classes {
             anyhow::bail!(
@@ -386,7 +417,7 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
                 batch_size,
                 shuffle,
                 drop_last: shuffle,
-                seed: self.seed(),
+                seed: self.seed,
                 workers: data.workers,
                 prefetch: data.prefetch,
                 on_bad_image: data.on_bad_image,
@@ -410,14 +441,14 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>) -> Result<serde_json::Valu
 }
 
 /// Writes what a completed stage (run now or cached) contributes to `results/`.
-pub fn publish(pipeline: &Pipeline, spec: &StageSpec, entry: &Path, manifest: &Manifest, log: &RunLog) -> Result<()> {
-    let results = pipeline.pipeline.results_dir.join(&pipeline.pipeline.name);
+/// `results` is the pipeline's own folder (`results/<pipeline>/`).
+pub fn publish(results: &Path, pipeline_name: &str, spec: &StageSpec, entry: &Path, manifest: &Manifest, log: &RunLog) -> Result<()> {
     match spec.settings {
         StageSettings::Evaluate(_) => {
             let path = results.join("metrics.csv");
             // The entry may be shared with another pipeline that evaluated the same model.
             let mut metrics = manifest.metrics.clone();
-            metrics["pipeline"] = serde_json::json!(pipeline.pipeline.name);
+            metrics["pipeline"] = serde_json::json!(pipeline_name);
             crate::report::upsert_metrics(&path, &metrics)?;
             log.info(&format!("{}: {} -> {}", spec.name, evaluate::summary(&manifest.metrics), path.display()));
         }

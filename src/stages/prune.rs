@@ -252,7 +252,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     let dense_latency = table.model_latency(&config);
     let loader = ctx.loader(Split::Train, &config, s.batch_size, true, s.augment.then(Extras::default))?;
     let normalizers = Normalizers::default();
-    let seed = ctx.seed();
+    let seed = ctx.seed;
 
     let mut state = PruneState {
         step: 0,

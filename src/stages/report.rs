@@ -8,10 +8,9 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use super::{KeyDoc, StageContext, StageSettings};
-use crate::config::Pipeline;
+use super::{KeyDoc, StageContext, StageSettings, StageSpec};
 use crate::files::atomic_write;
-use crate::pipeline::Manifest;
+use crate::manifest::Manifest;
 use crate::report::{plots, table};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -58,7 +57,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ReportSettings) -> Res
     for name in &s.models {
         let metrics = Manifest::read(&ctx.stage_dir(name)?)?.metrics;
         widths.push(table::Widths::from_metrics(&metrics).with_context(|| format!("stage `{name}`: re-run it with --force {name}"))?);
-        evaluated.push((metrics, latency_target(ctx.pipeline, name)));
+        evaluated.push((metrics, latency_target(ctx.specs, name)));
     }
     let mut rows = table::measured_rows(&evaluated)?;
     if s.paper {
@@ -81,14 +80,14 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ReportSettings) -> Res
 }
 
 /// The target of the first prune stage upstream of `stage` (its input, its input's, ...).
-pub fn latency_target(pipeline: &Pipeline, stage: &str) -> Option<f64> {
-    upstream_prune(pipeline, stage).map(|(_, target)| target)
+pub fn latency_target(specs: &[StageSpec], stage: &str) -> Option<f64> {
+    upstream_prune(specs, stage).map(|(_, target)| target)
 }
 
 /// The first prune stage upstream of `stage` and its latency target.
-pub fn upstream_prune<'a>(pipeline: &'a Pipeline, stage: &str) -> Option<(&'a str, f64)> {
+pub fn upstream_prune<'a>(specs: &'a [StageSpec], stage: &str) -> Option<(&'a str, f64)> {
     let mut name = stage;
-    while let Some(spec) = pipeline.stages.iter().find(|st| st.name == name) {
+    while let Some(spec) = specs.iter().find(|st| st.name == name) {
         if let StageSettings::Prune(p) = &spec.settings {
             return Some((spec.name.as_str(), p.latency_target));
         }
@@ -98,7 +97,6 @@ pub fn upstream_prune<'a>(pipeline: &'a Pipeline, stage: &str) -> Option<(&'a st
 }
 
 fn readme<B: AutodiffBackend>(ctx: &StageContext<B>, rows: &[table::Row], trajectories: &[(String, Vec<table::PruneStep>)]) -> String {
-    let p = &ctx.pipeline.pipeline;
     let paper = if rows.iter().any(|r| r.source == "paper") {
         "; `paper` rows are the paper's Table 1 (ImageNet-1K, V100 at batch 256), for comparison"
     } else {
@@ -108,9 +106,9 @@ fn readme<B: AutodiffBackend>(ctx: &StageContext<B>, rows: &[table::Row], trajec
         "# {name}\n\nWritten by the `{stage}` stage of `runner run` on the pipeline `{name}` ({backend}, {device}); \
          every `measured` row was measured by this repository's `evaluate` stage{paper}. `speedup` is \
          throughput over the first measured row's, on the same device.\n\n{table}\n",
-        name = p.name,
+        name = ctx.pipeline_name,
         stage = ctx.spec.name,
-        backend = p.backend,
+        backend = ctx.backend,
         device = ctx.device_name,
         table = table::markdown(rows),
     );
@@ -121,7 +119,7 @@ fn readme<B: AutodiffBackend>(ctx: &StageContext<B>, rows: &[table::Row], trajec
         s.push_str("## Pruning trajectory\n\n![estimated latency and loss against step](trajectory.svg)\n\n");
         for (name, steps) in trajectories {
             if let Some(last) = steps.last() {
-                let short = match upstream_prune(ctx.pipeline, name) {
+                let short = match upstream_prune(ctx.specs, name) {
                     Some((_, target)) if last.latency_ratio > target => {
                         format!(" **Warning: short of its latency target {target}**: it stopped at max_prune_steps or with nothing left to prune.")
                     }

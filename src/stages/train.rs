@@ -167,13 +167,13 @@ struct CheckpointState {
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Result<serde_json::Value> {
     let device = ctx.device();
-    let seed = ctx.seed();
+    let seed = ctx.seed;
     B::seed(device, seed);
     let mut model: Vit<B> = match ctx.input_model::<B>(device)? {
         Some(model) => model,
         None => {
             let classes = ctx.open(Split::Train)?.num_classes();
-            ctx.pipeline.model.resolve(classes)?.init(device)
+            ctx.model.resolve(classes)?.init(device)
         }
     };
     if let Some(rate) = s.drop_path {

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, NdArray};
 use nvit::config::{Overrides, Pipeline};
-use nvit::pipeline::{self, Cache, Plan, RunLog, StageRecord, Status};
+use nvit::pipeline::{self, Cache, Plan, StageRecord, Status};
+use nvit::runlog::RunLog;
 
 pub type B = Autodiff<NdArray<f32>>;
 
