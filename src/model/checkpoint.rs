@@ -15,7 +15,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use safetensors::{Dtype, SafeTensors};
 
-use super::{BlockDims, Vit, VitConfig};
+use super::vit::Attention;
+use super::{BlockDims, Swin, SwinConfig, SwinStage, Vit, VitConfig};
 use crate::files::atomic_write;
 
 /// File names of an exported model inside a directory.
@@ -133,65 +134,81 @@ pub fn export_split<B: Backend>(model: &Vit<B>) -> StateDict {
 }
 
 fn export_with<B: Backend>(model: &Vit<B>, fuse: bool) -> StateDict {
-    let mut sd = StateDict::default();
-    let mut put = |name: String, shape: Vec<usize>, data: Vec<f32>| {
-        sd.tensors.insert(name, (shape, data));
-    };
-    let linear = |l: &burn::nn::Linear<B>| {
-        let [i, o] = l.weight.dims();
-        let w = transpose(&to_vec(&l.weight.val()), i, o);
-        let b = l.bias.as_ref().map(|b| to_vec(&b.val())).unwrap_or_else(|| vec![0.0; o]);
-        (vec![o, i], w, b)
-    };
-    let c = &model.config;
-    put("patch_embed.proj.weight".into(), model.patch_embed.weight.dims().to_vec(), to_vec(&model.patch_embed.weight.val()));
-    let e = c.embed_dim;
-    let pe_bias = model.patch_embed.bias.as_ref().map(|b| to_vec(&b.val())).unwrap_or_else(|| vec![0.0; e]);
-    put("patch_embed.proj.bias".into(), vec![e], pe_bias);
-    put("cls_token".into(), vec![1, 1, e], to_vec(&model.cls_token.val()));
+    let mut w = Writer::default();
+    let e = model.config.embed_dim;
+    w.conv("patch_embed.proj", &model.patch_embed);
+    w.put("cls_token", vec![1, 1, e], to_vec(&model.cls_token.val()));
     if let Some(d) = &model.dist_token {
-        put("dist_token".into(), vec![1, 1, e], to_vec(&d.val()));
+        w.put("dist_token", vec![1, 1, e], to_vec(&d.val()));
     }
-    put("pos_embed".into(), model.pos_embed.dims().to_vec(), to_vec(&model.pos_embed.val()));
-    let norm = |n: &burn::nn::LayerNorm<B>| {
-        (to_vec(&n.gamma.val()), n.beta.as_ref().map(|b| to_vec(&b.val())).unwrap_or_else(|| vec![0.0; e]))
-    };
+    w.put("pos_embed", model.pos_embed.dims().to_vec(), to_vec(&model.pos_embed.val()));
     for (i, block) in model.blocks.iter().enumerate() {
         let p = format!("blocks.{i}");
-        for (name, n) in [("norm1", &block.norm1), ("norm2", &block.norm2)] {
-            let (w, b) = norm(n);
-            put(format!("{p}.{name}.weight"), vec![e], w);
-            put(format!("{p}.{name}.bias"), vec![e], b);
+        w.norm(&format!("{p}.norm1"), &block.norm1);
+        w.attention(&format!("{p}.attn"), &block.attn, fuse);
+        w.norm(&format!("{p}.norm2"), &block.norm2);
+        w.linear(&format!("{p}.mlp.fc1"), &block.mlp.fc1);
+        w.linear(&format!("{p}.mlp.fc2"), &block.mlp.fc2);
+    }
+    w.norm("norm", &model.norm);
+    w.linear("head", &model.head);
+    if let Some(h) = &model.head_dist {
+        w.linear("head_dist", h);
+    }
+    w.sd
+}
+
+/// Burn modules into a state dict in PyTorch layout.
+#[derive(Default)]
+struct Writer {
+    sd: StateDict,
+}
+
+impl Writer {
+    fn put(&mut self, name: &str, shape: Vec<usize>, data: Vec<f32>) {
+        self.sd.tensors.insert(name.to_string(), (shape, data));
+    }
+
+    /// Burn `[in, out]` -> PyTorch `[out, in]`; no bias tensor for a layer without one.
+    fn linear<B: Backend>(&mut self, name: &str, l: &burn::nn::Linear<B>) {
+        let [i, o] = l.weight.dims();
+        self.put(&format!("{name}.weight"), vec![o, i], transpose(&to_vec(&l.weight.val()), i, o));
+        if let Some(b) = &l.bias {
+            self.put(&format!("{name}.bias"), vec![o], to_vec(&b.val()));
         }
-        let a = &block.attn;
-        let (q, k, v) = (linear(&a.q), linear(&a.k), linear(&a.v));
+    }
+
+    fn norm<B: Backend>(&mut self, name: &str, n: &burn::nn::LayerNorm<B>) {
+        let e = n.gamma.dims()[0];
+        self.put(&format!("{name}.weight"), vec![e], to_vec(&n.gamma.val()));
+        self.put(&format!("{name}.bias"), vec![e], n.beta.as_ref().map(|b| to_vec(&b.val())).unwrap_or_else(|| vec![0.0; e]));
+    }
+
+    fn conv<B: Backend>(&mut self, name: &str, c: &burn::nn::conv::Conv2d<B>) {
+        let shape = c.weight.dims().to_vec();
+        let bias = c.bias.as_ref().map(|b| to_vec(&b.val())).unwrap_or_else(|| vec![0.0; shape[0]]);
+        self.put(&format!("{name}.weight"), shape.clone(), to_vec(&c.weight.val()));
+        self.put(&format!("{name}.bias"), vec![shape[0]], bias);
+    }
+
+    /// timm's fused `qkv` where `fuse` and the block's `qk == v`, split `q`/`k`/`v` otherwise.
+    fn attention<B: Backend>(&mut self, p: &str, a: &Attention<B>, fuse: bool) {
         if fuse && a.qk == a.v_dim {
-            let rows = q.0[0] + k.0[0] + v.0[0];
-            put(format!("{p}.attn.qkv.weight"), vec![rows, e], [q.1, k.1, v.1].concat());
-            put(format!("{p}.attn.qkv.bias"), vec![rows], [q.2, k.2, v.2].concat());
+            let [e, _] = a.q.weight.dims();
+            let parts: Vec<_> = [&a.q, &a.k, &a.v].iter().map(|l| {
+                let [i, o] = l.weight.dims();
+                (transpose(&to_vec(&l.weight.val()), i, o), to_vec(&l.bias.as_ref().expect("attention has biases").val()))
+            }).collect();
+            let rows: usize = parts.iter().map(|(_, b)| b.len()).sum();
+            self.put(&format!("{p}.qkv.weight"), vec![rows, e], parts.iter().flat_map(|(w, _)| w.clone()).collect());
+            self.put(&format!("{p}.qkv.bias"), vec![rows], parts.iter().flat_map(|(_, b)| b.clone()).collect());
         } else {
-            for (name, (shape, w, b)) in [("q", q), ("k", k), ("v", v)] {
-                put(format!("{p}.attn.{name}.bias"), vec![shape[0]], b);
-                put(format!("{p}.attn.{name}.weight"), shape, w);
+            for (n, l) in [("q", &a.q), ("k", &a.k), ("v", &a.v)] {
+                self.linear(&format!("{p}.{n}"), l);
             }
         }
-        for (name, l) in [("attn.proj", &a.proj), ("mlp.fc1", &block.mlp.fc1), ("mlp.fc2", &block.mlp.fc2)] {
-            let (shape, w, b) = linear(l);
-            put(format!("{p}.{name}.bias"), vec![shape[0]], b);
-            put(format!("{p}.{name}.weight"), shape, w);
-        }
+        self.linear(&format!("{p}.proj"), &a.proj);
     }
-    let (w, b) = norm(&model.norm);
-    put("norm.weight".into(), vec![e], w);
-    put("norm.bias".into(), vec![e], b);
-    for (name, head) in [("head", Some(&model.head)), ("head_dist", model.head_dist.as_ref())] {
-        if let Some(h) = head {
-            let (shape, w, b) = linear(h);
-            put(format!("{name}.bias"), vec![shape[0]], b);
-            put(format!("{name}.weight"), shape, w);
-        }
-    }
-    sd
 }
 
 /// Writes `model.safetensors` and `dims.json` into `dir`.
@@ -261,116 +278,167 @@ pub fn infer_config(sd: &StateDict, hint: &VitConfig) -> Result<VitConfig> {
 
 /// Builds a model of shape `config` from `sd`, checking every tensor.
 pub fn import<B: Backend>(sd: &StateDict, config: &VitConfig, device: &B::Device) -> Result<Vit<B>> {
-    let mut expected: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let e = config.embed_dim;
     let k = config.num_classes;
-    let mut want = |name: String, shape: Vec<usize>| {
-        expected.insert(name, shape);
-    };
-    want("patch_embed.proj.weight".into(), vec![e, config.in_chans, config.patch_size, config.patch_size]);
-    want("patch_embed.proj.bias".into(), vec![e]);
-    want("cls_token".into(), vec![1, 1, e]);
+    let mut want = Expected::default();
+    want.conv("patch_embed.proj", e, config.in_chans, config.patch_size);
+    want.add("cls_token", vec![1, 1, e]);
     if config.distilled {
-        want("dist_token".into(), vec![1, 1, e]);
-        want("head_dist.weight".into(), vec![k, e]);
-        want("head_dist.bias".into(), vec![k]);
+        want.add("dist_token", vec![1, 1, e]);
+        want.linear("head_dist", k, e, true);
     }
-    want("pos_embed".into(), vec![1, config.num_tokens(), e]);
+    want.add("pos_embed", vec![1, config.num_tokens(), e]);
     for (i, d) in config.blocks.iter().enumerate() {
         let p = format!("blocks.{i}");
-        for n in ["norm1", "norm2"] {
-            want(format!("{p}.{n}.weight"), vec![e]);
-            want(format!("{p}.{n}.bias"), vec![e]);
-        }
-        let (qk, v) = (d.heads * d.qk, d.heads * d.v);
-        if sd.tensors.contains_key(&format!("{p}.attn.qkv.weight")) {
-            want(format!("{p}.attn.qkv.weight"), vec![2 * qk + v, e]);
-            want(format!("{p}.attn.qkv.bias"), vec![2 * qk + v]);
-        } else {
-            for (n, rows) in [("q", qk), ("k", qk), ("v", v)] {
-                want(format!("{p}.attn.{n}.weight"), vec![rows, e]);
-                want(format!("{p}.attn.{n}.bias"), vec![rows]);
-            }
-        }
-        for (n, o, i) in [("attn.proj", e, v), ("mlp.fc1", d.mlp, e), ("mlp.fc2", e, d.mlp)] {
-            want(format!("{p}.{n}.weight"), vec![o, i]);
-            want(format!("{p}.{n}.bias"), vec![o]);
-        }
+        want.block(sd, &p, e, d);
     }
-    want("norm.weight".into(), vec![e]);
-    want("norm.bias".into(), vec![e]);
-    want("head.weight".into(), vec![k, e]);
-    want("head.bias".into(), vec![k]);
+    want.norm("norm", e);
+    want.linear("head", k, e, true);
+    want.check(sd)?;
 
-    let mut problems = Vec::new();
-    for (name, shape) in &expected {
-        match sd.tensors.get(name) {
-            None => problems.push(format!("missing tensor `{name}` (expected shape {shape:?})")),
-            Some((got, _)) if got != shape => problems.push(format!("tensor `{name}` has shape {got:?}, expected {shape:?}")),
-            _ => {}
-        }
-    }
-    for name in sd.tensors.keys().filter(|n| !expected.contains_key(*n)) {
-        problems.push(format!("unexpected tensor `{name}`"));
-    }
-    if !problems.is_empty() {
-        bail!("the checkpoint does not fit the model:\n  {}", problems.join("\n  "));
-    }
-
-    let get = |name: &str| &sd.tensors[name].1;
-    let tensor = |data: Vec<f32>, shape: Vec<usize>| super::float_tensor::<B, 1>(data, [shape.iter().product::<usize>()], device);
-    let param1 = |name: &str| Param::from_tensor(tensor(get(name).clone(), vec![get(name).len()]));
-    let param3 = |name: &str, shape: [usize; 3]| Param::from_tensor(super::float_tensor::<B, 3>(get(name).clone(), shape, device));
-    // PyTorch `[out, in]` rows `rows` of a weight -> Burn `[in, out]`.
-    let linear_rows = |w: &str, b: &str, rows: std::ops::Range<usize>, d_in: usize| {
-        let n = rows.len();
-        let wdata = &get(w)[rows.start * d_in..rows.end * d_in];
-        let weight = super::float_tensor::<B, 2>(transpose(wdata, n, d_in), [d_in, n], device);
-        let bias = tensor(get(b)[rows].to_vec(), vec![n]);
-        burn::nn::Linear { weight: Param::from_tensor(weight), bias: Some(Param::from_tensor(bias)) }
-    };
-    let linear = |p: &str, d_out: usize, d_in: usize| linear_rows(&format!("{p}.weight"), &format!("{p}.bias"), 0..d_out, d_in);
-
+    let r = Reader { sd, device };
     let mut model = config.init::<B>(device);
-    model.patch_embed.weight = Param::from_tensor(super::float_tensor::<B, 4>(
-        get("patch_embed.proj.weight").clone(),
-        [e, config.in_chans, config.patch_size, config.patch_size],
-        device,
-    ));
-    model.patch_embed.bias = Some(param1("patch_embed.proj.bias"));
-    model.cls_token = param3("cls_token", [1, 1, e]);
+    model.patch_embed = r.conv("patch_embed.proj", model.patch_embed);
+    model.cls_token = r.param("cls_token", [1, 1, e]);
     if config.distilled {
-        model.dist_token = Some(param3("dist_token", [1, 1, e]));
-        model.head_dist = Some(linear("head_dist", k, e));
+        model.dist_token = Some(r.param("dist_token", [1, 1, e]));
+        model.head_dist = Some(r.linear("head_dist", k, e));
     }
-    model.pos_embed = param3("pos_embed", [1, config.num_tokens(), e]);
-    let set_norm = |n: &mut burn::nn::LayerNorm<B>, p: &str| {
-        n.gamma = param1(&format!("{p}.weight"));
-        n.beta = Some(param1(&format!("{p}.bias")));
-    };
+    model.pos_embed = r.param("pos_embed", [1, config.num_tokens(), e]);
     for (i, (block, d)) in model.blocks.iter_mut().zip(&config.blocks).enumerate() {
         let p = format!("blocks.{i}");
-        set_norm(&mut block.norm1, &format!("{p}.norm1"));
-        set_norm(&mut block.norm2, &format!("{p}.norm2"));
-        let (qk, v) = (d.heads * d.qk, d.heads * d.v);
-        let a = &mut block.attn;
-        if sd.tensors.contains_key(&format!("{p}.attn.qkv.weight")) {
-            let (w, b) = (format!("{p}.attn.qkv.weight"), format!("{p}.attn.qkv.bias"));
-            a.q = linear_rows(&w, &b, 0..qk, e);
-            a.k = linear_rows(&w, &b, qk..2 * qk, e);
-            a.v = linear_rows(&w, &b, 2 * qk..2 * qk + v, e);
-        } else {
-            a.q = linear(&format!("{p}.attn.q"), qk, e);
-            a.k = linear(&format!("{p}.attn.k"), qk, e);
-            a.v = linear(&format!("{p}.attn.v"), v, e);
-        }
-        a.proj = linear(&format!("{p}.attn.proj"), e, v);
-        block.mlp.fc1 = linear(&format!("{p}.mlp.fc1"), d.mlp, e);
-        block.mlp.fc2 = linear(&format!("{p}.mlp.fc2"), e, d.mlp);
+        r.norm(&mut block.norm1, &format!("{p}.norm1"));
+        r.attention(&mut block.attn, &format!("{p}.attn"), e, d);
+        r.norm(&mut block.norm2, &format!("{p}.norm2"));
+        block.mlp.fc1 = r.linear(&format!("{p}.mlp.fc1"), d.mlp, e);
+        block.mlp.fc2 = r.linear(&format!("{p}.mlp.fc2"), e, d.mlp);
     }
-    set_norm(&mut model.norm, "norm");
-    model.head = linear("head", k, e);
+    r.norm(&mut model.norm, "norm");
+    model.head = r.linear("head", k, e);
     Ok(model)
+}
+
+/// Every tensor a model of some shape needs, with its PyTorch shape.
+#[derive(Default)]
+struct Expected(BTreeMap<String, Vec<usize>>);
+
+impl Expected {
+    fn add(&mut self, name: &str, shape: Vec<usize>) {
+        self.0.insert(name.to_string(), shape);
+    }
+
+    fn linear(&mut self, name: &str, d_out: usize, d_in: usize, bias: bool) {
+        self.add(&format!("{name}.weight"), vec![d_out, d_in]);
+        if bias {
+            self.add(&format!("{name}.bias"), vec![d_out]);
+        }
+    }
+
+    fn norm(&mut self, name: &str, e: usize) {
+        self.add(&format!("{name}.weight"), vec![e]);
+        self.add(&format!("{name}.bias"), vec![e]);
+    }
+
+    fn conv(&mut self, name: &str, e: usize, in_chans: usize, patch: usize) {
+        self.add(&format!("{name}.weight"), vec![e, in_chans, patch, patch]);
+        self.add(&format!("{name}.bias"), vec![e]);
+    }
+
+    /// A transformer block `p` of width `e`: norms, attention (fused `qkv` if `sd` has it,
+    /// split otherwise) and MLP.
+    fn block(&mut self, sd: &StateDict, p: &str, e: usize, d: &BlockDims) {
+        let (qk, v) = (d.heads * d.qk, d.heads * d.v);
+        self.norm(&format!("{p}.norm1"), e);
+        if sd.tensors.contains_key(&format!("{p}.attn.qkv.weight")) {
+            self.linear(&format!("{p}.attn.qkv"), 2 * qk + v, e, true);
+        } else {
+            for (n, rows) in [("q", qk), ("k", qk), ("v", v)] {
+                self.linear(&format!("{p}.attn.{n}"), rows, e, true);
+            }
+        }
+        self.linear(&format!("{p}.attn.proj"), e, v, true);
+        self.norm(&format!("{p}.norm2"), e);
+        self.linear(&format!("{p}.mlp.fc1"), d.mlp, e, true);
+        self.linear(&format!("{p}.mlp.fc2"), e, d.mlp, true);
+    }
+
+    /// Every missing, mis-shaped and unexpected tensor at once.
+    fn check(&self, sd: &StateDict) -> Result<()> {
+        let mut problems = Vec::new();
+        for (name, shape) in &self.0 {
+            match sd.tensors.get(name) {
+                None => problems.push(format!("missing tensor `{name}` (expected shape {shape:?})")),
+                Some((got, _)) if got != shape => problems.push(format!("tensor `{name}` has shape {got:?}, expected {shape:?}")),
+                _ => {}
+            }
+        }
+        for name in sd.tensors.keys().filter(|n| !self.0.contains_key(*n)) {
+            problems.push(format!("unexpected tensor `{name}`"));
+        }
+        if !problems.is_empty() {
+            bail!("the checkpoint does not fit the model:\n  {}", problems.join("\n  "));
+        }
+        Ok(())
+    }
+}
+
+/// Burn modules from the tensors of a state dict that [`Expected::check`] passed.
+struct Reader<'a, B: Backend> {
+    sd: &'a StateDict,
+    device: &'a B::Device,
+}
+
+impl<B: Backend> Reader<'_, B> {
+    fn values(&self, name: &str) -> &[f32] {
+        &self.sd.tensors[name].1
+    }
+
+    fn param<const D: usize>(&self, name: &str, shape: [usize; D]) -> Param<Tensor<B, D>> {
+        Param::from_tensor(super::float_tensor::<B, D>(self.values(name).to_vec(), shape, self.device))
+    }
+
+    /// Rows `rows` of PyTorch's `[out, in]` weight (and bias, if `bias`) as Burn's `[in, out]`.
+    fn linear_rows(&self, w: &str, b: Option<&str>, rows: std::ops::Range<usize>, d_in: usize) -> burn::nn::Linear<B> {
+        let n = rows.len();
+        let wdata = &self.values(w)[rows.start * d_in..rows.end * d_in];
+        let weight = super::float_tensor::<B, 2>(transpose(wdata, n, d_in), [d_in, n], self.device);
+        let bias = b.map(|b| Param::from_tensor(super::float_tensor::<B, 1>(self.values(b)[rows].to_vec(), [n], self.device)));
+        burn::nn::Linear { weight: Param::from_tensor(weight), bias }
+    }
+
+    fn linear(&self, p: &str, d_out: usize, d_in: usize) -> burn::nn::Linear<B> {
+        self.linear_rows(&format!("{p}.weight"), Some(&format!("{p}.bias")), 0..d_out, d_in)
+    }
+
+    fn norm(&self, n: &mut burn::nn::LayerNorm<B>, p: &str) {
+        let e = n.gamma.dims()[0];
+        n.gamma = self.param(&format!("{p}.weight"), [e]);
+        n.beta = Some(self.param(&format!("{p}.bias"), [e]));
+    }
+
+    fn conv(&self, p: &str, mut c: burn::nn::conv::Conv2d<B>) -> burn::nn::conv::Conv2d<B> {
+        let shape = c.weight.dims();
+        c.weight = self.param(&format!("{p}.weight"), shape);
+        c.bias = Some(self.param(&format!("{p}.bias"), [shape[0]]));
+        c
+    }
+
+    /// Q, K and V from timm's fused `qkv` (rows: all q, then all k, then all v) or split
+    /// `q`/`k`/`v`, and the projection.
+    fn attention(&self, a: &mut Attention<B>, p: &str, e: usize, d: &BlockDims) {
+        let (qk, v) = (d.heads * d.qk, d.heads * d.v);
+        if self.sd.tensors.contains_key(&format!("{p}.qkv.weight")) {
+            let (w, b) = (format!("{p}.qkv.weight"), format!("{p}.qkv.bias"));
+            a.q = self.linear_rows(&w, Some(&b), 0..qk, e);
+            a.k = self.linear_rows(&w, Some(&b), qk..2 * qk, e);
+            a.v = self.linear_rows(&w, Some(&b), 2 * qk..2 * qk + v, e);
+        } else {
+            a.q = self.linear(&format!("{p}.q"), qk, e);
+            a.k = self.linear(&format!("{p}.k"), qk, e);
+            a.v = self.linear(&format!("{p}.v"), v, e);
+        }
+        a.proj = self.linear(&format!("{p}.proj"), e, v);
+    }
 }
 
 /// Reads a user's checkpoint file, taking the widths it does not state from `hint`.
@@ -378,6 +446,135 @@ pub fn load_pretrained<B: Backend>(path: &Path, hint: &VitConfig, device: &B::De
     let sd = StateDict::read(path)?;
     let config = infer_config(&sd, hint).with_context(|| format!("{}", path.display()))?;
     import(&sd, &config, device).with_context(|| format!("{}", path.display()))
+}
+
+/// Exports a Swin in timm naming (`layers.N.blocks.M...`, `head.fc`): fused `qkv` where a
+/// block's `qk == v`, split `q`/`k`/`v` otherwise.
+pub fn export_swin<B: Backend>(model: &Swin<B>) -> StateDict {
+    let mut w = Writer::default();
+    w.conv("patch_embed.proj", &model.patch_embed);
+    w.norm("patch_embed.norm", &model.patch_norm);
+    for (i, layer) in model.layers.iter().enumerate() {
+        if let Some(merge) = &layer.downsample {
+            w.norm(&format!("layers.{i}.downsample.norm"), &merge.norm);
+            w.linear(&format!("layers.{i}.downsample.reduction"), &merge.reduction);
+        }
+        for (j, block) in layer.blocks.iter().enumerate() {
+            let p = format!("layers.{i}.blocks.{j}");
+            w.norm(&format!("{p}.norm1"), &block.norm1);
+            w.attention(&format!("{p}.attn"), &block.attn, true);
+            let table = &block.relative_position_bias_table;
+            w.put(&format!("{p}.attn.relative_position_bias_table"), table.dims().to_vec(), to_vec(&table.val()));
+            w.norm(&format!("{p}.norm2"), &block.norm2);
+            w.linear(&format!("{p}.mlp.fc1"), &block.mlp.fc1);
+            w.linear(&format!("{p}.mlp.fc2"), &block.mlp.fc2);
+        }
+    }
+    w.norm("norm", &model.norm);
+    w.linear("head.fc", &model.head);
+    w.sd
+}
+
+/// Builds a Swin of shape `config` from `sd` (timm naming), checking every tensor.
+pub fn import_swin<B: Backend>(sd: &StateDict, config: &SwinConfig, device: &B::Device) -> Result<Swin<B>> {
+    let problems = config.problems();
+    if !problems.is_empty() {
+        bail!("the Swin model cannot be built:\n  {}", problems.join("\n  "));
+    }
+    let e0 = config.stages[0].embed_dim;
+    let mut want = Expected::default();
+    want.conv("patch_embed.proj", e0, config.in_chans, config.patch_size);
+    want.norm("patch_embed.norm", e0);
+    let mut prev = e0;
+    for (i, stage) in config.stages.iter().enumerate() {
+        let e = stage.embed_dim;
+        if i > 0 {
+            want.norm(&format!("layers.{i}.downsample.norm"), 4 * prev);
+            want.linear(&format!("layers.{i}.downsample.reduction"), e, 4 * prev, false);
+        }
+        prev = e;
+        let (window, _) = config.window_shift(i);
+        for (j, d) in stage.blocks.iter().enumerate() {
+            let p = format!("layers.{i}.blocks.{j}");
+            want.block(sd, &p, e, d);
+            want.add(&format!("{p}.attn.relative_position_bias_table"), vec![(2 * window - 1).pow(2), d.heads]);
+        }
+    }
+    want.norm("norm", config.num_features());
+    want.linear("head.fc", config.num_classes, config.num_features(), true);
+    want.check(sd)?;
+
+    let r = Reader { sd, device };
+    let mut model = config.init::<B>(device);
+    model.patch_embed = r.conv("patch_embed.proj", model.patch_embed);
+    r.norm(&mut model.patch_norm, "patch_embed.norm");
+    for (i, (layer, stage)) in model.layers.iter_mut().zip(&config.stages).enumerate() {
+        let e = stage.embed_dim;
+        if let Some(merge) = &mut layer.downsample {
+            r.norm(&mut merge.norm, &format!("layers.{i}.downsample.norm"));
+            let d_in = merge.reduction.weight.dims()[0];
+            merge.reduction = r.linear_rows(&format!("layers.{i}.downsample.reduction.weight"), None, 0..e, d_in);
+        }
+        for (j, (block, d)) in layer.blocks.iter_mut().zip(&stage.blocks).enumerate() {
+            let p = format!("layers.{i}.blocks.{j}");
+            r.norm(&mut block.norm1, &format!("{p}.norm1"));
+            r.attention(&mut block.attn, &format!("{p}.attn"), e, d);
+            block.relative_position_bias_table = r.param(&format!("{p}.attn.relative_position_bias_table"), block.relative_position_bias_table.dims());
+            r.norm(&mut block.norm2, &format!("{p}.norm2"));
+            block.mlp.fc1 = r.linear(&format!("{p}.mlp.fc1"), d.mlp, e);
+            block.mlp.fc2 = r.linear(&format!("{p}.mlp.fc2"), e, d.mlp);
+        }
+    }
+    r.norm(&mut model.norm, "norm");
+    model.head = r.linear("head.fc", config.num_classes, config.num_features());
+    Ok(model)
+}
+
+/// The Swin geometry a timm state dict implies: stages, widths and heads (from each block's
+/// relative position table) come from the shapes; the image size, which no tensor states, and
+/// the window and softmax scale of an unpruned model from `hint`.
+pub fn infer_swin_config(sd: &StateDict, hint: &SwinConfig) -> Result<SwinConfig> {
+    let shape = |k: &str| sd.tensors.get(k).map(|(s, _)| s.clone()).with_context(|| format!("missing tensor `{k}`"));
+    let pe = shape("patch_embed.proj.weight")?;
+    if pe.len() != 4 {
+        bail!("tensor `patch_embed.proj.weight` has shape {pe:?}, expected [embed, channels, patch, patch]");
+    }
+    let has = |prefix: String| sd.tensors.keys().any(|k| k.starts_with(&prefix));
+    let depth = (0..).take_while(|i| has(format!("layers.{i}."))).count();
+    let mut stages = Vec::with_capacity(depth);
+    for i in 0..depth {
+        let blocks = (0..).take_while(|j| has(format!("layers.{i}.blocks.{j}."))).count();
+        let e = shape(&format!("layers.{i}.blocks.0.norm1.weight"))?[0];
+        let mut dims = Vec::with_capacity(blocks);
+        for j in 0..blocks {
+            let p = format!("layers.{i}.blocks.{j}");
+            let heads = shape(&format!("{p}.attn.relative_position_bias_table"))?[1];
+            let (qk_rows, v_rows) = match shape(&format!("{p}.attn.qkv.weight")) {
+                Ok(s) => (s[0] / 3, s[0] / 3),
+                Err(_) => (shape(&format!("{p}.attn.q.weight"))?[0], shape(&format!("{p}.attn.v.weight"))?[0]),
+            };
+            if heads == 0 || qk_rows % heads != 0 || v_rows % heads != 0 {
+                bail!("block {p}: {qk_rows} query rows and {v_rows} value rows do not split into the {heads} heads of its relative position table");
+            }
+            dims.push(BlockDims { heads, qk: qk_rows / heads, v: v_rows / heads, mlp: shape(&format!("{p}.mlp.fc1.weight"))?[0] });
+        }
+        stages.push(SwinStage { embed_dim: e, blocks: dims });
+    }
+    if stages.is_empty() {
+        bail!("no tensor `layers.0.blocks.0.*`: not a timm Swin Transformer checkpoint");
+    }
+    let e0 = pe[0];
+    let heads0 = stages[0].blocks.first().map_or(1, |d| d.heads);
+    Ok(SwinConfig {
+        image_size: hint.image_size,
+        patch_size: pe[2],
+        in_chans: pe[1],
+        num_classes: shape("head.fc.weight")?[0],
+        window: hint.window,
+        head_dim: if hint.stages.first().is_some_and(|s| s.embed_dim == e0) { hint.head_dim } else { e0 / heads0.max(1) },
+        drop_path: hint.drop_path,
+        stages,
+    })
 }
 
 /// The directory an exported model lives in, for stages that hand models on.

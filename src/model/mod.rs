@@ -3,12 +3,14 @@
 
 pub mod checkpoint;
 pub mod flops;
+mod swin;
 mod vit;
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use swin::{PatchMerging, Swin, SwinBlock, SwinConfig, SwinLayer, SwinStage};
 pub use vit::{with_drop_path_seed, Block, Vit, VitOutput, LN_EPS};
 
 /// A float tensor from f32 values, stored in the backend's own float type: `from_data` would

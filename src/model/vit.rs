@@ -33,8 +33,9 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
-    /// `[batch, tokens, embed] -> [batch, tokens, embed]`
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// `[batch, tokens, embed] -> [batch, tokens, embed]`; `bias`, `[batch, heads, tokens,
+    /// tokens]`, is added to the attention logits (Swin's relative positions and window masks).
+    pub(super) fn forward(&self, x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
         let [b, n, _] = x.dims();
         let h = self.heads;
         let split = |t: Tensor<B, 3>, d: usize| t.reshape([b, n, h, d]).swap_dims(1, 2); // [b, h, n, d]
@@ -44,12 +45,17 @@ impl<B: Backend> Attention<B> {
         let out = if B::ad_enabled(&q.device()) {
             // Under autodiff burn 0.21 computes `attention` as its own composite, with more
             // operations to differentiate than this one.
-            softmax(q.matmul(k.transpose()).mul_scalar(self.scale), 3).matmul(v) // [b, h, n, v]
+            let logits = q.matmul(k.transpose()).mul_scalar(self.scale);
+            let logits = match bias {
+                Some(bias) => logits + bias,
+                None => logits,
+            };
+            softmax(logits, 3).matmul(v) // [b, h, n, v]
         } else {
             // The backend's fused kernel where it has one (LibTorch's scaled_dot_product_attention,
             // cubecl's flash attention); it takes a value width other than the query/key width.
             let options = AttentionModuleOptions { scale: Some(self.scale), softcap: None, is_causal: false };
-            attention(q, k, v, None, None, options)
+            attention(q, k, v, None, bias, options)
         };
         let out = out.swap_dims(1, 2).reshape([b, n, h * self.v_dim]);
         self.proj.forward(out)
@@ -78,30 +84,36 @@ impl<B: Backend> Block<B> {
     }
 
     fn forward_with(&self, x: Tensor<B, 3>, alive: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
-        let a = self.attn.forward(norm(&self.norm1, x.clone(), alive));
-        let x = x + self.drop_path(a);
-        let m = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(norm(&self.norm2, x.clone(), alive))));
-        x + self.drop_path(m)
+        let a = self.attn.forward(norm(&self.norm1, x.clone(), alive), None);
+        let x = x + drop_path(a, self.drop_path);
+        let m = self.mlp.forward(norm(&self.norm2, x.clone(), alive));
+        x + drop_path(m, self.drop_path)
     }
+}
 
-    /// Stochastic depth: drops the whole residual branch per sample, only under autodiff.
-    fn drop_path(&self, branch: Tensor<B, 3>) -> Tensor<B, 3> {
-        if self.drop_path == 0.0 || !B::ad_enabled(&branch.device()) {
-            return branch;
-        }
-        let keep = 1.0 - self.drop_path;
-        let [b, _, _] = branch.dims();
-        let device = branch.device();
-        let mask = SHARD_RNG.with_borrow_mut(|rng| match rng {
-            Some(rng) => {
-                use rand::Rng;
-                let kept: Vec<f32> = (0..b).map(|_| if rng.random::<f64>() < keep { 1.0 } else { 0.0 }).collect();
-                super::float_tensor::<B, 3>(kept, [b, 1, 1], &device)
-            }
-            None => Tensor::<B, 3>::random([b, 1, 1], Distribution::Bernoulli(keep), &device),
-        });
-        branch * mask.div_scalar(keep)
+impl<B: Backend> Mlp<B> {
+    pub(super) fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.fc2.forward(gelu(self.fc1.forward(x)))
     }
+}
+
+/// Stochastic depth: drops the whole residual branch per sample at `rate`, only under autodiff.
+pub(super) fn drop_path<B: Backend>(branch: Tensor<B, 3>, rate: f64) -> Tensor<B, 3> {
+    if rate == 0.0 || !B::ad_enabled(&branch.device()) {
+        return branch;
+    }
+    let keep = 1.0 - rate;
+    let [b, _, _] = branch.dims();
+    let device = branch.device();
+    let mask = SHARD_RNG.with_borrow_mut(|rng| match rng {
+        Some(rng) => {
+            use rand::Rng;
+            let kept: Vec<f32> = (0..b).map(|_| if rng.random::<f64>() < keep { 1.0 } else { 0.0 }).collect();
+            super::float_tensor::<B, 3>(kept, [b, 1, 1], &device)
+        }
+        None => Tensor::<B, 3>::random([b, 1, 1], Distribution::Bernoulli(keep), &device),
+    });
+    branch * mask.div_scalar(keep)
 }
 
 thread_local! {
@@ -126,7 +138,7 @@ pub fn with_drop_path_seed<R>(seed: u64, f: impl FnOnce() -> R) -> R {
 /// backpropagates the derivative of the tanh approximation, which put the saliency off
 /// PyTorch's by up to 264 times the 1e-4 tolerance of `tests/gradient_parity.rs`. The forward
 /// pass is the composite the ndarray and cubecl backends compute for `gelu`.
-fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+pub(super) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let phi = x.clone().div_scalar(std::f64::consts::SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5);
     x * phi
 }
@@ -190,7 +202,7 @@ pub struct Vit<B: Backend> {
     pub emb_alive: Option<Vec<f32>>,
 }
 
-fn linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
+pub(super) fn linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
     LinearConfig::new(d_in, d_out)
         .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
         .init(device)
@@ -209,7 +221,7 @@ impl<B: Backend> ZeroBias for Linear<B> {
     }
 }
 
-fn layer_norm<B: Backend>(e: usize, device: &B::Device) -> LayerNorm<B> {
+pub(super) fn layer_norm<B: Backend>(e: usize, device: &B::Device) -> LayerNorm<B> {
     LayerNormConfig::new(e).with_epsilon(LN_EPS).init(device)
 }
 
@@ -266,7 +278,7 @@ impl VitConfig {
     }
 }
 
-struct Materialize;
+pub(super) struct Materialize;
 
 impl<B: Backend> burn::module::ModuleVisitor<B> for Materialize {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
@@ -299,29 +311,9 @@ impl<B: Backend> Vit<B> {
         ids
     }
 
-    /// `[batch, channels, height, width] -> [batch, patches, embed]`: the patch embedding, a
-    /// convolution whose stride is its kernel, computed as what it is, one product of the
-    /// image's patches with the kernel (timm's row-major patch order). burn-ndarray's direct
-    /// `conv2d` and its backward took a fifth of a DeiT-T training step.
-    fn embed_patches(&self, images: Tensor<B, 4>) -> Tensor<B, 3> {
-        let [e, c, p, _] = self.patch_embed.weight.dims();
-        let [b, _, h, w] = images.dims();
-        let (gh, gw) = (h / p, w / p);
-        // As the convolution, pixels past the last whole patch are left out.
-        let images = if h % p != 0 || w % p != 0 { images.slice([0..b, 0..c, 0..gh * p, 0..gw * p]) } else { images };
-        let patches = images.reshape([b, c, gh, p, gw, p]).permute([0, 2, 4, 1, 3, 5]).reshape([b * gh * gw, c * p * p]);
-        let kernel = self.patch_embed.weight.val().reshape([e, c * p * p]).transpose();
-        let x = patches.matmul(kernel);
-        let x = match &self.patch_embed.bias {
-            Some(bias) => x + bias.val().reshape([1, e]),
-            None => x,
-        };
-        x.reshape([b, gh * gw, e])
-    }
-
     /// `[batch, channels, height, width]` -> logits of both heads, `[batch, classes]` each.
     pub fn forward(&self, images: Tensor<B, 4>) -> VitOutput<B> {
-        let x = self.embed_patches(images); // [b, patches, e]
+        let (x, _) = embed_patches(&self.patch_embed, images); // [b, patches, e]
         let [b, _, e] = x.dims();
         let mut prefix = vec![self.cls_token.val().expand([b, 1, e])];
         if let Some(dist) = &self.dist_token {
@@ -340,6 +332,26 @@ impl<B: Backend> Vit<B> {
             dist: self.head_dist.as_ref().map(|h| h.forward(token(1))),
         }
     }
+}
+
+/// `[batch, channels, height, width] -> [batch, patches, embed]` and the patch grid: the patch embedding, a
+/// convolution whose stride is its kernel, computed as what it is, one product of the
+/// image's patches with the kernel (timm's row-major patch order). burn-ndarray's direct
+/// `conv2d` and its backward took a fifth of a DeiT-T training step.
+pub(super) fn embed_patches<B: Backend>(patch_embed: &Conv2d<B>, images: Tensor<B, 4>) -> (Tensor<B, 3>, [usize; 2]) {
+    let [e, c, p, _] = patch_embed.weight.dims();
+    let [b, _, h, w] = images.dims();
+    let (gh, gw) = (h / p, w / p);
+    // As the convolution, pixels past the last whole patch are left out.
+    let images = if h % p != 0 || w % p != 0 { images.slice([0..b, 0..c, 0..gh * p, 0..gw * p]) } else { images };
+    let patches = images.reshape([b, c, gh, p, gw, p]).permute([0, 2, 4, 1, 3, 5]).reshape([b * gh * gw, c * p * p]);
+    let kernel = patch_embed.weight.val().reshape([e, c * p * p]).transpose();
+    let x = patches.matmul(kernel);
+    let x = match &patch_embed.bias {
+        Some(bias) => x + bias.val().reshape([1, e]),
+        None => x,
+    };
+    (x.reshape([b, gh * gw, e]), [gh, gw])
 }
 
 #[cfg(test)]
