@@ -65,7 +65,7 @@ fn measuring_in(dir: &Path) -> Guard {
     Guard(held)
 }
 
-/// The shared lock, for one training step. Best effort: where the lock file cannot be opened
+/// The shared lock, for one training step or evaluation batch. Best effort: where the lock file cannot be opened
 /// (another user's, say) the step runs without it.
 pub fn working() -> Guard {
     working_in(&lock_dir())
@@ -87,7 +87,7 @@ fn working_in(dir: &Path) -> Guard {
 }
 
 /// How throughput and latency are measured, for results tables.
-pub const MEASURED_ALONE: &str = "alone: a machine-wide lock pauses other runners' training while timing";
+pub const MEASURED_ALONE: &str = "alone: a machine-wide lock pauses other runners' training and evaluation while timing";
 
 #[cfg(test)]
 mod tests {
