@@ -210,19 +210,10 @@ impl<B: Backend> SwinBlock<B> {
         let offsets = (2 * window - 1) * (2 * window - 1);
         Self {
             norm1: layer_norm(e, device),
-            attn: Attention {
-                q: linear(e, d.heads * d.qk, device),
-                k: linear(e, d.heads * d.qk, device),
-                v: linear(e, d.heads * d.v, device),
-                proj: linear(d.heads * d.v, e, device),
-                heads: d.heads,
-                qk: d.qk,
-                v_dim: d.v,
-                scale,
-            },
+            attn: Attention::new(e, d, scale, device),
             relative_position_bias_table: Param::from_tensor(Tensor::random([offsets, d.heads], Distribution::Normal(0.0, 0.02), device)),
             norm2: layer_norm(e, device),
-            mlp: Mlp { fc1: linear(e, d.mlp, device), fc2: linear(d.mlp, e, device) },
+            mlp: Mlp::new(e, d.mlp, device),
             window,
             shift,
             drop_path: 0.0,

@@ -33,6 +33,20 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
+    /// Randomly initialized projections for a block of width `e` with `d`'s heads, qk and v.
+    pub(super) fn new(e: usize, d: BlockDims, scale: f64, device: &B::Device) -> Self {
+        Self {
+            q: linear(e, d.heads * d.qk, device),
+            k: linear(e, d.heads * d.qk, device),
+            v: linear(e, d.heads * d.v, device),
+            proj: linear(d.heads * d.v, e, device),
+            heads: d.heads,
+            qk: d.qk,
+            v_dim: d.v,
+            scale,
+        }
+    }
+
     /// `[batch, tokens, embed] -> [batch, tokens, embed]`; `bias`, `[batch, heads, tokens,
     /// tokens]`, is added to the attention logits (Swin's relative positions and window masks).
     pub(super) fn forward(&self, x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
@@ -92,6 +106,10 @@ impl<B: Backend> Block<B> {
 }
 
 impl<B: Backend> Mlp<B> {
+    pub(super) fn new(e: usize, hidden: usize, device: &B::Device) -> Self {
+        Self { fc1: linear(e, hidden, device), fc2: linear(hidden, e, device) }
+    }
+
     pub(super) fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.fc2.forward(gelu(self.fc1.forward(x)))
     }
@@ -234,18 +252,9 @@ impl<B: Backend> Block<B> {
     pub fn new(e: usize, d: BlockDims, scale: f64, drop_path: f64, device: &B::Device) -> Self {
         Self {
             norm1: layer_norm(e, device),
-            attn: Attention {
-                q: linear(e, d.heads * d.qk, device),
-                k: linear(e, d.heads * d.qk, device),
-                v: linear(e, d.heads * d.v, device),
-                proj: linear(d.heads * d.v, e, device),
-                heads: d.heads,
-                qk: d.qk,
-                v_dim: d.v,
-                scale,
-            },
+            attn: Attention::new(e, d, scale, device),
             norm2: layer_norm(e, device),
-            mlp: Mlp { fc1: linear(e, d.mlp, device), fc2: linear(d.mlp, e, device) },
+            mlp: Mlp::new(e, d.mlp, device),
             drop_path,
         }
     }
