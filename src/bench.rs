@@ -74,7 +74,7 @@ pub fn resolve_model(spec: &str) -> Result<VitConfig> {
     if path.is_dir() || spec.ends_with(".json") {
         // A model's widths as the runner writes them (`dims.json`, or the folder that holds it).
         let file = if path.is_dir() { path.join(crate::model::checkpoint::DIMS) } else { path.to_path_buf() };
-        return VitConfig::read_json(&file);
+        return deit_only(crate::model::ModelConfig::read_json(&file)?, spec);
     }
     if !spec.ends_with(".toml") {
         bail!(
@@ -89,7 +89,15 @@ pub fn resolve_model(spec: &str) -> Result<VitConfig> {
         Some(n) => n,
         None => pipeline.dataset.open(crate::data::Split::Train, pipeline.pipeline.seed)?.num_classes(),
     };
-    pipeline.model.resolve(classes).with_context(|| format!("{spec}: [model]"))
+    deit_only(pipeline.model.resolve(classes).with_context(|| format!("{spec}: [model]"))?, spec)
+}
+
+/// The benchmarks compare with timm's DeiT, step for step.
+fn deit_only(config: crate::model::ModelConfig, spec: &str) -> Result<VitConfig> {
+    match config {
+        crate::model::ModelConfig::Deit(c) => Ok(c),
+        other => bail!("{spec}: a {} model; `runner bench` measures DeiT models only, against timm's", other.family()),
+    }
 }
 
 /// One model on one backend: `steps` timed training steps (forward, backward, AdamW) and
@@ -121,7 +129,7 @@ impl BackendJob for &BenchModel {
         let config = &self.config;
         let device = &devices[0];
         let half = self.precision.map(|p| p.compute_dtype::<B>(&devices)).transpose()?.flatten();
-        let mut model = config.init::<B>(device);
+        let mut model = crate::model::Model::Deit(config.init::<B>(device));
         let (size, chans) = (config.image_size, config.in_chans);
         let pixels: Vec<f32> = (0..self.batch * chans * size * size).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
         let labels: Vec<i64> = (0..self.batch).map(|i| (i % config.num_classes) as i64).collect();
@@ -129,9 +137,9 @@ impl BackendJob for &BenchModel {
         let targets = crate::data::mix::soft_targets(&batch.labels, config.num_classes, 0.1, 1.0);
         let mut optim = crate::train::optim::AdamW::<B>::new(0.05, None);
 
-        let mut train_step = |model: crate::model::Vit<B>| -> crate::model::Vit<B> {
+        let mut train_step = |model: crate::model::Model<B>| -> crate::model::Model<B> {
             let step = crate::train::parallel::data_parallel(&model, &devices, self.batch, vec![(); devices.len()], |replica, range, (), weight| {
-                let (images, _, t) = crate::train::shard_tensors::<B>(&batch, &targets, range, &replica.cls_token.device());
+                let (images, _, t) = crate::train::shard_tensors::<B>(&batch, &targets, range, &replica.device());
                 let output = crate::train::forward_in(replica, images, half);
                 let loss = crate::train::classification_loss(&output, t).mul_scalar(weight);
                 (crate::train::scalar(loss.clone()), loss.backward(), ())

@@ -67,11 +67,12 @@ fn check_memory(pipeline: &Pipeline) -> Result<()> {
         if let Some((key, batch, bytes)) = crate::stages::memory_needed(spec, &model) {
             if bytes > available as f64 {
                 problems.push(format!(
-                    "{}: {key} = {batch} needs at least {:.1} GB for one step of a {}-block model of width {}; this machine has {:.1} GB available\n  hint: lower {key}",
+                    "{}: {key} = {batch} needs at least {:.1} GB for one step of a {}-block {} model of width {}; this machine has {:.1} GB available\n  hint: lower {key}",
                     pipeline.path.display(),
                     bytes / 1e9,
-                    model.depth(),
-                    model.embed_dim,
+                    model.stages().iter().map(|(_, b)| b.len()).sum::<usize>(),
+                    model.family(),
+                    model.stages().iter().map(|(e, _)| e.to_string()).collect::<Vec<_>>().join("/"),
                     available as f64 / 1e9
                 ));
             }
@@ -303,8 +304,8 @@ pub fn stage_model_dir(pipeline: &Pipeline, stage: &str, cache: &Cache) -> Resul
 pub fn export(path: &Path, overrides: &Overrides, stage: &str, format: crate::export::Format, out: &Path, cache: &Cache) -> Result<String> {
     let pipeline = load(path, overrides)?;
     let dir = stage_model_dir(&pipeline, stage, cache)?;
-    let config = crate::model::VitConfig::read_json(&dir.join(crate::model::checkpoint::DIMS))?;
-    let (mean, std) = pipeline.dataset.normalization(config.in_chans);
+    let config = crate::model::ModelConfig::read_json(&dir.join(crate::model::checkpoint::DIMS))?;
+    let (mean, std) = pipeline.dataset.normalization(config.in_chans());
     let classes = pipeline.dataset.class_names();
     let spec = crate::export::InputSpec { mean, std, classes };
     Ok(format!("{stage}: {}\n", crate::export::write(&dir, format, &spec, out)?))
@@ -336,13 +337,13 @@ pub fn predict(args: &PredictArgs, cache: &Cache) -> Result<String> {
             std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create the folder of the output file", out.display()))?;
         }
     }
-    let config = crate::model::VitConfig::read_json(&dir.join(crate::model::checkpoint::DIMS))?;
-    let names = pipeline.dataset.class_names().filter(|n| n.len() <= config.num_classes);
-    let top = args.top.min(config.num_classes);
+    let config = crate::model::ModelConfig::read_json(&dir.join(crate::model::checkpoint::DIMS))?;
+    let names = pipeline.dataset.class_names().filter(|n| n.len() <= config.num_classes());
+    let top = args.top.min(config.num_classes());
     let job = crate::predict::Predict {
         model_dir: &dir,
         files: &files,
-        transform: pipeline.dataset.eval_transform(config.image_size, config.in_chans),
+        transform: pipeline.dataset.eval_transform(config.image_size(), config.in_chans()),
         batch: args.batch,
         top,
     };

@@ -287,6 +287,11 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
         for (key, message) in model.validate() {
             errors.push(located(&figment, &format!("model.{key}"), &message));
         }
+        for stage in &stages {
+            for (key, message) in stage.settings.unsupported(model.family()) {
+                errors.push(located(&figment, &format!("stages.{}.{key}", stage.name), &message));
+            }
+        }
     }
     if stages.is_empty() && errors.is_empty() {
         errors.push(format!("{}: the pipeline has no stages\n  hint: add a [stages.NAME] table with a `kind`", path.display()));

@@ -69,15 +69,16 @@ impl BackendJob for Predict<'_> {
 
 fn predict<B: Backend>(job: &Predict, device: &B::Device) -> Result<Vec<Prediction>> {
     let model = checkpoint::load::<B>(job.model_dir, device)?;
-    let c = &model.config;
+    let config = model.config();
+    let (size, chans, classes) = (config.image_size(), config.in_chans(), config.num_classes());
     let t = &job.transform;
-    if (t.size as usize, t.channels) != (c.image_size, c.in_chans) {
-        bail!("the transform makes {}x{} images of {} channels; the model takes {}x{} of {}", t.size, t.size, t.channels, c.image_size, c.image_size, c.in_chans);
+    if (t.size as usize, t.channels) != (size, chans) {
+        bail!("the transform makes {}x{} images of {} channels; the model takes {size}x{size} of {chans}", t.size, t.size, t.channels);
     }
     let mut out = Vec::with_capacity(job.files.len());
     let mut rng = rand::rng(); // the evaluation transform draws nothing
     for chunk in job.files.chunks(job.batch.max(1)) {
-        let mut pixels = Vec::with_capacity(chunk.len() * c.in_chans * c.image_size * c.image_size);
+        let mut pixels = Vec::with_capacity(chunk.len() * chans * size * size);
         for path in chunk {
             let image = decode(path).map_err(|e| match e {
                 DataError::BadImage { path, source } => anyhow::anyhow!("{}: cannot decode image: {source}", path.display()),
@@ -85,9 +86,9 @@ fn predict<B: Backend>(job: &Predict, device: &B::Device) -> Result<Vec<Predicti
             })?;
             t.apply(&image, &mut rng, &mut pixels);
         }
-        let x = crate::model::float_tensor::<B, 4>(pixels, [chunk.len(), c.in_chans, c.image_size, c.image_size], device);
+        let x = crate::model::float_tensor::<B, 4>(pixels, [chunk.len(), chans, size, size], device);
         let probs = softmax(model.forward(x).logits(), 1).into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        for (path, row) in chunk.iter().zip(probs.chunks(c.num_classes)) {
+        for (path, row) in chunk.iter().zip(probs.chunks(classes)) {
             let mut order: Vec<usize> = (0..row.len()).collect();
             order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
             let top = order.into_iter().take(job.top).map(|l| (l, row[l])).collect();

@@ -460,7 +460,7 @@ fn export_copies_a_run_stages_model_and_names_what_is_wrong() {
     let (code, stdout, err) = export(&["--stage", "train"]);
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("train: model.safetensors and dims.json ->"), "{stdout}");
-    let model = nvit::model::checkpoint::load::<burn::backend::NdArray>(&out, &Default::default()).unwrap();
+    let model = nvit::model::checkpoint::load::<burn::backend::NdArray>(&out, &Default::default()).unwrap().into_deit("the export test").unwrap();
     assert_eq!(model.config.embed_dim, 16);
     assert_eq!(model.config.blocks.len(), 2);
 

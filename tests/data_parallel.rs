@@ -31,7 +31,7 @@ fn run(devices: &str) -> (serde_json::Value, serde_json::Value, Vec<f32>) {
     let metrics = |name: &str| cache.complete(&pl.stages.iter().find(|s| s.spec.name == name).unwrap().key).unwrap().metrics;
     let scores_dir = cache.entry_dir(&pl.stages.iter().find(|s| s.spec.name == "scores").unwrap().key);
     let scores: nvit::prune::Masks = serde_json::from_slice(&std::fs::read(scores_dir.join("scores.json")).unwrap()).unwrap();
-    let flat = scores.emb.iter().chain(scores.blocks.iter().flat_map(|b| b.head.iter().chain(&b.qk).chain(&b.v).chain(&b.mlp))).copied().collect();
+    let flat = scores.emb.iter().flatten().chain(scores.blocks.iter().flat_map(|b| b.head.iter().chain(&b.qk).chain(&b.v).chain(&b.mlp))).copied().collect();
     (metrics("train"), metrics("evaluate"), flat)
 }
 

@@ -1,11 +1,21 @@
-//! The paper's pipelines run end to end at full DeiT-B width, with neither ImageNet nor a
-//! checkpoint, through `--with pipelines/smoke.toml` (synthetic images, random weights, a few
-//! steps per stage): every stage of the full-size graph runs and the report is written.
+//! The paper's pipelines run end to end at full DeiT-B width, and Swin-S's at full Swin-S
+//! width, with neither ImageNet nor a checkpoint, through `--with pipelines/smoke.toml`
+//! (synthetic images, random weights, a few steps per stage): every stage of the full-size
+//! graph runs and the report is written.
 
 use std::path::Path;
 use std::process::Command;
 
-fn smoke_run(pipeline: &str, target: f64, model_id: &str, set: &[&str]) {
+/// What a smoke run's report must show of its dense model.
+struct Dense {
+    params_m: f64,
+    blocks: usize,
+    paper: bool,
+}
+
+const DEIT_B: Dense = Dense { params_m: 86.0, blocks: 12, paper: true };
+
+fn smoke_run(pipeline: &str, target: f64, model_id: &str, set: &[&str], dense: &Dense) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_runner"))
@@ -30,11 +40,11 @@ fn smoke_run(pipeline: &str, target: f64, model_id: &str, set: &[&str]) {
     assert_eq!(measured.len(), 2, "{pipeline}");
     assert_eq!(measured[1].model, model_id);
     assert_eq!(measured[1].latency_target, Some(target));
-    assert_eq!((measured[0].resolution, measured[0].params_m.round()), (224, 86.0), "dense DeiT-B width, 10-class head");
+    assert_eq!((measured[0].resolution, measured[0].params_m.round()), (224, dense.params_m), "{pipeline}: the dense model's full width, 10-class head");
     assert!(measured[1].params_m < measured[0].params_m, "pruned: {:?}", measured[1]);
-    assert!(rows.iter().any(|r| r.source == "paper" && r.model == model_id));
+    assert_eq!(rows.iter().any(|r| r.source == "paper" && r.model == model_id), dense.paper);
     let dims = std::fs::read_to_string(results.join("dims.csv")).unwrap();
-    assert_eq!(dims.lines().filter(|l| l.starts_with(&format!("{model_id},"))).count(), 12, "{dims}");
+    assert_eq!(dims.lines().filter(|l| l.starts_with(&format!("{model_id},"))).count(), dense.blocks, "{dims}");
     assert!(results.join("widths.svg").exists() && results.join("trajectory.svg").exists());
     let log_csv = std::fs::read_to_string(results.join("pruning_log_prune.csv")).unwrap();
     assert_eq!(log_csv.lines().count(), 1 + 2, "two pruning steps, the smoke cap: {log_csv}");
@@ -51,6 +61,13 @@ fn nvit_pipelines_run_end_to_end_at_full_width() {
         ("nvit-small.toml", 0.39, "NViT-S", &[][..]),
         ("nvit-tiny.toml", 0.19, "NViT-T", &["stages.prune.selection=\"exact\""][..]),
     ] {
-        smoke_run(pipeline, target, model_id, set);
+        smoke_run(pipeline, target, model_id, set, &DEIT_B);
     }
+}
+
+/// Swin-S (24 blocks in four stages, 48.8 M parameters with a 10-class head), its latency
+/// profiled per stage.
+#[test]
+fn nvit_swin_pipeline_runs_end_to_end_at_full_width() {
+    smoke_run("nvit-swin-small.toml", 0.5, "NViT-Swin-S", &[], &Dense { params_m: 49.0, blocks: 24, paper: false });
 }

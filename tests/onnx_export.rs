@@ -78,7 +78,7 @@ fn a_dense_model_runs_in_tract_as_in_the_runner() {
 /// v 7, one head of 8, and 2 heads of qk 3 and v 9.
 #[test]
 fn a_pruned_distilled_model_with_odd_widths_runs_in_tract_as_in_the_runner() {
-    let model = checkpoint::load::<NdArray>(&fixtures().join("nvit_py_pruned_16px"), &Default::default()).unwrap();
+    let model = checkpoint::load::<NdArray>(&fixtures().join("nvit_py_pruned_16px"), &Default::default()).unwrap().into_deit("the ONNX test").unwrap();
     assert!(model.config.distilled && model.config.blocks.iter().any(|b| b.heads == 1 && b.qk != 5));
     assert!(model.config.blocks.iter().any(|b| b.qk != b.v));
     assert_runs_like_the_runner(&model, &[2, 5]);

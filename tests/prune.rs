@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use nvit::model::checkpoint;
 use nvit::pipeline::Cache;
-use nvit::prune::LatencyTable;
+use nvit::prune::{LatencyTable, ModelLatency};
 
 const STAGES: &str = r#"
 [stages.latency]
@@ -35,16 +35,17 @@ fn latency_table_and_scores_from_a_pipeline() {
     execute(&p, &mut pl, &cache);
 
     let model_dir = checkpoint::model_dir(&cache.entry_dir(&pl.stages[0].key));
-    let config = nvit::model::VitConfig::read_json(&model_dir.join("dims.json")).unwrap();
+    let config = nvit::model::ModelConfig::read_json(&model_dir.join("dims.json")).unwrap().as_deit().unwrap().clone();
 
     // The spanning grid of a 16-wide, 2-head model; the dense estimate is the sum of its blocks.
     let latency_dir = cache.entry_dir(&pl.stages[2].key);
-    let table = LatencyTable::from_json(&latency_dir.join("latency.json")).unwrap();
+    let latency = ModelLatency::from_json(&latency_dir.join("latency.json")).unwrap();
+    let table = &latency.stages[0];
     assert_eq!(table.grid.emb, [4, 8, 16]);
     assert_eq!(table.grid.heads, [1, 2]);
     let csv = std::fs::read_to_string(latency_dir.join("latency.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + table.grid.points().len());
-    let dense = table.model_latency(&config);
+    let dense = latency.model_latency(&config.into());
     assert!(dense > 0.0);
     let manifest = cache.complete(&pl.stages[2].key).unwrap();
     assert_eq!(manifest.metrics["model_latency_s"].as_f64().unwrap(), dense);
@@ -136,9 +137,9 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
     assert!(ratios.windows(2).all(|w| w[1] <= w[0]), "latency only falls: {log}");
 
     let masks: nvit::prune::Masks = serde_json::from_slice(&std::fs::read(dir_of("prune").join("masks.json")).unwrap()).unwrap();
-    let small = nvit::model::VitConfig::read_json(&checkpoint::model_dir(&dir_of("prune")).join("dims.json")).unwrap();
-    assert_eq!(masks.surviving_dims(), (small.embed_dim, small.blocks.clone()), "dims.json matches the masks");
-    let dense = nvit::model::VitConfig::read_json(&checkpoint::model_dir(&dir_of("train")).join("dims.json")).unwrap();
+    let small = nvit::model::ModelConfig::read_json(&checkpoint::model_dir(&dir_of("prune")).join("dims.json")).unwrap().as_deit().unwrap().clone();
+    assert_eq!(masks.surviving_dims(), [(small.embed_dim, small.blocks.clone())], "dims.json matches the masks");
+    let dense = nvit::model::ModelConfig::read_json(&checkpoint::model_dir(&dir_of("train")).join("dims.json")).unwrap().as_deit().unwrap().clone();
     assert!(small.flops() < dense.flops());
     assert_eq!(small.head_dim, dense.head_dim);
 
@@ -146,7 +147,7 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
     // with the whole DeiT recipe on: the widths stay, the weights move, the loss stays finite.
     let distill = pl.stages.iter().find(|s| s.spec.name == "distill").unwrap();
     assert_eq!(distill.key_input.inputs.iter().map(|i| i.0.as_str()).collect::<Vec<_>>(), ["prune", "train"]);
-    let tuned = nvit::model::VitConfig::read_json(&checkpoint::model_dir(&dir_of("distill")).join("dims.json")).unwrap();
+    let tuned = nvit::model::ModelConfig::read_json(&checkpoint::model_dir(&dir_of("distill")).join("dims.json")).unwrap().as_deit().unwrap().clone();
     assert_eq!((tuned.embed_dim, tuned.blocks.clone()), (small.embed_dim, small.blocks.clone()));
     let weights = |name: &str| std::fs::read(checkpoint::model_dir(&dir_of(name)).join("model.safetensors")).unwrap();
     assert_ne!(weights("distill"), weights("prune"));
@@ -209,15 +210,17 @@ fn kept(scores: &nvit::prune::Masks, masks: &nvit::prune::Masks) -> f64 {
 fn exact_keeps_at_least_the_saliency_greedy_keeps_at_the_same_latency() {
     use nvit::prune::{exact, greedy, Masks, Structure};
     let dir = tempfile::tempdir().unwrap();
-    let table = LatencyTable::from_json(&known_table(dir.path())).unwrap();
-    let config = nvit::model::VitConfig::uniform(16, 4, 3, 16, 3, 2, 2.0, 5, false);
+    let model_latency = ModelLatency::from_json(&known_table(dir.path())).unwrap();
+    let table = &model_latency.stages[0];
+    let vit = nvit::model::VitConfig::uniform(16, 4, 3, 16, 3, 2, 2.0, 5, false);
+    let config: nvit::model::ModelConfig = vit.clone().into();
     let group = |s: Structure| match s {
         Structure::Emb => 4,
         Structure::Head => 1,
         Structure::Mlp => 8,
         _ => 2,
     };
-    let latency = |m: &Masks| table.model_latency(&m.surviving(&config));
+    let latency = |m: &Masks| model_latency.model_latency(&m.surviving(&config));
     let dense = latency(&Masks::ones(&config));
     let bins = 10_000;
     let mut state = 0x2545_F491_4F6C_DD1Du64;
@@ -232,12 +235,12 @@ fn exact_keeps_at_least_the_saliency_greedy_keeps_at_the_same_latency() {
         let eta = if seed % 2 == 0 { 0.0 } else { 1e4 };
         let mut masks = Masks::ones(&config);
         while latency(&masks) > 0.5 * dense {
-            let ranked = greedy::groups(&scores, &masks, &table, eta, group);
+            let ranked = greedy::groups(&scores, &masks, &model_latency, eta, group);
             assert!(greedy::prune_lowest(&ranked, &mut masks, 2, 4) > 0, "seed {seed}: greedy ran out of groups");
         }
         let reached = latency(&masks);
-        let budget = reached / (1.0 - config.blocks.len() as f64 / bins as f64);
-        let best = exact::select(&scores, &Masks::ones(&config), &table, budget, group, bins).unwrap();
+        let budget = reached / (1.0 - vit.blocks.len() as f64 / bins as f64);
+        let best = exact::select(&scores, &Masks::ones(&config), table, budget, group, bins).unwrap();
         assert!(latency(&best) <= budget * (1.0 + 1e-12), "seed {seed}: over the budget");
         assert!(kept(&scores, &best) >= kept(&scores, &masks) - 1e-9, "seed {seed}, eta {eta}: exact {} < greedy {}", kept(&scores, &best), kept(&scores, &masks));
     }

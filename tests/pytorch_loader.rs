@@ -24,7 +24,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 fn the_runner_computes_nvit_py_logits_from_its_files() {
     let dir = fixtures().join("nvit_py_pruned_16px");
     let device = Default::default();
-    let model = checkpoint::load::<NdArray>(&dir, &device).unwrap();
+    let model = checkpoint::load::<NdArray>(&dir, &device).unwrap().into_deit("the loader test").unwrap();
     let widths = |heads, qk, v, mlp| BlockDims { heads, qk, v, mlp };
     assert_eq!(model.config.blocks, [widths(3, 5, 7, 37), widths(1, 8, 8, 16), widths(2, 3, 9, 11)]);
     assert!(model.config.distilled && model.config.head_dim == 8);
@@ -45,7 +45,7 @@ fn the_runner_computes_nvit_py_logits_from_its_files() {
 #[test]
 fn the_runner_exports_what_nvit_py_saves() {
     let dir = fixtures().join("nvit_py_pruned_16px");
-    let model = checkpoint::load::<NdArray>(&dir, &Default::default()).unwrap();
+    let model = checkpoint::load::<NdArray>(&dir, &Default::default()).unwrap().into_deit("the loader test").unwrap();
     let theirs = StateDict::read(&dir.join(checkpoint::WEIGHTS)).unwrap();
     let ours = checkpoint::export(&model);
     let names = |sd: &StateDict| sd.tensors.keys().cloned().collect::<Vec<_>>();

@@ -19,8 +19,8 @@ fn fixture() -> PathBuf {
 fn logits_match_timm_to_1e4() {
     let device = Default::default();
     let hint = VitConfig::uniform(32, 8, 3, 48, 2, 3, 4.0, 10, true);
-    let model = checkpoint::load_pretrained::<NdArray>(&fixture().join("model.safetensors"), &hint, &device).unwrap();
-    assert_eq!(model.config, hint, "widths read from the checkpoint's shapes");
+    let model = checkpoint::load_pretrained::<NdArray>(&fixture().join("model.safetensors"), &hint.clone().into(), &device).unwrap();
+    assert_eq!(model.config(), hint.into(), "widths read from the checkpoint's shapes");
 
     let io = StateDict::read(&fixture().join("io.safetensors")).unwrap();
     let (shape, input) = &io.tensors["input"];
@@ -41,9 +41,11 @@ fn logits_match_timm_to_1e4() {
 fn the_checkpoint_decides_what_model_leaves_open_scale_included() {
     let device = Default::default();
     let hint = nvit::model::ModelSection { heads: Some(3), ..Default::default() }.resolve(10).unwrap();
-    assert_eq!(hint.embed_dim, 192);
+    assert_eq!(hint.as_deit().unwrap().embed_dim, 192);
     let model = checkpoint::load_pretrained::<NdArray>(&fixture().join("model.safetensors"), &hint, &device).unwrap();
-    assert_eq!((model.config.embed_dim, model.config.head_dim), (48, 16));
+    let config = model.config();
+    let config = config.as_deit().unwrap();
+    assert_eq!((config.embed_dim, config.head_dim), (48, 16));
     let io = StateDict::read(&fixture().join("io.safetensors")).unwrap();
     let x = Tensor::<NdArray, 4>::from_data(TensorData::new(io.tensors["input"].1.clone(), [4, 3, 32, 32]), &device);
     let ours = model.forward(x).logits().into_data().to_vec::<f32>().unwrap();

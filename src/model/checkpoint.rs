@@ -16,7 +16,7 @@ use burn::tensor::Tensor;
 use safetensors::{Dtype, SafeTensors};
 
 use super::vit::Attention;
-use super::{BlockDims, Swin, SwinConfig, SwinStage, Vit, VitConfig};
+use super::{BlockDims, Model, ModelConfig, Swin, SwinConfig, SwinStage, Vit, VitConfig};
 use crate::files::atomic_write;
 
 /// File names of an exported model inside a directory.
@@ -133,6 +133,15 @@ pub fn export_split<B: Backend>(model: &Vit<B>) -> StateDict {
     export_with(model, false)
 }
 
+/// A model of any family in timm naming; `fuse`: `qkv` fused where a block's `qk == v`
+/// (timm's own layout), split `q`/`k`/`v` everywhere otherwise (for code that slices them).
+pub fn export_model<B: Backend>(model: &Model<B>, fuse: bool) -> StateDict {
+    match model {
+        Model::Deit(m) => export_with(m, fuse),
+        Model::Swin(m) => export_swin_with(m, fuse),
+    }
+}
+
 fn export_with<B: Backend>(model: &Vit<B>, fuse: bool) -> StateDict {
     let mut w = Writer::default();
     let e = model.config.embed_dim;
@@ -212,18 +221,26 @@ impl Writer {
 }
 
 /// Writes `model.safetensors` and `dims.json` into `dir`.
-pub fn save<B: Backend>(model: &Vit<B>, dir: &Path) -> Result<()> {
+pub fn save<B: Backend>(model: &Model<B>, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    export(model).write(&dir.join(WEIGHTS))?;
-    let dims = serde_json::to_vec_pretty(&model.config)?;
+    export_model(model, true).write(&dir.join(WEIGHTS))?;
+    let dims = serde_json::to_vec_pretty(&model.config())?;
     atomic_write(&dir.join(DIMS), &dims)
 }
 
 /// Reads what [`save`] wrote.
-pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Vit<B>> {
-    let config = VitConfig::read_json(&dir.join(DIMS))?;
+pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Model<B>> {
+    let config = ModelConfig::read_json(&dir.join(DIMS))?;
     let sd = StateDict::read(&dir.join(WEIGHTS))?;
-    import(&sd, &config, device).with_context(|| format!("{}", dir.join(WEIGHTS).display()))
+    import_model(&sd, &config, device).with_context(|| format!("{}", dir.join(WEIGHTS).display()))
+}
+
+/// Builds a model of shape `config` from `sd` (timm naming).
+pub fn import_model<B: Backend>(sd: &StateDict, config: &ModelConfig, device: &B::Device) -> Result<Model<B>> {
+    Ok(match config {
+        ModelConfig::Deit(c) => Model::Deit(import(sd, c, device)?),
+        ModelConfig::Swin(c) => Model::Swin(import_swin(sd, c, device)?),
+    })
 }
 
 /// Reads the geometry a state dict implies; `heads` (per block) and `head_dim` come from
@@ -442,15 +459,25 @@ impl<B: Backend> Reader<'_, B> {
 }
 
 /// Reads a user's checkpoint file, taking the widths it does not state from `hint`.
-pub fn load_pretrained<B: Backend>(path: &Path, hint: &VitConfig, device: &B::Device) -> Result<Vit<B>> {
+pub fn load_pretrained<B: Backend>(path: &Path, hint: &ModelConfig, device: &B::Device) -> Result<Model<B>> {
     let sd = StateDict::read(path)?;
-    let config = infer_config(&sd, hint).with_context(|| format!("{}", path.display()))?;
-    import(&sd, &config, device).with_context(|| format!("{}", path.display()))
+    let swin_keys = sd.tensors.keys().any(|k| k.starts_with("layers.0.blocks."));
+    let config = match hint {
+        ModelConfig::Deit(_) if swin_keys => bail!("{}: a Swin Transformer checkpoint, and [model] describes a DeiT\n  hint: set family = \"swin\" or a swin preset in [model]", path.display()),
+        ModelConfig::Swin(_) if sd.tensors.contains_key("cls_token") => bail!("{}: a DeiT checkpoint, and [model] describes a Swin\n  hint: set family = \"deit\" or a deit preset in [model]", path.display()),
+        ModelConfig::Deit(h) => ModelConfig::Deit(infer_config(&sd, h).with_context(|| format!("{}", path.display()))?),
+        ModelConfig::Swin(h) => ModelConfig::Swin(infer_swin_config(&sd, h).with_context(|| format!("{}", path.display()))?),
+    };
+    import_model(&sd, &config, device).with_context(|| format!("{}", path.display()))
 }
 
 /// Exports a Swin in timm naming (`layers.N.blocks.M...`, `head.fc`): fused `qkv` where a
 /// block's `qk == v`, split `q`/`k`/`v` otherwise.
 pub fn export_swin<B: Backend>(model: &Swin<B>) -> StateDict {
+    export_swin_with(model, true)
+}
+
+fn export_swin_with<B: Backend>(model: &Swin<B>, fuse: bool) -> StateDict {
     let mut w = Writer::default();
     w.conv("patch_embed.proj", &model.patch_embed);
     w.norm("patch_embed.norm", &model.patch_norm);
@@ -462,7 +489,7 @@ pub fn export_swin<B: Backend>(model: &Swin<B>) -> StateDict {
         for (j, block) in layer.blocks.iter().enumerate() {
             let p = format!("layers.{i}.blocks.{j}");
             w.norm(&format!("{p}.norm1"), &block.norm1);
-            w.attention(&format!("{p}.attn"), &block.attn, true);
+            w.attention(&format!("{p}.attn"), &block.attn, fuse);
             let table = &block.relative_position_bias_table;
             w.put(&format!("{p}.attn.relative_position_bias_table"), table.dims().to_vec(), to_vec(&table.val()));
             w.norm(&format!("{p}.norm2"), &block.norm2);
@@ -595,11 +622,11 @@ mod tests {
         c.blocks[1] = BlockDims { heads: 2, qk: 3, v: 5, mlp: 7 };
         let model = c.init::<NdArray>(&device);
         let dir = tempfile::tempdir().unwrap();
-        save(&model, dir.path()).unwrap();
+        save(&Model::Deit(model.clone()), dir.path()).unwrap();
         let sd = StateDict::read(&dir.path().join(WEIGHTS)).unwrap();
         assert!(sd.tensors.contains_key("blocks.0.attn.qkv.weight"));
         assert!(sd.tensors.contains_key("blocks.1.attn.q.weight"));
-        let back = load::<NdArray>(dir.path(), &device).unwrap();
+        let back = load::<NdArray>(dir.path(), &device).unwrap().into_deit("the test").unwrap();
         assert_eq!(export(&back), export(&model));
         let x = Tensor::<NdArray, 4>::random([2, 3, 16, 16], Distribution::Default, &device);
         let (a, b) = (model.forward(x.clone()).logits(), back.forward(x).logits());

@@ -1,17 +1,19 @@
-//! The DeiT-style ViT with per-block widths (METHOD.md section 1), its presets, parameter and
-//! FLOP counts, and timm checkpoint import/export.
+//! The model families: the DeiT-style ViT with per-block widths (METHOD.md section 1) and Swin,
+//! their presets, parameter and FLOP counts, timm checkpoint import/export, and `[model]`.
 
 pub mod checkpoint;
+mod family;
 pub mod flops;
 mod swin;
 mod vit;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use family::{Model, ModelConfig};
 pub use swin::{PatchMerging, Swin, SwinBlock, SwinConfig, SwinLayer, SwinStage};
-pub use vit::{with_drop_path_seed, Block, Vit, VitOutput, LN_EPS};
+pub use vit::{with_drop_path_seed, Attention, Block, Mlp, Vit, VitOutput, LN_EPS};
 
 /// A float tensor from f32 values, stored in the backend's own float type: `from_data` would
 /// keep f32, and an f64 model would silently compute part of its graph in f32.
@@ -152,20 +154,27 @@ impl VitConfig {
         }
         problems
     }
+}
 
-    pub fn read_json(path: &Path) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read dims file", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: not a valid dims.json", path.display()))
-    }
+/// Which architecture `[model]` describes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Deit,
+    Swin,
 }
 
 /// `[model]`: a preset, keys that override it, or per-block widths from a `dims.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// `deit-tiny`, `deit-small`, `deit-base`, each optionally `-distilled`. Default: none
-    /// (the keys below, falling back to deit-tiny's values).
+    /// `deit` or `swin`. Default: the preset's family, else `deit`. Left out of cache keys
+    /// when unset, so that models trained before it existed stay cached.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family: Option<Family>,
+    /// `deit-tiny`, `deit-small`, `deit-base`, each optionally `-distilled`, or `swin-tiny`,
+    /// `swin-small`, `swin-base`. Default: none (the keys below, falling back to deit-tiny's
+    /// values, or swin-tiny's for `family = "swin"`).
     pub preset: Option<String>,
     /// Input side in pixels. Default 224.
     pub image_size: Option<usize>,
@@ -173,12 +182,19 @@ pub struct ModelSection {
     pub patch_size: Option<usize>,
     /// Input channels. Default 3.
     pub in_chans: Option<usize>,
-    /// Embedding width E. Default 192.
+    /// Embedding width E (Swin: of the first stage, doubling each stage). Default 192.
     pub embed_dim: Option<usize>,
-    /// Number of blocks. Default 12.
+    /// Number of blocks. Default 12. DeiT only.
     pub depth: Option<usize>,
-    /// Heads per block. Default 3.
+    /// Heads per block. Default 3. Swin: the first stage's, doubling each stage as timm's
+    /// presets do.
     pub heads: Option<usize>,
+    /// Swin: blocks per stage, for instance `[2, 2, 6, 2]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub depths: Option<Vec<usize>>,
+    /// Swin: the attention window's side in tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<usize>,
     /// MLP width as a multiple of E. Default 4.0.
     pub mlp_ratio: Option<f64>,
     /// Output classes. Default: the dataset's class count.
@@ -223,19 +239,31 @@ pub enum Init {
 }
 
 impl ModelSection {
+    /// The family this section describes: `family`, else its preset's, else DeiT.
+    pub fn family(&self) -> Family {
+        self.family.unwrap_or(match self.preset.as_deref() {
+            Some(p) if SwinConfig::preset(p).is_some() => Family::Swin,
+            _ => Family::Deit,
+        })
+    }
+
     /// Problems as `(key, message)`, relative to `[model]`.
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
+        let family = self.family();
+        let presets: Vec<&str> = VitConfig::PRESETS.iter().chain(&SwinConfig::PRESETS).copied().collect();
         if let Some(p) = &self.preset {
-            if VitConfig::preset(p).is_none() {
+            if VitConfig::preset(p).is_none() && SwinConfig::preset(p).is_none() {
                 problems.push((
                     "preset".into(),
-                    format!(
-                        "unknown preset `{p}`{}\n  hint: one of {}",
-                        crate::suggest::did_you_mean(p, &VitConfig::PRESETS),
-                        VitConfig::PRESETS.join(", ")
-                    ),
+                    format!("unknown preset `{p}`{}\n  hint: one of {}", crate::suggest::did_you_mean(p, &presets), presets.join(", ")),
                 ));
+                return problems;
+            }
+            let preset_family = if SwinConfig::preset(p).is_some() { Family::Swin } else { Family::Deit };
+            if preset_family != family {
+                problems.push(("family".into(), format!("is {family:?} but preset `{p}` is a {preset_family:?} model\n  hint: leave family unset, the preset decides it")));
+                return problems;
             }
         }
         if let Some(d) = &self.dims {
@@ -249,6 +277,40 @@ impl ModelSection {
         if self.mlp_ratio.is_some_and(|r| r <= 0.0) {
             problems.push(("mlp_ratio".into(), format!("must be positive, got {}", self.mlp_ratio.unwrap())));
         }
+        // Keys the other family has and this one does not.
+        let foreign: &[(&str, bool)] = match family {
+            Family::Deit => &[("depths", self.depths.is_some()), ("window", self.window.is_some())],
+            Family::Swin => &[("depth", self.depth.is_some()), ("redistribute", self.redistribute.is_some())],
+        };
+        if family == Family::Swin && self.distilled == Some(true) {
+            problems.push(("distilled".into(), "a Swin has no distillation token\n  hint: distill from a teacher stage instead (`teacher` in train or distill)".into()));
+        }
+        for (key, _) in foreign.iter().filter(|(_, set)| *set) {
+            let (own, other) = if family == Family::Deit { ("DeiT", "swin") } else { ("Swin", "deit") };
+            problems.push((key.to_string(), format!("is not a key of a {own} model\n  hint: set family = \"{other}\" (or a {other} preset) if that is the model you mean")));
+        }
+        if !problems.is_empty() {
+            return problems;
+        }
+        match family {
+            Family::Deit => self.validate_deit(&mut problems),
+            Family::Swin => {
+                if self.dims.is_none() {
+                    // Geometry problems name their key first: `window: 3 does not divide ...`.
+                    for p in self.swin(1).problems() {
+                        let (key, message) = p.split_once(": ").unwrap_or(("preset", &p));
+                        problems.push((key.to_string(), message.to_string()));
+                    }
+                }
+                if self.depths.as_ref().is_some_and(|d| d.is_empty() || d.contains(&0)) {
+                    problems.push(("depths".into(), "needs at least one stage, each of at least one block".into()));
+                }
+            }
+        }
+        problems
+    }
+
+    fn validate_deit(&self, problems: &mut Vec<(String, String)>) {
         // Geometry, with the preset's (or deit-tiny's) values for the keys left unset.
         let base = self.preset.as_deref().and_then(VitConfig::preset).unwrap_or_else(|| VitConfig::preset("deit-tiny").expect("built-in preset"));
         let named = |own: Option<usize>, v: usize| if own.is_some() { format!("{v}") } else { format!("{v} (default)") };
@@ -266,42 +328,106 @@ impl ModelSection {
                 format!("{} does not divide embed_dim = {}: every head must be equally wide", named(self.heads, heads), named(self.embed_dim, embed)),
             ));
         }
-        problems
     }
 
     /// Where a checkpoint's geometry disagrees with what this section says explicitly (its
     /// keys, or its preset's values), as `key: section vs checkpoint` lines.
-    pub fn disagreements(&self, checkpoint: &VitConfig) -> Vec<String> {
-        let preset = self.preset.as_deref().and_then(VitConfig::preset);
-        let said = |own: Option<usize>, from_preset: fn(&VitConfig) -> usize| own.or(preset.as_ref().map(from_preset));
-        let c = checkpoint;
+    pub fn disagreements(&self, checkpoint: &ModelConfig) -> Vec<String> {
         let mut out = Vec::new();
         let mut check = |key: &str, said: Option<usize>, found: usize| {
             if let Some(v) = said.filter(|v| *v != found) {
                 out.push(format!("model.{key} = {v}, the checkpoint's is {found}"));
             }
         };
-        check("image_size", said(self.image_size, |p| p.image_size), c.image_size);
-        check("patch_size", said(self.patch_size, |p| p.patch_size), c.patch_size);
-        check("in_chans", said(self.in_chans, |p| p.in_chans), c.in_chans);
-        check("embed_dim", said(self.embed_dim, |p| p.embed_dim), c.embed_dim);
-        check("depth", said(self.depth, |p| p.depth()), c.depth());
-        check("num_classes", self.num_classes, c.num_classes);
-        if self.dims.is_none() && self.redistribute != Some(true) {
-            if let Some(r) = self.mlp_ratio {
-                check("mlp_ratio x embed_dim", Some((r * c.embed_dim as f64).round() as usize), c.blocks[0].mlp);
+        match checkpoint {
+            ModelConfig::Deit(c) => {
+                let preset = self.preset.as_deref().and_then(VitConfig::preset);
+                let said = |own: Option<usize>, from_preset: fn(&VitConfig) -> usize| own.or(preset.as_ref().map(from_preset));
+                check("image_size", said(self.image_size, |p| p.image_size), c.image_size);
+                check("patch_size", said(self.patch_size, |p| p.patch_size), c.patch_size);
+                check("in_chans", said(self.in_chans, |p| p.in_chans), c.in_chans);
+                check("embed_dim", said(self.embed_dim, |p| p.embed_dim), c.embed_dim);
+                check("depth", said(self.depth, |p| p.depth()), c.depth());
+                check("num_classes", self.num_classes, c.num_classes);
+                if self.dims.is_none() && self.redistribute != Some(true) {
+                    if let Some(r) = self.mlp_ratio {
+                        check("mlp_ratio x embed_dim", Some((r * c.embed_dim as f64).round() as usize), c.blocks[0].mlp);
+                    }
+                }
+                if let Some(d) = self.distilled.or(preset.as_ref().map(|p| p.distilled)) {
+                    if d != c.distilled {
+                        out.push(format!("model.distilled = {d}, the checkpoint {} a distillation token", if c.distilled { "has" } else { "has no" }));
+                    }
+                }
             }
-        }
-        if let Some(d) = self.distilled.or(preset.as_ref().map(|p| p.distilled)) {
-            if d != c.distilled {
-                out.push(format!("model.distilled = {d}, the checkpoint {} a distillation token", if c.distilled { "has" } else { "has no" }));
+            ModelConfig::Swin(c) => {
+                let preset = self.preset.as_deref().and_then(SwinConfig::preset);
+                let said = |own: Option<usize>, from_preset: fn(&SwinConfig) -> usize| own.or(preset.as_ref().map(from_preset));
+                check("patch_size", said(self.patch_size, |p| p.patch_size), c.patch_size);
+                check("in_chans", said(self.in_chans, |p| p.in_chans), c.in_chans);
+                check("embed_dim", said(self.embed_dim, |p| p.stages[0].embed_dim), c.stages[0].embed_dim);
+                check("num_classes", self.num_classes, c.num_classes);
+                let depths: Vec<usize> = c.stages.iter().map(|s| s.blocks.len()).collect();
+                if let Some(said) = self.depths.clone().or(preset.map(|p| p.stages.iter().map(|s| s.blocks.len()).collect())) {
+                    if said != depths {
+                        out.push(format!("model.depths = {said:?}, the checkpoint's are {depths:?}"));
+                    }
+                }
             }
         }
         out
     }
 
     /// The model this section describes; `dataset_classes` fills `num_classes` when unset.
-    pub fn resolve(&self, dataset_classes: usize) -> anyhow::Result<VitConfig> {
+    pub fn resolve(&self, dataset_classes: usize) -> anyhow::Result<ModelConfig> {
+        let config = match self.family() {
+            Family::Deit => ModelConfig::Deit(self.resolve_deit(dataset_classes)?),
+            Family::Swin => {
+                let mut c = self.swin(dataset_classes);
+                if let Some(path) = &self.dims {
+                    match ModelConfig::read_json(path)? {
+                        ModelConfig::Swin(dims) => {
+                            c.head_dim = dims.head_dim;
+                            c.stages = dims.stages;
+                        }
+                        ModelConfig::Deit(_) => anyhow::bail!("model.dims: `{}` holds a DeiT's widths, and [model] is a Swin", path.display()),
+                    }
+                }
+                ModelConfig::Swin(c)
+            }
+        };
+        let problems = config.problems();
+        if !problems.is_empty() {
+            anyhow::bail!("model: {}", problems.join("; "));
+        }
+        Ok(config)
+    }
+
+    /// The Swin these keys describe, with swin-tiny's values (or the preset's) for those unset;
+    /// heads and width double each stage, as timm's presets.
+    fn swin(&self, dataset_classes: usize) -> SwinConfig {
+        let base = self.preset.as_deref().and_then(SwinConfig::preset).unwrap_or_else(|| SwinConfig::preset("swin-tiny").expect("built-in preset"));
+        let first = &base.stages[0];
+        let depths = self.depths.clone().unwrap_or_else(|| base.stages.iter().map(|s| s.blocks.len()).collect());
+        let heads0 = self.heads.unwrap_or(first.blocks[0].heads);
+        let embed = self.embed_dim.unwrap_or(first.embed_dim);
+        let heads: Vec<usize> = (0..depths.len()).map(|i| heads0 << i).collect();
+        let mut c = SwinConfig::uniform(
+            self.image_size.unwrap_or(base.image_size),
+            self.patch_size.unwrap_or(base.patch_size),
+            self.in_chans.unwrap_or(base.in_chans),
+            self.window.unwrap_or(base.window),
+            embed,
+            &depths,
+            &heads,
+            self.mlp_ratio.unwrap_or(first.blocks[0].mlp as f64 / first.embed_dim as f64),
+            self.num_classes.unwrap_or(dataset_classes),
+        );
+        c.drop_path = self.drop_path.unwrap_or(0.0);
+        c
+    }
+
+    fn resolve_deit(&self, dataset_classes: usize) -> anyhow::Result<VitConfig> {
         let mut c = match &self.preset {
             Some(p) => VitConfig::preset(p).ok_or_else(|| anyhow::anyhow!("model.preset: unknown preset `{p}`"))?,
             None => VitConfig::preset("deit-tiny").expect("built-in preset"),
@@ -322,19 +448,19 @@ impl ModelSection {
             self.distilled.unwrap_or(c.distilled),
         );
         if let Some(path) = &self.dims {
-            let dims = VitConfig::read_json(path)?;
-            c.embed_dim = dims.embed_dim;
-            c.head_dim = dims.head_dim;
-            c.blocks = dims.blocks;
+            match ModelConfig::read_json(path)? {
+                ModelConfig::Deit(dims) => {
+                    c.embed_dim = dims.embed_dim;
+                    c.head_dim = dims.head_dim;
+                    c.blocks = dims.blocks;
+                }
+                ModelConfig::Swin(_) => anyhow::bail!("model.dims: `{}` holds a Swin's widths\n  hint: set family = \"swin\" in [model]", path.display()),
+            }
         }
         if self.redistribute == Some(true) {
             c.blocks = redistributed(c.embed_dim, c.depth(), c.head_dim);
         }
         c.drop_path = self.drop_path.unwrap_or(0.0);
-        let problems = c.check();
-        if !problems.is_empty() {
-            anyhow::bail!("model: {}", problems.join("; "));
-        }
         Ok(c)
     }
 }
@@ -353,6 +479,7 @@ mod tests {
         assert_eq!(blocks[8..], [edge; 4]);
         let section = ModelSection { redistribute: Some(true), embed_dim: Some(64), depth: Some(4), heads: Some(4), ..Default::default() };
         let c = section.resolve(10).unwrap();
+        let c = c.as_deit().unwrap();
         assert_eq!(c.blocks.iter().map(|d| d.heads).collect::<Vec<_>>(), [1, 1, 1, 1]);
         assert_eq!(c.blocks.iter().map(|d| (d.qk, d.v, d.mlp)).collect::<Vec<_>>(), [(3, 16, 192), (6, 16, 384), (6, 16, 384), (3, 16, 192)]);
     }

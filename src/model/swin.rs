@@ -19,7 +19,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::vit::{drop_path, embed_patches, linear, Attention, Materialize, Mlp};
+use super::vit::{drop_path, embed_patches, linear, norm, Attention, Materialize, Mlp};
 use super::BlockDims;
 
 /// PyTorch's LayerNorm epsilon, which timm's Swin keeps.
@@ -166,7 +166,7 @@ impl SwinConfig {
                     .blocks
                     .iter()
                     .enumerate()
-                    .map(|(j, d)| SwinBlock::new(e, *d, window, if j % 2 == 1 { shift } else { 0 }, scale, device))
+                    .map(|(j, d)| SwinBlock::new(e, *d, window, if j % 2 == 1 { shift } else { 0 }, self.side(i), scale, device))
                     .collect();
                 SwinLayer { downsample, blocks }
             })
@@ -180,6 +180,7 @@ impl SwinConfig {
             norm: layer_norm(self.num_features(), device),
             head: linear(self.num_features(), self.num_classes, device),
             config: self.clone(),
+            emb_alive: None,
         };
         // Materialized, as DeiT's: a clone of a lazy parameter would sample its own values.
         model.visit(&mut Materialize);
@@ -201,12 +202,21 @@ pub struct SwinBlock<B: Backend> {
     pub mlp: Mlp<B>,
     pub window: usize,
     pub shift: usize,
+    /// Tokens per side of the stage's map.
+    pub side: usize,
     pub drop_path: f64,
+    /// For every pair of a window's tokens, its row of the relative position table; built
+    /// once, as it depends only on the window.
+    #[module(skip)]
+    relative_index: Vec<i64>,
+    /// `[windows, n * n]`, the shifted windows' mask ([`shift_mask`]); `None` unshifted.
+    #[module(skip)]
+    shift_mask: Option<Vec<f32>>,
 }
 
 impl<B: Backend> SwinBlock<B> {
-    /// One block of width `e` with `d`'s widths, randomly initialized.
-    pub fn new(e: usize, d: BlockDims, window: usize, shift: usize, scale: f64, device: &B::Device) -> Self {
+    /// One block of width `e` with `d`'s widths on a `side x side` map, randomly initialized.
+    pub fn new(e: usize, d: BlockDims, window: usize, shift: usize, side: usize, scale: f64, device: &B::Device) -> Self {
         let offsets = (2 * window - 1) * (2 * window - 1);
         Self {
             norm1: layer_norm(e, device),
@@ -216,40 +226,45 @@ impl<B: Backend> SwinBlock<B> {
             mlp: Mlp::new(e, d.mlp, device),
             window,
             shift,
+            side,
             drop_path: 0.0,
+            relative_index: relative_position_index(window),
+            shift_mask: (shift > 0).then(|| shift_mask(side, window, shift)),
         }
     }
 
-    /// `[batch, side * side, e] -> [batch, side * side, e]`.
-    pub fn forward(&self, x: Tensor<B, 3>, side: usize) -> Tensor<B, 3> {
+    /// `[batch, side * side, e] -> [batch, side * side, e]`; `alive` as [`Swin::emb_alive`]'s
+    /// entry for the block's stage.
+    pub fn forward(&self, x: Tensor<B, 3>, alive: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
         let [b, l, e] = x.dims();
+        let side = self.side;
         let (w, s) = (self.window, self.shift as i64);
         let per_side = side / w;
         let n = w * w;
-        let y = self.norm1.forward(x.clone()).reshape([b, side, side, e]);
+        let y = norm(&self.norm1, x.clone(), alive, LN_EPS).reshape([b, side, side, e]);
         // Burn's `roll` by k moves element i + k to i, PyTorch's moves element i - k there:
         // timm's roll by -shift is Burn's by +shift.
         let y = if s > 0 { y.roll(&[s, s], &[1, 2]) } else { y };
         let windows = y.reshape([b, per_side, w, per_side, w, e]).permute([0, 1, 3, 2, 4, 5]).reshape([b * per_side * per_side, n, e]);
-        let bias = self.attention_bias(b, side, &x.device());
+        let bias = self.attention_bias(b, &x.device());
         let out = self.attn.forward(windows, Some(bias));
         let y = out.reshape([b, per_side, per_side, w, w, e]).permute([0, 1, 3, 2, 4, 5]).reshape([b, side, side, e]);
         let y = if s > 0 { y.roll(&[-s, -s], &[1, 2]) } else { y };
         let x = x + drop_path(y.reshape([b, l, e]), self.drop_path);
-        x.clone() + drop_path(self.mlp.forward(self.norm2.forward(x)), self.drop_path)
+        x.clone() + drop_path(self.mlp.forward(norm(&self.norm2, x, alive, LN_EPS)), self.drop_path)
     }
 
     /// `[batch * windows, heads, n, n]`: each head's relative position bias, plus the shifted
     /// windows' mask.
-    fn attention_bias(&self, batch: usize, side: usize, device: &B::Device) -> Tensor<B, 4> {
+    fn attention_bias(&self, batch: usize, device: &B::Device) -> Tensor<B, 4> {
         let (w, n, h) = (self.window, self.window * self.window, self.attn.heads);
-        let windows = (side / w) * (side / w);
-        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(relative_position_index(w), [n * n]), device);
+        let windows = (self.side / w) * (self.side / w);
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(self.relative_index.clone(), [n * n]), device);
         let relative = self.relative_position_bias_table.val().select(0, index).reshape([n, n, h]).permute([2, 0, 1]); // [h, n, n]
-        if self.shift == 0 {
+        let Some(mask) = &self.shift_mask else {
             return relative.unsqueeze::<4>().expand([batch * windows, h, n, n]);
-        }
-        let mask = super::float_tensor::<B, 4>(shift_mask(side, w, self.shift), [1, windows, 1, n * n], device).reshape([1, windows, 1, n, n]);
+        };
+        let mask = super::float_tensor::<B, 4>(mask.clone(), [1, windows, 1, n * n], device).reshape([1, windows, 1, n, n]);
         let bias: Tensor<B, 5> = relative.reshape([1, 1, h, n, n]) + mask;
         bias.expand([batch, windows, h, n, n]).reshape([batch * windows, h, n, n])
     }
@@ -295,12 +310,14 @@ pub struct PatchMerging<B: Backend> {
 }
 
 impl<B: Backend> PatchMerging<B> {
-    /// `[batch, side * side, e] -> [batch, side / 2 * side / 2, e']`.
-    pub fn forward(&self, x: Tensor<B, 3>, side: usize) -> Tensor<B, 3> {
+    /// `[batch, side * side, e] -> [batch, side / 2 * side / 2, e']`; `alive` as the previous
+    /// stage's [`Swin::emb_alive`] entry.
+    pub fn forward(&self, x: Tensor<B, 3>, side: usize, alive: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
         let [b, _, e] = x.dims();
         let half = side / 2;
         let x = x.reshape([b, half, 2, half, 2, e]).permute([0, 1, 3, 4, 2, 5]).reshape([b, half * half, 4 * e]);
-        self.reduction.forward(self.norm.forward(x))
+        let alive = alive.map(|a| a.clone().repeat_dim(0, 4));
+        self.reduction.forward(norm(&self.norm, x, alive.as_ref(), LN_EPS))
     }
 }
 
@@ -319,6 +336,10 @@ pub struct Swin<B: Backend> {
     pub head: Linear<B>,
     #[module(skip)]
     pub config: SwinConfig,
+    /// Per stage, 1 for each embedding channel that survives pruning and 0 for a pruned one;
+    /// `None` when nothing is pruned.
+    #[module(skip)]
+    pub emb_alive: Option<Vec<Vec<f32>>>,
 }
 
 impl<B: Backend> Swin<B> {
@@ -336,18 +357,23 @@ impl<B: Backend> Swin<B> {
     /// `[batch, channels, height, width] -> [batch, classes]`.
     pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
         let (x, [side, _]) = embed_patches(&self.patch_embed, images);
-        let mut x = self.patch_norm.forward(x);
+        let device = x.device();
+        let alive: Vec<Option<Tensor<B, 1>>> = match &self.emb_alive {
+            Some(stages) => stages.iter().map(|a| Some(super::float_tensor::<B, 1>(a.clone(), [a.len()], &device))).collect(),
+            None => vec![None; self.layers.len()],
+        };
+        let mut x = norm(&self.patch_norm, x, alive[0].as_ref(), LN_EPS);
         let mut side = side;
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             if let Some(merge) = &layer.downsample {
-                x = merge.forward(x, side);
+                x = merge.forward(x, side, alive[i - 1].as_ref());
                 side /= 2;
             }
             for block in &layer.blocks {
-                x = block.forward(x, side);
+                x = block.forward(x, alive[i].as_ref());
             }
         }
-        let x = self.norm.forward(x);
+        let x = norm(&self.norm, x, alive[self.layers.len() - 1].as_ref(), LN_EPS);
         let [b, _, e] = x.dims();
         self.head.forward(x.mean_dim(1).reshape([b, e]))
     }

@@ -98,9 +98,9 @@ impl<B: Backend> Block<B> {
     }
 
     fn forward_with(&self, x: Tensor<B, 3>, alive: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
-        let a = self.attn.forward(norm(&self.norm1, x.clone(), alive), None);
+        let a = self.attn.forward(norm(&self.norm1, x.clone(), alive, LN_EPS), None);
         let x = x + drop_path(a, self.drop_path);
-        let m = self.mlp.forward(norm(&self.norm2, x.clone(), alive));
+        let m = self.mlp.forward(norm(&self.norm2, x.clone(), alive, LN_EPS));
         x + drop_path(m, self.drop_path)
     }
 }
@@ -161,10 +161,10 @@ pub(super) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> 
     x * phi
 }
 
-/// LayerNorm over the embedding channels in `alive` only (all when `None`). A model whose
-/// pruned embedding channels are zeroed must not count them in the statistics, or it would
-/// not compute what its compact version computes.
-fn norm<B: Backend>(ln: &LayerNorm<B>, x: Tensor<B, 3>, alive: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
+/// LayerNorm (epsilon `eps`, which Burn's keeps private) over the embedding channels in
+/// `alive` only (all when `None`). A model whose pruned embedding channels are zeroed must
+/// not count them in the statistics, or it would not compute what its compact version computes.
+pub(super) fn norm<B: Backend>(ln: &LayerNorm<B>, x: Tensor<B, 3>, alive: Option<&Tensor<B, 1>>, eps: f64) -> Tensor<B, 3> {
     let Some(alive) = alive else { return ln.forward(x) };
     let [b, n, e] = x.dims();
     let m = alive.clone().reshape([1, 1, e]).expand([b, n, e]);
@@ -172,7 +172,7 @@ fn norm<B: Backend>(ln: &LayerNorm<B>, x: Tensor<B, 3>, alive: Option<&Tensor<B,
     let mean = (x.clone() * m.clone()).sum_dim(2) / count.clone(); // [b, n, 1]
     let centered = (x - mean) * m;
     let var = centered.clone().powi_scalar(2).sum_dim(2) / count;
-    let y = centered / var.add_scalar(LN_EPS).sqrt();
+    let y = centered / var.add_scalar(eps).sqrt();
     let gamma = ln.gamma.val().reshape([1, 1, e]);
     match &ln.beta {
         Some(beta) => y * gamma + beta.val().reshape([1, 1, e]),
@@ -334,7 +334,7 @@ impl<B: Backend> Vit<B> {
         for block in &self.blocks {
             x = block.forward_with(x, alive.as_ref());
         }
-        let x = norm(&self.norm, x, alive.as_ref());
+        let x = norm(&self.norm, x, alive.as_ref(), LN_EPS);
         let token = |i: usize| x.clone().slice([0..b, i..i + 1, 0..e]).reshape([b, e]);
         VitOutput {
             cls: self.head.forward(token(0)),

@@ -75,6 +75,7 @@ fn frontier(table: &LatencyTable, e: usize, block: [&Ranked; 4]) -> Vec<Choice> 
 pub fn select(scores: &Masks, masks: &Masks, table: &LatencyTable, budget: f64, group: impl Fn(Structure) -> usize, bins: usize) -> Option<Masks> {
     let depth = masks.blocks.len();
     let ranked = |s: Structure, b: usize| rank(scores.get(s, b), masks.get(s, b), group(s), if s == Structure::Emb { group(s) } else { 1 });
+    assert_eq!(masks.emb.len(), 1, "exact selection solves for one embedding width");
     let emb = ranked(Structure::Emb, 0);
     let blocks: Vec<[Ranked; 4]> = (0..depth).map(|b| IN_BLOCK.map(|s| ranked(s, b))).collect();
     let bins = bins.max(1);
@@ -145,7 +146,7 @@ mod tests {
 
     /// A table whose latency grows with every width, with a fixed cost per block.
     fn table(config: &VitConfig) -> LatencyTable {
-        let grid = Grid::spanning(config);
+        let grid = Grid::spanning(config.embed_dim, &config.blocks);
         let values = grid
             .points()
             .into_iter()
@@ -156,7 +157,7 @@ mod tests {
 
     fn random_scores(config: &VitConfig, seed: u64) -> Masks {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut m = Masks::ones(config);
+        let mut m = Masks::ones(&config.clone().into());
         for (s, b) in m.slots() {
             m.get_mut(s, b).iter_mut().for_each(|x| *x = rng.random::<f32>());
         }
@@ -216,19 +217,19 @@ mod tests {
         let config = VitConfig::uniform(16, 4, 3, 12, 2, 3, 1.0, 5, false); // E 12, 2 blocks of 3 heads of 4
         let group = |s: Structure| if s == Structure::Emb { 2 } else { 1 };
         let table = table(&config);
-        let dense = table.model_latency(&config);
+        let dense = config.blocks.iter().map(|d| table.lookup(config.embed_dim, d)).sum::<f64>();
         for seed in 0..2 {
             let scores = random_scores(&config, seed);
-            let mut masks = Masks::ones(&config);
+            let mut masks = Masks::ones(&config.clone().into());
             if seed % 2 == 1 {
                 masks.blocks[0].mlp[3] = 0.0; // a unit pruned at an earlier step stays pruned
-                masks.emb[5] = 0.0;
+                masks.emb[0][5] = 0.0;
             }
             for ratio in [0.9, 0.6, 0.35] {
                 let budget = ratio * dense;
                 let bins = 2000;
                 let kept = select(&scores, &masks, &table, budget, group, bins).expect("feasible");
-                let (e, dims) = kept.surviving_dims();
+                let (e, dims) = kept.surviving_dims().remove(0);
                 let lat: f64 = dims.iter().map(|d| table.lookup(e, d)).sum();
                 assert!(lat <= budget, "seed {seed} ratio {ratio}: {lat} over {budget}");
                 for (s, b) in kept.slots() {
@@ -248,9 +249,9 @@ mod tests {
         let config = VitConfig::uniform(16, 4, 3, 8, 2, 2, 1.0, 5, false);
         let table = table(&config);
         let scores = random_scores(&config, 7);
-        let masks = Masks::ones(&config);
+        let masks = Masks::ones(&config.clone().into());
         assert!(select(&scores, &masks, &table, 1e-9, |_| 1, 100).is_none());
-        let all = select(&scores, &masks, &table, 1.01 * table.model_latency(&config), |_| 1, 1000).unwrap();
+        let all = select(&scores, &masks, &table, 1.01 * config.blocks.iter().map(|d| table.lookup(config.embed_dim, d)).sum::<f64>(), |_| 1, 1000).unwrap();
         assert_eq!(all, masks);
     }
 }

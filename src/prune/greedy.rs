@@ -8,7 +8,7 @@
 //! - uniform allocation, the ablation's baseline: the same fraction of every structure in
 //!   every block ([`prune_uniform`]).
 
-use super::latency_table::LatencyTable;
+use super::latency_table::ModelLatency;
 use super::structures::{Masks, Structure};
 use crate::model::BlockDims;
 
@@ -35,18 +35,24 @@ fn minus_one(s: Structure, d: &BlockDims) -> BlockDims {
     d
 }
 
-/// The latency one unit of `s` would save in each block (EMB: summed over blocks).
-fn latency_saved(table: &LatencyTable, e: usize, dims: &[BlockDims], s: Structure, block: usize) -> f64 {
-    match s {
-        Structure::Emb => dims.iter().map(|d| table.lookup(e, d) - table.lookup(e.saturating_sub(1), d)).sum(),
-        _ => {
-            let d = &dims[block];
-            if at_floor(s, d) {
-                0.0
-            } else {
-                table.lookup(e, d) - table.lookup(e, &minus_one(s, d))
-            }
-        }
+/// The latency one unit of `s` would save in `slot` (a block; for EMB a stream, summed over
+/// its blocks), at the widths `stages` (per stream: its width and its blocks').
+fn latency_saved(latency: &ModelLatency, stages: &[(usize, Vec<BlockDims>)], s: Structure, slot: usize) -> f64 {
+    if s == Structure::Emb {
+        let ((e, dims), table) = (&stages[slot], &latency.stages[slot]);
+        return dims.iter().map(|d| table.lookup(*e, d) - table.lookup(e.saturating_sub(1), d)).sum();
+    }
+    let (mut stage, mut block) = (0, slot);
+    while block >= stages[stage].1.len() {
+        block -= stages[stage].1.len();
+        stage += 1;
+    }
+    let ((e, dims), table) = (&stages[stage], &latency.stages[stage]);
+    let d = &dims[block];
+    if at_floor(s, d) {
+        0.0
+    } else {
+        table.lookup(*e, d) - table.lookup(*e, &minus_one(s, d))
     }
 }
 
@@ -60,11 +66,11 @@ pub struct Group {
 
 /// The alive units of every structure and block, in groups of `group(structure)` units of
 /// adjacent latency-adjusted score, by ascending group score.
-pub fn groups(scores: &Masks, masks: &Masks, table: &LatencyTable, eta: f64, group: impl Fn(Structure) -> usize) -> Vec<Group> {
-    let (e, dims) = masks.surviving_dims();
+pub fn groups(scores: &Masks, masks: &Masks, latency: &ModelLatency, eta: f64, group: impl Fn(Structure) -> usize) -> Vec<Group> {
+    let stages = masks.surviving_dims();
     let mut out = Vec::new();
     for (structure, block) in masks.slots() {
-        let saved = eta * latency_saved(table, e, &dims, structure, block);
+        let saved = eta * latency_saved(latency, &stages, structure, block);
         let mask = masks.get(structure, block);
         let mut alive: Vec<(usize, f64)> = scores
             .get(structure, block)
@@ -188,10 +194,15 @@ mod tests {
     use super::*;
     use crate::model::VitConfig;
 
-    fn table() -> LatencyTable {
+    fn table() -> ModelLatency {
         let grid = crate::prune::Grid { emb: vec![8, 16], heads: vec![1, 4], qk: vec![1, 8], v: vec![1, 8], mlp: vec![1, 32] };
         let values = grid.points().iter().map(|(e, d)| 1e-3 * (*e * (d.heads * (d.qk + d.v) + d.mlp)) as f64).collect();
-        LatencyTable::new(grid, values).unwrap()
+        ModelLatency { stages: vec![crate::prune::LatencyTable::new(grid, values).unwrap()] }
+    }
+
+    /// A DeiT's one stream: its width and its blocks'.
+    fn widths(masks: &Masks) -> (usize, Vec<BlockDims>) {
+        masks.surviving_dims().remove(0)
     }
 
     /// Group sizes: EMB 4, heads 2, QK 2, V 2, MLP 8.
@@ -206,29 +217,29 @@ mod tests {
     #[test]
     fn uniform_allocation_keeps_the_same_fraction_everywhere_lowest_scores_first() {
         let config = VitConfig { blocks: vec![BlockDims { heads: 4, qk: 8, v: 8, mlp: 40 }; 3], embed_dim: 20, ..VitConfig::preset("deit-tiny").unwrap() };
-        let mut scores = Masks::filled(&config, 1.0);
+        let mut scores = Masks::filled(&config.clone().into(), 1.0);
         scores.get_mut(Structure::Mlp, 1)[7] = 0.0;
-        let mut masks = Masks::ones(&config);
+        let mut masks = Masks::ones(&config.clone().into());
         prune_uniform(&scores, &mut masks, 0.75);
-        let (e, dims) = masks.surviving_dims();
+        let (e, dims) = widths(&masks);
         assert_eq!(e, 15);
         assert!(dims.iter().all(|d| *d == BlockDims { heads: 3, qk: 6, v: 6, mlp: 30 }), "{dims:?}");
         assert_eq!(masks.get(Structure::Mlp, 1)[7], 0.0, "the lowest-scored unit went first");
         prune_uniform(&scores, &mut masks, 0.0);
-        assert!(masks.surviving_dims().1.iter().all(|d| *d == BlockDims { heads: 1, qk: 1, v: 1, mlp: 1 }));
+        assert!(widths(&masks).1.iter().all(|d| *d == BlockDims { heads: 1, qk: 1, v: 1, mlp: 1 }));
     }
 
     #[test]
     fn never_prunes_a_structure_below_one_group() {
         let c = VitConfig::uniform(16, 4, 3, 16, 2, 4, 2.0, 5, false);
-        let mut masks = Masks::ones(&c);
-        let scores = Masks::filled(&c, 0.0);
+        let mut masks = Masks::ones(&c.clone().into());
+        let scores = Masks::filled(&c.clone().into(), 0.0);
         for _ in 0..200 {
             let g = groups(&scores, &masks, &table(), 0.0, sizes);
             prune_lowest(&g, &mut masks, 3, 4);
         }
         // Groups are pruned whole, so exactly one group of each structure stays.
-        let (e, dims) = masks.surviving_dims();
+        let (e, dims) = widths(&masks);
         assert_eq!(e, 4, "one EMB group stays");
         for d in dims {
             assert_eq!(d, BlockDims { heads: 2, qk: 2, v: 2, mlp: 8 }, "one group of each structure stays");
@@ -238,17 +249,17 @@ mod tests {
     #[test]
     fn the_lowest_adjusted_groups_go_first_across_the_whole_network() {
         let c = VitConfig::uniform(16, 4, 3, 16, 2, 4, 2.0, 5, false);
-        let mut scores = Masks::filled(&c, 10.0);
+        let mut scores = Masks::filled(&c.clone().into(), 10.0);
         for u in [3, 9, 17, 30] {
             scores.get_mut(Structure::Mlp, 1)[u] = 0.01;
         }
-        let mut masks = Masks::ones(&c);
+        let mut masks = Masks::ones(&c.clone().into());
         let g = groups(&scores, &masks, &table(), 0.0, |s| if s == Structure::Mlp { 4 } else { sizes(s) });
         assert_eq!((g[0].structure, g[0].block), (Structure::Mlp, 1));
         assert_eq!(g[0].units, [3, 9, 17, 30]);
         prune_lowest(&g, &mut masks, 1, 4);
-        assert_eq!(masks.surviving_dims().1[1].mlp, 28);
-        assert_eq!(masks.surviving_dims().1[0].mlp, 32);
+        assert_eq!(widths(&masks).1[1].mlp, 28);
+        assert_eq!(widths(&masks).1[0].mlp, 32);
     }
 
     /// Heads scored far below everything else: a global ranking takes only heads, an
@@ -257,22 +268,22 @@ mod tests {
     fn isomorphic_ranking_prunes_every_type_by_the_same_fraction_within_the_type() {
         // Two blocks of 4 heads (qk 4, v 4), MLP 32, E 16.
         let c = VitConfig::uniform(16, 4, 3, 16, 2, 4, 2.0, 5, false);
-        let mut scores = Masks::filled(&c, 10.0);
+        let mut scores = Masks::filled(&c.clone().into(), 10.0);
         for b in 0..2 {
             scores.get_mut(Structure::Head, b).iter_mut().for_each(|v| *v = 0.0);
         }
         // Block 1's MLP units are the least salient MLP units of the network.
         scores.get_mut(Structure::Mlp, 1).iter_mut().for_each(|v| *v = 1.0);
-        let g = groups(&scores, &Masks::ones(&c), &table(), 0.0, |_| 1);
-        let mut global = Masks::ones(&c);
+        let g = groups(&scores, &Masks::ones(&c.clone().into()), &table(), 0.0, |_| 1);
+        let mut global = Masks::ones(&c.clone().into());
         prune_lowest(&g, &mut global, 4, 1);
-        let (e, dims) = global.surviving_dims();
+        let (e, dims) = widths(&global);
         assert_eq!((e, dims.iter().map(|d| d.heads).sum::<usize>()), (16, 4), "global: four heads, nothing else");
         assert!(dims.iter().all(|d| d.mlp == 32 && d.qk == 4));
 
-        let mut iso = Masks::ones(&c);
+        let mut iso = Masks::ones(&c.clone().into());
         let n = prune_isomorphic(&g, &mut iso, 0.75, 1, |_| false);
-        let (e, dims) = iso.surviving_dims();
+        let (e, dims) = widths(&iso);
         let total = |f: fn(&BlockDims) -> usize| dims.iter().map(f).sum::<usize>();
         assert_eq!(e, 12, "a quarter of EMB");
         assert_eq!(total(|d| d.heads), 6, "a quarter of the heads");
@@ -281,7 +292,7 @@ mod tests {
         assert_eq!(n, 4 + 2 + 2 + 2 + 16);
 
         // Stopped by the target after the first group.
-        let mut once = Masks::ones(&c);
+        let mut once = Masks::ones(&c.clone().into());
         assert_eq!(prune_isomorphic(&g, &mut once, 0.75, 1, |_| true), 1);
     }
 
@@ -291,15 +302,15 @@ mod tests {
     #[test]
     fn isomorphic_targets_are_cumulative_and_rounded_to_the_nearest_group() {
         let c = VitConfig::uniform(16, 4, 3, 16, 2, 4, 2.0, 5, false);
-        let scores = Masks::filled(&c, 1.0);
+        let scores = Masks::filled(&c.clone().into(), 1.0);
         let size = |s: Structure| if s == Structure::Emb { 8 } else { 1 };
-        let mut masks = Masks::ones(&c);
+        let mut masks = Masks::ones(&c.clone().into());
         let mut emb = Vec::new();
         for k in 1..=20 {
             let keep = 0.95f64.powi(k);
             let g = groups(&scores, &masks, &table(), 0.0, size);
             prune_isomorphic(&g, &mut masks, keep, 8, |_| false);
-            let (e, dims) = masks.surviving_dims();
+            let (e, dims) = widths(&masks);
             emb.push(e);
             // Heads: 8 in all, one unit per group, so within half a unit of the target.
             let heads: usize = dims.iter().map(|d| d.heads).sum();
@@ -312,14 +323,23 @@ mod tests {
 
     #[test]
     fn latency_credit_favours_units_that_save_time_and_stops_at_the_floors() {
-        let t = table();
+        let latency = table();
+        let t = &latency.stages[0];
         let d = BlockDims { heads: 4, qk: 8, v: 8, mlp: 32 };
-        assert!(latency_saved(&t, 16, &[d], Structure::Mlp, 0) > 0.0);
+        assert!(latency_saved(&latency, &[(16, vec![d])], Structure::Mlp, 0) > 0.0);
         let floor = BlockDims { heads: 2, qk: 8, v: 8, mlp: 16 };
         for s in [Structure::Head, Structure::Qk, Structure::V, Structure::Mlp] {
-            assert_eq!(latency_saved(&t, 16, &[floor], s, 0), 0.0, "{s:?}");
+            assert_eq!(latency_saved(&latency, &[(16, vec![floor])], s, 0), 0.0, "{s:?}");
         }
-        let emb = latency_saved(&t, 16, &[d, d], Structure::Emb, 0);
+        let emb = latency_saved(&latency, &[(16, vec![d, d])], Structure::Emb, 0);
         assert!((emb - 2.0 * (t.lookup(16, &d) - t.lookup(15, &d))).abs() < 1e-15);
+        // Two streams, each with its own table: a block of the second reads the second's, at
+        // the second's width, and its EMB sums over the second's blocks only.
+        let doubled = ModelLatency { stages: vec![t.clone(), crate::prune::LatencyTable::new(t.grid.clone(), t.grid.points().iter().map(|(e, d)| 2e-3 * (*e * (d.heads * (d.qk + d.v) + d.mlp)) as f64).collect()).unwrap()] };
+        let stages = [(8, vec![d]), (16, vec![d, d])];
+        let second = latency_saved(&doubled, &stages, Structure::Mlp, 2);
+        assert!((second - 2.0 * (t.lookup(16, &d) - t.lookup(16, &BlockDims { mlp: 31, ..d }))).abs() < 1e-15);
+        let emb = latency_saved(&doubled, &stages, Structure::Emb, 1);
+        assert!((emb - 4.0 * (t.lookup(16, &d) - t.lookup(15, &d))).abs() < 1e-15);
     }
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{BlockDims, VitConfig};
+use crate::model::{BlockDims, ModelConfig};
 
 /// The axes of the grid, each sorted ascending.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,9 +37,10 @@ impl Grid {
         }
     }
 
-    /// A small grid spanning a model's widths: the full width, halves and quarters, and 1.
-    pub fn spanning(model: &VitConfig) -> Self {
-        let max = |f: fn(&BlockDims) -> usize| model.blocks.iter().map(f).max().unwrap_or(1);
+    /// A small grid spanning the widths of a stream of width `embed_dim` and its blocks: the
+    /// full width, halves and quarters, and 1.
+    pub fn spanning(embed_dim: usize, blocks: &[BlockDims]) -> Self {
+        let max = |f: fn(&BlockDims) -> usize| blocks.iter().map(f).max().unwrap_or(1);
         let axis = |top: usize| {
             let mut a = vec![1, top / 4, top / 2, top];
             a.retain(|&x| x >= 1);
@@ -48,12 +49,23 @@ impl Grid {
             a
         };
         Self {
-            emb: axis(model.embed_dim).into_iter().filter(|&e| e > 1).collect(),
+            emb: axis(embed_dim).into_iter().filter(|&e| e > 1).collect(),
             heads: axis(max(|d| d.heads)),
             qk: axis(max(|d| d.qk)),
             v: axis(max(|d| d.v)),
             mlp: axis(max(|d| d.mlp)),
         }
+    }
+
+    /// Half and all of each width a stream of width `embed_dim` and its blocks have.
+    pub fn coarse(embed_dim: usize, blocks: &[BlockDims]) -> Self {
+        let max = |f: fn(&BlockDims) -> usize| blocks.iter().map(f).max().unwrap_or(1);
+        let axis = |top: usize| {
+            let mut a = vec![(top / 2).max(1), top];
+            a.dedup();
+            a
+        };
+        Self { emb: axis(embed_dim), heads: axis(max(|d| d.heads)), qk: axis(max(|d| d.qk)), v: axis(max(|d| d.v)), mlp: axis(max(|d| d.mlp)) }
     }
 
     pub fn points(&self) -> Vec<(usize, BlockDims)> {
@@ -163,11 +175,6 @@ impl LatencyTable {
         total
     }
 
-    /// The estimated latency of a model: the sum of its blocks'.
-    pub fn model_latency(&self, model: &VitConfig) -> f64 {
-        model.blocks.iter().map(|d| self.lookup(model.embed_dim, d)).sum()
-    }
-
     pub fn to_json(&self) -> serde_json::Value {
         let mut root = serde_json::Map::new();
         for (n, (e, d)) in self.grid.points().into_iter().enumerate() {
@@ -183,8 +190,14 @@ impl LatencyTable {
     /// complete (every combination measured).
     pub fn from_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read latency table", path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+        Self::from_value(value, path)
+    }
+
+    /// The table in `value`, in the reference layout; `path` names it in errors.
+    fn from_value(value: serde_json::Value, path: &Path) -> Result<Self> {
         type Nested = BTreeMap<String, BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>>;
-        let nested: Nested = serde_json::from_str(&text)
+        let nested: Nested = serde_json::from_value(value)
             .with_context(|| format!("{}: not a latency table in the layout {{\"EMB_768\": {{\"QK_12_64\": {{\"V_64\": {{\"MLP_3072\": seconds}}}}}}}}", path.display()))?;
         let parse = |key: &str, prefix: &str| -> Result<Vec<usize>> {
             key.strip_prefix(prefix)
@@ -246,6 +259,75 @@ impl LatencyTable {
     }
 }
 
+/// What a model's latency estimate reads: a [`LatencyTable`] per residual stream, since each
+/// Swin stage's blocks attend over their own number of tokens per window and windows per
+/// image. A DeiT's has one, and its file is the reference layout; a Swin's file holds one
+/// such table per stage, `{"stage_0": {"EMB_96": ...}, "stage_1": ...}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelLatency {
+    pub stages: Vec<LatencyTable>,
+}
+
+impl ModelLatency {
+    /// The estimated latency of a model of these widths (as `ModelConfig::stages` gives them):
+    /// the sum of its blocks', each from its stage's table.
+    pub fn estimate(&self, stages: &[(usize, Vec<BlockDims>)]) -> f64 {
+        stages.iter().zip(&self.stages).map(|((e, blocks), t)| blocks.iter().map(|d| t.lookup(*e, d)).sum::<f64>()).sum()
+    }
+
+    pub fn model_latency(&self, model: &ModelConfig) -> f64 {
+        self.estimate(&model.stages())
+    }
+
+    /// An error unless there is a table for each of `model`'s stages.
+    pub fn check(&self, model: &ModelConfig) -> Result<()> {
+        let n = model.stages().len();
+        if self.stages.len() != n {
+            bail!("the latency table has {} stage table(s), and the {} model has {n} stages\n  hint: profile the table from this model", self.stages.len(), model.family());
+        }
+        Ok(())
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        match self.stages.as_slice() {
+            [one] => one.to_json(),
+            many => serde_json::Value::Object(many.iter().enumerate().map(|(i, t)| (format!("stage_{i}"), t.to_json())).collect()),
+        }
+    }
+
+    pub fn from_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read latency table", path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+        let staged = value.as_object().is_some_and(|o| !o.is_empty() && o.keys().all(|k| k.starts_with("stage_")));
+        if !staged {
+            return Ok(Self { stages: vec![LatencyTable::from_value(value, path)?] });
+        }
+        let mut stages = Vec::new();
+        for i in 0.. {
+            let Some(table) = value.get(format!("stage_{i}")) else { break };
+            stages.push(LatencyTable::from_value(table.clone(), &path.join(format!("stage_{i}")))?);
+        }
+        if stages.len() != value.as_object().map_or(0, |o| o.len()) {
+            bail!("{}: stage tables must be numbered stage_0, stage_1, ... without gaps", path.display());
+        }
+        Ok(Self { stages })
+    }
+
+    /// `emb,heads,qk,v,mlp,seconds` rows, led by a `stage` column when there are several.
+    pub fn to_csv(&self) -> String {
+        match self.stages.as_slice() {
+            [one] => one.to_csv(),
+            many => {
+                let mut out = String::from("stage,emb,heads,qk,v,mlp,seconds\n");
+                for (i, t) in many.iter().enumerate() {
+                    out.extend(t.to_csv().lines().skip(1).map(|l| format!("{i},{l}\n")));
+                }
+                out
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,12 +362,26 @@ mod tests {
     #[test]
     fn model_latency_is_the_sum_of_its_blocks() {
         let t = linear_table();
-        let mut m = VitConfig::uniform(16, 4, 3, 16, 3, 4, 2.0, 10, false);
+        let mut m = crate::model::VitConfig::uniform(16, 4, 3, 16, 3, 4, 2.0, 10, false);
         m.blocks[1] = dims(2, 5, 3, 20);
-        let expected: f64 = m.blocks.iter().map(|d| t.lookup(16, d)).sum();
-        assert_eq!(t.model_latency(&m), expected);
+        let latency = ModelLatency { stages: vec![t.clone()] };
         let by_hand = t.lookup(16, &m.blocks[0]) * 2.0 + t.lookup(16, &m.blocks[1]);
-        assert!((t.model_latency(&m) - by_hand).abs() < 1e-15);
+        assert!((latency.model_latency(&m.into()) - by_hand).abs() < 1e-15);
+        // A Swin's stages each read their own table.
+        let swin = crate::model::SwinConfig::uniform(16, 2, 3, 2, 8, &[2, 1], &[1, 2], 2.0, 5);
+        let (a, b) = (t.clone(), LatencyTable::new(t.grid.clone(), t.values.iter().map(|v| 3.0 * v).collect()).unwrap());
+        let latency = ModelLatency { stages: vec![a.clone(), b.clone()] };
+        let (d0, d1) = (swin.stages[0].blocks[0], swin.stages[1].blocks[0]);
+        let by_hand = 2.0 * a.lookup(8, &d0) + b.lookup(16, &d1);
+        assert!((latency.model_latency(&swin.clone().into()) - by_hand).abs() < 1e-15);
+        // Its file holds a table per stage and reads back the same.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lat.json");
+        std::fs::write(&path, serde_json::to_vec(&latency.to_json()).unwrap()).unwrap();
+        assert_eq!(ModelLatency::from_json(&path).unwrap(), latency);
+        assert!(latency.to_csv().starts_with("stage,emb,heads,qk,v,mlp,seconds\n0,8,1,1,1,1,"));
+        let deit = ModelLatency { stages: vec![a] };
+        assert!(deit.check(&swin.into()).unwrap_err().to_string().starts_with("the latency table has 1 stage table(s), and the swin model has 2 stages"));
     }
 
     #[test]
@@ -303,6 +399,13 @@ mod tests {
         std::fs::write(&path, serde_json::to_vec(&broken).unwrap()).unwrap();
         let err = LatencyTable::from_json(&path).unwrap_err().to_string();
         assert!(err.ends_with("lat.json: the table has no entry EMB_16 / QK_4_8 / V_1 / MLP_32; every grid combination must be measured"), "{err}");
+    }
+
+    #[test]
+    fn the_coarse_grid_is_half_and_all_of_each_width() {
+        let g = Grid::coarse(768, &[BlockDims { heads: 12, qk: 64, v: 64, mlp: 3072 }]);
+        assert_eq!((g.emb, g.heads, g.qk, g.v, g.mlp), (vec![384, 768], vec![6, 12], vec![32, 64], vec![32, 64], vec![1536, 3072]));
+        assert_eq!(Grid::coarse(1, &[BlockDims { heads: 1, qk: 1, v: 1, mlp: 1 }]).points().len(), 1);
     }
 
     #[test]

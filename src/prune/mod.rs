@@ -9,6 +9,6 @@ pub mod saliency;
 pub mod structures;
 
 pub use compact::compact;
-pub use latency_table::{Grid, LatencyTable};
+pub use latency_table::{Grid, LatencyTable, ModelLatency};
 pub use saliency::{Criterion, Normalizers};
 pub use structures::{gate, Masks, ParamSet, Structure};

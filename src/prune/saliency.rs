@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::structures::{gate, Masks, ParamSet, Structure, UnitTensors};
-use crate::model::Vit;
+use crate::model::Model;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -34,7 +34,7 @@ pub enum Criterion {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Normalizers {
-    /// Default: the number of blocks L.
+    /// Default: the number of blocks L (a Swin stage's EMB: the blocks of that stage).
     pub emb: Option<f64>,
     pub head: f64,
     pub qk: f64,
@@ -60,9 +60,8 @@ impl Normalizers {
     }
 }
 
-fn ones_requiring_grad<B: AutodiffBackend>(model: &Vit<B>) -> UnitTensors<B> {
-    let device = model.cls_token.device();
-    Masks::ones(&model.config).to_tensors::<B>(&device).map(|t| t.require_grad())
+fn ones_requiring_grad<B: AutodiffBackend>(model: &Model<B>) -> UnitTensors<B> {
+    Masks::ones(&model.config()).to_tensors::<B>(&model.device()).map(|t| t.require_grad())
 }
 
 fn gate_grads<B: AutodiffBackend>(gates: &UnitTensors<B>, grads: &B::Gradients) -> Masks {
@@ -70,14 +69,18 @@ fn gate_grads<B: AutodiffBackend>(gates: &UnitTensors<B>, grads: &B::Gradients) 
         let n = t.dims()[0];
         t.grad(grads).map(Tensor::<B, 1>::from_inner).unwrap_or_else(|| Tensor::zeros([n], &t.device()))
     };
-    Masks::from_tensors(&UnitTensors { emb: grad(&gates.emb), blocks: gates.blocks.iter().map(|b| b.each_ref().map(grad)).collect() })
+    Masks::from_tensors(&UnitTensors {
+        emb: gates.emb.iter().map(grad).collect(),
+        blocks: gates.blocks.iter().map(|b| b.each_ref().map(grad)).collect(),
+        stages: gates.stages.clone(),
+    })
 }
 
 /// One minibatch through gated `model`: the loss, the gradients of every parameter (for an
 /// optimizer step), and `dL/dg_S` of every unit.
 pub fn gate_gradients<B: AutodiffBackend>(
-    model: &Vit<B>,
-    loss: impl FnOnce(&Vit<B>) -> Tensor<B, 1>,
+    model: &Model<B>,
+    loss: impl FnOnce(&Model<B>) -> Tensor<B, 1>,
 ) -> (Tensor<B, 1>, B::Gradients, Masks) {
     let gates = ones_requiring_grad(model);
     let gated = gate(model.clone(), &gates, ParamSet::Saliency);
@@ -89,7 +92,7 @@ pub fn gate_gradients<B: AutodiffBackend>(
 
 /// The loss `hessian_scores` differentiates: cross-entropy of the evaluation logits (both heads
 /// averaged) against hard labels, mean over the batch.
-pub fn scored_loss<B: Backend>(model: &Vit<B>, images: Tensor<B, 4>, labels: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+pub fn scored_loss<B: Backend>(model: &Model<B>, images: Tensor<B, 4>, labels: Tensor<B, 1, Int>) -> Tensor<B, 1> {
     let logits = model.forward(images).logits();
     burn::nn::loss::CrossEntropyLossConfig::new().init(&logits.device()).forward(logits, labels)
 }
@@ -129,7 +132,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for TimesGrad<'_> {
 }
 
 /// `d/dg_S` of `0.5 * sum ||gated params||^2` at gates of one: `sum over S of w^2`.
-fn squared_sums<B: AutodiffBackend>(model: &Vit<B>) -> Masks {
+fn squared_sums<B: AutodiffBackend>(model: &Model<B>) -> Masks {
     let gates = ones_requiring_grad(model);
     let gated = gate(model.clone(), &gates, ParamSet::Saliency);
     let mut visitor = SumOfSquares { total: None };
@@ -143,18 +146,18 @@ fn squared_sums<B: AutodiffBackend>(model: &Vit<B>) -> Masks {
 /// Larger means more important.
 pub fn score<B: AutodiffBackend>(
     criterion: Criterion,
-    model: &Vit<B>,
+    model: &Model<B>,
     sums: &Masks,
     grads: &GradientsParams,
     normalizers: &Normalizers,
     rng: &mut impl Rng,
 ) -> Masks {
-    let depth = model.config.depth();
     let mut out = sums.clone();
     match criterion {
         Criterion::Hessian | Criterion::Taylor => {
             for (s, b) in out.slots() {
-                let c = normalizers.get(s, depth) as f32;
+                // EMB's default normalizer is the number of blocks on its stream.
+                let c = normalizers.get(s, if s == Structure::Emb { sums.blocks_in(b) } else { 0 }) as f32;
                 for x in out.get_mut(s, b).iter_mut() {
                     let v = *x / c;
                     *x = if criterion == Criterion::Hessian { v * v } else { v.abs() };
@@ -185,25 +188,36 @@ pub fn rng(seed: u64) -> rand::rngs::StdRng {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{BlockDims, VitConfig};
+    use crate::model::{BlockDims, SwinConfig, Vit, VitConfig};
     use burn::backend::{Autodiff, NdArray};
     use burn::nn::loss::CrossEntropyLossConfig;
     use burn::tensor::{Distribution, Int, TensorData};
 
     type B = Autodiff<NdArray<f64>>;
 
-    fn setup() -> (Vit<B>, Tensor<B, 4>, Tensor<B, 1, Int>) {
-        let device = Default::default();
-        <B as Backend>::seed(&device, 7);
+    fn setup() -> (Model<B>, Tensor<B, 4>, Tensor<B, 1, Int>) {
         let mut c = VitConfig::uniform(16, 4, 3, 16, 2, 2, 2.0, 5, true);
         c.blocks[1] = BlockDims { heads: 3, qk: 4, v: 6, mlp: 12 };
+        setup_with(c.into())
+    }
+
+    fn setup_with(c: crate::model::ModelConfig) -> (Model<B>, Tensor<B, 4>, Tensor<B, 1, Int>) {
+        let device = Default::default();
+        <B as Backend>::seed(&device, 7);
         let model = c.init::<B>(&device);
         let x = Tensor::<B, 4>::random([6, 3, 16, 16], Distribution::Normal(0.0, 1.0), &device);
         let y = Tensor::<B, 1, Int>::from_data(TensorData::new(vec![0i64, 1, 2, 3, 4, 0], [6]), &device);
         (model, x, y)
     }
 
-    fn loss(model: &Vit<B>, x: &Tensor<B, 4>, y: &Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    fn deit(model: &Model<B>) -> &Vit<B> {
+        match model {
+            Model::Deit(m) => m,
+            Model::Swin(_) => unreachable!("the test model is a DeiT"),
+        }
+    }
+
+    fn loss(model: &Model<B>, x: &Tensor<B, 4>, y: &Tensor<B, 1, Int>) -> Tensor<B, 1> {
         let ce = CrossEntropyLossConfig::new().init(&x.device());
         ce.forward(model.forward(x.clone()).logits(), y.clone())
     }
@@ -215,7 +229,6 @@ mod tests {
     #[test]
     fn saliency_sum_matches_finite_difference_of_a_gate() {
         let (model, x, y) = setup();
-        let (_, _, sums) = gate_gradients(&model, |m| loss(m, &x, &y));
         let units = [
             (Structure::Emb, 0, 3),
             (Structure::Emb, 0, 11),
@@ -228,14 +241,37 @@ mod tests {
             (Structure::Mlp, 0, 7),
             (Structure::Mlp, 1, 11),
         ];
+        matches_finite_differences(&model, &x, &y, &units);
+    }
+
+    /// As for DeiT, on a Swin: EMB of each stage (the second's written by the merging), and
+    /// a head with its relative position bias, in a shifted block of the second stage.
+    #[test]
+    fn swin_saliency_sum_matches_finite_difference_of_a_gate() {
+        let mut c = SwinConfig::uniform(16, 2, 3, 2, 8, &[2, 2], &[2, 4], 2.0, 5);
+        c.stages[1].blocks[1] = BlockDims { heads: 3, qk: 4, v: 5, mlp: 12 };
+        let (model, x, y) = setup_with(c.into());
+        let units = [
+            (Structure::Emb, 0, 3),
+            (Structure::Emb, 1, 9),
+            (Structure::Head, 3, 2),
+            (Structure::Qk, 3, 1),
+            (Structure::V, 1, 3),
+            (Structure::Mlp, 2, 5),
+        ];
+        matches_finite_differences(&model, &x, &y, &units);
+    }
+
+    fn matches_finite_differences(model: &Model<B>, x: &Tensor<B, 4>, y: &Tensor<B, 1, Int>, units: &[(Structure, usize, usize)]) {
+        let (_, _, sums) = gate_gradients(model, |m| loss(m, x, y));
         let largest = units.iter().map(|(s, b, u)| sums.get(*s, *b)[*u].abs() as f64).fold(0.0, f64::max);
         assert!(largest > 1e-5, "the check needs gradients to compare: {largest}");
-        for (s, block, unit) in units {
+        for &(s, block, unit) in units {
             let at = |factor: f32| {
-                let mut m = Masks::ones(&model.config);
+                let mut m = Masks::ones(&model.config());
                 m.get_mut(s, block)[unit] = factor;
                 let scaled = m.apply(model.clone(), ParamSet::Saliency);
-                crate::train::scalar(loss(&scaled, &x, &y))
+                crate::train::scalar(loss(&scaled, x, y))
             };
             let (up, down) = (1.01f32, 0.99f32);
             let fd = (at(up) - at(down)) / (up as f64 - down as f64);
@@ -252,13 +288,14 @@ mod tests {
     fn gate_gradient_is_the_sum_of_weight_times_gradient() {
         let (model, x, y) = setup();
         let (_, grads, sums) = gate_gradients(&model, |m| loss(m, &x, &y));
+        let vit = deit(&model);
         let wg = |p: &Param<Tensor<B, 2>>| p.val().inner() * p.grad(&grads).unwrap();
         let wg1 = |p: &Param<Tensor<B, 1>>| p.val().inner() * p.grad(&grads).unwrap();
         // MLP unit 4 of block 1: fc1 column 4 (Burn layout) and its bias.
-        let fc1 = &model.blocks[1].mlp.fc1;
+        let fc1 = &vit.blocks[1].mlp.fc1;
         let mlp = wg(&fc1.weight).slice([0..16, 4..5]).sum().into_scalar() + wg1(fc1.bias.as_ref().unwrap()).slice([4..5]).sum().into_scalar();
         // V dim 2 of block 1 (3 heads of 6): V columns 2, 8, 14 and their biases.
-        let v = &model.blocks[1].attn.v;
+        let v = &vit.blocks[1].attn.v;
         let (vw, vb) = (wg(&v.weight), wg1(v.bias.as_ref().unwrap()));
         let vdim: f64 = [2, 8, 14].iter().map(|&c| vw.clone().slice([0..16, c..c + 1]).sum().into_scalar() + vb.clone().slice([c..c + 1]).sum().into_scalar()).sum();
         for (got, want) in [(sums.get(Structure::Mlp, 1)[4] as f64, mlp), (sums.get(Structure::V, 1)[2] as f64, vdim)] {
@@ -280,7 +317,7 @@ mod tests {
         let grads = GradientsParams::from_grads(grads, &model);
         let mag = score(Criterion::Magnitude, &model, &sums, &grads, &Normalizers::default(), &mut rng(0));
         // MLP unit m: fc1 column m (Burn layout) and its bias.
-        let fc1 = &model.blocks[1].mlp.fc1;
+        let fc1 = &deit(&model).blocks[1].mlp.fc1;
         let w = fc1.weight.val().inner().slice([0..16, 4..5]).powi_scalar(2).sum().into_scalar();
         let b = fc1.bias.as_ref().unwrap().val().inner().slice([4..5]).powi_scalar(2).sum().into_scalar();
         assert!((mag.get(Structure::Mlp, 1)[4] as f64 - (w + b)).abs() < 1e-5);

@@ -13,7 +13,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{BlockDims, Vit, VitConfig};
+use crate::model::{Attention, BlockDims, Mlp, Model, ModelConfig, Swin, Vit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -60,6 +60,10 @@ pub enum ParamSet {
 /// One block's per-unit values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BlockUnits {
+    /// The residual stream (stage) the block reads and writes: its EMB units are
+    /// `Masks::emb[stage]`. Always 0 for DeiT.
+    #[serde(default)]
+    pub stage: usize,
     pub head: Vec<f32>,
     pub qk: Vec<f32>,
     pub v: Vec<f32>,
@@ -67,41 +71,48 @@ pub struct BlockUnits {
 }
 
 /// A value per unit of every structure: multipliers here, saliencies in [`super::saliency`].
+/// EMB has one set of units per residual stream: DeiT's one, one per stage of a Swin (the
+/// stage's channels, from the patch embedding or merging that writes them to the merging or
+/// head that reads them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Masks {
-    pub emb: Vec<f32>,
+    pub emb: Vec<Vec<f32>>,
     pub blocks: Vec<BlockUnits>,
 }
 
 impl Masks {
-    pub fn filled(config: &VitConfig, value: f32) -> Self {
+    pub fn filled(config: &ModelConfig, value: f32) -> Self {
+        let stages = config.stages();
         Self {
-            emb: vec![value; config.embed_dim],
-            blocks: config
-                .blocks
+            emb: stages.iter().map(|(e, _)| vec![value; *e]).collect(),
+            blocks: stages
                 .iter()
-                .map(|d| BlockUnits { head: vec![value; d.heads], qk: vec![value; d.qk], v: vec![value; d.v], mlp: vec![value; d.mlp] })
+                .enumerate()
+                .flat_map(|(stage, (_, blocks))| {
+                    blocks.iter().map(move |d| BlockUnits { stage, head: vec![value; d.heads], qk: vec![value; d.qk], v: vec![value; d.v], mlp: vec![value; d.mlp] })
+                })
                 .collect(),
         }
     }
 
-    pub fn ones(config: &VitConfig) -> Self {
+    pub fn ones(config: &ModelConfig) -> Self {
         Self::filled(config, 1.0)
     }
 
-    /// Every `(structure, block)` holding units, structure by structure; EMB once, as block 0.
+    /// Every `(structure, index)` holding units, structure by structure: EMB's index is the
+    /// stream (stage), the others' the block.
     pub fn slots(&self) -> Vec<(Structure, usize)> {
-        let depth = self.blocks.len();
+        let (streams, depth) = (self.emb.len(), self.blocks.len());
         Structure::ALL
             .into_iter()
-            .flat_map(|s| (0..if s == Structure::Emb { 1 } else { depth }).map(move |b| (s, b)))
+            .flat_map(|s| (0..if s == Structure::Emb { streams } else { depth }).map(move |b| (s, b)))
             .collect()
     }
 
-    /// The values of `structure` in `block` (EMB: `block` is ignored).
+    /// The values of `structure` in `block` (EMB: in stream `block`).
     pub fn get_mut(&mut self, structure: Structure, block: usize) -> &mut Vec<f32> {
         match structure {
-            Structure::Emb => &mut self.emb,
+            Structure::Emb => &mut self.emb[block],
             Structure::Head => &mut self.blocks[block].head,
             Structure::Qk => &mut self.blocks[block].qk,
             Structure::V => &mut self.blocks[block].v,
@@ -111,12 +122,17 @@ impl Masks {
 
     pub fn get(&self, structure: Structure, block: usize) -> &[f32] {
         match structure {
-            Structure::Emb => &self.emb,
+            Structure::Emb => &self.emb[block],
             Structure::Head => &self.blocks[block].head,
             Structure::Qk => &self.blocks[block].qk,
             Structure::V => &self.blocks[block].v,
             Structure::Mlp => &self.blocks[block].mlp,
         }
+    }
+
+    /// The number of blocks reading and writing stream `stage`.
+    pub fn blocks_in(&self, stage: usize) -> usize {
+        self.blocks.iter().filter(|b| b.stage == stage).count()
     }
 
     /// Adds `other` unit by unit.
@@ -132,26 +148,24 @@ impl Masks {
         }
     }
 
-    /// The widths that survive when zero means pruned.
-    pub fn surviving_dims(&self) -> (usize, Vec<BlockDims>) {
+    /// The widths that survive when zero means pruned: per stream, its width and its blocks'.
+    pub fn surviving_dims(&self) -> Vec<(usize, Vec<BlockDims>)> {
         let alive = |v: &[f32]| v.iter().filter(|x| **x != 0.0).count();
-        let blocks = self
-            .blocks
-            .iter()
-            .map(|b| BlockDims { heads: alive(&b.head), qk: alive(&b.qk), v: alive(&b.v), mlp: alive(&b.mlp) })
-            .collect();
-        (alive(&self.emb), blocks)
+        let mut stages: Vec<(usize, Vec<BlockDims>)> = self.emb.iter().map(|e| (alive(e), Vec::new())).collect();
+        for b in &self.blocks {
+            stages[b.stage].1.push(BlockDims { heads: alive(&b.head), qk: alive(&b.qk), v: alive(&b.v), mlp: alive(&b.mlp) });
+        }
+        stages
     }
 
     /// `config` at the widths that survive: the model the masks leave.
-    pub fn surviving(&self, config: &VitConfig) -> VitConfig {
-        let (embed_dim, blocks) = self.surviving_dims();
-        VitConfig { embed_dim, blocks, ..config.clone() }
+    pub fn surviving(&self, config: &ModelConfig) -> ModelConfig {
+        config.with_stages(self.surviving_dims())
     }
 
     /// Multiplies every unit's parameters in `set` by its value.
-    pub fn apply<B: Backend>(&self, model: Vit<B>, set: ParamSet) -> Vit<B> {
-        let units = self.to_tensors(&model.cls_token.device());
+    pub fn apply<B: Backend>(&self, model: Model<B>, set: ParamSet) -> Model<B> {
+        let units = self.to_tensors(&model.device());
         gate(model, &units, set)
     }
 
@@ -159,21 +173,22 @@ impl Masks {
     /// autodiff graph and the weights come back as leaves that require gradients: a product
     /// inside the graph would make every weight an intermediate node, for which backward keeps
     /// no gradient, and the optimizer would silently stop updating the model.
-    pub fn apply_trainable<B: AutodiffBackend>(&self, model: Vit<B>) -> Vit<B> {
+    pub fn apply_trainable<B: AutodiffBackend>(&self, model: Model<B>) -> Model<B> {
         struct Trainable;
         impl<B: AutodiffBackend> ModuleMapper<B> for Trainable {
             fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
                 param.map(|w| Tensor::from_inner(w.inner()).require_grad())
             }
         }
-        Vit::from_inner(self.apply(model.valid(), ParamSet::Pruned)).map(&mut Trainable)
+        Model::from_inner(self.apply(model.valid(), ParamSet::Pruned)).map(&mut Trainable)
     }
 
     pub fn to_tensors<B: Backend>(&self, device: &B::Device) -> UnitTensors<B> {
         let vec = |v: &[f32]| crate::model::float_tensor::<B, 1>(v.to_vec(), [v.len()], device);
         UnitTensors {
-            emb: vec(&self.emb),
+            emb: self.emb.iter().map(|e| vec(e)).collect(),
             blocks: self.blocks.iter().map(|b| [vec(&b.head), vec(&b.qk), vec(&b.v), vec(&b.mlp)]).collect(),
+            stages: self.blocks.iter().map(|b| b.stage).collect(),
         }
     }
 
@@ -181,39 +196,59 @@ impl Masks {
     pub fn from_tensors<B: Backend>(t: &UnitTensors<B>) -> Self {
         let read = |x: &Tensor<B, 1>| x.to_data().convert::<f32>().to_vec::<f32>().expect("f32");
         Self {
-            emb: read(&t.emb),
-            blocks: t.blocks.iter().map(|[h, q, v, m]| BlockUnits { head: read(h), qk: read(q), v: read(v), mlp: read(m) }).collect(),
+            emb: t.emb.iter().map(read).collect(),
+            blocks: t
+                .blocks
+                .iter()
+                .zip(&t.stages)
+                .map(|([h, q, v, m], &stage)| BlockUnits { stage, head: read(h), qk: read(q), v: read(v), mlp: read(m) })
+                .collect(),
         }
     }
 }
 
-/// Per-unit values as tensors: `emb`, and per block `[head, qk, v, mlp]`.
+/// Per-unit values as tensors: `emb` per stream, and per block `[head, qk, v, mlp]` and the
+/// stream it is in.
 #[derive(Clone)]
 pub struct UnitTensors<B: Backend> {
-    pub emb: Tensor<B, 1>,
+    pub emb: Vec<Tensor<B, 1>>,
     pub blocks: Vec<[Tensor<B, 1>; 4]>,
+    pub stages: Vec<usize>,
 }
 
 impl<B: Backend> UnitTensors<B> {
     pub fn map(self, f: impl Fn(Tensor<B, 1>) -> Tensor<B, 1>) -> Self {
-        Self { emb: f(self.emb), blocks: self.blocks.into_iter().map(|b| b.map(&f)).collect() }
+        Self { emb: self.emb.into_iter().map(&f).collect(), blocks: self.blocks.into_iter().map(|b| b.map(&f)).collect(), stages: self.stages }
     }
 }
 
 /// Multiplies every unit's parameters in `set` by its value in `units`. With gates of ones
 /// that require gradients, the model computes the same function and `dL/dgate` is the
 /// saliency's inner sum, `sum over the unit of w * dL/dw` (METHOD.md section 3).
-pub fn gate<B: Backend>(mut model: Vit<B>, units: &UnitTensors<B>, set: ParamSet) -> Vit<B> {
+pub fn gate<B: Backend>(model: Model<B>, units: &UnitTensors<B>, set: ParamSet) -> Model<B> {
+    match model {
+        Model::Deit(m) => Model::Deit(gate_deit(m, units, set)),
+        Model::Swin(m) => Model::Swin(gate_swin(m, units, set)),
+    }
+}
+
+/// 1 for each surviving channel of a pruned stream, `None` when none of it is pruned: what
+/// the masked LayerNorms take their statistics over.
+fn alive<B: Backend>(e: &Tensor<B, 1>) -> Option<Vec<f32>> {
+    let values = e.to_data().convert::<f32>().to_vec::<f32>().expect("f32");
+    values.iter().any(|v| *v == 0.0).then(|| values.iter().map(|v| (*v != 0.0) as u8 as f32).collect())
+}
+
+fn gate_deit<B: Backend>(mut model: Vit<B>, units: &UnitTensors<B>, set: ParamSet) -> Vit<B> {
     let pruned = set == ParamSet::Pruned;
-    let e = units.emb.clone();
+    let e = units.emb[0].clone();
     let n = e.dims()[0];
     let emb_row = e.clone().reshape([n, 1]); // over a Burn weight's input rows
 
     model.patch_embed.weight = scale(model.patch_embed.weight, e.clone().reshape([n, 1, 1, 1]));
     model.patch_embed.bias = model.patch_embed.bias.map(|b| scale(b, e.clone()));
     if pruned {
-        let values = e.to_data().convert::<f32>().to_vec::<f32>().expect("f32");
-        model.emb_alive = values.iter().any(|v| *v == 0.0).then(|| values.iter().map(|v| (*v != 0.0) as u8 as f32).collect());
+        model.emb_alive = alive(&e);
         let tokens = e.clone().reshape([1, 1, n]);
         model.cls_token = scale(model.cls_token, tokens.clone());
         model.dist_token = model.dist_token.map(|t| scale(t, tokens.clone()));
@@ -225,31 +260,81 @@ pub fn gate<B: Backend>(mut model: Vit<B>, units: &UnitTensors<B>, set: ParamSet
             h
         });
     }
-    for (block, [head, qk, v, mlp]) in model.blocks.iter_mut().zip(&units.blocks) {
-        let (h, nqk, nv, nmlp) = (head.dims()[0], qk.dims()[0], v.dims()[0], mlp.dims()[0]);
-        // Per output column of Q/K/V: the head's multiplier times the dimension's.
-        let head_qk = head.clone().reshape([h, 1]).expand([h, nqk]).reshape([h * nqk]);
-        let head_v = head.clone().reshape([h, 1]).expand([h, nv]).reshape([h * nv]);
-        let qk_dim = qk.clone().reshape([1, nqk]).expand([h, nqk]).reshape([h * nqk]);
-        let v_dim = v.clone().reshape([1, nv]).expand([h, nv]).reshape([h * nv]);
-        let q_cols = head_qk.clone() * qk_dim.clone();
-        // The QK saliency sums over Q only; pruning a QK dim zeroes K's too.
-        let k_cols = if pruned { head_qk * qk_dim } else { head_qk };
-        let v_cols = head_v * v_dim;
-
-        let a = &mut block.attn;
-        a.q = scale_linear(a.q.clone(), Some(emb_row.clone()), q_cols);
-        a.k = scale_linear(a.k.clone(), Some(emb_row.clone()), k_cols);
-        a.v = scale_linear(a.v.clone(), Some(emb_row.clone()), v_cols.clone());
-        a.proj = scale_linear(a.proj.clone(), pruned.then(|| v_cols.reshape([h * nv, 1])), e.clone());
-        block.mlp.fc1 = scale_linear(block.mlp.fc1.clone(), Some(emb_row.clone()), mlp.clone());
-        block.mlp.fc2 = scale_linear(block.mlp.fc2.clone(), pruned.then(|| mlp.clone().reshape([nmlp, 1])), e.clone());
+    for (block, b) in model.blocks.iter_mut().zip(&units.blocks) {
+        gate_block(&mut block.attn, &mut block.mlp, b, &e, pruned);
         if pruned {
             block.norm1 = scale_norm(block.norm1.clone(), &e);
             block.norm2 = scale_norm(block.norm2.clone(), &e);
         }
     }
     model
+}
+
+fn gate_swin<B: Backend>(mut model: Swin<B>, units: &UnitTensors<B>, set: ParamSet) -> Swin<B> {
+    let pruned = set == ParamSet::Pruned;
+    let e0 = units.emb[0].clone();
+    let n0 = e0.dims()[0];
+    model.patch_embed.weight = scale(model.patch_embed.weight, e0.clone().reshape([n0, 1, 1, 1]));
+    model.patch_embed.bias = model.patch_embed.bias.map(|b| scale(b, e0.clone()));
+    if pruned {
+        model.patch_norm = scale_norm(model.patch_norm, &e0);
+        model.emb_alive = units.emb.iter().any(|e| alive(e).is_some()).then(|| units.emb.iter().map(|e| alive(e).unwrap_or_else(|| vec![1.0; e.dims()[0]])).collect());
+    }
+    let mut blocks = units.blocks.iter();
+    for (g, layer) in model.layers.iter_mut().enumerate() {
+        let e = units.emb[g].clone();
+        if let Some(merge) = &mut layer.downsample {
+            // The merging writes stream g from four neighbours' channels of stream g - 1,
+            // concatenated as four copies of that stream's channels.
+            let before = units.emb[g - 1].clone().repeat_dim(0, 4);
+            merge.reduction = scale_linear(merge.reduction.clone(), pruned.then(|| before.clone().reshape([before.dims()[0], 1])), e.clone());
+            if pruned {
+                merge.norm = scale_norm(merge.norm.clone(), &before);
+            }
+        }
+        for block in layer.blocks.iter_mut() {
+            let b = blocks.next().expect("a unit set per block");
+            gate_block(&mut block.attn, &mut block.mlp, b, &e, pruned);
+            // The relative position bias is part of its head.
+            let h = b[0].dims()[0];
+            block.relative_position_bias_table = scale(block.relative_position_bias_table.clone(), b[0].clone().reshape([1, h]));
+            if pruned {
+                block.norm1 = scale_norm(block.norm1.clone(), &e);
+                block.norm2 = scale_norm(block.norm2.clone(), &e);
+            }
+        }
+    }
+    if pruned {
+        let last = units.emb.last().expect("a Swin has a stage").clone();
+        let n = last.dims()[0];
+        model.norm = scale_norm(model.norm, &last);
+        model.head.weight = scale(model.head.weight, last.reshape([n, 1]));
+    }
+    model
+}
+
+/// A block's attention and MLP over stream `e`, with its `[head, qk, v, mlp]` units.
+fn gate_block<B: Backend>(attn: &mut Attention<B>, mlp_layer: &mut Mlp<B>, units: &[Tensor<B, 1>; 4], e: &Tensor<B, 1>, pruned: bool) {
+    let [head, qk, v, mlp] = units;
+    let n = e.dims()[0];
+    let emb_row = e.clone().reshape([n, 1]);
+    let (h, nqk, nv, nmlp) = (head.dims()[0], qk.dims()[0], v.dims()[0], mlp.dims()[0]);
+    // Per output column of Q/K/V: the head's multiplier times the dimension's.
+    let head_qk = head.clone().reshape([h, 1]).expand([h, nqk]).reshape([h * nqk]);
+    let head_v = head.clone().reshape([h, 1]).expand([h, nv]).reshape([h * nv]);
+    let qk_dim = qk.clone().reshape([1, nqk]).expand([h, nqk]).reshape([h * nqk]);
+    let v_dim = v.clone().reshape([1, nv]).expand([h, nv]).reshape([h * nv]);
+    let q_cols = head_qk.clone() * qk_dim.clone();
+    // The QK saliency sums over Q only; pruning a QK dim zeroes K's too.
+    let k_cols = if pruned { head_qk * qk_dim } else { head_qk };
+    let v_cols = head_v * v_dim;
+
+    attn.q = scale_linear(attn.q.clone(), Some(emb_row.clone()), q_cols);
+    attn.k = scale_linear(attn.k.clone(), Some(emb_row.clone()), k_cols);
+    attn.v = scale_linear(attn.v.clone(), Some(emb_row.clone()), v_cols.clone());
+    attn.proj = scale_linear(attn.proj.clone(), pruned.then(|| v_cols.reshape([h * nv, 1])), e.clone());
+    mlp_layer.fc1 = scale_linear(mlp_layer.fc1.clone(), Some(emb_row), mlp.clone());
+    mlp_layer.fc2 = scale_linear(mlp_layer.fc2.clone(), pruned.then(|| mlp.clone().reshape([nmlp, 1])), e.clone());
 }
 
 fn scale<B: Backend, const D: usize, const K: usize>(p: Param<Tensor<B, D>>, m: Tensor<B, K>) -> Param<Tensor<B, D>> {

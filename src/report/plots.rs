@@ -96,8 +96,8 @@ pub fn widths(path: &Path, models: &[Widths]) -> Result<()> {
         models
             .iter()
             .map(|w| {
-                let name = format!("{} (EMB {})", w.model, w.embed_dim);
-                (name, w.blocks.iter().enumerate().map(|(b, d)| (b as f64, f(d) as f64)).collect())
+                let name = format!("{} (EMB {})", w.model, w.embed_dims());
+                (name, w.blocks().iter().enumerate().map(|(b, (_, d))| (b as f64, f(d) as f64)).collect())
             })
             .collect()
     };
@@ -183,8 +183,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = |heads, mlp| BlockDims { heads, qk: 8, v: 8, mlp };
         let models = [
-            Widths { model: "dense".into(), embed_dim: 32, blocks: vec![d(4, 64), d(4, 64)] },
-            Widths { model: "pruned".into(), embed_dim: 24, blocks: vec![d(2, 16), d(3, 48)] },
+            Widths { model: "dense".into(), stages: vec![(32, vec![d(4, 64), d(4, 64)])] },
+            Widths { model: "pruned".into(), stages: vec![(24, vec![d(2, 16), d(3, 48)])] },
         ];
         let path = dir.path().join("widths.svg");
         widths(&path, &models).unwrap();
@@ -199,7 +199,7 @@ mod tests {
             params: 1,
             flops: 1,
             loss: 0.5,
-            embed_dim: 32,
+            embed_dim: "32".into(),
             widths: String::new(),
         };
         let path = dir.path().join("trajectory.svg");

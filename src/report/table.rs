@@ -176,21 +176,35 @@ pub fn spread_markdown(rows: &[Spread]) -> String {
     s
 }
 
-/// Per-block widths of one model, as `dims.csv` lists them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Per-block widths of one model, as `dims.csv` lists them: per stream (a Swin's stages;
+/// DeiT's one), its embedding width and its blocks'.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Widths {
     pub model: String,
-    pub embed_dim: usize,
-    pub blocks: Vec<BlockDims>,
+    pub stages: Vec<(usize, Vec<BlockDims>)>,
 }
 
 impl Widths {
-    /// From `evaluate` metrics (`embed_dim` and `blocks`).
+    /// From `evaluate` metrics: a DeiT's `embed_dim` and `blocks`, a Swin's `stages`.
     pub fn from_metrics(m: &serde_json::Value) -> Result<Self> {
         let model = m["model"].as_str().unwrap_or_default().to_string();
+        if let Some(stages) = m.get("stages") {
+            let stages: Vec<crate::model::SwinStage> = serde_json::from_value(stages.clone()).with_context(|| format!("the evaluate metrics of `{model}` have malformed `stages`"))?;
+            return Ok(Self { model, stages: stages.into_iter().map(|s| (s.embed_dim, s.blocks)).collect() });
+        }
         let embed_dim = m["embed_dim"].as_u64().with_context(|| format!("the evaluate metrics of `{model}` have no `embed_dim`"))?;
         let blocks = serde_json::from_value(m["blocks"].clone()).with_context(|| format!("the evaluate metrics of `{model}` have no `blocks`"))?;
-        Ok(Self { model, embed_dim: embed_dim as usize, blocks })
+        Ok(Self { model, stages: vec![(embed_dim as usize, blocks)] })
+    }
+
+    /// Every block with its stream's width, in order.
+    pub fn blocks(&self) -> Vec<(usize, BlockDims)> {
+        self.stages.iter().flat_map(|(e, blocks)| blocks.iter().map(move |d| (*e, *d))).collect()
+    }
+
+    /// The embedding widths, `/`-separated when there are several.
+    pub fn embed_dims(&self) -> String {
+        self.stages.iter().map(|(e, _)| e.to_string()).collect::<Vec<_>>().join("/")
     }
 }
 
@@ -217,10 +231,10 @@ pub fn write_dims(path: &Path, models: &[Widths]) -> Result<()> {
     let rows: Vec<DimsRow> = models
         .iter()
         .flat_map(|w| {
-            w.blocks.iter().enumerate().map(|(block, d)| DimsRow {
+            w.blocks().into_iter().enumerate().map(|(block, (embed_dim, d))| DimsRow {
                 model: &w.model,
                 block,
-                embed_dim: w.embed_dim,
+                embed_dim,
                 heads: d.heads,
                 qk: d.qk,
                 v: d.v,
@@ -241,7 +255,8 @@ pub struct PruneStep {
     pub params: u64,
     pub flops: u64,
     pub loss: f64,
-    pub embed_dim: usize,
+    /// The embedding width; a Swin's stages' `/`-separated.
+    pub embed_dim: String,
     pub widths: String,
 }
 

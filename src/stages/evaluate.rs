@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{at_least_one, KeyDoc, StageContext};
 use crate::data::{DatasetKind, Split};
+use crate::model::ModelConfig;
 use crate::train::{correct, scalar, to_tensors};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -52,7 +53,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
     let Some(model) = ctx.input_model::<B::InnerBackend>(device)? else {
         anyhow::bail!("evaluate needs a model: give it an `input` stage (load_pretrained, train, ...)");
     };
-    let config = model.config.clone();
+    let config = model.config();
     let loader = ctx.loader(s.split, &config, s.batch_size, false, None)?;
     let ce = CrossEntropyLossConfig::new().init(device);
     let (mut top1, mut top5, mut seen, mut loss_sum) = (0usize, 0usize, 0usize, 0.0);
@@ -76,7 +77,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
 
     // Throughput on random inputs: the data pipeline is not what is being measured.
     let x = Tensor::<B::InnerBackend, 4>::random(
-        [s.throughput_batch, config.in_chans, config.image_size, config.image_size],
+        [s.throughput_batch, config.in_chans(), config.image_size(), config.image_size()],
         Distribution::Default,
         device,
     );
@@ -93,7 +94,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
         _ => data.root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| data.root.display().to_string()),
     };
     let model_id = s.model_id.clone().or_else(|| ctx.input.as_ref().map(|(n, _)| n.clone())).unwrap_or_default();
-    Ok(serde_json::json!({
+    let mut metrics = serde_json::json!({
         "model": model_id,
         "dataset": dataset,
         "split": format!("{:?}", s.split).to_lowercase(),
@@ -110,10 +111,17 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
         "backend": ctx.backend.to_string(),
         "device": ctx.device_name,
         "pipeline": ctx.pipeline_name,
-        "image_size": config.image_size,
-        "embed_dim": config.embed_dim,
-        "blocks": config.blocks,
-    }))
+        "image_size": config.image_size(),
+        "family": config.family(),
+    });
+    match &config {
+        ModelConfig::Deit(c) => {
+            metrics["embed_dim"] = serde_json::json!(c.embed_dim);
+            metrics["blocks"] = serde_json::json!(c.blocks);
+        }
+        ModelConfig::Swin(c) => metrics["stages"] = serde_json::json!(c.stages),
+    }
+    Ok(metrics)
 }
 
 fn round(x: f64, digits: i32) -> f64 {

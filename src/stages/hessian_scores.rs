@@ -87,10 +87,10 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &HessianScoresSettings)
     };
     // Scores are taken in evaluation mode: no stochastic depth.
     let model = model.without_drop_path();
-    let loader = ctx.loader(s.split, &model.config, s.batch_size, s.shuffle, s.augment.then(Extras::default))?;
+    let loader = ctx.loader(s.split, &model.config(), s.batch_size, s.shuffle, s.augment.then(Extras::default))?;
     let normalizers = s.normalizers();
     let mut random = rng(ctx.seed);
-    let mut total = Masks::filled(&model.config, 0.0);
+    let mut total = Masks::filled(&model.config(), 0.0);
     let mut progress = ctx.log.progress(&ctx.spec.name, s.batches as u64);
     let (mut done, mut loss_sum, mut epoch) = (0usize, 0.0, 0u64);
     while done < s.batches {
@@ -99,14 +99,14 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &HessianScoresSettings)
             let batch = batch?;
             let per_device = vec![(); ctx.devices.len()];
             let step = data_parallel(&model, &ctx.devices, batch.labels.len(), per_device, |replica, range, (), weight| {
-                let (images, labels) = to_tensors::<B>(batch.slice(range), &replica.cls_token.device());
+                let (images, labels) = to_tensors::<B>(batch.slice(range), &replica.device());
                 let (loss, grads, sums) = gate_gradients(replica, |m| scored_loss(m, images, labels).mul_scalar(weight));
                 (scalar(loss), grads, sums)
             });
             let value = step.loss;
             check_finite(value, &format!("batch {}", done + 1), "the model's loss is not finite on this data: check the input stage's model")?;
             // Gate gradients of the shards' weighted losses add up to the full batch's.
-            let mut sums = Masks::filled(&model.config, 0.0);
+            let mut sums = Masks::filled(&model.config(), 0.0);
             step.shards.iter().for_each(|s| sums.add(s));
             let grads = step.grads;
             let scores = score(s.criterion, &model, &sums, &grads, &normalizers, &mut random);
@@ -130,16 +130,21 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &HessianScoresSettings)
     Ok(serde_json::json!({ "criterion": s.criterion, "batches": done, "mean_loss": loss_sum / done as f64 }))
 }
 
-/// `structure,block,unit,score`; `block` is empty for EMB, shared by all blocks.
+/// `structure,block,unit,score`; `block` is empty for EMB, shared by all blocks. A model of
+/// several streams (a Swin's stages) leads with a `stage` column, EMB's rows naming theirs.
 pub fn scores_csv(scores: &Masks) -> String {
-    let mut out = String::from("structure,block,unit,score\n");
-    for (u, v) in scores.emb.iter().enumerate() {
-        out.push_str(&format!("emb,,{u},{v:e}\n"));
+    let staged = scores.emb.len() > 1;
+    let mut out = String::from(if staged { "stage,structure,block,unit,score\n" } else { "structure,block,unit,score\n" });
+    let stage = |g: usize| if staged { format!("{g},") } else { String::new() };
+    for (g, emb) in scores.emb.iter().enumerate() {
+        for (u, v) in emb.iter().enumerate() {
+            out.push_str(&format!("{}emb,,{u},{v:e}\n", stage(g)));
+        }
     }
-    for (b, _) in scores.blocks.iter().enumerate() {
+    for (b, units) in scores.blocks.iter().enumerate() {
         for s in [Structure::Head, Structure::Qk, Structure::V, Structure::Mlp] {
             for (u, v) in scores.get(s, b).iter().enumerate() {
-                out.push_str(&format!("{},{b},{u},{v:e}\n", s.name()));
+                out.push_str(&format!("{}{},{b},{u},{v:e}\n", stage(units.stage), s.name()));
             }
         }
     }

@@ -40,7 +40,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &LoadPretrainedSettings
         hint.init::<B::InnerBackend>(ctx.device())
     } else {
         let model = checkpoint::load_pretrained::<B::InnerBackend>(&s.path, &hint, ctx.device())?;
-        let disagree = ctx.model.disagreements(&model.config);
+        let disagree = ctx.model.disagreements(&model.config());
         if !disagree.is_empty() {
             anyhow::bail!(
                 "{}: the checkpoint disagrees with [model]:\n  {}\n  hint: correct [model], or leave those keys unset so that the checkpoint decides",
@@ -50,13 +50,13 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &LoadPretrainedSettings
         }
         model
     };
-    let c = &model.config;
+    let c = model.config();
     ctx.log.info(&format!(
-        "{}: {} blocks, E = {}, {} classes, {:.1} M params, {:.2} GFLOPs",
+        "{}: {} ({}), {} classes, {:.1} M params, {:.2} GFLOPs",
         ctx.spec.name,
-        c.depth(),
-        c.embed_dim,
-        c.num_classes,
+        c.family(),
+        c.widths(),
+        c.num_classes(),
         c.params() as f64 / 1e6,
         c.flops() as f64 / 1e9
     ));

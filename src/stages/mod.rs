@@ -25,7 +25,7 @@ use crate::data::loader::LoaderOptions;
 use crate::data::randaugment::RandAugment;
 use crate::data::transforms::{Mode, TrainAugment};
 use crate::data::{Dataset, DatasetConfig, Loader, Split};
-use crate::model::{checkpoint, ModelSection, Vit, VitConfig};
+use crate::model::{checkpoint, Family, Model, ModelConfig, ModelSection};
 use crate::files::atomic_write;
 use crate::manifest::Manifest;
 use crate::runlog::RunLog;
@@ -239,6 +239,31 @@ pub enum StageSettings {
 }
 
 impl StageSettings {
+    /// Settings a model of `family` cannot run with, as `(key, message)`: known from the
+    /// pipeline file, so they fail before any stage runs.
+    pub fn unsupported(&self, family: Family) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if family != Family::Swin {
+            return p;
+        }
+        match self {
+            StageSettings::Prune(s) if s.selection == prune::Selection::Exact => p.push((
+                "selection".into(),
+                "`exact` solves for one embedding width, and a Swin has one per stage\n  hint: selection = \"greedy\"".into(),
+            )),
+            StageSettings::ProfileLatency(s) => {
+                if s.grid == profile_latency::GridChoice::Reference {
+                    p.push(("grid".into(), "`reference` is DeiT-B's grid; a Swin's table is profiled per stage on grids spanning its widths\n  hint: grid = \"spanning\"".into()));
+                }
+                if s.tokens.is_some() {
+                    p.push(("tokens".into(), "a Swin stage's blocks attend over their windows, whose size the model fixes\n  hint: leave tokens unset".into()));
+                }
+            }
+            _ => {}
+        }
+        p
+    }
+
     /// Impossible values as `(key, message)`.
     pub fn validate(&self) -> Vec<(String, String)> {
         match self {
@@ -304,7 +329,7 @@ pub fn key_extra(spec: &StageSpec, device_name: &str) -> BTreeMap<String, String
 /// batch size sets it: a batch that cannot fit fails before anything runs, not after hours of
 /// training on an allocation abort. Counts the input and the activations of a forward pass
 /// (of every block, for training stages), in f32.
-pub fn memory_needed(spec: &StageSpec, model: &VitConfig) -> Option<(String, usize, f64)> {
+pub fn memory_needed(spec: &StageSpec, model: &ModelConfig) -> Option<(String, usize, f64)> {
     let (key, batch, training) = match &spec.settings {
         StageSettings::Train(s) | StageSettings::Distill(DistillSettings(s)) => ("batch_size", s.batch_size, true),
         StageSettings::Prune(s) => ("batch_size", s.batch_size, true),
@@ -313,11 +338,15 @@ pub fn memory_needed(spec: &StageSpec, model: &VitConfig) -> Option<(String, usi
         StageSettings::ProfileLatency(s) => ("batch_size", s.batch_size, false),
         StageSettings::LoadPretrained(_) | StageSettings::Report(_) => return None,
     };
-    let tokens = model.num_tokens() as f64;
-    let block = |d: &crate::model::BlockDims| tokens * (4.0 * model.embed_dim as f64 + d.mlp as f64) + d.heads as f64 * tokens * tokens;
-    let blocks: Vec<f64> = model.blocks.iter().map(block).collect();
+    let mut blocks: Vec<f64> = Vec::new();
+    for (stage, (e, dims)) in model.stages().iter().enumerate() {
+        let (n, windows) = model.attention_shape(stage);
+        let (n, windows) = (n as f64, windows as f64);
+        blocks.extend(dims.iter().map(|d| windows * n * (4.0 * *e as f64 + d.mlp as f64) + d.heads as f64 * windows * n * n));
+    }
     let activations = if training { blocks.iter().sum() } else { blocks.iter().cloned().fold(0.0, f64::max) };
-    let per_image = (model.in_chans * model.image_size * model.image_size) as f64 + activations;
+    let side = model.image_size() as f64;
+    let per_image = model.in_chans() as f64 * side * side + activations;
     Some((format!("stages.{}.{key}", spec.name), batch, batch as f64 * per_image * 4.0))
 }
 
@@ -377,13 +406,13 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
     }
 
     /// The input stage's model, or `None` when the stage has no input.
-    pub fn input_model<BB: Backend>(&self, device: &BB::Device) -> Result<Option<Vit<BB>>> {
+    pub fn input_model<BB: Backend>(&self, device: &BB::Device) -> Result<Option<Model<BB>>> {
         let Some((name, _)) = &self.input else { return Ok(None) };
         self.stage_model(name, device).map(Some)
     }
 
     /// The model written by `name`, a stage this one reads.
-    pub fn stage_model<BB: Backend>(&self, name: &str, device: &BB::Device) -> Result<Vit<BB>> {
+    pub fn stage_model<BB: Backend>(&self, name: &str, device: &BB::Device) -> Result<Model<BB>> {
         checkpoint::load(&checkpoint::model_dir(&self.stage_dir(name)?), device)
             .with_context(|| format!("loading the model of stage `{name}`"))
     }
@@ -392,17 +421,17 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
     /// `augment`'s extras when `augment` is given, evaluation transforms otherwise. A `shuffle`d
     /// pass is a training pass, in the stage seed's order each epoch, without a short last batch;
     /// it does not depend on `augment` (a prune stage without augmentation still trains).
-    pub fn loader(&self, split: Split, model: &VitConfig, batch_size: usize, shuffle: bool, augment: Option<Extras>) -> Result<Loader> {
+    pub fn loader(&self, split: Split, model: &ModelConfig, batch_size: usize, shuffle: bool, augment: Option<Extras>) -> Result<Loader> {
         let data = self.dataset;
         let dataset = self.open(split)?;
-        if dataset.num_classes() > model.num_classes {
+        if dataset.num_classes() > model.num_classes() {
             anyhow::bail!(
                 "the dataset has {} classes but the model's head has {}\n  hint: set model.num_classes or leave it unset to take the dataset's",
                 dataset.num_classes(),
-                model.num_classes
+                model.num_classes()
             );
         }
-        let mut transform = data.eval_transform(model.image_size, model.in_chans);
+        let mut transform = data.eval_transform(model.image_size(), model.in_chans());
         if let Some(extras) = augment {
             transform.mode = Mode::Train(TrainAugment {
                 randaugment: extras.randaugment,

@@ -1,7 +1,8 @@
 //! `profile_latency`: times one transformer block on the pipeline's backend and device over a
 //! grid of `(E, heads, qk, v, mlp)` (warm-up, then the median of repeats) and writes the
 //! latency table (METHOD.md section 4) as `latency.json` in the reference layout and as
-//! `latency.csv`. `table = "path.json"` imports a measured table instead.
+//! `latency.csv`; a Swin's, one table per stage, since each stage's blocks attend over their
+//! own windows. `table = "path.json"` imports a measured table instead.
 
 use std::path::PathBuf;
 
@@ -12,13 +13,16 @@ use serde::{Deserialize, Serialize};
 
 use super::{at_least_one, KeyDoc, StageContext};
 use crate::files::atomic_write;
-use crate::prune::{Grid, LatencyTable};
+use crate::model::ModelConfig;
+use crate::prune::{Grid, LatencyTable, ModelLatency};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum GridChoice {
     /// 1, a quarter, a half and all of each of the model's widths.
     Spanning,
+    /// Half and all of each of the model's widths: 32 points per table, for smoke runs.
+    Coarse,
     /// METHOD.md's grid for DeiT-B.
     Reference,
 }
@@ -40,7 +44,7 @@ pub struct ProfileLatencySettings {
 }
 
 pub const KEYS: &[KeyDoc] = &[
-    ("grid", "string", "`spanning` (from the model's widths) or `reference` (DeiT-B's)"),
+    ("grid", "string", "`spanning` (1, 1/4, 1/2 and all of the model's widths), `coarse` (1/2 and all) or `reference` (DeiT-B's)"),
     ("grid_emb", "integers", "embedding widths to time (overrides the grid's)"),
     ("grid_heads", "integers", "head counts to time (overrides the grid's)"),
     ("grid_qk", "integers", "query/key widths to time (overrides the grid's)"),
@@ -97,33 +101,40 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings
     let Some(model) = ctx.input_model::<B::InnerBackend>(device)? else {
         anyhow::bail!("profile_latency needs a model (for its widths and token count): give it an `input` stage");
     };
-    let config = model.config.clone();
-    let table = match &s.table {
-        Some(path) => LatencyTable::from_json(path)?,
+    let config = model.config();
+    let latency = match &s.table {
+        Some(path) => ModelLatency::from_json(path)?,
         None => {
-            let mut grid = match s.grid {
-                GridChoice::Spanning => Grid::spanning(&config),
-                GridChoice::Reference => Grid::reference(),
-            };
-            let pick = |given: &Option<Vec<usize>>, axis: &mut Vec<usize>| {
-                if let Some(g) = given {
-                    *axis = g.clone();
-                }
-            };
-            pick(&s.grid_emb, &mut grid.emb);
-            pick(&s.grid_heads, &mut grid.heads);
-            pick(&s.grid_qk, &mut grid.qk);
-            pick(&s.grid_v, &mut grid.v);
-            pick(&s.grid_mlp, &mut grid.mlp);
-            measure(ctx, s, grid, s.tokens.unwrap_or(config.num_tokens()), config.head_dim)?
+            let stages = config.stages();
+            let mut tables = Vec::with_capacity(stages.len());
+            for (stage, (e, blocks)) in stages.iter().enumerate() {
+                let mut grid = match s.grid {
+                    GridChoice::Spanning => Grid::spanning(*e, blocks),
+                    GridChoice::Coarse => Grid::coarse(*e, blocks),
+                    GridChoice::Reference => Grid::reference(),
+                };
+                let pick = |given: &Option<Vec<usize>>, axis: &mut Vec<usize>| {
+                    if let Some(g) = given {
+                        *axis = g.clone();
+                    }
+                };
+                pick(&s.grid_emb, &mut grid.emb);
+                pick(&s.grid_heads, &mut grid.heads);
+                pick(&s.grid_qk, &mut grid.qk);
+                pick(&s.grid_v, &mut grid.v);
+                pick(&s.grid_mlp, &mut grid.mlp);
+                tables.push(measure(ctx, s, grid, &config, stage)?);
+            }
+            ModelLatency { stages: tables }
         }
     };
-    atomic_write(&ctx.dir.join("latency.json"), &serde_json::to_vec_pretty(&table.to_json())?)?;
-    atomic_write(&ctx.dir.join("latency.csv"), table.to_csv().as_bytes())?;
-    let dense = table.model_latency(&config);
+    latency.check(&config)?;
+    atomic_write(&ctx.dir.join("latency.json"), &serde_json::to_vec_pretty(&latency.to_json())?)?;
+    atomic_write(&ctx.dir.join("latency.csv"), latency.to_csv().as_bytes())?;
+    let dense = latency.model_latency(&config);
     ctx.log.info(&format!("{}: the input model's estimated latency is {:.3} ms per batch of {}", ctx.spec.name, dense * 1e3, s.batch_size));
     Ok(serde_json::json!({
-        "points": table.grid.points().len(),
+        "points": latency.stages.iter().map(|t| t.grid.points().len()).sum::<usize>(),
         "model_latency_s": dense,
         "batch_size": s.batch_size,
         "device": ctx.device_name,
@@ -137,23 +148,21 @@ struct Partial {
     values: Vec<f64>,
 }
 
-fn measure<B: AutodiffBackend>(
-    ctx: &StageContext<B>,
-    s: &ProfileLatencySettings,
-    grid: Grid,
-    tokens: usize,
-    head_dim: usize,
-) -> Result<LatencyTable> {
+/// Times one block of `config`'s stream `stage` at every point of `grid`: DeiT's at the model's
+/// token count, a Swin stage's as that stage runs it (its windows, shifted where the stage
+/// shifts).
+fn measure<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings, grid: Grid, config: &ModelConfig, stage: usize) -> Result<LatencyTable> {
     let problems = grid.check();
     if !problems.is_empty() {
         anyhow::bail!("{}", problems.join("; "));
     }
     let device = ctx.device();
     let points = grid.points();
-    let mut progress = ctx.log.progress(&ctx.spec.name, points.len() as u64);
+    let name = if config.stages().len() > 1 { format!("{} stage {stage}", ctx.spec.name) } else { ctx.spec.name.clone() };
+    let mut progress = ctx.log.progress(&name, points.len() as u64);
     // Points measured before a kill are kept: a job preempted more often than the whole
     // profile lasts still finishes.
-    let partial = ctx.dir.join("checkpoint").join("measured.json");
+    let partial = ctx.dir.join("checkpoint").join(if stage == 0 { "measured.json".to_string() } else { format!("measured_stage_{stage}.json") });
     let mut values: Vec<f64> = std::fs::read(&partial)
         .ok()
         .and_then(|b| serde_json::from_slice::<Partial>(&b).ok())
@@ -161,20 +170,37 @@ fn measure<B: AutodiffBackend>(
         .map(|p| p.values)
         .unwrap_or_default();
     if !values.is_empty() {
-        ctx.log.info(&format!("{}: resuming after {} of {} grid points", ctx.spec.name, values.len(), points.len()));
+        ctx.log.info(&format!("{name}: resuming after {} of {} grid points", values.len(), points.len()));
         progress.set_position(values.len() as u64);
     }
-    let scale = (head_dim as f64).powf(-0.5);
-    for (e, dims) in &points[values.len()..] {
-        crate::interrupt::check()?;
-        let block = crate::model::Block::<B::InnerBackend>::new(*e, *dims, scale, 0.0, device);
-        let x = Tensor::<B::InnerBackend, 3>::random([s.batch_size, tokens, *e], Distribution::Default, device);
+    type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+    let time = |run: &dyn Fn()| {
         let alone = crate::machine::measuring();
         let median = crate::machine::median_time(s.warmup, s.repeats, || {
-            let _ = block.forward(x.clone()).into_data();
-            let _ = B::InnerBackend::sync(device);
+            run();
+            let _ = Inner::<B>::sync(device);
         });
         drop(alone);
+        median
+    };
+    for (e, dims) in &points[values.len()..] {
+        crate::interrupt::check()?;
+        let median = match config {
+            ModelConfig::Deit(c) => {
+                let scale = (c.head_dim as f64).powf(-0.5);
+                let block = crate::model::Block::<Inner<B>>::new(*e, *dims, scale, 0.0, device);
+                let x = Tensor::<Inner<B>, 3>::random([s.batch_size, s.tokens.unwrap_or(c.num_tokens()), *e], Distribution::Default, device);
+                time(&|| drop(block.forward(x.clone()).into_data()))
+            }
+            ModelConfig::Swin(c) => {
+                let scale = (c.head_dim as f64).powf(-0.5);
+                let (window, shift) = c.window_shift(stage);
+                let side = c.side(stage);
+                let block = crate::model::SwinBlock::<Inner<B>>::new(*e, *dims, window, shift, side, scale, device);
+                let x = Tensor::<Inner<B>, 3>::random([s.batch_size, side * side, *e], Distribution::Default, device);
+                time(&|| drop(block.forward(x.clone(), None).into_data()))
+            }
+        };
         values.push(median);
         atomic_write(&partial, &serde_json::to_vec(&Partial { grid: grid.clone(), values: values.clone() })?)?;
         progress.step(&format!("E {e} {dims:?}"));

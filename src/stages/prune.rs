@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{at_least_one, non_negative, positive, Extras, KeyDoc, StageContext};
 use crate::data::Split;
-use crate::model::{checkpoint, Vit};
+use crate::model::{checkpoint, Model};
 use crate::files::atomic_write;
 use crate::prune::saliency::{gate_gradients, rng, score};
-use crate::prune::{compact, greedy, Criterion, LatencyTable, Masks, Normalizers, Structure};
+use crate::prune::{compact, greedy, Criterion, Masks, ModelLatency, Normalizers, Structure};
 use crate::data::mix::soft_targets;
 use crate::train::optim::AdamW;
 use crate::train::parallel::data_parallel;
@@ -242,13 +242,14 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     let Some(dense) = ctx.input_model::<B>(device)? else {
         anyhow::bail!("prune needs a model: give it an `input` stage");
     };
-    let table = LatencyTable::from_json(&ctx.stage_dir(&s.latency)?.join("latency.json"))
+    let table = ModelLatency::from_json(&ctx.stage_dir(&s.latency)?.join("latency.json"))
         .with_context(|| format!("reading the latency table of stage `{}`", s.latency))?;
+    table.check(&dense.config()).with_context(|| format!("the latency table of stage `{}`", s.latency))?;
     // The student is in evaluation mode throughout: no stochastic depth.
     let mut student = dense.without_drop_path();
-    let teacher: Vit<B::InnerBackend> = student.valid();
-    let teachers: Vec<Vit<B::InnerBackend>> = ctx.devices.iter().map(|d| teacher.clone().to_device(d)).collect();
-    let config = student.config.clone();
+    let teacher: Model<B::InnerBackend> = student.valid();
+    let teachers: Vec<Model<B::InnerBackend>> = ctx.devices.iter().map(|d| teacher.clone().to_device(d)).collect();
+    let config = student.config();
     let dense_latency = table.model_latency(&config);
     let loader = ctx.loader(Split::Train, &config, s.batch_size, true, s.augment.then(Extras::default))?;
     let normalizers = Normalizers::default();
@@ -281,9 +282,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         for batch in loader.epoch_from(state.epoch, state.batch) {
             let batch = batch?;
             read += 1;
-            let targets = soft_targets(&batch.labels, config.num_classes, 0.0, 1.0);
+            let targets = soft_targets(&batch.labels, config.num_classes(), 0.0, 1.0);
             let result = data_parallel(&student, &ctx.devices, batch.labels.len(), teachers.clone(), |replica, range, teacher, weight| {
-                let (images, _, targets) = shard_tensors::<B>(&batch, &targets, range, &replica.cls_token.device());
+                let (images, _, targets) = shard_tensors::<B>(&batch, &targets, range, &replica.device());
                 let taught = teacher_output::<B>(&teacher, &images, None);
                 let (loss, grads, sums) = gate_gradients(replica, |m| {
                     let output = m.forward(images);
@@ -325,7 +326,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                     (Selection::Exact, ..) => {
                         let done = ((state.prune_step + 1) as f64 / s.prune_steps as f64).min(1.0);
                         let budget = dense_latency * (1.0 - done * (1.0 - s.latency_target));
-                        match crate::prune::exact::select(&current, &state.masks, &table, budget, |st| s.group_size(st), EXACT_BINS) {
+                        match crate::prune::exact::select(&current, &state.masks, &table.stages[0], budget, |st| s.group_size(st), EXACT_BINS) {
                             Some(kept) => {
                                 state.masks = kept;
                                 false
@@ -358,8 +359,14 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                 let now = state.masks.surviving(&config);
                 let latency = table.model_latency(&now);
                 state.ratio = latency / dense_latency;
-                let e = now.embed_dim;
-                let widths = now.blocks.iter().map(|d| format!("{}/{}/{}/{}", d.heads, d.qk, d.v, d.mlp)).collect::<Vec<_>>().join(" ");
+                let stages = now.stages();
+                // A Swin's stage widths and blocks are `/`- and `|`-separated.
+                let e = stages.iter().map(|(e, _)| e.to_string()).collect::<Vec<_>>().join("/");
+                let widths = stages
+                    .iter()
+                    .map(|(_, blocks)| blocks.iter().map(|d| format!("{}/{}/{}/{}", d.heads, d.qk, d.v, d.mlp)).collect::<Vec<_>>().join(" "))
+                    .collect::<Vec<_>>()
+                    .join(" | ");
                 let (step, prune_step, ratio, loss) = (state.step, state.prune_step, state.ratio, state.last_loss);
                 state.log.push_str(&format!("{step},{prune_step},{latency:e},{ratio:.5},{},{},{loss:.5},{e},{widths}\n", now.params(), now.flops()));
                 progress.update(to_remove(ratio), &format!("step {prune_step}: latency {ratio:.3} of dense, loss {loss:.4}"));
@@ -410,8 +417,8 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         "{}: {prune_step} pruning steps, estimated latency {:.3} of dense, {:.2} M params, {:.3} GFLOPs",
         ctx.spec.name,
         ratio,
-        small.config.params() as f64 / 1e6,
-        small.config.flops() as f64 / 1e9
+        small.config().params() as f64 / 1e6,
+        small.config().flops() as f64 / 1e9
     ));
     Ok(serde_json::json!({
         "steps": step,
@@ -420,8 +427,8 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         "latency_target": s.latency_target,
         "target_reached": reached,
         "stopped_by": stopped_by,
-        "params": small.config.params(),
-        "flops": small.config.flops(),
+        "params": small.config().params(),
+        "flops": small.config().flops(),
         "final_loss": last_loss,
     }))
 }
@@ -441,12 +448,12 @@ mod tests {
         type A = burn::backend::Autodiff<burn::backend::NdArray>;
         let device = Default::default();
         let c = VitConfig::uniform(8, 4, 3, 8, 1, 2, 2.0, 3, false);
-        let mut model = c.init::<A>(&device);
-        let mut masks = Masks::ones(&c);
+        let mut model = Model::Deit(c.init::<A>(&device));
+        let mut masks = Masks::ones(&c.clone().into());
         masks.get_mut(Structure::Mlp, 0)[0] = 0.0;
         let mut optim = AdamW::<A>::new(0.0, None);
         let x = Tensor::<A, 4>::random([2, 3, 8, 8], Distribution::Default, &device);
-        let weights = |m: &Vit<A>| m.head.weight.val().inner().into_data().to_vec::<f32>().unwrap();
+        let weights = |m: &Model<A>| m.as_deit().unwrap().head.weight.val().inner().into_data().to_vec::<f32>().unwrap();
         for step in 0..3 {
             let before = weights(&model);
             let loss = model.forward(x.clone()).logits().powi_scalar(2).mean();
@@ -454,7 +461,7 @@ mod tests {
             model = masks.apply_trainable(optim.step(1e-2, model, grads));
             assert_ne!(weights(&model), before, "step {step} left the weights unchanged");
         }
-        let fc1 = model.blocks[0].mlp.fc1.weight.val().inner().into_data().to_vec::<f32>().unwrap();
+        let fc1 = model.as_deit().unwrap().blocks[0].mlp.fc1.weight.val().inner().into_data().to_vec::<f32>().unwrap();
         let rows = fc1.len() / c.blocks[0].mlp;
         assert!((0..rows).all(|r| fc1[r * c.blocks[0].mlp] == 0.0), "the pruned MLP unit stays zero");
     }

@@ -18,7 +18,7 @@ use super::{at_least_one, non_negative, positive, Extras, KeyDoc, StageContext};
 use crate::data::mix::Mixer;
 use crate::data::randaugment::RandAugment;
 use crate::data::Split;
-use crate::model::{checkpoint, Vit};
+use crate::model::{checkpoint, Model};
 use crate::train::optim::AdamW;
 use crate::train::resume;
 use crate::train::parallel::data_parallel;
@@ -169,7 +169,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
     let device = ctx.device();
     let seed = ctx.seed;
     B::seed(device, seed);
-    let mut model: Vit<B> = match ctx.input_model::<B>(device)? {
+    let mut model: Model<B> = match ctx.input_model::<B>(device)? {
         Some(model) => model,
         None => {
             let classes = ctx.open(Split::Train)?.num_classes();
@@ -179,24 +179,24 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
     if let Some(rate) = s.drop_path {
         model = model.with_drop_path(rate);
     }
-    let config = model.config.clone();
-    let teacher: Option<Vit<B::InnerBackend>> = s.teacher.as_deref().map(|name| ctx.stage_model(name, device)).transpose()?;
+    let config = model.config();
+    let teacher: Option<Model<B::InnerBackend>> = s.teacher.as_deref().map(|name| ctx.stage_model(name, device)).transpose()?;
     if let Some(t) = &teacher {
-        if t.config.num_classes != config.num_classes {
+        if t.config().num_classes() != config.num_classes() {
             anyhow::bail!(
                 "teacher `{}` predicts {} classes but the model {}",
                 s.teacher.as_deref().unwrap_or_default(),
-                t.config.num_classes,
-                config.num_classes
+                t.config().num_classes(),
+                config.num_classes()
             );
         }
     }
     let half = s.precision.map(|p| p.compute_dtype::<B>(&ctx.devices)).transpose()?.flatten();
     // One replica of the teacher per device, made once (in the compute precision): the
     // student's are made every step.
-    let teachers: Vec<Option<Vit<B::InnerBackend>>> =
+    let teachers: Vec<Option<Model<B::InnerBackend>>> =
         ctx.devices.iter().map(|d| teacher.clone().map(|t| in_precision(t.to_device(d), half))).collect();
-    let mixer = Mixer { mixup: s.mixup, cutmix: s.cutmix, label_smoothing: s.label_smoothing, classes: config.num_classes };
+    let mixer = Mixer { mixup: s.mixup, cutmix: s.cutmix, label_smoothing: s.label_smoothing, classes: config.num_classes() };
     let loader = ctx.loader(Split::Train, &config, s.batch_size, true, s.extras())?;
     let steps_per_epoch = s.steps_per_epoch.map_or(loader.batches_per_epoch(), |c| c.min(loader.batches_per_epoch()));
     if steps_per_epoch == 0 {
@@ -241,7 +241,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
             let targets = mixer.apply(&mut batch, &mut rng);
             let n = batch.labels.len();
             let step_result = data_parallel(&model, &ctx.devices, n, teachers.clone(), |replica, range, teacher, weight| {
-                let (images, labels, targets) = shard_tensors::<B>(&batch, &targets, range, &replica.cls_token.device());
+                let (images, labels, targets) = shard_tensors::<B>(&batch, &targets, range, &replica.device());
                 // Casting the f32 parameters is part of the graph: their gradients come back in f32.
                 let output = forward_in(replica, images.clone(), half);
                 let mut loss = classification_loss(&output, targets);

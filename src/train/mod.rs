@@ -8,7 +8,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData};
 
 use crate::data::Batch;
-use crate::model::{Vit, VitOutput};
+use crate::model::{Model, VitOutput};
 
 pub mod optim;
 pub mod parallel;
@@ -91,7 +91,7 @@ impl std::fmt::Display for Precision {
 
 /// `model` with its parameters cast to `dtype` (unchanged for `None`). Under autodiff the cast
 /// is an operation of the graph: gradients reach the original f32 parameters, in f32.
-pub fn in_precision<B: Backend>(model: Vit<B>, dtype: Option<FloatDType>) -> Vit<B> {
+pub fn in_precision<B: Backend>(model: Model<B>, dtype: Option<FloatDType>) -> Model<B> {
     struct Cast(FloatDType);
     impl<B: Backend> burn::module::ModuleMapper<B> for Cast {
         fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<B, D>>) -> burn::module::Param<Tensor<B, D>> {
@@ -106,7 +106,7 @@ pub fn in_precision<B: Backend>(model: Vit<B>, dtype: Option<FloatDType>) -> Vit
 }
 
 /// `model` on `images`, computing in `dtype` (`None`: f32); both heads come back in f32.
-pub fn forward_in<B: Backend>(model: &Vit<B>, images: Tensor<B, 4>, dtype: Option<FloatDType>) -> VitOutput<B> {
+pub fn forward_in<B: Backend>(model: &Model<B>, images: Tensor<B, 4>, dtype: Option<FloatDType>) -> VitOutput<B> {
     match dtype {
         Some(d) => in_precision(model.clone(), dtype).forward(images.cast(d)).to_f32(),
         None => model.forward(images),
@@ -115,7 +115,7 @@ pub fn forward_in<B: Backend>(model: &Vit<B>, images: Tensor<B, 4>, dtype: Optio
 
 /// The teacher's output on `images`, computed without a graph, as constants of the student's.
 /// `dtype` is the precision the teacher's parameters were cast to (`in_precision`), if any.
-pub fn teacher_output<B: AutodiffBackend>(teacher: &Vit<B::InnerBackend>, images: &Tensor<B, 4>, dtype: Option<FloatDType>) -> VitOutput<B> {
+pub fn teacher_output<B: AutodiffBackend>(teacher: &Model<B::InnerBackend>, images: &Tensor<B, 4>, dtype: Option<FloatDType>) -> VitOutput<B> {
     let images = images.clone().inner();
     let out = match dtype {
         Some(d) => teacher.forward(images.cast(d)).to_f32(),

@@ -16,12 +16,12 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 
-use crate::model::Vit;
+use crate::model::Model;
 
-type Adam<B> = OptimizerAdaptor<burn::optim::AdamW, Vit<B>, B>;
+type Adam<B> = OptimizerAdaptor<burn::optim::AdamW, Model<B>, B>;
 
 /// What survives a resume: burn's AdamW moments per parameter.
-pub type AdamWRecord<B> = <Adam<B> as Optimizer<Vit<B>, B>>::Record;
+pub type AdamWRecord<B> = <Adam<B> as Optimizer<Model<B>, B>>::Record;
 
 #[derive(Clone)]
 pub struct AdamW<B: AutodiffBackend> {
@@ -37,7 +37,7 @@ impl<B: AutodiffBackend> AdamW<B> {
         Self { adam: AdamWConfig::new().with_weight_decay(0.0).init(), weight_decay, grad_clip }
     }
 
-    pub fn step(&mut self, lr: f64, model: Vit<B>, mut grads: GradientsParams) -> Vit<B> {
+    pub fn step(&mut self, lr: f64, model: Model<B>, mut grads: GradientsParams) -> Model<B> {
         if let Some(max_norm) = self.grad_clip {
             clip_global_norm(&model, &mut grads, max_norm);
         }
@@ -80,7 +80,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Decay {
 
 /// Scales every gradient by `max_norm / (norm + 1e-6)` when the norm of all of them together
 /// exceeds `max_norm`, as `torch.nn.utils.clip_grad_norm_` does.
-fn clip_global_norm<B: AutodiffBackend>(model: &Vit<B>, grads: &mut GradientsParams, max_norm: f64) {
+fn clip_global_norm<B: AutodiffBackend>(model: &Model<B>, grads: &mut GradientsParams, max_norm: f64) {
     struct SumOfSquares<'a, B: AutodiffBackend> {
         grads: &'a GradientsParams,
         total: Option<Tensor<B::InnerBackend, 1>>,
@@ -129,10 +129,10 @@ mod tests {
     // random tensors in the wrong dtype.
     type B = Autodiff<NdArray<f32>>;
 
-    fn model() -> Vit<B> {
+    fn model() -> Model<B> {
         let device = Default::default();
         <B as burn::tensor::backend::Backend>::seed(&device, 3);
-        let mut model = VitConfig::uniform(16, 4, 3, 16, 2, 2, 2.0, 5, true).init::<B>(&device);
+        let model = VitConfig::uniform(16, 4, 3, 16, 2, 2, 2.0, 5, true).init::<B>(&device);
         // Non-zero biases and LayerNorm shifts, so that a decay of them would show.
         struct Fill;
         impl ModuleMapper<B> for Fill {
@@ -140,12 +140,11 @@ mod tests {
                 param.map(|w| Tensor::from_inner(w.inner().add_scalar(0.5)).require_grad())
             }
         }
-        model = model.map(&mut Fill);
-        model
+        Model::Deit(model.map(&mut Fill))
     }
 
     /// Every parameter's values, in the model's order.
-    fn all_values(model: &Vit<B>) -> Vec<Vec<f32>> {
+    fn all_values(model: &Model<B>) -> Vec<Vec<f32>> {
         struct Collect(Vec<Vec<f32>>);
         impl ModuleVisitor<B> for Collect {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
@@ -158,7 +157,7 @@ mod tests {
     }
 
     /// Zero gradients for every parameter: Adam's update is then exactly zero.
-    fn zero_grads(model: &Vit<B>) -> GradientsParams {
+    fn zero_grads(model: &Model<B>) -> GradientsParams {
         struct Zeros(GradientsParams);
         impl ModuleVisitor<B> for Zeros {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
@@ -180,6 +179,8 @@ mod tests {
         let (lr, wd) = (0.1, 0.05);
         let after = AdamW::new(wd, None).step(lr, before.clone(), zero_grads(&before));
 
+        let (before_model, after_model) = (&before, &after);
+        let (before, after) = (before.as_deit().unwrap(), after.as_deit().unwrap());
         let b0 = &before.blocks[0];
         let a0 = &after.blocks[0];
         let unchanged = [
@@ -208,7 +209,7 @@ mod tests {
                 assert_eq!(*y, x * factor, "{what}: {x} became {y}");
             }
         }
-        let changed = all_values(&before).iter().zip(all_values(&after)).filter(|(b, a)| *b != a).count();
+        let changed = all_values(before_model).iter().zip(all_values(after_model)).filter(|(b, a)| *b != a).count();
         assert_eq!(changed, 1 + 2 * 6 + 2, "decayed: the patch kernel, q/k/v/proj/fc1/fc2 of two blocks, two heads");
     }
 
@@ -222,7 +223,8 @@ mod tests {
             v
         };
         // Gradients 3 and 4 in two tensors: a global norm of 5.
-        let (p, q) = (model.cls_token.id, model.norm.gamma.id);
+        let vit = model.as_deit().unwrap();
+        let (p, q) = (vit.cls_token.id, vit.norm.gamma.id);
         let mut grads = GradientsParams::new();
         grads.register(p, Tensor::<NdArray<f32>, 3>::from_data(TensorData::new(one_hot(3.0), [1, 1, 16]), &device));
         grads.register(q, Tensor::<NdArray<f32>, 1>::from_data(TensorData::new(one_hot(4.0), [16]), &device));
@@ -234,8 +236,8 @@ mod tests {
 
         // Under the limit: untouched.
         let mut small = GradientsParams::new();
-        small.register(model.norm.gamma.id, Tensor::<NdArray<f32>, 1>::full([16], 0.1, &device));
+        small.register(vit.norm.gamma.id, Tensor::<NdArray<f32>, 1>::full([16], 0.1, &device));
         clip_global_norm(&model, &mut small, 1.0);
-        assert_eq!(g(small.get::<NdArray<f32>, 1>(model.norm.gamma.id).unwrap().into_data().to_vec().unwrap()), 0.1);
+        assert_eq!(g(small.get::<NdArray<f32>, 1>(vit.norm.gamma.id).unwrap().into_data().to_vec().unwrap()), 0.1);
     }
 }

@@ -14,7 +14,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, Tensor};
 
-use crate::model::Vit;
+use crate::model::Model;
 
 /// `n` examples in at most `parts` contiguous, non-empty shards whose sizes differ by one at most.
 pub fn shards(n: usize, parts: usize) -> Vec<Range<usize>> {
@@ -48,8 +48,8 @@ pub type ShardResult<B, T> = (f64, <B as AutodiffBackend>::Gradients, T);
 /// A seed per shard for its drop-path masks (none without drop path), drawn from the backend's
 /// generator on `main` before any shard starts, so that a step's masks depend on the
 /// pipeline's seed alone, however the shards' threads interleave.
-fn drop_path_seeds<B: AutodiffBackend>(model: &Vit<B>, main: &B::Device, shards: usize) -> Vec<Option<u64>> {
-    if model.blocks.iter().all(|b| b.drop_path == 0.0) {
+fn drop_path_seeds<B: AutodiffBackend>(model: &Model<B>, main: &B::Device, shards: usize) -> Vec<Option<u64>> {
+    if model.config().drop_path() == 0.0 {
         return vec![None; shards];
     }
     let draws = Tensor::<B::InnerBackend, 1>::random([shards], Distribution::Uniform(0.0, (1u64 << 24) as f64), main);
@@ -63,11 +63,11 @@ fn drop_path_seeds<B: AutodiffBackend>(model: &Vit<B>, main: &B::Device, shards:
 /// of a teacher, say), handed to that device's shard. With one device, `work` runs on `model`
 /// itself with weight 1 (an exact multiplication), as a loop without this would.
 pub fn data_parallel<B, P, T>(
-    model: &Vit<B>,
+    model: &Model<B>,
     devices: &[B::Device],
     n: usize,
     payloads: Vec<P>,
-    work: impl Fn(&Vit<B>, Range<usize>, P, f32) -> ShardResult<B, T> + Sync,
+    work: impl Fn(&Model<B>, Range<usize>, P, f32) -> ShardResult<B, T> + Sync,
 ) -> Step<T>
 where
     B: AutodiffBackend,
@@ -97,7 +97,7 @@ where
     // A group's shards, in turn on its device: their first examples, losses and outputs, and the
     // sum of their gradients on that device.
     let run_group = |device: &B::Device, items: Vec<(Range<usize>, P, Option<u64>)>| -> (Vec<Shard<T>>, GradientsParams) {
-        let mut sum = GradientsAccumulator::<Vit<B>>::new();
+        let mut sum = GradientsAccumulator::<Model<B>>::new();
         let outs = items
             .into_iter()
             .map(|(range, payload, seed)| {
@@ -143,12 +143,12 @@ fn in_threads<D: Sync, P: Send, R: Send>(groups: Vec<Group<'_, D, P>>, each: imp
 /// copied there (a hub: `main` receives every other device's gradients).
 #[cfg(not(feature = "collective"))]
 fn sum_over_groups<B: AutodiffBackend, P: Send, T: Send>(
-    model: &Vit<B>,
+    model: &Model<B>,
     main: &B::Device,
     groups: Vec<Group<'_, B::Device, P>>,
     run_group: impl Fn(&B::Device, Vec<(Range<usize>, P, Option<u64>)>) -> (Vec<Shard<T>>, GradientsParams) + Sync,
 ) -> (Vec<Shard<T>>, GradientsParams) {
-    let mut total = GradientsAccumulator::<Vit<B>>::new();
+    let mut total = GradientsAccumulator::<Model<B>>::new();
     let mut outs = Vec::new();
     for (group_outs, grads) in in_threads(groups, |_, device, items| run_group(device, items)) {
         total.accumulate(model, grads.to_device(main, model));
@@ -163,7 +163,7 @@ fn sum_over_groups<B: AutodiffBackend, P: Send, T: Send>(
 /// step's.
 #[cfg(feature = "collective")]
 fn sum_over_groups<B: AutodiffBackend, P: Send, T: Send>(
-    _model: &Vit<B>,
+    _model: &Model<B>,
     _main: &B::Device,
     groups: Vec<Group<'_, B::Device, P>>,
     run_group: impl Fn(&B::Device, Vec<(Range<usize>, P, Option<u64>)>) -> (Vec<Shard<T>>, GradientsParams) + Sync,
@@ -204,24 +204,25 @@ mod tests {
     type B = Autodiff<NdArray>;
 
     /// The full batch's mean cross-entropy gradients, from `devices.len()` shards.
-    fn grads(model: &Vit<B>, devices: &[NdArrayDevice], images: &[f32], labels: &[i64]) -> (f64, Vec<f32>) {
+    fn grads(model: &Model<B>, devices: &[NdArrayDevice], images: &[f32], labels: &[i64]) -> (f64, Vec<f32>) {
         let n = labels.len();
         let per = images.len() / n;
         let step = data_parallel(model, devices, n, vec![(); devices.len()], |m, range, (), weight| {
-            let device = m.cls_token.device();
+            let device = m.device();
             let x = crate::model::float_tensor::<B, 4>(images[range.start * per..range.end * per].to_vec(), [range.len(), 3, 16, 16], &device);
             let t = targets_tensor::<B>(crate::data::mix::soft_targets(&labels[range.clone()], 5, 0.0, 1.0), 5, &device);
             let loss = classification_loss(&m.forward(x), t).mul_scalar(weight);
             (scalar(loss.clone()), loss.backward(), ())
         });
-        let g: Tensor<NdArray, 2> = step.grads.get(model.blocks[0].mlp.fc1.weight.id).unwrap();
+        let g: Tensor<NdArray, 2> = step.grads.get(model.as_deit().unwrap().blocks[0].mlp.fc1.weight.id).unwrap();
         (step.loss, g.into_data().to_vec().unwrap())
     }
 
     #[test]
     fn sharded_gradients_are_the_full_batch_gradients() {
         let device = NdArrayDevice::Cpu;
-        let model = VitConfig::uniform(16, 4, 3, 12, 2, 2, 2.0, 5, true).init::<B>(&device);
+        let model = VitConfig::uniform(16, 4, 3, 12, 2, 2, 2.0, 5, true).into();
+        let model = crate::model::ModelConfig::init::<B>(&model, &device);
         let labels: Vec<i64> = (0..7).map(|i| i % 5).collect();
         let images: Vec<f32> = (0..7 * 3 * 16 * 16).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
         let (loss1, one) = grads(&model, &[device], &images, &labels);

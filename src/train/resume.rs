@@ -11,13 +11,13 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::files::atomic_write;
-use crate::model::Vit;
+use crate::model::Model;
 use crate::train::optim::AdamW;
 
 type Rec = BinFileRecorder<FullPrecisionSettings>;
 
 /// Writes `state` (last), the model and the optimizer into `ckpt`.
-pub fn save<B: AutodiffBackend, S: Serialize>(ckpt: &Path, model: &Vit<B>, optim: &AdamW<B>, state: &S) -> Result<()> {
+pub fn save<B: AutodiffBackend, S: Serialize>(ckpt: &Path, model: &Model<B>, optim: &AdamW<B>, state: &S) -> Result<()> {
     let tmp = ckpt.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
@@ -33,11 +33,11 @@ pub fn save<B: AutodiffBackend, S: Serialize>(ckpt: &Path, model: &Vit<B>, optim
 /// is damaged, a file missing or truncated: the stage then starts over.
 pub fn load<B: AutodiffBackend, S: DeserializeOwned>(
     ckpt: &Path,
-    model: &Vit<B>,
+    model: &Model<B>,
     optim: AdamW<B>,
     device: &B::Device,
     warn: impl FnOnce(String),
-) -> (Option<(Vit<B>, S)>, AdamW<B>) {
+) -> (Option<(Model<B>, S)>, AdamW<B>) {
     // A kill between removing the old checkpoint and renaming the new one leaves only the new
     // one, complete (its state.json is written last).
     let tmp = ckpt.with_extension("tmp");

@@ -17,7 +17,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use nvit::data::mix::soft_targets;
 use nvit::model::checkpoint::{self, StateDict};
-use nvit::model::{Vit, VitConfig, VitOutput};
+use nvit::model::{Model, VitConfig, VitOutput};
 use nvit::prune::saliency::{gate_gradients, rng, score, scored_loss};
 use nvit::prune::{Criterion, Masks, Normalizers, Structure};
 use nvit::train::{classification_loss, distillation_loss, scalar, targets_tensor};
@@ -29,14 +29,14 @@ const KD_WEIGHT: f64 = 10.0;
 const T: f64 = 4.0;
 
 struct Fixture<B: AutodiffBackend> {
-    model: Vit<B>,
+    model: Model<B>,
     torch: StateDict,
 }
 
 fn fixture<B: AutodiffBackend>() -> Fixture<B> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/timm_deit_tiny_distilled_32px");
     let hint = VitConfig::uniform(32, 8, 3, 48, 2, 3, 4.0, CLASSES, true);
-    let model = checkpoint::load_pretrained::<B>(&dir.join("model.safetensors"), &hint, &Default::default()).unwrap();
+    let model = checkpoint::load_pretrained::<B>(&dir.join("model.safetensors"), &hint.into(), &Default::default()).unwrap();
     Fixture { model, torch: StateDict::read(&dir.join("gradients.safetensors")).unwrap() }
 }
 
@@ -84,7 +84,7 @@ fn largest(values: &[f32]) -> f32 {
 pub fn saliency_matches<B: AutodiffBackend>(tol: f64) {
     let f = fixture::<B>();
     let model = &f.model;
-    let mut ours = Masks::filled(&model.config, 0.0);
+    let mut ours = Masks::filled(&model.config(), 0.0);
     for batch in ["batch0", "batch1"] {
         let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(f.labels(batch), [8]), &Default::default());
         let (_, grads, sums) = gate_gradients(model, |m| scored_loss(m, f.images(batch), labels));
@@ -142,7 +142,7 @@ pub fn gradients_match<B: AutodiffBackend>(tol: f64) {
     let torch_loss = f.values("train.loss")[0] as f64;
     assert!((value - torch_loss).abs() <= 1e-5 * torch_loss.abs(), "loss {value} vs PyTorch {torch_loss}");
 
-    let ours = checkpoint::export(&model.map(&mut ToGrad { grads: &grads }).valid());
+    let ours = checkpoint::export_model(&model.map(&mut ToGrad { grads: &grads }).valid(), true);
     let mut failures = Vec::new();
     for (name, (shape, g)) in &ours.tensors {
         let torch = f.values(&format!("grad.{name}"));
