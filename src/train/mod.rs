@@ -91,7 +91,7 @@ impl std::fmt::Display for Precision {
 
 /// `model` with its parameters cast to `dtype` (unchanged for `None`). Under autodiff the cast
 /// is an operation of the graph: gradients reach the original f32 parameters, in f32.
-pub fn in_precision<B: Backend>(model: Model<B>, dtype: Option<FloatDType>) -> Model<B> {
+pub fn in_precision<B: Backend, M: burn::module::Module<B>>(model: M, dtype: Option<FloatDType>) -> M {
     struct Cast(FloatDType);
     impl<B: Backend> burn::module::ModuleMapper<B> for Cast {
         fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<B, D>>) -> burn::module::Param<Tensor<B, D>> {
