@@ -154,6 +154,8 @@ def load(folder):
     """The model the runner exported into `folder` (`model.safetensors` and `dims.json`)."""
     folder = pathlib.Path(folder)
     dims = json.loads((folder / DIMS).read_text())
+    if "stages" in dims:
+        raise ValueError(f"{folder}: a Swin Transformer; this loader builds DeiT models only")
     return from_state_dict(load_file(folder / WEIGHTS), dims)
 
 
