@@ -165,7 +165,7 @@ repeats = 3
     let (code, _, err) = output(runner(dir.path()).args(args));
     assert_eq!(code, 0, "{err}");
     assert!(err.contains(&format!("latency: resuming after {} of 324 grid points", saved.len())), "{err}");
-    let table = LatencyTable::from_json(&entry.join("latency.json")).unwrap();
+    let table = nvit::prune::ModelLatency::from_json(&entry.join("latency.json")).unwrap().stages.remove(0);
     for ((e, dims), value) in table.grid.points().iter().zip(&saved) {
         assert!((table.lookup(*e, dims) - value).abs() <= 1e-12 * value, "a measured point was measured again");
     }

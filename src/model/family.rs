@@ -11,7 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{BlockDims, Swin, SwinConfig, SwinStage, Vit, VitConfig, VitOutput};
+use super::{BlockDims, Family, Swin, SwinConfig, SwinStage, Vit, VitConfig, VitOutput};
 
 /// A model's shapes, whatever its family; `dims.json` holds one. A DeiT's is written as before
 /// families existed (no tag): a Swin's is told apart by its `stages`.
@@ -23,10 +23,10 @@ pub enum ModelConfig {
 }
 
 impl ModelConfig {
-    pub fn family(&self) -> &'static str {
+    pub fn family(&self) -> Family {
         match self {
-            ModelConfig::Deit(_) => "deit",
-            ModelConfig::Swin(_) => "swin",
+            ModelConfig::Deit(_) => Family::Deit,
+            ModelConfig::Swin(_) => Family::Swin,
         }
     }
 
@@ -81,13 +81,20 @@ impl ModelConfig {
         }
     }
 
-    /// The widths as a short line: `E <e>` and every block's `heads/qk/v/mlp`, stage by stage.
+    /// The embedding widths, stage after stage, `/`-separated (a DeiT's one).
+    pub fn embed_dims(&self) -> String {
+        self.stages().iter().map(|(e, _)| e.to_string()).collect::<Vec<_>>().join("/")
+    }
+
+    /// Every block's `heads/qk/v/mlp`, space-separated, stages separated by ` | `.
+    pub fn block_widths(&self) -> String {
+        let blocks = |b: &[BlockDims]| b.iter().map(|d| format!("{}/{}/{}/{}", d.heads, d.qk, d.v, d.mlp)).collect::<Vec<_>>().join(" ");
+        self.stages().iter().map(|(_, b)| blocks(b)).collect::<Vec<_>>().join(" | ")
+    }
+
+    /// The widths as a short line: `E <e>: <blocks>`.
     pub fn widths(&self) -> String {
-        let blocks = |b: &[super::BlockDims]| b.iter().map(|d| format!("{}/{}/{}/{}", d.heads, d.qk, d.v, d.mlp)).collect::<Vec<_>>().join(" ");
-        match self {
-            ModelConfig::Deit(c) => format!("E {}: {}", c.embed_dim, blocks(&c.blocks)),
-            ModelConfig::Swin(c) => c.stages.iter().map(|s| format!("E {}: {}", s.embed_dim, blocks(&s.blocks))).collect::<Vec<_>>().join(" | "),
-        }
+        format!("E {}: {}", self.embed_dims(), self.block_widths())
     }
 
     /// Shape problems as messages; empty when the model can be built.
@@ -194,6 +201,14 @@ impl<B: Backend> Model<B> {
         match self {
             Model::Deit(m) => Model::Deit(m.with_drop_path(rate)),
             Model::Swin(m) => Model::Swin(m.with_drop_path(rate)),
+        }
+    }
+
+    /// The stochastic depth rate of the last block.
+    pub fn drop_path(&self) -> f64 {
+        match self {
+            Model::Deit(m) => m.config.drop_path,
+            Model::Swin(m) => m.config.drop_path,
         }
     }
 

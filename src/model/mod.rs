@@ -164,6 +164,15 @@ pub enum Family {
     Swin,
 }
 
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::Deit => "deit",
+            Family::Swin => "swin",
+        })
+    }
+}
+
 /// `[model]`: a preset, keys that override it, or per-block widths from a `dims.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]

@@ -38,34 +38,29 @@ impl Grid {
     }
 
     /// A small grid spanning the widths of a stream of width `embed_dim` and its blocks: the
-    /// full width, halves and quarters, and 1.
+    /// full width, halves and quarters, and 1 (not for E, where 0 is an implicit point).
     pub fn spanning(embed_dim: usize, blocks: &[BlockDims]) -> Self {
-        let max = |f: fn(&BlockDims) -> usize| blocks.iter().map(f).max().unwrap_or(1);
+        let mut grid = Self::of_widths(embed_dim, blocks, |top| vec![1, top / 4, top / 2, top]);
+        grid.emb.retain(|&e| e > 1);
+        grid
+    }
+
+    /// Half and all of each width a stream of width `embed_dim` and its blocks have.
+    pub fn coarse(embed_dim: usize, blocks: &[BlockDims]) -> Self {
+        Self::of_widths(embed_dim, blocks, |top| vec![top / 2, top])
+    }
+
+    /// Each axis from `points(its widest value)`, kept positive, sorted and without repeats.
+    fn of_widths(embed_dim: usize, blocks: &[BlockDims], points: impl Fn(usize) -> Vec<usize>) -> Self {
         let axis = |top: usize| {
-            let mut a = vec![1, top / 4, top / 2, top];
+            let mut a = points(top);
             a.retain(|&x| x >= 1);
             a.sort_unstable();
             a.dedup();
             a
         };
-        Self {
-            emb: axis(embed_dim).into_iter().filter(|&e| e > 1).collect(),
-            heads: axis(max(|d| d.heads)),
-            qk: axis(max(|d| d.qk)),
-            v: axis(max(|d| d.v)),
-            mlp: axis(max(|d| d.mlp)),
-        }
-    }
-
-    /// Half and all of each width a stream of width `embed_dim` and its blocks have.
-    pub fn coarse(embed_dim: usize, blocks: &[BlockDims]) -> Self {
-        let max = |f: fn(&BlockDims) -> usize| blocks.iter().map(f).max().unwrap_or(1);
-        let axis = |top: usize| {
-            let mut a = vec![(top / 2).max(1), top];
-            a.dedup();
-            a
-        };
-        Self { emb: axis(embed_dim), heads: axis(max(|d| d.heads)), qk: axis(max(|d| d.qk)), v: axis(max(|d| d.v)), mlp: axis(max(|d| d.mlp)) }
+        let widest = |f: fn(&BlockDims) -> usize| axis(blocks.iter().map(f).max().unwrap_or(1));
+        Self { emb: axis(embed_dim), heads: widest(|d| d.heads), qk: widest(|d| d.qk), v: widest(|d| d.v), mlp: widest(|d| d.mlp) }
     }
 
     pub fn points(&self) -> Vec<(usize, BlockDims)> {
@@ -186,15 +181,8 @@ impl LatencyTable {
         serde_json::Value::Object(root)
     }
 
-    /// Reads the reference layout; the grid is whatever keys the file holds, and it must be
-    /// complete (every combination measured).
-    pub fn from_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read latency table", path.display()))?;
-        let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-        Self::from_value(value, path)
-    }
-
-    /// The table in `value`, in the reference layout; `path` names it in errors.
+    /// The table in `value`, in the reference layout; `path` names it in errors. The grid is
+    /// whatever keys it holds, and it must be complete (every combination measured).
     fn from_value(value: serde_json::Value, path: &Path) -> Result<Self> {
         type Nested = BTreeMap<String, BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>>;
         let nested: Nested = serde_json::from_value(value)
@@ -392,12 +380,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lat.json");
         std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
-        assert_eq!(LatencyTable::from_json(&path).unwrap(), t);
+        assert_eq!(ModelLatency::from_json(&path).unwrap().stages, [t]);
 
         let mut broken = json.clone();
         broken["EMB_16"]["QK_4_8"]["V_1"].as_object_mut().unwrap().remove("MLP_32");
         std::fs::write(&path, serde_json::to_vec(&broken).unwrap()).unwrap();
-        let err = LatencyTable::from_json(&path).unwrap_err().to_string();
+        let err = ModelLatency::from_json(&path).unwrap_err().to_string();
         assert!(err.ends_with("lat.json: the table has no entry EMB_16 / QK_4_8 / V_1 / MLP_32; every grid combination must be measured"), "{err}");
     }
 

@@ -278,7 +278,10 @@ fn gate_swin<B: Backend>(mut model: Swin<B>, units: &UnitTensors<B>, set: ParamS
     model.patch_embed.bias = model.patch_embed.bias.map(|b| scale(b, e0.clone()));
     if pruned {
         model.patch_norm = scale_norm(model.patch_norm, &e0);
-        model.emb_alive = units.emb.iter().any(|e| alive(e).is_some()).then(|| units.emb.iter().map(|e| alive(e).unwrap_or_else(|| vec![1.0; e.dims()[0]])).collect());
+        let streams: Vec<Option<Vec<f32>>> = units.emb.iter().map(alive).collect();
+        model.emb_alive = streams.iter().any(Option::is_some).then(|| {
+            streams.into_iter().zip(&units.emb).map(|(a, e)| a.unwrap_or_else(|| vec![1.0; e.dims()[0]])).collect()
+        });
     }
     let mut blocks = units.blocks.iter();
     for (g, layer) in model.layers.iter_mut().enumerate() {

@@ -112,7 +112,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
         "device": ctx.device_name,
         "pipeline": ctx.pipeline_name,
         "image_size": config.image_size(),
-        "family": config.family(),
+        "family": config.family().to_string(),
     });
     match &config {
         ModelConfig::Deit(c) => {

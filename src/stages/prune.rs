@@ -359,14 +359,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                 let now = state.masks.surviving(&config);
                 let latency = table.model_latency(&now);
                 state.ratio = latency / dense_latency;
-                let stages = now.stages();
-                // A Swin's stage widths and blocks are `/`- and `|`-separated.
-                let e = stages.iter().map(|(e, _)| e.to_string()).collect::<Vec<_>>().join("/");
-                let widths = stages
-                    .iter()
-                    .map(|(_, blocks)| blocks.iter().map(|d| format!("{}/{}/{}/{}", d.heads, d.qk, d.v, d.mlp)).collect::<Vec<_>>().join(" "))
-                    .collect::<Vec<_>>()
-                    .join(" | ");
+                let (e, widths) = (now.embed_dims(), now.block_widths());
                 let (step, prune_step, ratio, loss) = (state.step, state.prune_step, state.ratio, state.last_loss);
                 state.log.push_str(&format!("{step},{prune_step},{latency:e},{ratio:.5},{},{},{loss:.5},{e},{widths}\n", now.params(), now.flops()));
                 progress.update(to_remove(ratio), &format!("step {prune_step}: latency {ratio:.3} of dense, loss {loss:.4}"));

@@ -49,7 +49,7 @@ pub type ShardResult<B, T> = (f64, <B as AutodiffBackend>::Gradients, T);
 /// generator on `main` before any shard starts, so that a step's masks depend on the
 /// pipeline's seed alone, however the shards' threads interleave.
 fn drop_path_seeds<B: AutodiffBackend>(model: &Model<B>, main: &B::Device, shards: usize) -> Vec<Option<u64>> {
-    if model.config().drop_path() == 0.0 {
+    if model.drop_path() == 0.0 {
         return vec![None; shards];
     }
     let draws = Tensor::<B::InnerBackend, 1>::random([shards], Distribution::Uniform(0.0, (1u64 << 24) as f64), main);
