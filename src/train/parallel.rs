@@ -1,8 +1,8 @@
 //! Data parallelism in one process: each device takes a contiguous shard of the batch, runs
 //! forward and backward on its own replica of the model (one thread per device), and the
 //! gradients are summed for the optimizer step on the first device: sent there by every other
-//! device, or, with the `collective` feature, all-reduced in a ring by burn's collective (see
-//! README, "Many devices"). Each shard's loss is weighted by its share of the batch, so the
+//! device, or, with the `collective` feature and distinct devices, all-reduced in a ring by
+//! burn's collective (see README, "Many devices"). Each shard's loss is weighted by its share of the batch, so the
 //! sum is the gradient of the whole batch's mean loss: the step is the one a single device
 //! would take on the full batch, up to floating-point order. Saliencies built from these
 //! gradients use the averaged gradient too (METHOD.md).
@@ -74,6 +74,46 @@ where
     P: Send,
     T: Send,
 {
+    let reduce = devices.first().map_or(Reduce::Hub, Reduce::for_devices::<B>);
+    data_parallel_reducing(model, devices, n, payloads, work, reduce)
+}
+
+/// How the groups' gradients are summed: each copied to the first device (a hub), or
+/// all-reduced in a ring by burn's collective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reduce {
+    Hub,
+    #[cfg(feature = "collective")]
+    Ring,
+}
+
+impl Reduce {
+    /// The ring where the `collective` feature is built and the devices are distinct. Shards in
+    /// threads on one CPU share its memory: there a ring only adds a message round trip per
+    /// parameter tensor (1% to 3% of a step, measured; README, "Many devices").
+    fn for_devices<B: AutodiffBackend>(main: &B::Device) -> Self {
+        #[cfg(feature = "collective")]
+        if !crate::backend::concurrent_shards::<B>(main) {
+            return Reduce::Ring;
+        }
+        let _ = main;
+        Reduce::Hub
+    }
+}
+
+fn data_parallel_reducing<B, P, T>(
+    model: &Model<B>,
+    devices: &[B::Device],
+    n: usize,
+    payloads: Vec<P>,
+    work: impl Fn(&Model<B>, Range<usize>, P, f32) -> ShardResult<B, T> + Sync,
+    reduce: Reduce,
+) -> Step<T>
+where
+    B: AutodiffBackend,
+    P: Send,
+    T: Send,
+{
     // Another runner on this machine may be timing a model: it waits for this step.
     let _working = crate::machine::working();
     let ranges = shards(n, devices.len());
@@ -118,7 +158,11 @@ where
         let (device, items) = groups.pop().expect("one group");
         run_group(device, items)
     } else {
-        sum_over_groups(model, main, groups, run_group)
+        match reduce {
+            Reduce::Hub => sum_on_first_device(model, main, groups, run_group),
+            #[cfg(feature = "collective")]
+            Reduce::Ring => all_reduce_in_ring::<B, P, T>(groups, run_group),
+        }
     };
     outs.sort_by_key(|(first, _, _)| *first);
     let loss = outs.iter().map(|(_, l, _)| l).sum();
@@ -141,8 +185,7 @@ fn in_threads<D: Sync, P: Send, R: Send>(groups: Vec<Group<'_, D, P>>, each: imp
 
 /// Groups in threads of their own; their gradients summed on the first device, each group's
 /// copied there (a hub: `main` receives every other device's gradients).
-#[cfg(not(feature = "collective"))]
-fn sum_over_groups<B: AutodiffBackend, P: Send, T: Send>(
+fn sum_on_first_device<B: AutodiffBackend, P: Send, T: Send>(
     model: &Model<B>,
     main: &B::Device,
     groups: Vec<Group<'_, B::Device, P>>,
@@ -162,9 +205,7 @@ fn sum_over_groups<B: AutodiffBackend, P: Send, T: Send>(
 /// instead of the first device receiving N-1 times them), and the first device's sum is the
 /// step's.
 #[cfg(feature = "collective")]
-fn sum_over_groups<B: AutodiffBackend, P: Send, T: Send>(
-    _model: &Model<B>,
-    _main: &B::Device,
+fn all_reduce_in_ring<B: AutodiffBackend, P: Send, T: Send>(
     groups: Vec<Group<'_, B::Device, P>>,
     run_group: impl Fn(&B::Device, Vec<(Range<usize>, P, Option<u64>)>) -> (Vec<Shard<T>>, GradientsParams) + Sync,
 ) -> (Vec<Shard<T>>, GradientsParams) {
@@ -204,33 +245,49 @@ mod tests {
     type B = Autodiff<NdArray>;
 
     /// The full batch's mean cross-entropy gradients, from `devices.len()` shards.
-    fn grads(model: &Model<B>, devices: &[NdArrayDevice], images: &[f32], labels: &[i64]) -> (f64, Vec<f32>) {
+    fn grads(model: &Model<B>, devices: &[NdArrayDevice], images: &[f32], labels: &[i64], reduce: Reduce) -> (f64, Vec<f32>) {
         let n = labels.len();
         let per = images.len() / n;
-        let step = data_parallel(model, devices, n, vec![(); devices.len()], |m, range, (), weight| {
+        let step = data_parallel_reducing(model, devices, n, vec![(); devices.len()], |m, range, (), weight| {
             let device = m.device();
             let x = crate::model::float_tensor::<B, 4>(images[range.start * per..range.end * per].to_vec(), [range.len(), 3, 16, 16], &device);
             let t = targets_tensor::<B>(crate::data::mix::soft_targets(&labels[range.clone()], 5, 0.0, 1.0), 5, &device);
             let loss = classification_loss(&m.forward(x), t).mul_scalar(weight);
             (scalar(loss.clone()), loss.backward(), ())
-        });
+        }, reduce);
         let g: Tensor<NdArray, 2> = step.grads.get(model.as_deit().unwrap().blocks[0].mlp.fc1.weight.id).unwrap();
         (step.loss, g.into_data().to_vec().unwrap())
     }
 
-    #[test]
-    fn sharded_gradients_are_the_full_batch_gradients() {
+    /// Three shards as three groups (threads) against one device's full batch, summed by `reduce`.
+    fn sharded_gradients_are_the_full_batch_gradients(reduce: Reduce) {
         let device = NdArrayDevice::Cpu;
         let model = VitConfig::uniform(16, 4, 3, 12, 2, 2, 2.0, 5, true).into();
         let model = crate::model::ModelConfig::init::<B>(&model, &device);
         let labels: Vec<i64> = (0..7).map(|i| i % 5).collect();
         let images: Vec<f32> = (0..7 * 3 * 16 * 16).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
-        let (loss1, one) = grads(&model, &[device], &images, &labels);
-        let (loss3, three) = grads(&model, &[device; 3], &images, &labels);
-        assert!((loss1 - loss3).abs() < 1e-6 * loss1.abs(), "loss {loss1} vs {loss3}");
+        let (loss1, one) = grads(&model, &[device], &images, &labels, reduce);
+        let (loss3, three) = grads(&model, &[device; 3], &images, &labels, reduce);
+        assert!((loss1 - loss3).abs() < 1e-6 * loss1.abs(), "{reduce:?}: loss {loss1} vs {loss3}");
         let scale = one.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let worst = one.iter().zip(&three).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(scale > 0.0 && worst <= 1e-5 * scale, "gradients differ by {worst} (scale {scale})");
+        assert!(scale > 0.0 && worst <= 1e-5 * scale, "{reduce:?}: gradients differ by {worst} (scale {scale})");
+    }
+
+    #[test]
+    fn sharded_gradients_summed_on_the_first_device_are_the_full_batch_gradients() {
+        sharded_gradients_are_the_full_batch_gradients(Reduce::Hub);
+    }
+
+    #[cfg(feature = "collective")]
+    #[test]
+    fn sharded_gradients_all_reduced_in_a_ring_are_the_full_batch_gradients() {
+        sharded_gradients_are_the_full_batch_gradients(Reduce::Ring);
+    }
+
+    #[test]
+    fn shards_on_one_cpu_are_summed_on_it() {
+        assert_eq!(Reduce::for_devices::<B>(&NdArrayDevice::Cpu), Reduce::Hub);
     }
 
     #[test]
