@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use burn::module::Param;
+use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use safetensors::{Dtype, SafeTensors};
 
-use super::vit::Attention;
+use super::vit::{Attention, Materialize};
 use super::{BlockDims, Model, ModelConfig, Swin, SwinConfig, SwinStage, Vit, VitConfig};
 use crate::files::atomic_write;
 
@@ -314,7 +314,7 @@ pub fn import<B: Backend>(sd: &StateDict, config: &VitConfig, device: &B::Device
     want.check(sd)?;
 
     let r = Reader { sd, device };
-    let mut model = config.init::<B>(device);
+    let mut model = config.build::<B>(device);
     model.patch_embed = r.conv("patch_embed.proj", model.patch_embed);
     model.cls_token = r.param("cls_token", [1, 1, e]);
     if config.distilled {
@@ -332,6 +332,7 @@ pub fn import<B: Backend>(sd: &StateDict, config: &VitConfig, device: &B::Device
     }
     r.norm(&mut model.norm, "norm");
     model.head = r.linear("head", k, e);
+    model.visit(&mut Materialize);
     Ok(model)
 }
 
@@ -532,7 +533,7 @@ pub fn import_swin<B: Backend>(sd: &StateDict, config: &SwinConfig, device: &B::
     want.check(sd)?;
 
     let r = Reader { sd, device };
-    let mut model = config.init::<B>(device);
+    let mut model = config.build::<B>(device);
     model.patch_embed = r.conv("patch_embed.proj", model.patch_embed);
     r.norm(&mut model.patch_norm, "patch_embed.norm");
     for (i, (layer, stage)) in model.layers.iter_mut().zip(&config.stages).enumerate() {
@@ -554,6 +555,7 @@ pub fn import_swin<B: Backend>(sd: &StateDict, config: &SwinConfig, device: &B::
     }
     r.norm(&mut model.norm, "norm");
     model.head = r.linear("head.fc", config.num_classes, config.num_features());
+    model.visit(&mut Materialize);
     Ok(model)
 }
 

@@ -144,6 +144,14 @@ impl SwinConfig {
 
     /// A randomly initialized model (timm's init: normal std 0.02 weights, zero biases).
     pub fn init<B: Backend>(&self, device: &B::Device) -> Swin<B> {
+        let model = self.build(device);
+        // Materialized, as DeiT's: a clone of a lazy parameter would sample its own values.
+        model.visit(&mut Materialize);
+        model
+    }
+
+    /// The model with its parameters not drawn yet, as `VitConfig::build`.
+    pub(super) fn build<B: Backend>(&self, device: &B::Device) -> Swin<B> {
         let e0 = self.stages[0].embed_dim;
         let scale = (self.head_dim as f64).powf(-0.5);
         let mut prev = e0;
@@ -182,8 +190,6 @@ impl SwinConfig {
             config: self.clone(),
             emb_alive: None,
         };
-        // Materialized, as DeiT's: a clone of a lazy parameter would sample its own values.
-        model.visit(&mut Materialize);
         model.with_drop_path(self.drop_path)
     }
 }

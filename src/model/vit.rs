@@ -154,7 +154,7 @@ pub fn with_drop_path_seed<R>(seed: u64, f: impl FnOnce() -> R) -> R {
 /// GELU in its erf form, `x * Phi(x)`, written out so that autodiff differentiates it exactly
 /// (`erf`'s backward is `2/sqrt(pi) exp(-x^2)`): burn 0.21's `gelu` computes the erf form but
 /// backpropagates the derivative of the tanh approximation, which put the saliency off
-/// PyTorch's by up to 264 times the 1e-4 tolerance of `tests/gradient_parity.rs`. The forward
+/// PyTorch's by up to 264 times the 1e-4 tolerance of `tests/integration/gradient_parity.rs`. The forward
 /// pass is the composite the ndarray and cubecl backends compute for `gelu`.
 pub(super) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let phi = x.clone().div_scalar(std::f64::consts::SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5);
@@ -263,6 +263,16 @@ impl<B: Backend> Block<B> {
 impl VitConfig {
     /// A randomly initialized model (timm's init: truncated-normal-like std 0.02, zero biases).
     pub fn init<B: Backend>(&self, device: &B::Device) -> Vit<B> {
+        let model = self.build(device);
+        // Burn initializes parameters lazily, and a clone of an uninitialized parameter samples
+        // its own values: materialize them so every clone is the same model.
+        model.visit(&mut Materialize);
+        model
+    }
+
+    /// The model with its parameters not drawn yet: for a reader that replaces them (drawing
+    /// DeiT-B's 86 M values only to drop them took seconds per load), then materializes the rest.
+    pub(super) fn build<B: Backend>(&self, device: &B::Device) -> Vit<B> {
         let e = self.embed_dim;
         let scale = (self.head_dim as f64).powf(-0.5);
         let blocks = self.blocks.iter().map(|d| Block::new(e, *d, scale, 0.0, device)).collect();
@@ -280,9 +290,6 @@ impl VitConfig {
             config: self.clone(),
             emb_alive: None,
         };
-        // Burn initializes parameters lazily, and a clone of an uninitialized parameter samples
-        // its own values: materialize them so every clone is the same model.
-        model.visit(&mut Materialize);
         model.with_drop_path(self.drop_path)
     }
 }
