@@ -3,6 +3,7 @@
 //! widths through it, an input batch and its logits, and its logits on the timm parity
 //! fixture. No Python runs here.
 
+use crate::common;
 use std::path::{Path, PathBuf};
 
 use burn::backend::NdArray;
@@ -22,6 +23,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// The runner reads what nvit.py writes and computes nvit.py's logits from it.
 #[test]
 fn the_runner_computes_nvit_py_logits_from_its_files() {
+    let _rng = common::rng_turn();
     let dir = fixtures().join("nvit_py_pruned_16px");
     let device = Default::default();
     let model = checkpoint::load::<NdArray>(&dir, &device).unwrap().into_deit("the loader test").unwrap();
@@ -44,6 +46,7 @@ fn the_runner_computes_nvit_py_logits_from_its_files() {
 /// only where qk == v), shapes and values, so nvit.py reads the runner's exports.
 #[test]
 fn the_runner_exports_what_nvit_py_saves() {
+    let _rng = common::rng_turn();
     let dir = fixtures().join("nvit_py_pruned_16px");
     let model = checkpoint::load::<NdArray>(&dir, &Default::default()).unwrap().into_deit("the loader test").unwrap();
     let theirs = StateDict::read(&dir.join(checkpoint::WEIGHTS)).unwrap();
@@ -64,6 +67,7 @@ fn the_runner_exports_what_nvit_py_saves() {
 /// asserts it at 1e-5; this checks the record it left).
 #[test]
 fn nvit_py_computed_timm_logits_on_the_timm_fixture() {
+    let _rng = common::rng_turn();
     let io = StateDict::read(&fixtures().join("nvit_py_pruned_16px/io.safetensors")).unwrap();
     let timm = StateDict::read(&fixtures().join("timm_deit_tiny_distilled_32px/io.safetensors")).unwrap();
     let (_, ours) = &io.tensors["timm_fixture_logits"];

@@ -1,6 +1,7 @@
 //! Gradients held to PyTorch, in f32 as the runner computes: see `parity/mod.rs`.
 
-mod parity;
+use crate::common;
+use crate::parity;
 
 use burn::backend::{Autodiff, NdArray};
 
@@ -8,6 +9,7 @@ type B = Autodiff<NdArray<f32>>;
 
 #[test]
 fn hessian_saliency_of_every_unit_matches_pytorch() {
+    let _rng = common::rng_turn();
     parity::saliency_matches::<B>(1e-4);
 }
 
@@ -15,5 +17,6 @@ fn hessian_saliency_of_every_unit_matches_pytorch() {
 /// gradients of this loss are up to 6.1e-4 off its f64 ones by this measure; ours 6.8e-4).
 #[test]
 fn training_loss_and_every_parameter_gradient_match_pytorch() {
+    let _rng = common::rng_turn();
     parity::gradients_match::<B>(1e-3);
 }

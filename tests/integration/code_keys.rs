@@ -1,7 +1,7 @@
 //! A cache that follows the code: every stage's key holds the hashes of the source its kind
 //! runs, so editing a module re-runs exactly the stages that depend on it.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

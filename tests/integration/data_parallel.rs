@@ -2,9 +2,9 @@
 //! (CPU) devices and sums their gradients; training, scores and pruning come out as they do on
 //! one device with the full batch, up to floating-point order.
 
-mod common;
+use crate::common;
 
-use common::*;
+use crate::common::*;
 use nvit::pipeline::Cache;
 
 const STAGES: &str = r#"
@@ -37,6 +37,7 @@ fn run(devices: &str) -> (serde_json::Value, serde_json::Value, Vec<f32>) {
 
 #[test]
 fn two_devices_train_and_score_as_one_device_with_the_full_batch() {
+    let _rng = common::rng_turn();
     let (train1, eval1, scores1) = run("[0]");
     let (train2, eval2, scores2) = run("[0, 0]");
     let losses = |m: &serde_json::Value| m["epoch_losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect::<Vec<_>>();

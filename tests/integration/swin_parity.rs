@@ -3,6 +3,7 @@
 //! first two stages shift their odd blocks' windows, the last is one window), an input batch
 //! and timm's eval logits.
 
+use crate::common;
 use std::path::{Path, PathBuf};
 
 use burn::backend::NdArray;
@@ -28,6 +29,7 @@ fn logits(model: &nvit::model::Swin<NdArray>) -> (Vec<f32>, Vec<f32>) {
 
 #[test]
 fn logits_match_timm_to_1e4() {
+    let _rng = common::rng_turn();
     let device = Default::default();
     let sd = StateDict::read(&fixture().join("model.safetensors")).unwrap();
     let config = checkpoint::infer_swin_config(&sd, &hint()).unwrap();
@@ -50,6 +52,7 @@ fn logits_match_timm_to_1e4() {
 /// back bit-exactly, its relative position table a column per remaining head.
 #[test]
 fn per_block_widths_round_trip_through_timm_naming() {
+    let _rng = common::rng_turn();
     let device = Default::default();
     let mut config = hint();
     config.stages[1].blocks[1] = BlockDims { heads: 3, qk: 5, v: 7, mlp: 9 };
@@ -65,6 +68,7 @@ fn per_block_widths_round_trip_through_timm_naming() {
 
 #[test]
 fn a_checkpoint_that_does_not_fit_names_every_tensor() {
+    let _rng = common::rng_turn();
     let device = Default::default();
     let mut sd = StateDict::read(&fixture().join("model.safetensors")).unwrap();
     sd.tensors.remove("layers.1.downsample.reduction.weight");

@@ -1,13 +1,14 @@
 //! The stage cache: a changed setting re-runs exactly the stages it affects, and an
 //! interrupted stage (no manifest) is re-run.
 
-mod common;
+use crate::common;
 
-use common::*;
+use crate::common::*;
 use nvit::pipeline::Cache;
 
 #[test]
 fn changing_one_setting_reruns_exactly_the_affected_stages() {
+    let _rng = common::rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache { root: dir.path().join("cache") };
     let path = tiny_pipeline(dir.path(), "");
@@ -43,6 +44,7 @@ fn changing_one_setting_reruns_exactly_the_affected_stages() {
 
 #[test]
 fn a_stage_without_manifest_is_rerun_and_forcing_reruns_one_stage() {
+    let _rng = common::rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache { root: dir.path().join("cache") };
     let path = tiny_pipeline(dir.path(), "");
@@ -83,6 +85,7 @@ fn a_stage_without_manifest_is_rerun_and_forcing_reruns_one_stage() {
 
 #[test]
 fn evaluate_writes_its_row_and_training_lowers_the_loss() {
+    let _rng = common::rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache { root: dir.path().join("cache") };
     let path = tiny_pipeline(dir.path(), "");

@@ -1,7 +1,7 @@
 //! Parity with timm: `tests/fixtures/make_timm_fixture.py` wrote a random distilled DeiT
 //! (32 px, patch 8, width 48, depth 2, 3 heads), an input batch and timm's eval logits.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +17,7 @@ fn fixture() -> PathBuf {
 
 #[test]
 fn logits_match_timm_to_1e4() {
+    let _rng = common::rng_turn();
     let device = Default::default();
     let hint = VitConfig::uniform(32, 8, 3, 48, 2, 3, 4.0, 10, true);
     let model = checkpoint::load_pretrained::<NdArray>(&fixture().join("model.safetensors"), &hint.clone().into(), &device).unwrap();
@@ -39,6 +40,7 @@ fn logits_match_timm_to_1e4() {
 /// included: loaded against deit-tiny's defaults (E 192), the model still computes timm's.
 #[test]
 fn the_checkpoint_decides_what_model_leaves_open_scale_included() {
+    let _rng = common::rng_turn();
     let device = Default::default();
     let hint = nvit::model::ModelSection { heads: Some(3), ..Default::default() }.resolve(10).unwrap();
     assert_eq!(hint.as_deit().unwrap().embed_dim, 192);
@@ -56,6 +58,7 @@ fn the_checkpoint_decides_what_model_leaves_open_scale_included() {
 /// A checkpoint whose geometry disagrees with explicit `[model]` keys is an error listing them.
 #[test]
 fn a_checkpoint_that_disagrees_with_model_is_an_error_listing_each_key() {
+    let _rng = common::rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let path = common::tiny_pipeline(dir.path(), "");
     let text = std::fs::read_to_string(&path).unwrap().replace(
@@ -73,6 +76,7 @@ fn a_checkpoint_that_disagrees_with_model_is_an_error_listing_each_key() {
 
 #[test]
 fn load_pretrained_stage_reads_the_checkpoint_and_evaluate_runs_on_it() {
+    let _rng = common::rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache { root: dir.path().join("cache") };
     let stages = format!(
@@ -102,6 +106,7 @@ fn load_pretrained_stage_reads_the_checkpoint_and_evaluate_runs_on_it() {
 
 #[test]
 fn pth_with_state_dict_under_model_reads_the_same_tensors() {
+    let _rng = common::rng_turn();
     let pth = StateDict::read(&fixture().join("model.pth")).unwrap();
     let st = StateDict::read(&fixture().join("model.safetensors")).unwrap();
     assert_eq!(pth.tensors.len(), 35);
@@ -110,6 +115,7 @@ fn pth_with_state_dict_under_model_reads_the_same_tensors() {
 
 #[test]
 fn pth_never_executes_code_and_broken_files_are_named() {
+    let _rng = common::rng_turn();
     let marker = Path::new("/tmp/nvit-pth-executed-code");
     let _ = std::fs::remove_file(marker);
     let err = StateDict::read(&fixture().join("evil.pth")).err().expect("evil.pth must be rejected").to_string();

@@ -5,7 +5,7 @@
 //! LibTorch's CPU kernels.
 #![cfg(any(feature = "wgpu", feature = "tch"))]
 
-mod common;
+use crate::common;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::Param;
@@ -15,14 +15,6 @@ use nvit::data::mix::soft_targets;
 use nvit::model::checkpoint::{self, StateDict};
 use nvit::model::{Vit, VitConfig};
 use nvit::train::{classification_loss, targets_tensor};
-
-/// The tests take turns on the device: a backend's seeded RNG is shared by everything running
-/// on it, so a test initializing a model while another draws random numbers gets other weights.
-static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn turn() -> std::sync::MutexGuard<'static, ()> {
-    DEVICE.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Loss, both heads' logits, and the gradients of parameters spread over the model.
 struct Pass {
@@ -68,7 +60,7 @@ fn rel_err(ours: &[f32], reference: &[f32]) -> f32 {
 
 /// `B`'s forward and backward pass against ndarray's, within `tol` of each tensor's scale.
 fn forward_and_backward_match_ndarray<B: AutodiffBackend>(device: &B::Device, tol: f32) {
-    let _turn = turn();
+    let _rng = common::rng_turn();
     // Widths that are not powers of two nor multiples of the GPU tile sizes, as after pruning.
     let mut config = VitConfig::uniform(32, 8, 3, 48, 2, 3, 4.0, 10, true);
     config.blocks[0].qk = 13;
@@ -95,7 +87,7 @@ fn forward_and_backward_match_ndarray<B: AutodiffBackend>(device: &B::Device, to
 /// Every stage kind that trains or measures, end to end on `backend`: a tiny dense model
 /// trained, its latency profiled on the device, scored, pruned, distilled and evaluated.
 fn every_stage_runs<B: AutodiffBackend>(backend: &str, device: B::Device) {
-    let _turn = turn();
+    let _rng = common::rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let cache = nvit::pipeline::Cache { root: dir.path().join("cache") };
     let stages = "
@@ -202,7 +194,7 @@ fn train_on_wgpu(precision: Option<&str>, shards: usize) -> anyhow::Result<Vec<f
 /// compute in, is refused with the device named.
 #[test]
 fn mixed_precision_trains_like_f32_and_an_unsupported_dtype_is_an_error() {
-    let _turn = turn();
+    let _rng = common::rng_turn();
     // The forward pass really is f16: its logits are f16 and differ from f32's at f16's resolution.
     let config = VitConfig::uniform(32, 8, 3, 48, 2, 3, 4.0, 10, true);
     let device = Default::default();

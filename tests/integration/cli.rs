@@ -1,11 +1,11 @@
 //! What a user sees from the `runner` binary.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{output, runner};
+use crate::common::{output, runner};
 
 #[test]
 fn stages_lists_kinds_with_keys_types_and_defaults() {

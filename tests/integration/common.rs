@@ -10,6 +10,15 @@ use nvit::runlog::RunLog;
 
 pub type B = Autodiff<NdArray<f32>>;
 
+/// burn-ndarray's seeded random generator is one per process, shared by every test in this
+/// binary (and a backend's by every test on it): a test that seeds or draws from one holds this
+/// for its whole body, so that a model initialized while another test draws random numbers
+/// never gets other weights (see `main.rs`).
+pub fn rng_turn() -> std::sync::MutexGuard<'static, ()> {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The `runner` binary, in `dir` with its cache there.
 pub fn runner(dir: &Path) -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_runner"));

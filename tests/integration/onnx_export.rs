@@ -1,6 +1,7 @@
 //! `--format onnx`: the file the runner writes, run by tract (a pure-Rust ONNX runtime),
 //! computes the runner's logits, at any batch size.
 
+use crate::common;
 use std::path::{Path, PathBuf};
 
 use burn::backend::NdArray;
@@ -69,6 +70,7 @@ fn assert_runs_like_the_runner(model: &Vit<NdArray>, batches: &[usize]) {
 
 #[test]
 fn a_dense_model_runs_in_tract_as_in_the_runner() {
+    let _rng = common::rng_turn();
     // One input channel, as the quickstart's Fashion-MNIST model; no distillation head.
     let config = VitConfig::uniform(16, 4, 1, 24, 2, 3, 2.0, 7, false);
     assert_runs_like_the_runner(&perturbed(&config), &[3, 1]);
@@ -78,6 +80,7 @@ fn a_dense_model_runs_in_tract_as_in_the_runner() {
 /// v 7, one head of 8, and 2 heads of qk 3 and v 9.
 #[test]
 fn a_pruned_distilled_model_with_odd_widths_runs_in_tract_as_in_the_runner() {
+    let _rng = common::rng_turn();
     let model = checkpoint::load::<NdArray>(&fixtures().join("nvit_py_pruned_16px"), &Default::default()).unwrap().into_deit("the ONNX test").unwrap();
     assert!(model.config.distilled && model.config.blocks.iter().any(|b| b.heads == 1 && b.qk != 5));
     assert!(model.config.blocks.iter().any(|b| b.qk != b.v));
@@ -87,6 +90,7 @@ fn a_pruned_distilled_model_with_odd_widths_runs_in_tract_as_in_the_runner() {
 /// What a deployer reads off the file: the input's size and normalization, and the widths.
 #[test]
 fn the_file_says_what_its_input_is() {
+    let _rng = common::rng_turn();
     let config = VitConfig::uniform(16, 4, 3, 24, 1, 2, 2.0, 4, true);
     let model = config.init::<NdArray>(&Default::default());
     let spec = InputSpec { mean: vec![0.485, 0.456, 0.406], std: vec![0.229, 0.224, 0.225], classes: Some(vec!["cat".into(), "dog".into(), "eel".into(), "owl".into()]) };

@@ -1,12 +1,12 @@
 //! `runner sweep`: grid expansion, local workers, Slurm shards sharing one cache, the
 //! combined table.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;
 
-use common::{output, runner};
+use crate::common::{output, runner};
 
 /// The tiny pipeline and a sweep over its evaluate stage: `train` is common to every point.
 fn sweep_file(dir: &Path, extra: &str) -> std::path::PathBuf {

@@ -3,9 +3,9 @@
 //! ranked together), fine-tuned against the dense model, evaluated and reported; and the
 //! settings a Swin cannot run refused before anything runs.
 
-mod common;
+use crate::common;
 
-use common::*;
+use crate::common::*;
 use nvit::model::{checkpoint, ModelConfig};
 use nvit::pipeline::Cache;
 use nvit::prune::{Grid, LatencyTable, Masks, ModelLatency};
@@ -92,6 +92,7 @@ fn known_tables(dir: &std::path::Path) -> std::path::PathBuf {
 
 #[test]
 fn a_swin_runs_through_every_stage() {
+    let _rng = common::rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache { root: dir.path().join("cache") };
     let path = swin_pipeline(dir.path(), STAGES);
@@ -157,6 +158,7 @@ fn a_swin_runs_through_every_stage() {
 
 #[test]
 fn settings_a_swin_cannot_run_are_refused_before_anything_runs() {
+    let _rng = common::rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let path = swin_pipeline(dir.path(), STAGES);
     let set = ["stages.prune.selection=\"exact\"", "stages.latency.grid=\"reference\"", "model.depth=3", "model.distilled=true"];

@@ -1,8 +1,8 @@
 //! The NViT stages that exist so far: latency profiling and unit scores, run as a pipeline.
 
-mod common;
+use crate::common;
 
-use common::*;
+use crate::common::*;
 use nvit::model::checkpoint;
 use nvit::pipeline::Cache;
 use nvit::prune::{LatencyTable, ModelLatency};
@@ -26,6 +26,7 @@ augment = false
 
 #[test]
 fn latency_table_and_scores_from_a_pipeline() {
+    let _rng = common::rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache { root: dir.path().join("cache") };
     let path = tiny_pipeline(dir.path(), STAGES);
@@ -68,6 +69,7 @@ fn latency_table_and_scores_from_a_pipeline() {
 
 #[test]
 fn imported_table_is_keyed_by_its_file_and_bad_grids_are_rejected() {
+    let _rng = common::rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_pipeline(dir.path(), STAGES);
     let e = nvit::config::load(
@@ -114,6 +116,7 @@ fn latency_ratios(log: &str) -> Vec<f64> {
 
 #[test]
 fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
+    let _rng = common::rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache { root: dir.path().join("cache") };
     let stages = format!(
@@ -183,6 +186,7 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
 /// `prune_steps` steps, every step's widths fit its budget, and the stage ends at the target.
 #[test]
 fn exact_selection_meets_each_steps_budget_and_ends_at_the_target() {
+    let _rng = common::rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let log = prune_log(dir.path(), "latency_target = 0.5\nselection = \"exact\"\nprune_steps = 3\n");
     let ratios = latency_ratios(&log);
@@ -208,6 +212,7 @@ fn kept(scores: &nvit::prune::Masks, masks: &nvit::prune::Masks) -> f64 {
 /// selection's rounding slack, one budget step per block of 10,000).
 #[test]
 fn exact_keeps_at_least_the_saliency_greedy_keeps_at_the_same_latency() {
+    let _rng = common::rng_turn();
     use nvit::prune::{exact, greedy, Masks, Structure};
     let dir = tempfile::tempdir().unwrap();
     let model_latency = ModelLatency::from_json(&known_table(dir.path())).unwrap();
@@ -250,6 +255,7 @@ fn exact_keeps_at_least_the_saliency_greedy_keeps_at_the_same_latency() {
 /// step, stops at the target, and refuses the settings it cannot be combined with.
 #[test]
 fn isomorphic_ranking_ends_at_the_target_and_is_refused_with_exact_or_uniform() {
+    let _rng = common::rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let log = prune_log(dir.path(), "latency_target = 0.5\nranking = \"isomorphic\"\nisomorphic_step = 0.1\n");
     let ratios = latency_ratios(&log);

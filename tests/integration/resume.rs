@@ -1,12 +1,12 @@
 //! Nothing lost: stages killed with SIGKILL (or stopped with SIGTERM) resume where they were,
 //! and end exactly as an uninterrupted run; damaged checkpoints and cached files are noticed.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{output, runner};
+use crate::common::{output, runner};
 use nvit::prune::{Grid, LatencyTable};
 
 /// A latency table for the tiny model, written as a file `profile_latency` imports: both runs

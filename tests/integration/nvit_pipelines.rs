@@ -15,13 +15,14 @@ struct Dense {
 
 const DEIT_B: Dense = Dense { params_m: 86.0, blocks: 12, paper: true };
 
-fn smoke_run(pipeline: &str, target: f64, model_id: &str, set: &[&str], dense: &Dense) {
+/// Runs `pipeline` with the smoke layer in `dir` (its cache there too), checks its report, and
+/// returns the run's log.
+fn smoke_run(dir: &Path, pipeline: &str, target: f64, model_id: &str, set: &[&str], dense: &Dense) -> String {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_runner"))
-        .env("RUNNER_CACHE", dir.path().join("cache"))
+        .env("RUNNER_CACHE", dir.join("cache"))
         .env_remove("RUNNER_IMAGENET")
-        .current_dir(dir.path())
+        .current_dir(dir)
         .arg("run")
         .arg(repo.join("pipelines").join(pipeline))
         .arg("--with")
@@ -33,7 +34,7 @@ fn smoke_run(pipeline: &str, target: f64, model_id: &str, set: &[&str], dense: &
     assert!(out.status.success(), "{pipeline}: {log}");
 
     let name = pipeline.trim_end_matches(".toml");
-    let results = dir.path().join("target/smoke/results").join(name);
+    let results = dir.join("target/smoke/results").join(name);
     let mut reader = csv::Reader::from_path(results.join("table.csv")).unwrap();
     let rows: Vec<nvit::report::table::Row> = reader.deserialize().map(Result::unwrap).collect();
     let measured: Vec<_> = rows.iter().filter(|r| r.source == "measured").collect();
@@ -48,20 +49,43 @@ fn smoke_run(pipeline: &str, target: f64, model_id: &str, set: &[&str], dense: &
     assert!(results.join("widths.svg").exists() && results.join("trajectory.svg").exists());
     let log_csv = std::fs::read_to_string(results.join("pruning_log_prune.csv")).unwrap();
     assert_eq!(log_csv.lines().count(), 1 + 2, "two pruning steps, the smoke cap: {log_csv}");
+    log.into_owned()
 }
 
-/// One after another, each in its own directory removed before the next: a full-width cache
-/// entry set is a few GB. Two run with issue 15's selections in place of NViT's: isomorphic
-/// ranking, and exact selection (its dynamic program at full DeiT-B width).
+/// Removes the cache entries of `stages` (a full-width model is 330 MB; each pipeline's own
+/// prune and distill entries are not read again).
+fn remove_entries(cache: &Path, stages: &[&str]) {
+    for entry in std::fs::read_dir(cache).unwrap().map(|e| e.unwrap().path()) {
+        let manifest = std::fs::read_to_string(entry.join("manifest.json")).unwrap_or_default();
+        let stage = serde_json::from_str::<serde_json::Value>(&manifest).ok().and_then(|m| m["stage"].as_str().map(String::from));
+        if stage.is_some_and(|s| stages.contains(&s.as_str())) {
+            std::fs::remove_dir_all(&entry).unwrap();
+        }
+    }
+}
+
+/// One after another in one cache, as a user runs them: the four share `nvit-common.toml`'s
+/// dense model, its evaluation and its latency table, built by the first and cached for the
+/// others. Two run with issue 15's selections in place of NViT's: isomorphic ranking, and
+/// exact selection (its dynamic program at full DeiT-B width).
 #[test]
 fn nvit_pipelines_run_end_to_end_at_full_width() {
-    for (pipeline, target, model_id, set) in [
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (pipeline, target, model_id, set)) in [
         ("nvit-base.toml", 0.54, "NViT-B", &[][..]),
         ("nvit-hybrid.toml", 0.50, "NViT-H", &["stages.prune.ranking=\"isomorphic\""][..]),
         ("nvit-small.toml", 0.39, "NViT-S", &[][..]),
         ("nvit-tiny.toml", 0.19, "NViT-T", &["stages.prune.selection=\"exact\""][..]),
-    ] {
-        smoke_run(pipeline, target, model_id, set, &DEIT_B);
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let log = smoke_run(dir.path(), pipeline, target, model_id, set, &DEIT_B);
+        for shared in ["dense", "evaluate_dense", "latency"] {
+            let cached = log.lines().any(|l| l.contains(&format!(" {shared}: cached (")));
+            assert_eq!(cached, i > 0, "{pipeline}: `{shared}` {} cached\n{log}", if i > 0 { "not" } else { "already" });
+        }
+        remove_entries(&dir.path().join("cache"), &["prune", "distill"]);
     }
 }
 
@@ -69,5 +93,6 @@ fn nvit_pipelines_run_end_to_end_at_full_width() {
 /// profiled per stage.
 #[test]
 fn nvit_swin_pipeline_runs_end_to_end_at_full_width() {
-    smoke_run("nvit-swin-small.toml", 0.5, "NViT-Swin-S", &[], &Dense { params_m: 49.0, blocks: 24, paper: false });
+    let dir = tempfile::tempdir().unwrap();
+    smoke_run(dir.path(), "nvit-swin-small.toml", 0.5, "NViT-Swin-S", &[], &Dense { params_m: 49.0, blocks: 24, paper: false });
 }
