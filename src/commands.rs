@@ -4,12 +4,10 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::AutodiffBackend;
 
-use crate::backend::{self, BackendJob};
+use crate::backend;
 use crate::config::{self, Overrides, Pipeline};
-use crate::pipeline::{self, Cache, Plan, RunDir};
-use crate::runlog::RunLog;
+use crate::pipeline::{self, Cache, RunDir};
 use crate::stages::StageKind;
 
 pub struct RunArgs {
@@ -48,8 +46,7 @@ pub fn run(args: &RunArgs, cache: &Cache) -> Result<()> {
     for line in pipeline::describe(&plan).lines() {
         run_dir.log.info(line);
     }
-    let job = Execute { pipeline: &pipeline, plan: &mut plan, cache, device_name: &device_name, run_dir: &run_dir.path, log: &run_dir.log };
-    backend::dispatch(p.backend, &p.devices, job)?;
+    pipeline::run(&pipeline, &mut plan, cache, &device_name, Some(&run_dir.path), &run_dir.log)?;
     run_dir.log.info(&format!("finished; results in {}", pipeline.results().display()));
     Ok(())
 }
@@ -89,22 +86,6 @@ fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
-}
-
-struct Execute<'a> {
-    pipeline: &'a Pipeline,
-    plan: &'a mut Plan,
-    cache: &'a Cache,
-    device_name: &'a str,
-    run_dir: &'a Path,
-    log: &'a RunLog,
-}
-
-impl BackendJob for Execute<'_> {
-    type Output = Vec<pipeline::StageRecord>;
-    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output> {
-        pipeline::execute::<B>(self.pipeline, self.plan, self.cache, &devices, self.device_name, Some(self.run_dir), self.log)
-    }
 }
 
 /// `runner show`: every resolved value and the layer it came from, as TOML that would resolve

@@ -15,6 +15,7 @@ pub use cache::{Cache, KeyInput};
 use crate::manifest::Manifest;
 use cache::PENDING;
 
+use crate::backend::BackendJob;
 use crate::config::Pipeline;
 use crate::runlog::RunLog;
 use crate::files::atomic_write;
@@ -239,6 +240,28 @@ pub struct StageRecord {
     pub dir: PathBuf,
     pub files: Vec<(String, u64)>,
     pub seconds: f64,
+}
+
+/// `execute` on the pipeline's backend and devices (`pipeline.backend`, `pipeline.devices`),
+/// chosen at run time: `runner run` and the tests share the library's one compilation of every
+/// stage for each backend.
+pub fn run(pipeline: &Pipeline, plan: &mut Plan, cache: &Cache, device_name: &str, run_dir: Option<&Path>, log: &RunLog) -> Result<Vec<StageRecord>> {
+    struct Execute<'a> {
+        pipeline: &'a Pipeline,
+        plan: &'a mut Plan,
+        cache: &'a Cache,
+        device_name: &'a str,
+        run_dir: Option<&'a Path>,
+        log: &'a RunLog,
+    }
+    impl BackendJob for Execute<'_> {
+        type Output = Vec<StageRecord>;
+        fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output> {
+            execute::<B>(self.pipeline, self.plan, self.cache, &devices, self.device_name, self.run_dir, self.log)
+        }
+    }
+    let p = &pipeline.pipeline;
+    crate::backend::dispatch(p.backend, &p.devices, Execute { pipeline, plan, cache, device_name, run_dir, log })
 }
 
 /// Runs the planned stages in order on backend `B`, skipping cached ones. Keys that waited on

@@ -103,14 +103,14 @@ pub fn plan(p: &Pipeline, cache: &Cache) -> Plan {
 }
 
 pub fn execute(p: &Pipeline, plan: &mut Plan, cache: &Cache) -> Vec<StageRecord> {
-    // `devices = [0, 0]` runs data-parallel over two CPU shards, as the runner would.
-    let devices = vec![Default::default(); p.pipeline.devices.len()];
-    execute_on::<B>(p, plan, cache, &devices).unwrap()
+    try_execute(p, plan, cache).unwrap()
 }
 
-/// `plan` on backend `BB`'s `devices`, silently.
-pub fn execute_on<BB: burn::tensor::backend::AutodiffBackend>(p: &Pipeline, plan: &mut Plan, cache: &Cache, devices: &[BB::Device]) -> anyhow::Result<Vec<StageRecord>> {
-    pipeline::execute::<BB>(p, plan, cache, devices, "test-cpu", None, &RunLog::silent())
+/// `plan` on the pipeline's backend and devices (`devices = [0, 0]`: data-parallel over two CPU
+/// shards), silently, as the runner would: through the library's `pipeline::run`, whose
+/// stages are compiled once, there.
+pub fn try_execute(p: &Pipeline, plan: &mut Plan, cache: &Cache) -> anyhow::Result<Vec<StageRecord>> {
+    pipeline::run(p, plan, cache, "test-cpu", None, &RunLog::silent())
 }
 
 /// `(stage, "cached" | "run")` for each planned stage.
