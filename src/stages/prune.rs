@@ -270,7 +270,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     let ckpt = ctx.dir.join("checkpoint");
     let (restored, mut optim) = resume::load::<B, PruneState>(&ckpt, &student, AdamW::<B>::new(s.weight_decay, None), device, |w| ctx.warn(&w));
     if let Some((model, saved)) = restored {
-        (student, state) = (model, saved);
+        // The masks' LayerNorm statistics over surviving channels (`emb_alive`) are not
+        // parameters, so the checkpoint does not hold them: they come from the masks again.
+        (student, state) = (saved.masks.apply_trainable(model), saved);
         ctx.log.info(&format!("{}: resuming after pruning step {} (optimizer step {})", ctx.spec.name, state.prune_step, state.step));
     }
     let to_remove = |ratio: f64| latency_removed(ratio, s.latency_target);

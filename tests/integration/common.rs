@@ -127,3 +127,15 @@ pub fn reasons(plan: &Plan, stage: &str) -> Vec<String> {
         Status::Cached => vec![],
     }
 }
+
+/// `tiny_pipeline` with its DeiT replaced by a two-stage Swin: 16 px, patch 2 (an 8 x 8 map,
+/// then 4 x 4 after the merging), windows of 2 shifted by 1, E 8 then 16, heads 1 then 2.
+pub fn swin_pipeline(dir: &std::path::Path, stages: &str) -> std::path::PathBuf {
+    let path = tiny_pipeline(dir, stages);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let deit = "[model]\nimage_size = 16\npatch_size = 4\nembed_dim = 16\ndepth = 2\nheads = 2\nmlp_ratio = 2.0\ndistilled = true\n";
+    let swin = "[model]\nfamily = \"swin\"\nimage_size = 16\npatch_size = 2\nwindow = 2\nembed_dim = 8\ndepths = [2, 2]\nheads = 1\nmlp_ratio = 2.0\n";
+    assert!(text.contains(deit), "tiny_pipeline's [model] changed: update this test");
+    std::fs::write(&path, text.replace(deit, swin)).unwrap();
+    path
+}
