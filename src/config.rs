@@ -272,6 +272,19 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
         }
     }
     if let Some(p) = &pipeline {
+        if let Err(e) = crate::files::check_name(&p.name) {
+            let hint = if figment.find_metadata("pipeline.name").is_none_or(|m| describe_source(m) == "default") {
+                "\n  hint: it defaults to the file's stem; set pipeline.name"
+            } else {
+                ""
+            };
+            errors.push(located(&figment, "pipeline.name", &format!("{e}{hint}")));
+        }
+        for (key, dir) in [("results_dir", &p.results_dir), ("runs_dir", &p.runs_dir)] {
+            if dir.exists() && !dir.is_dir() {
+                errors.push(located(&figment, &format!("pipeline.{key}"), &format!("`{}` is a file, not a folder", dir.display())));
+            }
+        }
         if p.devices.is_empty() {
             errors.push(located(&figment, "pipeline.devices", "is empty: give at least one device index, e.g. [0]"));
         } else if let Err(e) = crate::backend::check_devices(p.backend, &p.devices) {
@@ -486,6 +499,10 @@ fn check_unknown_keys(
     };
     for (name, table) in stages {
         let path = format!("stages.{name}");
+        if let Err(e) = crate::files::check_name(name) {
+            errors.push(located(figment, "stages", &format!("stage name {e}\n  hint: rename the [stages.NAME] table")));
+            continue;
+        }
         let Value::Dict(_, table) = table else {
             errors.push(located(figment, &path, "must be a table"));
             continue;

@@ -46,3 +46,40 @@ pub fn file_identity(path: &Path) -> String {
         Err(_) => "missing".into(),
     }
 }
+
+/// The longest name [`check_name`] accepts: a path component, with room for what is added to it.
+pub const MAX_NAME: usize = 100;
+
+/// Checks a name that becomes a path component (a pipeline's, a sweep's, a stage's): ASCII
+/// letters, digits, `.`, `_` and `-`, not starting with `.`, at most [`MAX_NAME`] characters.
+/// So `../x`, `/abs` and a newline cannot take results, runs or the cache index outside their
+/// folders or into a script.
+pub fn check_name(name: &str) -> std::result::Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+    if name.is_empty() {
+        Err("is empty".into())
+    } else if name.len() > MAX_NAME {
+        Err(format!("is {} characters long; at most {MAX_NAME}", name.len()))
+    } else if let Some(c) = name.chars().find(|c| !allowed(*c)) {
+        Err(format!("{name:?} contains {c:?}: a name becomes a folder name, so it may hold only letters, digits, `.`, `_` and `-`"))
+    } else if name.starts_with('.') {
+        Err(format!("{name:?} starts with `.`: a name becomes a folder name, and may not be hidden or `..`"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether an error's text is the operating system's "no space left on device" (ENOSPC, which
+/// some libraries pass on only as `code: 28`).
+pub fn is_disk_full(message: &str) -> bool {
+    message.contains("No space left on device") || message.contains("code: 28,") || message.contains("code: 28 ")
+}
+
+/// Checks that `dir` can be created and written, before hours of stages would end on it.
+pub fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create this folder", dir.display()))?;
+    let probe = dir.join(".runner-write-check");
+    atomic_write(&probe, b"").with_context(|| format!("{}: cannot write into this folder", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}

@@ -69,7 +69,7 @@ fn one() -> usize {
 
 /// `#SBATCH` settings of `--emit-slurm`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SlurmSection {
     /// Array tasks; each runs every `shards`-th point. Default: one per point.
     pub shards: Option<usize>,
@@ -78,8 +78,37 @@ pub struct SlurmSection {
     pub mem: String,
     pub partition: Option<String>,
     /// Further `#SBATCH` options, verbatim (`--account=...`, `--constraint=...`).
-    #[serde(default)]
     pub extra: Vec<String>,
+}
+
+impl SlurmSection {
+    /// Problems as `(key, message)`: every value goes into an `#SBATCH` line of the script, so
+    /// none may hold a line break (which would make the rest a command) or be empty.
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let token = |key: &str, value: &str, problems: &mut Vec<(String, String)>| {
+            if value.is_empty() || value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                problems.push((key.to_string(), format!("{value:?}: expected one word without spaces or line breaks")));
+            }
+        };
+        token("time", &self.time, &mut problems);
+        token("mem", &self.mem, &mut problems);
+        if let Some(p) = &self.partition {
+            token("partition", p, &mut problems);
+        }
+        for (i, e) in self.extra.iter().enumerate() {
+            if !e.starts_with("--") || e.chars().any(char::is_control) {
+                problems.push((format!("extra[{i}]"), format!("{e:?}: expected one sbatch option on one line, such as \"--account=lab\"")));
+            }
+        }
+        if self.cpus_per_task == 0 {
+            problems.push(("cpus_per_task".into(), "must be at least 1".into()));
+        }
+        if self.shards == Some(0) {
+            problems.push(("shards".into(), "must be at least 1".into()));
+        }
+        problems
+    }
 }
 
 impl Default for SlurmSection {
@@ -113,6 +142,11 @@ impl Sweep {
         file.pipeline = dir.join(&file.pipeline);
         file.with = file.with.iter().map(|w| dir.join(w)).collect();
         let name = file.name.clone().unwrap_or_else(|| path.file_stem().map_or("sweep".into(), |s| s.to_string_lossy().into_owned()));
+        let mut problems: Vec<String> = crate::files::check_name(&name).err().map(|e| format!("name: {e}")).into_iter().collect();
+        problems.extend(file.slurm.validate().into_iter().map(|(key, message)| format!("slurm.{key}: {message}")));
+        if !problems.is_empty() {
+            bail!("{}: {}", path.display(), problems.join(&format!("\n{}: ", path.display())));
+        }
         let points = expand(&file.grid).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let devices = file.devices.clone();
         Self { path: path.to_path_buf(), name, file, points }.set_devices(devices)
@@ -521,10 +555,14 @@ pub fn slurm_script(sweep_path: &Path, with: &[PathBuf], runner: &Path, cache: &
     for e in &s.extra {
         out.push_str(&format!("#SBATCH {e}\n"));
     }
-    out.push_str(&format!("#SBATCH --output={}/slurm-%A_%a.out\n\n", logs.display()));
+    let logs_text = logs.display().to_string();
+    if logs_text.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        bail!("{logs_text:?}: the sweep's log folder goes into `#SBATCH --output=`, which takes no spaces or line breaks\n  hint: set pipeline.runs_dir to a path without them");
+    }
+    out.push_str(&format!("#SBATCH --output={logs_text}/slurm-%A_%a.out\n\n"));
     out.push_str("set -euo pipefail\n");
     out.push_str(&format!("cd {}\n", shell_quote(&cwd)));
-    out.push_str(&format!("export RUNNER_CACHE=\"${{RUNNER_CACHE:-{}}}\"\n", abs(&cache.root).display()));
+    out.push_str(&format!("[ -n \"${{RUNNER_CACHE:-}}\" ] || export RUNNER_CACHE={}\n", shell_quote(&abs(&cache.root))));
     out.push_str("# Slurm makes the task's GPUs visible as 0..n-1.\n");
     let with: String = with.iter().map(|w| format!(" --with {}", shell_quote(&abs(w)))).collect();
     out.push_str(&format!(
