@@ -176,10 +176,22 @@ pub fn cache_ls(cache: &Cache) -> Result<String> {
     Ok(out)
 }
 
+/// The most `--keep-days` takes: a century, past which every entry is kept anyway.
+const MAX_KEEP_DAYS: f64 = 36_500.0;
+
+/// `--keep-days`: a number of days from 0 to [`MAX_KEEP_DAYS`].
+pub fn parse_keep_days(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(days) if (0.0..=MAX_KEEP_DAYS).contains(&days) => Ok(days),
+        _ => Err(format!("expected a number of days from 0 to {MAX_KEEP_DAYS}, got `{text}`")),
+    }
+}
+
 /// `runner cache gc`: removes entries that no pipeline or sweep point under `dir` references
 /// and that were not used within `keep_days`. Entries of a pipeline that cannot be resolved now
 /// (its dataset is missing, say) are kept; a sweep that cannot be expanded stops it.
 pub fn cache_gc(cache: &Cache, dir: &Path, keep_days: f64, dry_run: bool) -> Result<String> {
+    let keep_days = parse_keep_days(&keep_days.to_string()).map_err(|e| anyhow::anyhow!("--keep-days: {e}"))?;
     let mut keep = HashSet::new();
     let mut kept_pipelines = HashSet::new();
     let mut notes = String::new();
@@ -223,7 +235,7 @@ pub fn cache_gc(cache: &Cache, dir: &Path, keep_days: f64, dry_run: bool) -> Res
             keep.insert(e.key);
         }
     }
-    let recent = std::time::Duration::from_secs_f64(keep_days.max(0.0) * 86400.0);
+    let recent = std::time::Duration::from_secs_f64(keep_days * 86400.0);
     let removed = cache.gc(&keep, recent, dry_run).context("collecting the cache")?;
     let bytes: u64 = removed.iter().map(|e| e.bytes).sum();
     let verb = if dry_run { "would remove" } else { "removed" };

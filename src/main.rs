@@ -250,7 +250,7 @@ enum CacheCommand {
         #[arg(long, default_value = "pipelines")]
         pipelines: PathBuf,
         /// Keep entries used within this many days, referenced or not (0: keep only referenced).
-        #[arg(long, default_value_t = 7.0)]
+        #[arg(long, default_value_t = 7.0, value_parser = commands::parse_keep_days)]
         keep_days: f64,
         /// Print what would be removed; remove nothing.
         #[arg(long)]

@@ -141,21 +141,66 @@ impl Cache {
         intact.then_some(manifest)
     }
 
-    /// Takes the entry's build lock, waiting (after calling `waiting` with who holds it) while
-    /// another runner has it. The lock is released when the file is dropped.
-    pub fn lock(&self, key: &str, waiting: impl FnOnce(&str)) -> Result<std::fs::File> {
+    /// The entry's lock file, creating the entry directory. A runner building the entry holds
+    /// it exclusively; a runner reading the entry holds it shared for the rest of its run, so a
+    /// rebuild (`--force`) and `cache gc` (which need it exclusively) wait for, or skip, every
+    /// entry another runner still reads.
+    fn lock_file(&self, key: &str) -> Result<std::fs::File> {
         let dir = self.entry_dir(key);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating cache entry {}", dir.display()))?;
         let path = dir.join(LOCK);
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).with_context(|| format!("opening {}", path.display()))
+    }
+
+    fn holder(&self, key: &str) -> String {
+        let holder = std::fs::read_to_string(self.entry_dir(key).join(OWNER)).unwrap_or_default();
+        if holder.trim().is_empty() { "another runner".into() } else { holder.trim().to_string() }
+    }
+
+    /// Takes the entry's lock to build it: at once, or else (after calling `waiting` with who
+    /// holds it) once the runner building it is done, when `usable` is asked whether the entry
+    /// it left will do, and if so the lock is taken shared instead. Returns the lock and what
+    /// `usable` found, if anything. Dropping the file releases the lock.
+    pub fn lock<T>(&self, key: &str, waiting: impl FnOnce(&str), usable: impl Fn() -> Option<T>) -> Result<(std::fs::File, Option<T>)> {
+        let file = self.lock_file(key)?;
+        let path = self.entry_dir(key).join(LOCK);
         if fs2::FileExt::try_lock_exclusive(&file).is_err() {
-            let holder = std::fs::read_to_string(dir.join(OWNER)).unwrap_or_default();
-            waiting(if holder.trim().is_empty() { "another runner" } else { holder.trim() });
+            waiting(&self.holder(key));
+            // Shared first: a runner that built the entry keeps reading it, and one that only
+            // reads it may hold it for hours; neither stops this one from using what is there.
+            fs2::FileExt::lock_shared(&file).with_context(|| format!("locking {}", path.display()))?;
+            if let Some(found) = usable() {
+                return Ok((file, Some(found)));
+            }
+            fs2::FileExt::unlock(&file).with_context(|| format!("unlocking {}", path.display()))?;
             fs2::FileExt::lock_exclusive(&file).with_context(|| format!("locking {}", path.display()))?;
         }
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let _ = std::fs::write(dir.join(OWNER), format!("runner pid {} on {}", std::process::id(), host.trim()));
+        let _ = std::fs::write(self.entry_dir(key).join(OWNER), format!("runner pid {} on {}", std::process::id(), host.trim()));
+        Ok((file, None))
+    }
+
+    /// Holds the entry for reading (a shared lock), waiting while a runner builds it.
+    pub fn share(&self, key: &str, waiting: impl FnOnce(&str)) -> Result<std::fs::File> {
+        let file = self.lock_file(key)?;
+        if fs2::FileExt::try_lock_shared(&file).is_err() {
+            waiting(&self.holder(key));
+            fs2::FileExt::lock_shared(&file).with_context(|| format!("locking {}", self.entry_dir(key).join(LOCK).display()))?;
+        }
         Ok(file)
+    }
+
+    /// Turns a build lock into a reader's: the runner that built the entry goes on reading it.
+    pub fn downgrade(&self, key: &str, lock: &std::fs::File) -> Result<()> {
+        fs2::FileExt::lock_shared(lock).with_context(|| format!("locking {}", self.entry_dir(key).join(LOCK).display()))
+    }
+
+    /// The manifest of a complete entry whose files hold what the stage wrote: `Ok(None)` when
+    /// incomplete, an error naming the damaged file otherwise, and the bytes read to check.
+    pub fn verified(&self, key: &str) -> Result<Option<(Manifest, u64)>> {
+        let Some(manifest) = self.complete(key) else { return Ok(None) };
+        let bytes = manifest.verify(&self.entry_dir(key))?;
+        Ok(Some((manifest, bytes)))
     }
 
     /// Empties an entry for a forced rebuild, under its lock: keeps the lock itself.
@@ -216,9 +261,13 @@ impl Cache {
         Ok(())
     }
 
+    /// Marks the entry used now, for `cache gc --keep-days`: the file's modification time, set
+    /// in place (no temporary a kill could leave in a complete entry).
     pub fn touch(&self, key: &str) {
-        let now = chrono::Utc::now().to_rfc3339();
-        let _ = atomic_write(&self.entry_dir(key).join(LAST_USED), now.as_bytes());
+        let path = self.entry_dir(key).join(LAST_USED);
+        if let Ok(f) = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path) {
+            let _ = f.set_modified(SystemTime::now());
+        }
     }
 
     /// Every entry, complete or not.
@@ -260,7 +309,7 @@ impl Cache {
             }
             let lock = std::fs::File::open(self.entry_dir(&entry.key).join(LOCK)).ok();
             if lock.as_ref().is_some_and(|f| fs2::FileExt::try_lock_exclusive(f).is_err()) {
-                continue; // a runner is building it
+                continue; // a runner is building or reading it
             }
             if !dry_run {
                 self.invalidate(&entry.key)?;

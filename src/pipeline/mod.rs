@@ -278,6 +278,9 @@ pub fn execute<B: AutodiffBackend>(
 ) -> Result<Vec<StageRecord>> {
     let mut records: Vec<StageRecord> = Vec::new();
     let (mut digests, mut keys) = (BTreeMap::<String, String>::new(), BTreeMap::<String, String>::new());
+    // A shared lock on every entry this run has used, until it ends: no other runner's
+    // `--force` or `cache gc` removes an entry a later stage of this run still reads.
+    let mut held: BTreeMap<String, std::fs::File> = BTreeMap::new();
     let force_since = plan.force_since;
     for planned in &mut plan.stages {
         if planned.pending() {
@@ -296,16 +299,38 @@ pub fn execute<B: AutodiffBackend>(
         }
         let spec = &planned.spec;
         let dir = cache.entry_dir(&planned.key);
-        let (manifest, how) = match (&planned.status, cache.complete(&planned.key)) {
-            (Status::Cached, Some(manifest)) => {
-                log.info(&format!("{}: cached ({})", spec.name, dir.display()));
+        let cached = match &planned.status {
+            // Two stages of one run with the same key: the first built or checked it.
+            Status::Cached if held.contains_key(&planned.key) => cache.complete(&planned.key).map(|m| (m, None)),
+            Status::Cached => {
+                let lock = cache.share(&planned.key, |holder| log.info(&format!("{}: waiting for {holder}, which is building it", spec.name)))?;
+                let start = Instant::now();
+                match cache.verified(&planned.key) {
+                    Ok(Some((manifest, bytes))) => {
+                        let checked = format!("{:.1} MB checked in {:.2} s", bytes as f64 / 1e6, start.elapsed().as_secs_f64());
+                        log.info(&format!("{}: cached ({}; {checked})", spec.name, dir.display()));
+                        Some((manifest, Some(lock)))
+                    }
+                    Ok(None) => None, // removed since the plan was made
+                    Err(e) => {
+                        log.info(&format!("{}: warning: the cached entry is damaged, so it runs again: {e:#}", spec.name));
+                        None
+                    }
+                }
+            }
+            Status::Run(_) => None,
+        };
+        let (manifest, how) = match cached {
+            Some((manifest, lock)) => {
                 cache.touch(&planned.key);
+                held.extend(lock.map(|l| (planned.key.clone(), l)));
                 (manifest, "cached")
             }
-            _ => {
-                let (manifest, how) = run_stage::<B>(pipeline, planned, force_since, cache, devices, device_name, log)
+            None => {
+                let (manifest, how, lock) = run_stage::<B>(pipeline, planned, force_since, cache, devices, device_name, log)
                     .with_context(|| format!("stage `{}` ({}) failed", spec.name, spec.kind.name()))?;
                 record_in_index(cache, &pipeline.pipeline.name, &spec.name, &planned.key)?;
+                held.insert(planned.key.clone(), lock);
                 (manifest, how)
             }
         };
@@ -328,7 +353,8 @@ pub fn execute<B: AutodiffBackend>(
     Ok(records)
 }
 
-/// Builds one entry under its lock; returns its manifest and who built it.
+/// Builds one entry under its lock; returns its manifest, who built it, and the lock, now
+/// shared, which the run holds while it reads the entry.
 fn run_stage<B: AutodiffBackend>(
     pipeline: &Pipeline,
     planned: &PlannedStage,
@@ -337,21 +363,35 @@ fn run_stage<B: AutodiffBackend>(
     devices: &[B::Device],
     device_name: &str,
     log: &RunLog,
-) -> Result<(Manifest, &'static str)> {
+) -> Result<(Manifest, &'static str, std::fs::File)> {
     let spec = &planned.spec;
-    // Two runners sharing a cache (a sweep) must not build the same entry at once, and a forced
-    // rebuild must not pull an entry from under the runner building it.
-    let _lock = cache.lock(&planned.key, |holder| {
-        log.info(&format!("{}: waiting for {holder}, which is building it (entry {})", spec.name, cache.entry_dir(&planned.key).display()))
-    })?;
-    if let Some(done) = cache.complete(&planned.key) {
-        let rebuilt_since_force = chrono::DateTime::parse_from_rfc3339(&done.created).is_ok_and(|t| t >= force_since);
-        if !planned.forced || rebuilt_since_force {
-            log.info(&format!("{}: completed by another runner meanwhile", spec.name));
-            return Ok((done, "built by another runner"));
+    // What another runner left in the entry will do unless this run forces a rebuild it has not
+    // had since `force_since` (a sweep's runners force each stage once), or it is damaged.
+    let usable = || match cache.verified(&planned.key) {
+        Ok(Some((done, _))) => {
+            let rebuilt_since_force = chrono::DateTime::parse_from_rfc3339(&done.created).is_ok_and(|t| t >= force_since);
+            (!planned.forced || rebuilt_since_force).then_some(done)
         }
+        Ok(None) => None,
+        Err(e) => {
+            log.info(&format!("{}: warning: the cached entry is damaged, so it runs again: {e:#}", spec.name));
+            None
+        }
+    };
+    // Two runners sharing a cache (a sweep) must not build the same entry at once, and a forced
+    // rebuild must not pull an entry from under a runner building or reading it.
+    let waiting = |holder: &str| {
+        log.info(&format!("{}: waiting for {holder}, which is building or reading it (entry {})", spec.name, cache.entry_dir(&planned.key).display()))
+    };
+    let (lock, found) = cache.lock(&planned.key, waiting, &usable)?;
+    if let Some(done) = found.or_else(&usable) {
+        cache.downgrade(&planned.key, &lock)?;
+        log.info(&format!("{}: completed by another runner meanwhile", spec.name));
+        return Ok((done, "built by another runner", lock));
     }
-    let dir = if planned.forced { cache.restart(&planned.key, &planned.key_input)? } else { cache.begin(&planned.key, &planned.key_input)? };
+    // A complete entry here is forced or damaged: nothing of it is kept.
+    let restart = planned.forced || cache.complete(&planned.key).is_some();
+    let dir = if restart { cache.restart(&planned.key, &planned.key_input)? } else { cache.begin(&planned.key, &planned.key_input)? };
     log.info(&format!("{}: running {} -> {}", spec.name, spec.kind.name(), dir.display()));
     let stages: Vec<(String, PathBuf)> = planned.input_keys.iter().map(|(name, key)| (name.clone(), cache.entry_dir(key))).collect();
     let input = spec.input.as_ref().map(|name| stages.iter().find(|(n, _)| n == name).cloned().expect("the input is planned"));
@@ -377,5 +417,6 @@ fn run_stage<B: AutodiffBackend>(
     // Only now, with the manifest standing for the stage, is its resume state of no use.
     cache.drop_checkpoints(&planned.key);
     log.info(&format!("{}: done in {:.1} s", spec.name, manifest.seconds));
-    Ok((manifest, "ran"))
+    cache.downgrade(&planned.key, &lock)?;
+    Ok((manifest, "ran", lock))
 }

@@ -110,3 +110,46 @@ fn evaluate_writes_its_row_and_training_lowers_the_loss() {
     assert_eq!(&row[12..], ["ndarray", "test-cpu", "tiny"]);
     assert!(lines.next().is_none());
 }
+
+#[test]
+fn a_damaged_entry_runs_again_and_an_entry_in_use_is_neither_rebuilt_nor_collected() {
+    let _rng = common::rng_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache { root: dir.path().join("cache") };
+    let path = tiny_pipeline(dir.path(), "");
+    let p = load(&path, &[]);
+    let mut pl = plan(&p, &cache);
+    execute(&p, &mut pl, &cache);
+    let train = pl.stages[0].key.clone();
+
+    // Four bytes flipped in place: the same size, so still "complete", but not what train wrote.
+    let weights = cache.entry_dir(&train).join("model/model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    let mut bytes = original.clone();
+    let n = bytes.len();
+    bytes[n - 4..].iter_mut().for_each(|b| *b ^= 0xff);
+    std::fs::write(&weights, &bytes).unwrap();
+    assert!(cache.complete(&train).is_some());
+    let err = cache.verified(&train).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("SHA-256"), "{err}");
+    let mut pl = plan(&p, &cache);
+    let records = execute(&p, &mut pl, &cache);
+    assert_eq!((records[0].status.as_str(), records[1].status.as_str()), ("ran", "cached"), "train rebuilt to the same bytes, so evaluate stays");
+    assert_eq!(std::fs::read(&weights).unwrap(), original);
+
+    // A runner reading the entry holds it shared: `cache gc` skips it, and a rebuild waits.
+    let hold = cache.share(&train, |_| {}).unwrap();
+    let removed = cache.gc(&Default::default(), std::time::Duration::ZERO, false).unwrap();
+    assert!(removed.iter().all(|e| e.key != train) && cache.verified(&train).unwrap().is_some(), "gc removed an entry in use");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let (_lock, found) = cache.lock(&train, |_| {}, || None::<()>).unwrap();
+            tx.send(found.is_none()).unwrap();
+        });
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(300)).is_err(), "the rebuild took the entry from its reader");
+        drop(hold);
+        assert!(rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap(), "the rebuild goes on once the reader is done");
+    });
+    assert!(cache.gc(&Default::default(), std::time::Duration::ZERO, false).unwrap().iter().any(|e| e.key == train), "unused, it is collected");
+}
