@@ -54,8 +54,20 @@ impl StateDict {
             .map(Ok)
             .unwrap_or_else(|| PytorchReader::new(path))
             .map_err(|e| anyhow::anyhow!("{}: cannot read PyTorch checkpoint (truncated, corrupt, or holding objects other than tensors): {e}", path.display()))?;
+        let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) as u128;
         let mut tensors = BTreeMap::new();
         for (name, snapshot) in reader.into_tensors() {
+            // A tensor's values are in the file, so it cannot hold more bytes than the file: a
+            // larger declared shape (a stride-0 or forged tensor) is refused before it is
+            // allocated.
+            let declared = snapshot.shape.iter().map(|d| *d as u128).product::<u128>() * snapshot.dtype.size() as u128;
+            if declared > file_bytes {
+                bail!(
+                    "{}: tensor `{name}` declares shape {:?} ({declared} bytes), more than the whole file holds ({file_bytes} bytes): a strided view or a damaged file; not read",
+                    path.display(),
+                    snapshot.shape.to_vec()
+                );
+            }
             let data = snapshot
                 .to_data()
                 .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e:?}", path.display()))?;
@@ -66,7 +78,26 @@ impl StateDict {
                 .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e:?}", path.display()))?;
             tensors.insert(name, (shape, values));
         }
-        Ok(Self { tensors })
+        Self { tensors }.checked(path)
+    }
+
+    /// Refuses a tensor with an empty dimension (a model would divide by it), one whose values
+    /// do not fill its shape, and non-finite values: a checkpoint of NaN would otherwise
+    /// evaluate to chance without a word.
+    fn checked(self, path: &Path) -> Result<Self> {
+        for (name, (shape, values)) in &self.tensors {
+            if shape.contains(&0) || shape.iter().product::<usize>() != values.len() {
+                bail!("{}: tensor `{name}` has shape {shape:?} and {} values: not a tensor of a model", path.display(), values.len());
+            }
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    "{}: tensor `{name}` holds a non-finite value ({} at flat index {i}): a diverged or damaged checkpoint\n  hint: use a checkpoint saved before the loss became NaN",
+                    path.display(),
+                    values[i]
+                );
+            }
+        }
+        Ok(self)
     }
 
     fn read_safetensors(path: &Path) -> Result<Self> {
@@ -90,7 +121,7 @@ impl StateDict {
             };
             tensors.insert(name, (view.shape().to_vec(), values));
         }
-        Ok(Self { tensors })
+        Self { tensors }.checked(path)
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
@@ -245,16 +276,30 @@ pub fn import_model<B: Backend>(sd: &StateDict, config: &ModelConfig, device: &B
 
 /// Reads the geometry a state dict implies; `heads` (per block) and `head_dim` come from
 /// `hint` since a fused `qkv` cannot tell them, everything else from the shapes.
-pub fn infer_config(sd: &StateDict, hint: &VitConfig) -> Result<VitConfig> {
-    let shape = |k: &str| sd.tensors.get(k).map(|(s, _)| s.clone());
-    let pe = shape("patch_embed.proj.weight").context("missing tensor `patch_embed.proj.weight`")?;
-    if pe.len() != 4 {
-        bail!("tensor `patch_embed.proj.weight` has shape {pe:?}, expected [embed, channels, patch, patch]");
+/// The shape of tensor `name` in `sd`, which must have `rank` dimensions.
+fn shape_of(sd: &StateDict, name: &str, rank: usize) -> Result<Option<Vec<usize>>> {
+    match sd.tensors.get(name) {
+        Some((shape, _)) if shape.len() != rank => bail!("tensor `{name}` has shape {shape:?}: expected {rank} dimensions"),
+        found => Ok(found.map(|(shape, _)| shape.clone())),
     }
+}
+
+pub fn infer_config(sd: &StateDict, hint: &VitConfig) -> Result<VitConfig> {
+    let rank = |k: &str| match k.rsplit('.').next() {
+        Some("weight") if k.contains("patch_embed") => 4,
+        Some("weight") => 2,
+        _ if k == "pos_embed" => 3,
+        _ => 1,
+    };
+    let shape = |k: &str| shape_of(sd, k, rank(k));
+    let pe = shape("patch_embed.proj.weight")?.context("missing tensor `patch_embed.proj.weight`")?;
     let (e, in_chans, patch) = (pe[0], pe[1], pe[2]);
-    let head = shape("head.weight").context("missing tensor `head.weight`")?;
+    if pe[2] != pe[3] {
+        bail!("tensor `patch_embed.proj.weight` has shape {pe:?}: expected square patches");
+    }
+    let head = shape("head.weight")?.context("missing tensor `head.weight`")?;
     let distilled = sd.tensors.contains_key("dist_token");
-    let pos = shape("pos_embed").context("missing tensor `pos_embed`")?;
+    let pos = shape("pos_embed")?.context("missing tensor `pos_embed`")?;
     let patches = pos[1].saturating_sub(1 + distilled as usize);
     let grid = (patches as f64).sqrt().round() as usize;
     if grid * grid != patches {
@@ -265,20 +310,20 @@ pub fn infer_config(sd: &StateDict, hint: &VitConfig) -> Result<VitConfig> {
     for i in 0..depth {
         let p = format!("blocks.{i}");
         let heads = hint.blocks.get(i).or(hint.blocks.last()).map_or(1, |d| d.heads);
-        let mlp = shape(&format!("{p}.mlp.fc1.weight")).with_context(|| format!("missing tensor `{p}.mlp.fc1.weight`"))?[0];
-        let (qk_rows, v_rows) = if let Some(s) = shape(&format!("{p}.attn.qkv.weight")) {
+        let mlp = shape(&format!("{p}.mlp.fc1.weight"))?.with_context(|| format!("missing tensor `{p}.mlp.fc1.weight`"))?[0];
+        let (qk_rows, v_rows) = if let Some(s) = shape(&format!("{p}.attn.qkv.weight"))? {
             (s[0] / 3, s[0] / 3)
         } else {
-            let q = shape(&format!("{p}.attn.q.weight")).with_context(|| format!("missing tensor `{p}.attn.qkv.weight` (or split `{p}.attn.q.weight`)"))?;
-            let v = shape(&format!("{p}.attn.v.weight")).with_context(|| format!("missing tensor `{p}.attn.v.weight`"))?;
+            let q = shape(&format!("{p}.attn.q.weight"))?.with_context(|| format!("missing tensor `{p}.attn.qkv.weight` (or split `{p}.attn.q.weight`)"))?;
+            let v = shape(&format!("{p}.attn.v.weight"))?.with_context(|| format!("missing tensor `{p}.attn.v.weight`"))?;
             (q[0], v[0])
         };
-        if qk_rows % heads != 0 || v_rows % heads != 0 {
+        if heads == 0 || qk_rows == 0 || v_rows == 0 || qk_rows % heads != 0 || v_rows % heads != 0 {
             bail!("block {i}: {qk_rows} query rows and {v_rows} value rows do not split into {heads} heads\n  hint: give the per-block widths with model.dims");
         }
         blocks.push(BlockDims { heads, qk: qk_rows / heads, v: v_rows / heads, mlp });
     }
-    Ok(VitConfig {
+    let config = VitConfig {
         image_size: grid * patch,
         patch_size: patch,
         in_chans,
@@ -290,7 +335,12 @@ pub fn infer_config(sd: &StateDict, hint: &VitConfig) -> Result<VitConfig> {
         head_dim: if hint.embed_dim == e { hint.head_dim } else { e / hint.blocks[0].heads.max(1) },
         drop_path: hint.drop_path,
         blocks,
-    })
+    };
+    let problems = config.check();
+    if !problems.is_empty() {
+        bail!("the checkpoint's shapes give no buildable model: {}", problems.join("; "));
+    }
+    Ok(config)
 }
 
 /// Builds a model of shape `config` from `sd`, checking every tensor.
@@ -563,11 +613,14 @@ pub fn import_swin<B: Backend>(sd: &StateDict, config: &SwinConfig, device: &B::
 /// relative position table) come from the shapes; the image size, which no tensor states, and
 /// the window and softmax scale of an unpruned model from `hint`.
 pub fn infer_swin_config(sd: &StateDict, hint: &SwinConfig) -> Result<SwinConfig> {
-    let shape = |k: &str| sd.tensors.get(k).map(|(s, _)| s.clone()).with_context(|| format!("missing tensor `{k}`"));
+    let rank = |k: &str| match k.rsplit('.').next() {
+        Some("weight") if k.contains("patch_embed") => 4,
+        Some("weight") if k.contains("norm") => 1,
+        Some("weight") | Some("relative_position_bias_table") => 2,
+        _ => 1,
+    };
+    let shape = |k: &str| shape_of(sd, k, rank(k))?.with_context(|| format!("missing tensor `{k}`"));
     let pe = shape("patch_embed.proj.weight")?;
-    if pe.len() != 4 {
-        bail!("tensor `patch_embed.proj.weight` has shape {pe:?}, expected [embed, channels, patch, patch]");
-    }
     let has = |prefix: String| sd.tensors.keys().any(|k| k.starts_with(&prefix));
     let depth = (0..).take_while(|i| has(format!("layers.{i}."))).count();
     let mut stages = Vec::with_capacity(depth);
@@ -594,7 +647,7 @@ pub fn infer_swin_config(sd: &StateDict, hint: &SwinConfig) -> Result<SwinConfig
     }
     let e0 = pe[0];
     let heads0 = stages[0].blocks.first().map_or(1, |d| d.heads);
-    Ok(SwinConfig {
+    let config = SwinConfig {
         image_size: hint.image_size,
         patch_size: pe[2],
         in_chans: pe[1],
@@ -603,7 +656,12 @@ pub fn infer_swin_config(sd: &StateDict, hint: &SwinConfig) -> Result<SwinConfig
         head_dim: if hint.stages.first().is_some_and(|s| s.embed_dim == e0) { hint.head_dim } else { e0 / heads0.max(1) },
         drop_path: hint.drop_path,
         stages,
-    })
+    };
+    let problems = config.problems();
+    if !problems.is_empty() {
+        bail!("the checkpoint's shapes give no buildable model: {}", problems.join("; "));
+    }
+    Ok(config)
 }
 
 /// The directory an exported model lives in, for stages that hand models on.

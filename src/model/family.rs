@@ -157,7 +157,12 @@ impl ModelConfig {
         } else {
             serde_json::from_value(value).map(ModelConfig::Deit)
         };
-        parsed.with_context(|| format!("{}: not a valid dims.json", path.display()))
+        let config = parsed.with_context(|| format!("{}: not a valid dims.json", path.display()))?;
+        let problems = config.problems();
+        if !problems.is_empty() {
+            anyhow::bail!("{}: no buildable model: {}", path.display(), problems.join("; "));
+        }
+        Ok(config)
     }
 }
 

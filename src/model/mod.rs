@@ -15,6 +15,20 @@ pub use family::{Model, ModelConfig};
 pub use swin::{PatchMerging, Swin, SwinBlock, SwinConfig, SwinLayer, SwinStage};
 pub use vit::{with_drop_path_seed, Attention, Block, Mlp, Vit, VitOutput, LN_EPS};
 
+/// Bounds on every size a key, a `dims.json` or a checkpoint gives, checked before anything is
+/// allocated: far above any ViT trained, far below what would exhaust memory when multiplied.
+pub const MAX_IMAGE_SIZE: usize = 4096;
+pub const MAX_CHANNELS: usize = 64;
+pub const MAX_WIDTH: usize = 65_536;
+pub const MAX_BLOCKS: usize = 1024;
+pub const MAX_CLASSES: usize = 1_000_000;
+pub const MAX_MLP_RATIO: f64 = 64.0;
+
+/// `value` outside `1..=max`, as a message; `None` when within.
+pub(crate) fn out_of_range(value: usize, max: usize) -> Option<String> {
+    (value == 0 || value > max).then(|| format!("must be from 1 to {max}, got {value}"))
+}
+
 /// A float tensor from f32 values, stored in the backend's own float type: `from_data` would
 /// keep f32, and an f64 model would silently compute part of its graph in f32.
 pub fn float_tensor<B: burn::tensor::backend::Backend, const D: usize>(
@@ -133,6 +147,27 @@ impl VitConfig {
     /// Shape problems as messages; empty when the model can be built.
     pub fn check(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        let bounds = [
+            ("image_size", self.image_size, MAX_IMAGE_SIZE),
+            ("in_chans", self.in_chans, MAX_CHANNELS),
+            ("embed_dim", self.embed_dim, MAX_WIDTH),
+            ("head_dim", self.head_dim, MAX_WIDTH),
+            ("num_classes", self.num_classes, MAX_CLASSES),
+            ("depth", self.blocks.len(), MAX_BLOCKS),
+        ];
+        for (key, value, max) in bounds {
+            if let Some(m) = out_of_range(value, max) {
+                problems.push(format!("{key} {m}"));
+            }
+        }
+        for (b, d) in self.blocks.iter().enumerate() {
+            if [d.heads, d.qk, d.v, d.mlp].iter().any(|w| *w > MAX_WIDTH) || d.heads * d.qk.max(d.v) > MAX_WIDTH {
+                problems.push(format!("block {b} is wider than {MAX_WIDTH}: {d:?}"));
+            }
+        }
+        if !problems.is_empty() {
+            return problems;
+        }
         if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
             problems.push(format!(
                 "image_size {} is not a multiple of patch_size {}",
@@ -283,8 +318,29 @@ impl ModelSection {
         if self.drop_path.is_some_and(|p| !(0.0..1.0).contains(&p)) {
             problems.push(("drop_path".into(), format!("must be in [0, 1), got {}", self.drop_path.unwrap())));
         }
-        if self.mlp_ratio.is_some_and(|r| r <= 0.0) {
-            problems.push(("mlp_ratio".into(), format!("must be positive, got {}", self.mlp_ratio.unwrap())));
+        if let Some(r) = self.mlp_ratio.filter(|r| !(*r > 0.0 && *r <= MAX_MLP_RATIO)) {
+            problems.push(("mlp_ratio".into(), format!("must be in (0, {MAX_MLP_RATIO}], got {r}")));
+        }
+        let image = self.image_size.unwrap_or(MAX_IMAGE_SIZE);
+        let sizes = [
+            ("image_size", self.image_size, MAX_IMAGE_SIZE),
+            ("patch_size", self.patch_size, image),
+            ("in_chans", self.in_chans, MAX_CHANNELS),
+            ("embed_dim", self.embed_dim, MAX_WIDTH),
+            ("depth", self.depth, MAX_BLOCKS),
+            ("heads", self.heads, self.embed_dim.unwrap_or(MAX_WIDTH)),
+            ("window", self.window, image),
+            ("num_classes", self.num_classes, MAX_CLASSES),
+        ];
+        for (key, value, max) in sizes {
+            if let Some(m) = value.and_then(|v| out_of_range(v, max)) {
+                problems.push((key.into(), m));
+            }
+        }
+        if let Some(d) = &self.depths {
+            if d.is_empty() || d.len() > 16 || d.iter().any(|b| out_of_range(*b, MAX_BLOCKS).is_some()) {
+                problems.push(("depths".into(), format!("needs 1 to 16 stages of 1 to {MAX_BLOCKS} blocks each, got {d:?}")));
+            }
         }
         // Keys the other family has and this one does not.
         let foreign: &[(&str, bool)] = match family {
@@ -302,7 +358,14 @@ impl ModelSection {
             return problems;
         }
         match family {
-            Family::Deit => self.validate_deit(&mut problems),
+            Family::Deit => {
+                self.validate_deit(&mut problems);
+                if problems.is_empty() && self.dims.is_none() {
+                    if let Err(e) = self.resolve(self.num_classes.unwrap_or(2)) {
+                        problems.push(("preset".into(), format!("{e:#}")));
+                    }
+                }
+            }
             Family::Swin => {
                 if self.dims.is_none() {
                     // Geometry problems name their key first: `window: 3 does not divide ...`.
@@ -310,9 +373,6 @@ impl ModelSection {
                         let (key, message) = p.split_once(": ").unwrap_or(("preset", &p));
                         problems.push((key.to_string(), message.to_string()));
                     }
-                }
-                if self.depths.as_ref().is_some_and(|d| d.is_empty() || d.contains(&0)) {
-                    problems.push(("depths".into(), "needs at least one stage, each of at least one block".into()));
                 }
             }
         }

@@ -118,6 +118,30 @@ impl SwinConfig {
         let mut p = Vec::new();
         if self.stages.is_empty() {
             p.push("stages: a Swin needs at least one stage".to_string());
+            return p;
+        }
+        use super::{out_of_range, MAX_BLOCKS, MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIZE, MAX_WIDTH};
+        let bounds = [
+            ("image_size", self.image_size, MAX_IMAGE_SIZE),
+            ("in_chans", self.in_chans, MAX_CHANNELS),
+            ("window", self.window, MAX_IMAGE_SIZE),
+            ("head_dim", self.head_dim, MAX_WIDTH),
+            ("num_classes", self.num_classes, MAX_CLASSES),
+            ("stages", self.stages.len(), 16),
+        ];
+        for (key, value, max) in bounds {
+            if let Some(m) = out_of_range(value, max) {
+                p.push(format!("{key}: {m}"));
+            }
+        }
+        for (i, s) in self.stages.iter().enumerate() {
+            let wide = s.embed_dim > MAX_WIDTH || s.blocks.iter().any(|d| [d.heads, d.qk, d.v, d.mlp].iter().any(|w| *w > MAX_WIDTH) || d.heads * d.qk.max(d.v) > MAX_WIDTH);
+            if s.embed_dim == 0 || wide || out_of_range(s.blocks.len(), MAX_BLOCKS).is_some() {
+                p.push(format!("stages[{i}]: needs a width of 1 to {MAX_WIDTH} and 1 to {MAX_BLOCKS} blocks no wider, got E {} and {} blocks", s.embed_dim, s.blocks.len()));
+            }
+        }
+        if !p.is_empty() {
+            return p;
         }
         if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
             p.push(format!("patch_size: {} does not divide image_size {}", self.patch_size, self.image_size));
