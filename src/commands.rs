@@ -35,6 +35,7 @@ pub fn run(args: &RunArgs, cache: &Cache) -> Result<()> {
         }
         return Ok(());
     }
+    crate::files::check_writable(&pipeline.results()).context("pipeline.results_dir")?;
     let run_dir = RunDir::create(&pipeline)?;
     run_dir.log.info(&format!(
         "pipeline {} ({}) on {} [{device_name}], run directory {}",
@@ -298,7 +299,7 @@ pub fn export(path: &Path, overrides: &Overrides, stage: &str, format: crate::ex
     let pipeline = load(path, overrides)?;
     let dir = stage_model_dir(&pipeline, stage, cache)?;
     let config = crate::model::ModelConfig::read_json(&dir.join(crate::model::checkpoint::DIMS))?;
-    let (mean, std) = pipeline.dataset.normalization(config.in_chans());
+    let (mean, std) = pipeline.dataset.normalization(config.in_chans())?;
     let classes = pipeline.dataset.class_names();
     let spec = crate::export::InputSpec { mean, std, classes };
     Ok(format!("{stage}: {}\n", crate::export::write(&dir, format, &spec, out)?))
@@ -336,7 +337,7 @@ pub fn predict(args: &PredictArgs, cache: &Cache) -> Result<String> {
     let job = crate::predict::Predict {
         model_dir: &dir,
         files: &files,
-        transform: pipeline.dataset.eval_transform(config.image_size(), config.in_chans()),
+        transform: pipeline.dataset.eval_transform(config.image_size(), config.in_chans())?,
         batch: args.batch,
         top,
     };

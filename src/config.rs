@@ -173,9 +173,13 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
         ));
     }
 
-    let pipeline = extract_or_push::<PipelineSection>(&figment, "pipeline", &mut errors);
-    let dataset = extract_or_push::<DatasetConfig>(&figment, "dataset", &mut errors);
-    let model = extract_or_push::<ModelSection>(&figment, "model", &mut errors);
+    let section_defaults = serde_json::to_value(SectionDefaults::default()).ok();
+    let defaults_of = |section: &str| {
+        section_defaults.as_ref().and_then(|d| d.get(section)).and_then(|d| Figment::from(Serialized::defaults(d)).data().ok()).and_then(|mut d| d.remove(&Profile::Default)).unwrap_or_default()
+    };
+    let pipeline = extract_section::<PipelineSection>(&figment, "pipeline", &defaults_of("pipeline"), &mut errors);
+    let dataset = extract_section::<DatasetConfig>(&figment, "dataset", &defaults_of("dataset"), &mut errors);
+    let model = extract_section::<ModelSection>(&figment, "model", &defaults_of("model"), &mut errors);
     let mut dataset = dataset;
     if let Some(d) = dataset.as_mut() {
         let root_is_default = figment.find_metadata("dataset.root").is_none_or(|m| describe_source(m) == "default");
@@ -198,12 +202,13 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
             Ok(None) if kind.starts_from_nothing() => None,
             Ok(None) => previous.clone(),
             Err(e) => {
-                errors.push(format_figment_error(&e));
+                errors.push(located(&figment, &input_key, &e.kind.to_string()));
                 None
             }
         };
-        let seed = optional::<u64>(&figment, &format!("{key}.seed")).unwrap_or_else(|e| {
-            errors.push(format_figment_error(&e));
+        let seed_key = format!("{key}.seed");
+        let seed = optional::<u64>(&figment, &seed_key).unwrap_or_else(|e| {
+            errors.push(located(&figment, &seed_key, &e.kind.to_string()));
             None
         });
         let settings = {
@@ -214,17 +219,8 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
             table.remove("kind");
             table.remove("input");
             table.remove("seed");
-            let focused = Figment::from(Serialized::defaults(table));
-            match kind.parse_settings(&focused) {
-                Ok(settings) => Some(settings),
-                Err(e) => {
-                    let message = format_figment_error_at(&figment, &key, &e);
-                    if !message.is_empty() {
-                        errors.push(message);
-                    }
-                    None
-                }
-            }
+            let defaults = Figment::from(Serialized::defaults(kind.default_settings())).data().ok().and_then(|mut d| d.remove(&Profile::Default)).unwrap_or_default();
+            extract_every_error(&figment, &key, table, &defaults, |focused| kind.parse_settings(focused), &mut errors)
         };
         if let Some(settings) = settings {
             stages.push(StageSpec { name: name.clone(), kind, input, seed, settings });
@@ -294,6 +290,24 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
     if let Some(dataset) = &dataset {
         for (key, message) in dataset.validate() {
             errors.push(located(&figment, &format!("dataset.{key}"), &message));
+        }
+    }
+    if let (Some(dataset), Some(model)) = (&dataset, &model) {
+        // The model's channels are known here unless a checkpoint will say them.
+        let loads = stages.iter().any(|s| s.kind == StageKind::LoadPretrained) && model.init != Some(crate::model::Init::Random);
+        let channels = model.in_chans.or_else(|| (!loads).then(|| model.resolve(2).ok().map(|c| c.in_chans())).flatten());
+        if let Some((key, message)) = channels.and_then(|c| dataset.check_channels(c)) {
+            errors.push(located(&figment, &format!("dataset.{key}"), &message));
+        }
+        // So are its widths: an EMB group wider than every stream could never be pruned.
+        let narrowest = (!loads).then(|| model.resolve(2).ok()).flatten().and_then(|c| c.stages().iter().map(|(e, _)| *e).min());
+        for stage in &stages {
+            if let (StageSettings::Prune(s), Some(narrowest)) = (&stage.settings, narrowest) {
+                if s.group_emb > narrowest {
+                    let message = format!("is {}, more than the {narrowest} channels of the model's narrowest embedding stream: no EMB group could ever be pruned\n  hint: lower it", s.group_emb);
+                    errors.push(located(&figment, &format!("stages.{}.group_emb", stage.name), &message));
+                }
+            }
         }
     }
     if let Some(model) = &model {
@@ -385,14 +399,24 @@ struct SectionDefaults {
     model: ModelSection,
 }
 
+/// The longest `extends` chain read.
+const MAX_EXTENDS: usize = 32;
+
 /// Reads `path` and the files it `extends`, base first.
 fn read_extends_chain(path: &Path) -> Result<Vec<(PathBuf, toml::Table)>, String> {
     let mut chain = Vec::new();
     let mut next = Some(path.to_path_buf());
+    // Compared as canonical paths: `sub/../a.toml` is `a.toml`.
+    let mut seen: Vec<PathBuf> = Vec::new();
     while let Some(file) = next.take() {
-        if chain.iter().any(|(p, _): &(PathBuf, _)| p == &file) {
-            return Err(format!("{}: `extends` forms a cycle", file.display()));
+        let canonical = std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone());
+        if seen.contains(&canonical) {
+            return Err(format!("{}: `extends` forms a cycle: {} extends it again", canonical.display(), chain.last().map_or(file.clone(), |(p, _): &(PathBuf, _)| p.clone()).display()));
         }
+        if seen.len() >= MAX_EXTENDS {
+            return Err(format!("{}: more than {MAX_EXTENDS} files in its `extends` chain", path.display()));
+        }
+        seen.push(canonical);
         let text = std::fs::read_to_string(&file).map_err(|e| {
             format!("{}: cannot read pipeline file: {e}", file.display())
         })?;
@@ -588,26 +612,57 @@ fn display_path(p: &Path) -> String {
         .to_string()
 }
 
-fn extract_or_push<'de, T: Deserialize<'de>>(
-    figment: &Figment,
-    section: &str,
-    errors: &mut Vec<String>,
-) -> Option<T> {
-    figment
-        .extract_inner::<T>(section)
-        .map_err(|e| {
-            // figment appends the section to the error's path; it belongs in front.
-            let message = format_errors(e.into_iter().map(|mut e| {
-                if e.path.last().is_some_and(|last| last == section) {
-                    e.path.rotate_right(1);
-                }
-                e
-            }));
-            if !message.is_empty() {
-                errors.push(message);
+/// Extracts section `section` of `figment`, reporting every key of the wrong type.
+fn extract_section<T: serde::de::DeserializeOwned>(figment: &Figment, section: &str, defaults: &Dict, errors: &mut Vec<String>) -> Option<T> {
+    match figment.find_value(section) {
+        Ok(Value::Dict(_, table)) => extract_every_error(figment, section, table, defaults, |f| f.extract::<T>(), errors),
+        Ok(_) => {
+            errors.push(located(figment, section, "must be a table"));
+            None
+        }
+        Err(_) => extract_every_error(figment, section, defaults.clone(), defaults, |f| f.extract::<T>(), errors),
+    }
+}
+
+/// Extracts `table` (the resolved table at `prefix`) with `parse`, reporting every key of the
+/// wrong type, not only the first serde meets: each failing key is reported, set back to its
+/// default (or dropped, for an unknown key, which [`check_unknown_keys`] reports), and the rest
+/// extracted again.
+fn extract_every_error<T>(figment: &Figment, prefix: &str, mut table: Dict, defaults: &Dict, parse: impl Fn(&Figment) -> Result<T, figment::Error>, errors: &mut Vec<String>) -> Option<T> {
+    use figment::error::Kind;
+    let mut failed = false;
+    for _ in 0..=table.len() + 1 {
+        let e = match parse(&Figment::from(Serialized::defaults(&table))) {
+            Ok(value) => return (!failed).then_some(value),
+            Err(e) => e,
+        };
+        let mut retry = false;
+        for e in e {
+            let key = match &e.kind {
+                Kind::UnknownField(name, _) => Some(name.to_string()),
+                Kind::DuplicateField(name) => Some(name.to_string()),
+                Kind::MissingField(name) => Some(name.to_string()),
+                _ => e.path.first().cloned(),
+            };
+            if !matches!(e.kind, Kind::UnknownField(..)) {
+                let path = if e.path.is_empty() { prefix.to_string() } else { format!("{prefix}.{}", e.path.join(".")) };
+                errors.push(located(figment, &path, &e.kind.to_string()));
+                failed = true;
             }
-        })
-        .ok()
+            if let Some(key) = key {
+                let before = table.get(&key).cloned();
+                match defaults.get(&key) {
+                    Some(d) => table.insert(key.clone(), d.clone()),
+                    None => table.remove(&key),
+                };
+                retry |= before.as_ref() != table.get(&key);
+            }
+        }
+        if !retry {
+            return None;
+        }
+    }
+    None
 }
 
 /// A key that may be unset: `None` then, else its value or why it has the wrong type.
@@ -633,24 +688,6 @@ fn format_errors(errors: impl Iterator<Item = figment::Error>) -> String {
             } else {
                 format!("{origin}: {path}: {}", e.kind)
             }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// Stage settings are extracted from a re-rooted copy of the stage table, so the error's path
-/// is relative to it; this puts the stage's own path and source back.
-fn format_figment_error_at(figment: &Figment, prefix: &str, e: &figment::Error) -> String {
-    e.clone()
-        .into_iter()
-        .filter(|e| !matches!(e.kind, figment::error::Kind::UnknownField(..)))
-        .map(|e| {
-            let path = if e.path.is_empty() {
-                prefix.to_string()
-            } else {
-                format!("{prefix}.{}", e.path.join("."))
-            };
-            located(figment, &path, &e.kind.to_string())
         })
         .collect::<Vec<_>>()
         .join("\n")

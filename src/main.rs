@@ -271,6 +271,9 @@ fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
+            if e.chain().any(|c| nvit::files::is_disk_full(&c.to_string())) {
+                eprintln!("  hint: the disk is full: free space (`runner cache gc`), or set RUNNER_CACHE to a disk with room; run the same command again to resume");
+            }
             ExitCode::FAILURE
         }
     }

@@ -39,13 +39,21 @@ fn find(root: &Path, name: &str) -> Result<PathBuf, DataError> {
     }
 }
 
+/// The most an IDX file may hold once inflated (MNIST's training images are 47 MB).
+const MAX_IDX_BYTES: u64 = 1 << 32;
+
 fn read_all(path: &Path) -> Result<Vec<u8>, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::file(path, e.to_string()))?;
     if path.extension().is_some_and(|e| e == "gz") {
+        // Bounded: a small .gz may inflate without end.
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&bytes[..])
+            .take(MAX_IDX_BYTES + 1)
             .read_to_end(&mut out)
             .map_err(|e| DataError::file(path, format!("corrupt gzip: {e}")))?;
+        if out.len() as u64 > MAX_IDX_BYTES {
+            return Err(DataError::file(path, format!("inflates to more than {MAX_IDX_BYTES} bytes: not an IDX file of images")));
+        }
         Ok(out)
     } else {
         Ok(bytes)
@@ -63,7 +71,10 @@ fn parse(path: &Path, bytes: &[u8], magic: u32, ndim: usize) -> Result<(Vec<usiz
         return Err(DataError::file(path, format!("bad IDX magic {:#010x}, expected {magic:#010x}", word(0))));
     }
     let dims: Vec<usize> = (1..=ndim).map(|i| word(i) as usize).collect();
-    let expected = dims.iter().product::<usize>();
+    if dims[1..].contains(&0) {
+        return Err(DataError::file(path, format!("header gives images of {dims:?}: an empty dimension")));
+    }
+    let expected = dims.iter().try_fold(1usize, |n, d| n.checked_mul(*d)).unwrap_or(usize::MAX);
     let payload = &bytes[header..];
     if payload.len() != expected {
         return Err(DataError::file(

@@ -39,8 +39,13 @@ impl ImageFolder {
         let classes = Self::classes(&split_dir(root, Split::Train).or_else(|_| split_dir(root, split))?)?;
         let dir = split_dir(root, split)?;
         let mut files = Vec::new();
-        for entry in WalkDir::new(&dir).min_depth(2).max_depth(2).sort_by_file_name() {
-            let entry = entry.map_err(|e| DataError::file(&dir, e.to_string()))?;
+        // Symlinks are followed (ImageNet is often linked into place); walkdir reports a loop.
+        for entry in WalkDir::new(&dir).min_depth(2).max_depth(2).follow_links(true).sort_by_file_name() {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) if e.loop_ancestor().is_some() => continue, // a link to a folder above: no image
+                Err(e) => return Err(DataError::file(&dir, e.to_string())),
+            };
             if !entry.file_type().is_file() || !is_image(entry.path()) {
                 continue;
             }
@@ -65,7 +70,7 @@ impl ImageFolder {
         let mut classes: Vec<String> = std::fs::read_dir(dir)
             .map_err(|e| DataError::file(dir, e.to_string()))?
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| e.path().is_dir()) // a symlinked class folder too
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         classes.sort();
@@ -93,6 +98,7 @@ impl ImageFolder {
                     WalkDir::new(dir.join(&class))
                         .min_depth(1)
                         .max_depth(1)
+                        .follow_links(true)
                         .sort_by_file_name()
                         .into_iter()
                         .filter_map(|e| e.ok())
@@ -183,6 +189,27 @@ mod tests {
         std::fs::remove_dir_all(dir.path().join("val")).unwrap();
         let err = ImageFolder::index_files(dir.path()).unwrap_err().to_string();
         assert!(err.contains("missing `val/` folder"), "{err}");
+    }
+
+    #[test]
+    fn symlinked_class_folders_and_images_are_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        write_tree(elsewhere.path());
+        for split in ["train", "val"] {
+            std::fs::create_dir_all(dir.path().join(split).join("ant")).unwrap();
+            std::os::unix::fs::symlink(elsewhere.path().join(split).join("cat"), dir.path().join(split).join("cat")).unwrap();
+            for image in std::fs::read_dir(elsewhere.path().join(split).join("ant")).unwrap() {
+                let image = image.unwrap().path();
+                std::os::unix::fs::symlink(&image, dir.path().join(split).join("ant").join(image.file_name().unwrap())).unwrap();
+            }
+        }
+        // A link back up makes a loop, which stays two levels deep: not walked into.
+        std::os::unix::fs::symlink(dir.path().join("train"), dir.path().join("train/cat/loop")).ok();
+        let train = ImageFolder::open(dir.path(), Split::Train).unwrap();
+        assert_eq!(train.class_names(), ["ant", "cat"]);
+        assert_eq!(train.len(), 6, "3 linked images of ant and the 3 of the linked cat folder");
+        assert_eq!(ImageFolder::index_files(dir.path()).unwrap().len(), 8);
     }
 
     #[test]

@@ -26,6 +26,12 @@ pub use loader::{Batch, Loader};
 pub use synthetic::Synthetic;
 pub use transforms::{Mode, TrainAugment, Transform};
 
+/// Bounds on the `[dataset]` sizes, checked before anything is allocated from them.
+const MAX_WORKERS: usize = 256;
+const MAX_PREFETCH: usize = 64;
+const MAX_SYNTHETIC_CLASSES: usize = 100_000;
+const MAX_SYNTHETIC_IMAGES: usize = 10_000_000;
+
 /// Where Debian's `dataset-fashion-mnist` installs its IDX files.
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
@@ -149,8 +155,12 @@ impl DatasetConfig {
         if !(0.0 < self.crop_scale[0] && self.crop_scale[0] <= self.crop_scale[1] && self.crop_scale[1] <= 1.0) {
             bad("crop_scale", format!("must satisfy 0 < min <= max <= 1, got {:?}", self.crop_scale));
         }
-        if !(self.eval_crop_pct > 0.0 && self.eval_crop_pct <= 1.0) {
-            bad("eval_crop_pct", format!("must be in (0, 1], got {}", self.eval_crop_pct));
+        // Evaluation resizes to image_size / eval_crop_pct first: 0.25 is a 4x larger image.
+        if !(self.eval_crop_pct >= 0.25 && self.eval_crop_pct <= 1.0) {
+            bad("eval_crop_pct", format!("must be in [0.25, 1], got {}", self.eval_crop_pct));
+        }
+        if self.workers > MAX_WORKERS {
+            bad("workers", format!("must be at most {MAX_WORKERS} (0 uses every core), got {}", self.workers));
         }
         if self.limit_per_class == Some(0) {
             bad("limit_per_class", "must be at least 1".into());
@@ -158,26 +168,42 @@ impl DatasetConfig {
         if self.subset == Some(0) {
             bad("subset", "must be at least 1".into());
         }
-        if self.prefetch == 0 {
-            bad("prefetch", "must be at least 1".into());
+        if self.prefetch == 0 || self.prefetch > MAX_PREFETCH {
+            bad("prefetch", format!("must be from 1 to {MAX_PREFETCH}, got {}", self.prefetch));
         }
         if let (Some(m), Some(s)) = (&self.mean, &self.std) {
             if m.len() != s.len() {
                 bad("std", format!("has {} values but mean has {}", s.len(), m.len()));
             }
         }
-        if self.std.as_ref().is_some_and(|s| s.iter().any(|v| *v <= 0.0)) {
-            bad("std", "values must be positive".into());
+        if let Some(m) = self.mean.as_ref().filter(|m| m.is_empty() || m.iter().any(|v| !v.is_finite())) {
+            bad("mean", format!("must be finite numbers, one per channel, got {m:?}"));
         }
-        if self.kind == DatasetKind::Synthetic {
-            if self.classes < 2 {
-                bad("classes", format!("must be at least 2, got {}", self.classes));
+        if let Some(s) = self.std.as_ref().filter(|s| s.is_empty() || s.iter().any(|v| !(*v > 0.0 && v.is_finite()))) {
+            bad("std", format!("must be positive finite numbers, one per channel, got {s:?}"));
+        }
+        // Synthetic sizes: always checked, since a `--set dataset.kind` may come later.
+        if self.classes < 2 || self.classes > MAX_SYNTHETIC_CLASSES {
+            bad("classes", format!("must be from 2 to {MAX_SYNTHETIC_CLASSES}, got {}", self.classes));
+        }
+        for (key, n) in [("train_size", self.train_size), ("val_size", self.val_size)] {
+            if n == 0 || n > MAX_SYNTHETIC_IMAGES {
+                bad(key, format!("must be from 1 to {MAX_SYNTHETIC_IMAGES}, got {n}"));
             }
-            if self.train_size == 0 || self.val_size == 0 {
-                bad("train_size", "synthetic splits need at least one image".into());
-            }
+        }
+        if self.synthetic_size == 0 || self.synthetic_size as usize > crate::model::MAX_IMAGE_SIZE {
+            bad("synthetic_size", format!("must be from 1 to {}, got {}", crate::model::MAX_IMAGE_SIZE, self.synthetic_size));
         }
         problems
+    }
+
+    /// Problems of `mean` and `std` for a model of `channels` input channels: one value, or one
+    /// per channel.
+    pub fn check_channels(&self, channels: usize) -> Option<(String, String)> {
+        [("mean", &self.mean), ("std", &self.std)].into_iter().find_map(|(key, values)| {
+            let n = values.as_ref()?.len();
+            (n != 1 && n != channels).then(|| (key.to_string(), format!("has {n} values, and the model takes {channels}-channel images: give one value or {channels}")))
+        })
     }
 
     /// Opens one split, applying `limit_per_class` and `subset`.
@@ -254,22 +280,26 @@ impl DatasetConfig {
 
     /// The evaluation transform (resize, center crop, normalize) for a model that takes
     /// `channels` x `size` x `size` images.
-    pub fn eval_transform(&self, size: usize, channels: usize) -> Transform {
-        let (mean, std) = self.normalization(channels);
-        Transform { size: size as u32, channels, mean, std, mode: Mode::Eval { crop_pct: self.eval_crop_pct } }
+    pub fn eval_transform(&self, size: usize, channels: usize) -> Result<Transform, DataError> {
+        let (mean, std) = self.normalization(channels)?;
+        Ok(Transform { size: size as u32, channels, mean, std, mode: Mode::Eval { crop_pct: self.eval_crop_pct } })
     }
 
-    /// Per-channel normalization for `channels` output channels.
-    pub fn normalization(&self, channels: usize) -> (Vec<f32>, Vec<f32>) {
+    /// Per-channel normalization for `channels` output channels; given values of another
+    /// length than 1 or `channels` are an error, never replaced by ImageNet's.
+    pub fn normalization(&self, channels: usize) -> Result<(Vec<f32>, Vec<f32>), DataError> {
         const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
         const STD: [f32; 3] = [0.229, 0.224, 0.225];
+        if let Some((key, message)) = self.check_channels(channels) {
+            return Err(DataError::Other(format!("dataset.{key} {message}")));
+        }
         let pick = |given: &Option<Vec<f32>>, imagenet: [f32; 3]| match given {
             Some(v) if v.len() == channels => v.clone(),
-            Some(v) if v.len() == 1 => vec![v[0]; channels],
-            _ if channels == 3 => imagenet.to_vec(),
-            _ => vec![imagenet.iter().sum::<f32>() / 3.0; channels],
+            Some(v) => vec![v[0]; channels],
+            None if channels == 3 => imagenet.to_vec(),
+            None => vec![imagenet.iter().sum::<f32>() / 3.0; channels],
         };
-        (pick(&self.mean, MEAN), pick(&self.std, STD))
+        Ok((pick(&self.mean, MEAN), pick(&self.std, STD)))
     }
 }
 

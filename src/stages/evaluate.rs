@@ -43,7 +43,11 @@ impl Default for EvaluateSettings {
 impl EvaluateSettings {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
-        at_least_one(&mut p, &[("batch_size", self.batch_size), ("throughput_batch", self.throughput_batch), ("throughput_repeats", self.throughput_repeats)]);
+        at_least_one(&mut p, &[("batch_size", self.batch_size), ("throughput_batch", self.throughput_batch)]);
+        super::repetitions(&mut p, &[("throughput_repeats", self.throughput_repeats, 1), ("warmup", self.warmup, 0)]);
+        if let Some(id) = self.model_id.as_ref().filter(|id| id.is_empty() || id.len() > crate::files::MAX_NAME || id.chars().any(char::is_control)) {
+            p.push(("model_id".into(), format!("{id:?}: expected a name of 1 to {} characters on one line", crate::files::MAX_NAME)));
+        }
         p
     }
 }

@@ -431,7 +431,7 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
                 model.num_classes()
             );
         }
-        let mut transform = data.eval_transform(model.image_size(), model.in_chans());
+        let mut transform = data.eval_transform(model.image_size(), model.in_chans())?;
         if let Some(extras) = augment {
             transform.mode = Mode::Train(TrainAugment {
                 randaugment: extras.randaugment,
@@ -505,16 +505,33 @@ pub fn publish(results: &Path, pipeline_name: &str, spec: &StageSpec, entry: &Pa
 /// Checks shared by stage settings: every count in `counts` is at least 1.
 pub(crate) fn at_least_one(problems: &mut Vec<(String, String)>, counts: &[(&str, usize)]) {
     for (key, value) in counts {
-        if *value == 0 {
-            problems.push(((*key).into(), "must be at least 1".into()));
+        if *value == 0 || *value > MAX_COUNT {
+            problems.push(((*key).into(), format!("must be from 1 to {MAX_COUNT}, got {value}")));
         }
     }
 }
 
+/// Checks counts of timed or untimed repetitions (warm-up and timed passes), which a run
+/// spends a pass of the model on each.
+pub(crate) fn repetitions(problems: &mut Vec<(String, String)>, counts: &[(&str, usize, usize)]) {
+    for (key, value, min) in counts {
+        if *value < *min || *value > MAX_REPETITIONS {
+            problems.push(((*key).into(), format!("must be from {min} to {MAX_REPETITIONS}, got {value}")));
+        }
+    }
+}
+
+/// The most warm-up or timed passes a measurement takes.
+pub const MAX_REPETITIONS: usize = 10_000;
+
+/// The most any count key (epochs, batches, steps, group sizes) takes: bounded before
+/// anything is allocated from it; a batch that fits the machine is then [`memory_needed`]'s.
+pub const MAX_COUNT: usize = 1 << 24;
+
 /// Checks shared by stage settings.
 pub(crate) fn non_negative(problems: &mut Vec<(String, String)>, key: &str, value: f64) {
-    if !(value >= 0.0) {
-        problems.push((key.into(), format!("must not be negative, got {value}")));
+    if !(value >= 0.0) || !value.is_finite() {
+        problems.push((key.into(), format!("must be a finite number, not negative, got {value}")));
     }
 }
 

@@ -75,20 +75,27 @@ impl Default for ProfileLatencySettings {
     }
 }
 
+/// The most tokens per image `tokens` takes (a 1024-px image in patches of 4).
+const MAX_TOKENS: usize = 1 << 16;
+
 impl ProfileLatencySettings {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
-        at_least_one(&mut p, &[("batch_size", self.batch_size), ("repeats", self.repeats)]);
+        at_least_one(&mut p, &[("batch_size", self.batch_size)]);
+        super::repetitions(&mut p, &[("repeats", self.repeats, 1), ("warmup", self.warmup, 0)]);
         if let Some(t) = &self.table {
             if !t.exists() {
                 p.push(("table".into(), format!("`{}` does not exist", t.display())));
             }
         }
+        if let Some(t) = self.tokens.filter(|t| *t == 0 || *t > MAX_TOKENS) {
+            p.push(("tokens".into(), format!("must be from 1 to {MAX_TOKENS}, got {t}")));
+        }
         let axes = [("grid_emb", &self.grid_emb), ("grid_heads", &self.grid_heads), ("grid_qk", &self.grid_qk), ("grid_v", &self.grid_v), ("grid_mlp", &self.grid_mlp)];
         for (key, axis) in axes {
             if let Some(a) = axis {
-                if a.is_empty() || a[0] == 0 || a.windows(2).any(|w| w[0] >= w[1]) {
-                    p.push((key.into(), format!("must be positive and strictly increasing, got {a:?}")));
+                if a.is_empty() || a[0] == 0 || a.windows(2).any(|w| w[0] >= w[1]) || a.iter().any(|w| *w > crate::model::MAX_WIDTH) {
+                    p.push((key.into(), format!("must be positive, strictly increasing and at most {}, got {a:?}", crate::model::MAX_WIDTH)));
                 }
             }
         }

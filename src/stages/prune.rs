@@ -193,6 +193,7 @@ impl PruneSettings {
         positive(&mut p, "lr", self.lr);
         positive(&mut p, "temperature", self.temperature);
         non_negative(&mut p, "kd_weight", self.kd_weight);
+        non_negative(&mut p, "weight_decay", self.weight_decay);
         p
     }
 
@@ -250,6 +251,14 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     let teacher: Model<B::InnerBackend> = student.valid();
     let teachers: Vec<Model<B::InnerBackend>> = ctx.devices.iter().map(|d| teacher.clone().to_device(d)).collect();
     let config = student.config();
+    let narrowest = config.stages().iter().map(|(e, _)| *e).min().unwrap_or(0);
+    if s.group_emb > narrowest {
+        anyhow::bail!(
+            "stages.{}.group_emb = {} is more than the {narrowest} channels of the model's narrowest embedding stream: no EMB group could ever be pruned\n  hint: lower group_emb (16 is the paper's for DeiT-B)",
+            ctx.spec.name,
+            s.group_emb
+        );
+    }
     let dense_latency = table.model_latency(&config);
     let loader = ctx.loader(Split::Train, &config, s.batch_size, true, s.augment.then(Extras::default))?;
     let normalizers = Normalizers::default();
@@ -399,8 +408,13 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         "max_prune_steps"
     };
     if !reached {
+        let hint = if exhausted {
+            "lower the group sizes (group_emb, group_head, group_qk, group_v, group_mlp): every group left would take a structure below its floor"
+        } else {
+            "raise max_prune_steps or groups_per_step"
+        };
         ctx.warn(&format!(
-            "stopped by {stopped_by} at an estimated latency of {ratio:.3} of dense, short of latency_target = {}\n  hint: raise stages.{}.max_prune_steps or groups_per_step",
+            "stopped by {stopped_by} at an estimated latency of {ratio:.3} of dense, short of latency_target = {}\n  hint: stages.{}: {hint}",
             s.latency_target, ctx.spec.name
         ));
     }

@@ -124,6 +124,9 @@ impl TrainSettings {
         if let Some(n) = self.steps_per_epoch {
             at_least_one(&mut p, &[("steps_per_epoch", n)]);
         }
+        if self.randaugment_ops > 16 {
+            p.push(("randaugment_ops".into(), format!("must be from 0 to 16 (timm's recipe: 2), got {}", self.randaugment_ops)));
+        }
         if !(0.0..=10.0).contains(&self.randaugment_magnitude) {
             p.push(("randaugment_magnitude".into(), format!("must be in [0, 10], got {}", self.randaugment_magnitude)));
         }
@@ -270,7 +273,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
         }
         if seen == 0 {
             anyhow::bail!(
-                "epoch {} gave no batch: {} of the training split's {} images were unreadable and skipped (on_bad_image = \"skip\")",
+                "epoch {} gave no batch: all {} images it read were unreadable and skipped (on_bad_image = \"skip\"; the training split has {}, and a short last batch is not read)",
                 epoch + 1,
                 loader.skipped(),
                 loader.dataset().len()

@@ -21,8 +21,8 @@ pub fn save<B: AutodiffBackend, S: Serialize>(ckpt: &Path, model: &Model<B>, opt
     let tmp = ckpt.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
-    model.clone().save_file(tmp.join("model"), &Rec::new()).context("saving the model checkpoint")?;
-    Recorder::<B>::record(&Rec::new(), optim.to_record(), tmp.join("optim")).context("saving the optimizer checkpoint")?;
+    model.clone().save_file(tmp.join("model"), &Rec::new()).with_context(|| format!("saving the model checkpoint in {}", tmp.display()))?;
+    Recorder::<B>::record(&Rec::new(), optim.to_record(), tmp.join("optim")).with_context(|| format!("saving the optimizer checkpoint in {}", tmp.display()))?;
     atomic_write(&tmp.join("state.json"), &serde_json::to_vec(state)?)?;
     let _ = std::fs::remove_dir_all(ckpt);
     std::fs::rename(&tmp, ckpt).with_context(|| format!("moving checkpoint into {}", ckpt.display()))?;

@@ -14,6 +14,7 @@ mod common;
 mod parity;
 
 mod backends;
+mod bad_inputs;
 mod cache;
 mod cli;
 mod code_keys;

@@ -79,7 +79,7 @@ fn imported_table_is_keyed_by_its_file_and_bad_grids_are_rejected() {
     .err()
     .unwrap()
     .to_string();
-    assert!(e.contains("stages.latency.grid_qk: must be positive and strictly increasing, got [8, 4]"), "{e}");
+    assert!(e.contains("stages.latency.grid_qk: must be positive, strictly increasing and at most 65536, got [8, 4]"), "{e}");
     assert!(e.contains("stages.latency.table: `/no/lat.json` does not exist"), "{e}");
 }
 
