@@ -215,6 +215,9 @@ impl Sweep {
     }
 }
 
+/// The most points a sweep expands to.
+const MAX_POINTS: usize = 10_000;
+
 /// The cartesian product of the grid, first key varying slowest.
 pub fn expand(grid: &toml::Table) -> Result<Vec<Point>, String> {
     if grid.is_empty() {
@@ -226,6 +229,11 @@ pub fn expand(grid: &toml::Table) -> Result<Vec<Point>, String> {
             toml::Value::Array(v) if !v.is_empty() => axes.push((key, v)),
             _ => return Err(format!("grid.\"{key}\": expected a non-empty list of values, e.g. [0.5, 0.3]")),
         }
+    }
+    // Bounded before expanding: a few long lists multiply.
+    let count = axes.iter().try_fold(1usize, |n, (_, v)| n.checked_mul(v.len())).filter(|n| *n <= MAX_POINTS);
+    if count.is_none() {
+        return Err(format!("[grid] has more than {MAX_POINTS} points (the product of its lists' lengths)\n  hint: split the sweep into several files"));
     }
     // The last component names a point unless two keys share it.
     let leaf = |key: &str| key.rsplit('.').next().unwrap_or(key).to_string();
@@ -596,6 +604,13 @@ mod tests {
     fn keys_with_the_same_last_component_are_named_in_full() {
         let grid: toml::Table = toml::from_str("\"stages.a.lr\" = [1.0]\n\"stages.b.lr\" = [\"x y\"]\n").unwrap();
         assert_eq!(expand(&grid).unwrap()[0].name, "stages-a-lr-1.0_stages-b-lr-x_y");
+    }
+
+    #[test]
+    fn grids_of_more_points_than_a_sweep_runs_are_refused_before_expanding() {
+        let axis = toml::Value::Array((0..100).map(toml::Value::from).collect());
+        let grid: toml::Table = (0..5).map(|i| (format!("stages.s{i}.lr"), axis.clone())).collect();
+        assert!(expand(&grid).unwrap_err().contains("more than 10000 points"));
     }
 
     #[test]
