@@ -59,9 +59,16 @@ pub fn compiled(kind: BackendKind) -> bool {
 
 /// Whether `indices` can be run on backend `kind` in this build: checked when a pipeline is
 /// loaded, so `--dry-run` and a sweep's plan catch it before anything runs.
+/// The most entries `pipeline.devices` takes.
+pub const MAX_DEVICES: usize = 64;
+
 pub fn check(kind: BackendKind, indices: &[usize]) -> Result<()> {
     if indices.is_empty() {
         bail!("pipeline.devices is empty");
+    }
+    // A shard per entry: each is a model replica and a thread.
+    if indices.len() > MAX_DEVICES {
+        bail!("pipeline.devices lists {} devices (or CPU shards): at most {MAX_DEVICES}", indices.len());
     }
     let cpu_only = |kind: BackendKind| -> Result<()> {
         if let Some(i) = indices.iter().find(|&&i| i != 0) {

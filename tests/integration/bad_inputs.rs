@@ -360,3 +360,12 @@ fn a_normalization_for_other_channels_and_an_emb_group_wider_than_the_model_are_
     let err = read(&[r#"model.init="random""#, "stages.prune.group_emb=1000"]).unwrap_err().to_string();
     assert!(err.contains("stages.prune.group_emb") && err.contains("16 channels"), "{err}");
 }
+
+#[test]
+fn more_devices_than_any_machine_has_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = base(dir.path());
+    let devices = format!("pipeline.devices=[{}]", vec!["0"; 65].join(", "));
+    let err = load(&path, &Overrides { with: Vec::new(), set: vec![devices], env: false }).unwrap_err().to_string();
+    assert!(err.contains("pipeline.devices") && err.contains("at most 64"), "{err}");
+}
