@@ -337,6 +337,13 @@ impl ModelSection {
                 problems.push((key.into(), m));
             }
         }
+        // The MLP width the keys give, which the widest block's check would name otherwise.
+        let base_ratio = 4.0;
+        let mlp = self.embed_dim.unwrap_or(192) as f64 * self.mlp_ratio.unwrap_or(base_ratio);
+        if problems.is_empty() && self.embed_dim.is_some() && mlp > MAX_WIDTH as f64 {
+            let key = if self.mlp_ratio.is_some() { "mlp_ratio" } else { "embed_dim" };
+            problems.push((key.into(), format!("gives MLPs of {mlp} units (embed_dim x mlp_ratio): at most {MAX_WIDTH}")));
+        }
         if let Some(d) = &self.depths {
             if d.is_empty() || d.len() > 16 || d.iter().any(|b| out_of_range(*b, MAX_BLOCKS).is_some()) {
                 problems.push(("depths".into(), format!("needs 1 to 16 stages of 1 to {MAX_BLOCKS} blocks each, got {d:?}")));

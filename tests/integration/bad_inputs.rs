@@ -369,3 +369,12 @@ fn more_devices_than_any_machine_has_are_refused() {
     let err = load(&path, &Overrides { with: Vec::new(), set: vec![devices], env: false }).unwrap_err().to_string();
     assert!(err.contains("pipeline.devices") && err.contains("at most 64"), "{err}");
 }
+
+#[test]
+fn an_mlp_wider_than_the_bound_names_the_key_that_makes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = base(dir.path());
+    let read = |set: &[&str]| load(&path, &Overrides { with: Vec::new(), set: set.iter().map(|s| s.to_string()).collect(), env: false }).unwrap_err().to_string();
+    let err = read(&["model.embed_dim=32768", "model.mlp_ratio=4.0"]);
+    assert!(err.contains("model.mlp_ratio: gives MLPs of 131072 units"), "{err}");
+}
