@@ -295,12 +295,13 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
     if let (Some(dataset), Some(model)) = (&dataset, &model) {
         // The model's channels are known here unless a checkpoint will say them.
         let loads = stages.iter().any(|s| s.kind == StageKind::LoadPretrained) && model.init != Some(crate::model::Init::Random);
-        let channels = model.in_chans.or_else(|| (!loads).then(|| model.resolve(2).ok().map(|c| c.in_chans())).flatten());
+        let resolved = (!loads).then(|| model.resolve(2).ok()).flatten();
+        let channels = model.in_chans.or_else(|| resolved.as_ref().map(|c| c.in_chans()));
         if let Some((key, message)) = channels.and_then(|c| dataset.check_channels(c)) {
             errors.push(located(&figment, &format!("dataset.{key}"), &message));
         }
         // So are its widths: an EMB group wider than every stream could never be pruned.
-        let narrowest = (!loads).then(|| model.resolve(2).ok()).flatten().and_then(|c| c.stages().iter().map(|(e, _)| *e).min());
+        let narrowest = resolved.and_then(|c| c.stages().iter().map(|(e, _)| *e).min());
         for stage in &stages {
             if let (StageSettings::Prune(s), Some(narrowest)) = (&stage.settings, narrowest) {
                 if s.group_emb > narrowest {

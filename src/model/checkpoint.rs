@@ -276,8 +276,20 @@ pub fn import_model<B: Backend>(sd: &StateDict, config: &ModelConfig, device: &B
 
 /// Reads the geometry a state dict implies; `heads` (per block) and `head_dim` come from
 /// `hint` since a fused `qkv` cannot tell them, everything else from the shapes.
-/// The shape of tensor `name` in `sd`, which must have `rank` dimensions.
-fn shape_of(sd: &StateDict, name: &str, rank: usize) -> Result<Option<Vec<usize>>> {
+/// The dimensions a timm ViT or Swin tensor named `name` has.
+fn rank_of(name: &str) -> usize {
+    match name.rsplit('.').next() {
+        Some("weight") if name.contains("patch_embed") => 4,
+        Some("weight") if name.contains("norm") => 1,
+        Some("weight") | Some("relative_position_bias_table") => 2,
+        _ if name == "pos_embed" => 3,
+        _ => 1,
+    }
+}
+
+/// The shape of tensor `name` in `sd`, which must have [`rank_of`] dimensions.
+fn shape_of(sd: &StateDict, name: &str) -> Result<Option<Vec<usize>>> {
+    let rank = rank_of(name);
     match sd.tensors.get(name) {
         Some((shape, _)) if shape.len() != rank => bail!("tensor `{name}` has shape {shape:?}: expected {rank} dimensions"),
         found => Ok(found.map(|(shape, _)| shape.clone())),
@@ -285,13 +297,7 @@ fn shape_of(sd: &StateDict, name: &str, rank: usize) -> Result<Option<Vec<usize>
 }
 
 pub fn infer_config(sd: &StateDict, hint: &VitConfig) -> Result<VitConfig> {
-    let rank = |k: &str| match k.rsplit('.').next() {
-        Some("weight") if k.contains("patch_embed") => 4,
-        Some("weight") => 2,
-        _ if k == "pos_embed" => 3,
-        _ => 1,
-    };
-    let shape = |k: &str| shape_of(sd, k, rank(k));
+    let shape = |k: &str| shape_of(sd, k);
     let pe = shape("patch_embed.proj.weight")?.context("missing tensor `patch_embed.proj.weight`")?;
     let (e, in_chans, patch) = (pe[0], pe[1], pe[2]);
     if pe[2] != pe[3] {
@@ -613,13 +619,7 @@ pub fn import_swin<B: Backend>(sd: &StateDict, config: &SwinConfig, device: &B::
 /// relative position table) come from the shapes; the image size, which no tensor states, and
 /// the window and softmax scale of an unpruned model from `hint`.
 pub fn infer_swin_config(sd: &StateDict, hint: &SwinConfig) -> Result<SwinConfig> {
-    let rank = |k: &str| match k.rsplit('.').next() {
-        Some("weight") if k.contains("patch_embed") => 4,
-        Some("weight") if k.contains("norm") => 1,
-        Some("weight") | Some("relative_position_bias_table") => 2,
-        _ => 1,
-    };
-    let shape = |k: &str| shape_of(sd, k, rank(k))?.with_context(|| format!("missing tensor `{k}`"));
+    let shape = |k: &str| shape_of(sd, k)?.with_context(|| format!("missing tensor `{k}`"));
     let pe = shape("patch_embed.proj.weight")?;
     let has = |prefix: String| sd.tensors.keys().any(|k| k.starts_with(&prefix));
     let depth = (0..).take_while(|i| has(format!("layers.{i}."))).count();

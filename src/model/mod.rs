@@ -54,6 +54,13 @@ pub struct BlockDims {
     pub mlp: usize,
 }
 
+impl BlockDims {
+    /// Whether a width, or the attention's heads x width, exceeds [`MAX_WIDTH`].
+    pub(crate) fn too_wide(&self) -> bool {
+        [self.heads, self.qk, self.v, self.mlp].iter().any(|w| *w > MAX_WIDTH) || self.heads * self.qk.max(self.v) > MAX_WIDTH
+    }
+}
+
 /// Everything that fixes a model's shapes; written as `dims.json` beside exported weights.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -161,7 +168,7 @@ impl VitConfig {
             }
         }
         for (b, d) in self.blocks.iter().enumerate() {
-            if [d.heads, d.qk, d.v, d.mlp].iter().any(|w| *w > MAX_WIDTH) || d.heads * d.qk.max(d.v) > MAX_WIDTH {
+            if d.too_wide() {
                 problems.push(format!("block {b} is wider than {MAX_WIDTH}: {d:?}"));
             }
         }

@@ -135,7 +135,7 @@ impl SwinConfig {
             }
         }
         for (i, s) in self.stages.iter().enumerate() {
-            let wide = s.embed_dim > MAX_WIDTH || s.blocks.iter().any(|d| [d.heads, d.qk, d.v, d.mlp].iter().any(|w| *w > MAX_WIDTH) || d.heads * d.qk.max(d.v) > MAX_WIDTH);
+            let wide = s.embed_dim > MAX_WIDTH || s.blocks.iter().any(|d| d.too_wide());
             if s.embed_dim == 0 || wide || out_of_range(s.blocks.len(), MAX_BLOCKS).is_some() {
                 p.push(format!("stages[{i}]: needs a width of 1 to {MAX_WIDTH} and 1 to {MAX_BLOCKS} blocks no wider, got E {} and {} blocks", s.embed_dim, s.blocks.len()));
             }

@@ -305,18 +305,12 @@ pub fn execute<B: AutodiffBackend>(
             Status::Cached => {
                 let lock = cache.share(&planned.key, |holder| log.info(&format!("{}: waiting for {holder}, which is building it", spec.name)))?;
                 let start = Instant::now();
-                match cache.verified(&planned.key) {
-                    Ok(Some((manifest, bytes))) => {
-                        let checked = format!("{:.1} MB checked in {:.2} s", bytes as f64 / 1e6, start.elapsed().as_secs_f64());
-                        log.info(&format!("{}: cached ({}; {checked})", spec.name, dir.display()));
-                        Some((manifest, Some(lock)))
-                    }
-                    Ok(None) => None, // removed since the plan was made
-                    Err(e) => {
-                        log.info(&format!("{}: warning: the cached entry is damaged, so it runs again: {e:#}", spec.name));
-                        None
-                    }
-                }
+                // None when removed since the plan was made, or damaged.
+                verified_or_warn(cache, &planned.key, &spec.name, log).map(|(manifest, bytes)| {
+                    let checked = format!("{:.1} MB checked in {:.2} s", bytes as f64 / 1e6, start.elapsed().as_secs_f64());
+                    log.info(&format!("{}: cached ({}; {checked})", spec.name, dir.display()));
+                    (manifest, Some(lock))
+                })
             }
             Status::Run(_) => None,
         };
@@ -353,6 +347,14 @@ pub fn execute<B: AutodiffBackend>(
     Ok(records)
 }
 
+/// [`Cache::verified`], a damaged entry logged as a warning (its stage runs again) and `None`.
+fn verified_or_warn(cache: &Cache, key: &str, stage: &str, log: &RunLog) -> Option<(Manifest, u64)> {
+    cache.verified(key).unwrap_or_else(|e| {
+        log.info(&format!("{stage}: warning: the cached entry is damaged, so it runs again: {e:#}"));
+        None
+    })
+}
+
 /// Builds one entry under its lock; returns its manifest, who built it, and the lock, now
 /// shared, which the run holds while it reads the entry.
 fn run_stage<B: AutodiffBackend>(
@@ -367,16 +369,10 @@ fn run_stage<B: AutodiffBackend>(
     let spec = &planned.spec;
     // What another runner left in the entry will do unless this run forces a rebuild it has not
     // had since `force_since` (a sweep's runners force each stage once), or it is damaged.
-    let usable = || match cache.verified(&planned.key) {
-        Ok(Some((done, _))) => {
-            let rebuilt_since_force = chrono::DateTime::parse_from_rfc3339(&done.created).is_ok_and(|t| t >= force_since);
-            (!planned.forced || rebuilt_since_force).then_some(done)
-        }
-        Ok(None) => None,
-        Err(e) => {
-            log.info(&format!("{}: warning: the cached entry is damaged, so it runs again: {e:#}", spec.name));
-            None
-        }
+    let usable = || {
+        let (done, _) = verified_or_warn(cache, &planned.key, &spec.name, log)?;
+        let rebuilt_since_force = chrono::DateTime::parse_from_rfc3339(&done.created).is_ok_and(|t| t >= force_since);
+        (!planned.forced || rebuilt_since_force).then_some(done)
     };
     // Two runners sharing a cache (a sweep) must not build the same entry at once, and a forced
     // rebuild must not pull an entry from under a runner building or reading it.
