@@ -15,6 +15,9 @@ pub type Cpu = burn::backend::NdArray<f32>;
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     Ndarray,
+    /// burn-flex, the pure-Rust CPU backend that replaces burn-ndarray upstream: SIMD kernels,
+    /// gemm's matmul (AVX-512 where the CPU has it) and every core.
+    Flex,
     /// PyTorch's own kernels through LibTorch (tch), on the CPU or, where LibTorch sees one, a
     /// CUDA GPU: see the README for building it against a PyTorch wheel.
     Tch,
@@ -26,6 +29,7 @@ impl std::fmt::Display for BackendKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             BackendKind::Ndarray => "ndarray",
+            BackendKind::Flex => "flex",
             BackendKind::Tch => "tch",
             BackendKind::Wgpu => "wgpu",
             BackendKind::Cuda => "cuda",
@@ -36,7 +40,7 @@ impl std::fmt::Display for BackendKind {
 impl BackendKind {
     /// The backends that compute on the CPU only, with the one device 0.
     pub fn cpu_only(self) -> bool {
-        matches!(self, BackendKind::Ndarray)
+        matches!(self, BackendKind::Ndarray | BackendKind::Flex)
     }
 }
 
@@ -50,7 +54,7 @@ pub trait BackendJob {
 /// Whether this runner was built with backend `kind`.
 pub fn compiled(kind: BackendKind) -> bool {
     match kind {
-        BackendKind::Ndarray => true,
+        BackendKind::Ndarray | BackendKind::Flex => true,
         BackendKind::Tch => cfg!(feature = "tch"),
         BackendKind::Wgpu => cfg!(feature = "wgpu"),
         BackendKind::Cuda => cfg!(feature = "cuda"),
@@ -79,7 +83,7 @@ pub fn check(kind: BackendKind, indices: &[usize]) -> Result<()> {
         Ok(())
     };
     match kind {
-        BackendKind::Ndarray => cpu_only(kind)?,
+        BackendKind::Ndarray | BackendKind::Flex => cpu_only(kind)?,
         #[cfg(feature = "tch")]
         BackendKind::Tch => {
             if !tch_has_cuda() {
@@ -121,6 +125,10 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, indices: &[usize], job: J) -> 
             let devices = vec![burn::backend::ndarray::NdArrayDevice::Cpu; indices.len()];
             job.run::<Autodiff<burn::backend::NdArray<f32>>>(devices)
         }
+        BackendKind::Flex => {
+            let devices = vec![burn::backend::flex::FlexDevice; indices.len()];
+            job.run::<Autodiff<burn::backend::Flex>>(devices)
+        }
         #[cfg(feature = "tch")]
         BackendKind::Tch => {
             use burn::backend::libtorch::LibTorchDevice;
@@ -149,7 +157,8 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, indices: &[usize], job: J) -> 
 /// training 3.5 images/s with one shard, 6.8 with two concurrent ones, CPU use 99% and 152%).
 /// GPUs and LibTorch (already multi-threaded) run them in turn.
 pub fn concurrent_shards<B: burn::tensor::backend::Backend>(device: &B::Device) -> bool {
-    B::name(device).contains("ndarray")
+    let name = B::name(device);
+    name.contains("ndarray") || name.contains("flex")
 }
 
 /// A name for the device, for cache keys and results tables: throughput measured on one kind
@@ -160,7 +169,7 @@ pub fn device_name(kind: BackendKind, index: usize) -> String {
         return nvidia_gpu_name(index).map_or_else(|| format!("cuda:{index}"), |name| format!("cuda {name}"));
     }
     match kind {
-        BackendKind::Ndarray | BackendKind::Tch => {
+        BackendKind::Ndarray | BackendKind::Flex | BackendKind::Tch => {
             let model = std::fs::read_to_string("/proc/cpuinfo")
                 .ok()
                 .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))

@@ -298,14 +298,16 @@ fn torch_reference(args: &VsPytorch, c: &VitConfig, batch: usize, device: &str, 
     json_lines(cmd, &args.python, &args.script)
 }
 
-/// A file-name part for the device: `cpu` on the CPU, the GPU's model otherwise
-/// (`nvidia-h100-80gb-hbm3`).
+/// A file-name part for the device: `cpu-` and the CPU's model on the CPU (`cpu-amd-epyc`: each
+/// CPU keeps its own file), the GPU's model otherwise (`nvidia-h100-80gb-hbm3`).
 fn slug(device: &str, gpu: bool) -> String {
-    if !gpu {
-        return "cpu".into();
-    }
-    let name = device.strip_prefix("cuda ").unwrap_or(device).to_lowercase();
-    let s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let name = if gpu {
+        device.strip_prefix("cuda ").unwrap_or(device)
+    } else {
+        // `cpu AMD EPYC x2`: the thread count is a column of its own.
+        device.rsplit_once(" x").filter(|(_, n)| n.parse::<usize>().is_ok()).map_or(device, |(m, _)| m)
+    };
+    let s: String = name.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     s.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-")
 }
 
@@ -495,4 +497,14 @@ pub fn vs_onnxruntime(args: &VsOnnxruntime) -> Result<String> {
     crate::files::atomic_write(&out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
     text.push_str(&format!("-> {} ({device}, {} threads)\n", out.display(), args.threads));
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn each_cpu_and_gpu_model_gets_its_own_file_name() {
+        assert_eq!(super::slug("cpu AMD EPYC x2", false), "cpu-amd-epyc");
+        assert_eq!(super::slug("cpu Intel(R) Xeon(R) Platinum 8488C x16", false), "cpu-intel-r-xeon-r-platinum-8488c");
+        assert_eq!(super::slug("cuda NVIDIA H100 80GB HBM3", true), "nvidia-h100-80gb-hbm3");
+    }
 }

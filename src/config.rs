@@ -32,7 +32,7 @@ pub struct ConfigErrors(pub Vec<String>);
 pub struct PipelineSection {
     /// Name of the pipeline: names `runs/<name>/` and `results/<name>/`. Default: the file stem.
     pub name: String,
-    /// Burn backend: `ndarray` (CPU), `wgpu` or `cuda`. Default `ndarray`.
+    /// Burn backend: `ndarray` or `flex` (CPU), `tch` (LibTorch), `wgpu` or `cuda`. Default `ndarray`.
     pub backend: BackendKind,
     /// Device indices on the backend. Default `[0]`. More than one trains data-parallel: each
     /// device takes a shard of every batch and the gradients are averaged before the step. The

@@ -27,7 +27,7 @@ enum Command {
         /// Override a value: `--set stages.train.lr=1e-3` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
-        /// Backend: ndarray, wgpu or cuda (same as --set pipeline.backend=...).
+        /// Backend: ndarray, flex, tch, wgpu or cuda (same as --set pipeline.backend=...).
         #[arg(long, value_enum)]
         backend: Option<BackendKind>,
         /// Device indices, e.g. `--devices 0,1` to train data-parallel on two GPUs (same as

@@ -1,9 +1,7 @@
-//! The optional backends against the default one (ndarray): the same weights and batch give the
-//! same loss, logits and gradients, and every stage runs end to end. Built only with
-//! `--features wgpu` or `tch`; CI runs wgpu on Mesa's lavapipe (a software Vulkan
-//! driver), so the kernels burn compiles for GPUs are exercised without one, and tch on
-//! LibTorch's CPU kernels.
-#![cfg(any(feature = "wgpu", feature = "tch"))]
+//! Every backend against ndarray: the same weights and batch give the same loss, logits and
+//! gradients, and every stage runs end to end. flex is always built; wgpu and tch with their
+//! features. CI runs wgpu on Mesa's lavapipe (a software Vulkan driver), so the kernels burn
+//! compiles for GPUs are exercised without one, and tch on LibTorch's CPU kernels.
 
 use crate::common;
 
@@ -139,6 +137,20 @@ throughput_repeats = 1
     assert!(metrics("distill")["epoch_losses"][0].as_f64().unwrap().is_finite());
     let top1 = metrics("eval_pruned")["top1"].as_f64().unwrap();
     assert!((0.0..=100.0).contains(&top1) && metrics("eval_pruned")["backend"] == backend);
+}
+
+mod flex {
+    use burn::backend::{Autodiff, Flex};
+
+    #[test]
+    fn flex_forward_and_backward_match_ndarray() {
+        super::forward_and_backward_match_ndarray::<Autodiff<Flex>>(&Default::default(), 1e-5);
+    }
+
+    #[test]
+    fn every_stage_runs_on_flex() {
+        super::every_stage_runs("flex");
+    }
 }
 
 #[cfg(feature = "tch")]

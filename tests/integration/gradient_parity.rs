@@ -3,7 +3,7 @@
 use crate::common;
 use crate::parity;
 
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::{Autodiff, Flex, NdArray};
 
 type B = Autodiff<NdArray<f32>>;
 
@@ -19,4 +19,13 @@ fn hessian_saliency_of_every_unit_matches_pytorch() {
 fn training_loss_and_every_parameter_gradient_match_pytorch() {
     let _rng = common::rng_turn();
     parity::gradients_match::<B>(1e-3);
+}
+
+/// flex at the same tolerances: its own kernels (gemm's matmul, its GELU's erf) and their
+/// backward passes, held to PyTorch's autograd as ndarray's are.
+#[test]
+fn on_flex_the_saliency_and_every_gradient_match_pytorch() {
+    let _rng = common::rng_turn();
+    parity::saliency_matches::<Autodiff<Flex>>(1e-4);
+    parity::gradients_match::<Autodiff<Flex>>(1e-3);
 }
