@@ -154,7 +154,10 @@ pub fn dispatch<J: BackendJob>(kind: BackendKind, indices: &[usize], job: J) -> 
 
 /// Whether shards of a batch that share `device` run in threads of their own rather than in
 /// turn: on ndarray, most of whose operations run on one thread (measured, 2 cores: DeiT-T
-/// training 3.5 images/s with one shard, 6.8 with two concurrent ones, CPU use 99% and 152%).
+/// training 3.5 images/s with one shard, 6.8 with two concurrent ones, CPU use 99% and 152%),
+/// and on flex, whose matrix products use every core but whose element-wise operations below
+/// its thresholds do not (2-core AMD EPYC, `runner bench model --backend flex`: DeiT-T batch
+/// 16 4.56 images/s with one shard, 5.37 with two; the quickstart's model 785 and 1,140).
 /// GPUs and LibTorch (already multi-threaded) run them in turn.
 pub fn concurrent_shards<B: burn::tensor::backend::Backend>(device: &B::Device) -> bool {
     let name = B::name(device);

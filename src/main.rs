@@ -169,8 +169,9 @@ enum BenchCommand {
         /// `MODEL:BATCH` pairs; a model is a preset or a pipeline file.
         #[arg(long, value_delimiter = ',', default_value = "deit-tiny-distilled:16,deit-small-distilled:16,deit-base-distilled:8,pipelines/quickstart.toml:128")]
         models: Vec<String>,
-        /// The runner's backends to measure, each against the same PyTorch run.
-        #[arg(long, value_delimiter = ',', default_value = "ndarray")]
+        /// The runner's backends to measure, each against the same PyTorch run (ndarray and
+        /// flex are in every build; add tch in a build with it).
+        #[arg(long, value_delimiter = ',', default_value = "ndarray,flex")]
         backends: Vec<BackendKind>,
         /// The device index (a GPU's; PyTorch then runs on cuda:N).
         #[arg(long, default_value_t = 0)]
