@@ -4,6 +4,7 @@
 pub mod checkpoint;
 mod family;
 pub mod flops;
+mod fused;
 mod swin;
 mod vit;
 

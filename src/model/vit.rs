@@ -15,7 +15,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 
-use super::{BlockDims, VitConfig};
+use super::{fused, BlockDims, VitConfig};
 
 /// timm's LayerNorm epsilon for ViTs.
 pub const LN_EPS: f64 = 1e-6;
@@ -58,21 +58,36 @@ impl<B: Backend> Attention<B> {
         let v = split(self.v.forward(x), self.v_dim);
         let out = if B::ad_enabled(&q.device()) {
             // Under autodiff burn 0.21 computes `attention` as its own composite, with more
-            // operations to differentiate than this one.
-            let logits = q.matmul(k.transpose()).mul_scalar(self.scale);
-            let logits = match bias {
-                Some(bias) => logits + bias,
-                None => logits,
+            // operations to differentiate than this one: a fused kernel that differentiates
+            // where the backend has one, else this composite.
+            let fused = match bias {
+                None => fused::attention(q, k, v, self.scale),
+                Some(_) => Err([q, k, v]),
             };
-            softmax(logits, 3).matmul(v) // [b, h, n, v]
+            match fused {
+                Ok(out) => out,
+                Err([q, k, v]) => {
+                    let logits = q.matmul(k.transpose()).mul_scalar(self.scale);
+                    let logits = match bias {
+                        Some(bias) => logits + bias,
+                        None => logits,
+                    };
+                    softmax(logits, 3).matmul(v) // [b, h, n, v]
+                }
+            }
         } else {
             // The backend's fused kernel where it has one (LibTorch's scaled_dot_product_attention,
             // cubecl's flash attention); it takes a value width other than the query/key width.
             let options = AttentionModuleOptions { scale: Some(self.scale), softcap: None, is_causal: false };
             attention(q, k, v, None, bias, options)
         };
-        let out = out.swap_dims(1, 2).reshape([b, n, h * self.v_dim]);
-        self.proj.forward(out)
+        self.project(out)
+    }
+
+    /// `[batch, heads, tokens, v] -> [batch, tokens, embed]`
+    fn project(&self, out: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, h, n, v] = out.dims();
+        self.proj.forward(out.swap_dims(1, 2).reshape([b, n, h * v]))
     }
 }
 
@@ -155,10 +170,10 @@ pub fn with_drop_path_seed<R>(seed: u64, f: impl FnOnce() -> R) -> R {
 /// (`erf`'s backward is `2/sqrt(pi) exp(-x^2)`): burn 0.21's `gelu` computes the erf form but
 /// backpropagates the derivative of the tanh approximation on most backends, which put the
 /// saliency off PyTorch's by up to 264 times the 1e-4 tolerance of
-/// `tests/integration/gradient_parity.rs`. burn-flex's own `gelu` and its backward are exact,
-/// one pass each instead of five operations: flex takes it (held to the same fixture).
+/// `tests/integration/gradient_parity.rs`. burn-flex's and LibTorch's own `gelu` and backward are
+/// exact, one pass each instead of five operations: they take it (held to the same fixture).
 pub(super) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    if B::name(&x.device()).contains("flex") {
+    if fused::exact_gelu::<B>() {
         return burn::tensor::activation::gelu(x);
     }
     let phi = x.clone().div_scalar(std::f64::consts::SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5);

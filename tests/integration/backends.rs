@@ -41,6 +41,8 @@ fn pass<B: AutodiffBackend>(weights: &StateDict, config: &VitConfig, images: &[f
             ("cls_token", grad(&model.cls_token, &grads)),
             ("blocks.0.attn.q.weight", grad(&b0.attn.q.weight, &grads)),
             ("blocks.0.norm1.weight", grad(&b0.norm1.gamma, &grads)),
+            ("blocks.1.attn.k.weight", grad(&b1.attn.k.weight, &grads)),
+            ("blocks.1.attn.v.weight", grad(&b1.attn.v.weight, &grads)),
             ("blocks.1.mlp.fc1.weight", grad(&b1.mlp.fc1.weight, &grads)),
             ("head.weight", grad(&model.head.weight, &grads)),
         ],
@@ -62,6 +64,7 @@ fn forward_and_backward_match_ndarray<B: AutodiffBackend>(device: &B::Device, to
     // Widths that are not powers of two nor multiples of the GPU tile sizes, as after pruning.
     let mut config = VitConfig::uniform(32, 8, 3, 48, 2, 3, 4.0, 10, true);
     config.blocks[0].qk = 13;
+    config.blocks[1].v = 11;
     config.blocks[1].mlp = 71;
     let cpu = Default::default();
     let weights = checkpoint::export(&config.init::<NdArray>(&cpu));

@@ -29,3 +29,14 @@ fn on_flex_the_saliency_and_every_gradient_match_pytorch() {
     parity::saliency_matches::<Autodiff<Flex>>(1e-4);
     parity::gradients_match::<Autodiff<Flex>>(1e-3);
 }
+
+/// tch at the same tolerances: its training path runs LibTorch's flash attention forward and
+/// backward (`model::fused`), not the composite the other backends differentiate.
+#[cfg(feature = "tch")]
+#[test]
+fn on_tch_with_flash_attention_the_saliency_and_every_gradient_match_pytorch() {
+    use burn::backend::LibTorch;
+    let _rng = common::rng_turn();
+    parity::saliency_matches::<Autodiff<LibTorch<f32>>>(1e-4);
+    parity::gradients_match::<Autodiff<LibTorch<f32>>>(1e-3);
+}
