@@ -36,18 +36,26 @@ fn cast<A: 'static, T: 'static>(value: A) -> Result<T, A> {
 
 /// Attention of `q`, `k` (`[batch, heads, tokens, qk]`) and `v` (`[batch, heads, tokens, v]`),
 /// `softmax(q k^T * scale) v`, by a fused kernel whose backward is fused too, where `B` has one
-/// for these tensors: LibTorch's flash attention on the CPU under autodiff. Else the inputs
-/// come back, for the composite.
+/// for these tensors and it is the faster: LibTorch's flash attention on the CPU under autodiff,
+/// from `FLASH_MIN_TOKENS` tokens. Else the inputs come back, for the composite.
 pub(super) fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f64) -> Result<Tensor<B, 4>, [Tensor<B, 4>; 3]> {
     #[cfg(feature = "tch")]
     let [q, k, v] = match cast::<_, [Tensor<libtorch::Train, 4>; 3]>([q, k, v]) {
-        Ok([q, k, v]) if libtorch::flash_runs(&q) => return Ok(same(libtorch::flash_attention(q, k, v, scale))),
+        Ok([q, k, v]) if libtorch::flash_runs(&q) && q.dims()[2] >= FLASH_MIN_TOKENS => return Ok(same(libtorch::flash_attention(q, k, v, scale))),
         Ok(qkv) => qkv.map(same),
         Err(qkv) => qkv,
     };
     let _ = scale;
     Err([q, k, v])
 }
+
+/// The fewest tokens at which LibTorch's CPU flash attention, forward and backward, beats the
+/// composite (measured on 2 cores, one block's attention forward and backward: DeiT-B's
+/// 198 tokens of width 64, batch 8, 31.6 ms fused against 51.7 ms composite; the quickstart's
+/// 18 tokens of width 16, batch 64, 2.1 ms against 0.79: the kernel's fixed cost per block of
+/// queries dominates short sequences).
+#[cfg(feature = "tch")]
+const FLASH_MIN_TOKENS: usize = 128;
 
 /// `value` as a `T`, for an `A` known to be `T`.
 #[cfg_attr(not(feature = "tch"), allow(dead_code))]
@@ -216,13 +224,17 @@ mod tests {
         let device = LibTorchDevice::Cpu;
         let [q, k, v] = qkv::<LibTorch>(4, 4, &device);
         assert!(attention(q, k, v, 0.5).is_err(), "inference runs burn's attention, which is LibTorch's SDPA");
+        let long = |d| Tensor::<T, 4>::random([1, 2, FLASH_MIN_TOKENS, d], Distribution::Normal(0.0, 1.0), &device);
+        assert!(attention(long(4), long(4), long(4), 0.5).is_ok(), "training from FLASH_MIN_TOKENS tokens takes flash attention");
+        let [q, k, v] = qkv::<T>(4, 4, &device);
+        assert!(attention(q, k, v, 0.5).is_err(), "and the composite below");
         for (qk, v) in [(8, 8), (5, 8), (8, 3)] {
             let inputs = qkv::<T>(qk, v, &device).map(|t| t.require_grad());
             let weights = Tensor::<T, 4>::random([2, 3, 7, v], Distribution::Normal(0.0, 1.0), &device);
             let run = |fused: bool| {
                 let [q, k, v] = inputs.clone();
                 let out = if fused {
-                    attention(q, k, v, 0.3).expect("LibTorch on the CPU has flash attention")
+                    libtorch::flash_attention(q, k, v, 0.3)
                 } else {
                     softmax(q.matmul(k.transpose()).mul_scalar(0.3), 3).matmul(v)
                 };

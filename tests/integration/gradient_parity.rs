@@ -30,11 +30,12 @@ fn on_flex_the_saliency_and_every_gradient_match_pytorch() {
     parity::gradients_match::<Autodiff<Flex>>(1e-3);
 }
 
-/// tch at the same tolerances: its training path runs LibTorch's flash attention forward and
-/// backward (`model::fused`), not the composite the other backends differentiate.
+/// tch at the same tolerances, with LibTorch's own GELU and its backward (`model::fused`). Its
+/// flash attention takes over from 128 tokens, more than this fixture's 18: `model::fused`'s
+/// tests hold it to the composite.
 #[cfg(feature = "tch")]
 #[test]
-fn on_tch_with_flash_attention_the_saliency_and_every_gradient_match_pytorch() {
+fn on_tch_the_saliency_and_every_gradient_match_pytorch() {
     use burn::backend::LibTorch;
     let _rng = common::rng_turn();
     parity::saliency_matches::<Autodiff<LibTorch<f32>>>(1e-4);
