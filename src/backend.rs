@@ -14,9 +14,10 @@ pub type Cpu = burn::backend::NdArray<f32>;
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
+    /// burn-ndarray, deprecated upstream in favour of flex: the default before flex.
     Ndarray,
     /// burn-flex, the pure-Rust CPU backend that replaces burn-ndarray upstream: SIMD kernels,
-    /// gemm's matmul (AVX-512 where the CPU has it) and every core.
+    /// gemm's matmul (AVX-512 where the CPU has it) and every core. The default.
     Flex,
     /// PyTorch's own kernels through LibTorch (tch), on the CPU or, where LibTorch sees one, a
     /// CUDA GPU: see the README for building it against a PyTorch wheel.

@@ -32,7 +32,7 @@ pub struct ConfigErrors(pub Vec<String>);
 pub struct PipelineSection {
     /// Name of the pipeline: names `runs/<name>/` and `results/<name>/`. Default: the file stem.
     pub name: String,
-    /// Burn backend: `ndarray` or `flex` (CPU), `tch` (LibTorch), `wgpu` or `cuda`. Default `ndarray`.
+    /// Burn backend: `flex` or `ndarray` (CPU), `tch` (LibTorch), `wgpu` or `cuda`. Default `flex`.
     pub backend: BackendKind,
     /// Device indices on the backend. Default `[0]`. More than one trains data-parallel: each
     /// device takes a shard of every batch and the gradients are averaged before the step. The
@@ -50,7 +50,7 @@ impl Default for PipelineSection {
     fn default() -> Self {
         Self {
             name: String::new(),
-            backend: BackendKind::Ndarray,
+            backend: BackendKind::Flex,
             devices: vec![0],
             seed: 42,
             results_dir: "results".into(),

@@ -27,7 +27,7 @@ enum Command {
         /// Override a value: `--set stages.train.lr=1e-3` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
-        /// Backend: ndarray, flex, tch, wgpu or cuda (same as --set pipeline.backend=...).
+        /// Backend: flex (the default), ndarray, tch, wgpu or cuda (same as --set pipeline.backend=...).
         #[arg(long, value_enum)]
         backend: Option<BackendKind>,
         /// Device indices, e.g. `--devices 0,1` to train data-parallel on two GPUs (same as
@@ -150,7 +150,7 @@ enum BenchCommand {
         /// Timed steps, after one untimed.
         #[arg(long, default_value_t = 10, value_parser = at_least_one())]
         steps: usize,
-        #[arg(long, value_enum, default_value = "ndarray")]
+        #[arg(long, value_enum, default_value = "flex")]
         backend: BackendKind,
         /// Devices to train on, data-parallel: `--devices 0,1`.
         #[arg(long, value_delimiter = ',', default_value = "0")]
@@ -205,7 +205,7 @@ enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = at_least_one())]
         batches: Vec<usize>,
         /// The runner's backend (ONNX Runtime runs on the CPU, or CUDA for a GPU backend).
-        #[arg(long, value_enum, default_value = "ndarray")]
+        #[arg(long, value_enum, default_value = "flex")]
         backend: BackendKind,
         #[arg(long, default_value_t = 0)]
         device: usize,

@@ -107,7 +107,7 @@ fn evaluate_writes_its_row_and_training_lowers_the_loss() {
     assert!(top1 > 25.0, "a trained model beats chance (25%) on its synthetic classes: {top1}");
     assert_eq!(row[11], "8");
     assert!(row[9].parse::<f64>().unwrap() > 0.0);
-    assert_eq!(&row[12..], ["ndarray", "test-cpu", "tiny"]);
+    assert_eq!(&row[12..], ["flex", "test-cpu", "tiny"]);
     assert!(lines.next().is_none());
 }
 

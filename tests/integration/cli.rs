@@ -141,14 +141,14 @@ fn a_second_cpu_device_is_refused_with_a_hint() {
     let path = common::tiny_pipeline(dir.path(), "");
     let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--devices", "0,1", "--dry-run"]));
     assert_eq!(code, 2);
-    assert!(err.contains("pipeline.devices") && err.contains("names 1: the ndarray backend has one device, 0") && err.contains("hint: repeat it (devices = [0, 0])"), "{err}");
+    assert!(err.contains("pipeline.devices") && err.contains("names 1: the flex backend has one device, 0") && err.contains("hint: repeat it (devices = [0, 0])"), "{err}");
 }
 
 #[test]
-fn mixed_precision_on_the_cpu_is_refused_with_a_hint() {
+fn mixed_precision_on_ndarray_is_refused_with_a_hint() {
     let dir = tempfile::tempdir().unwrap();
     let path = common::tiny_pipeline(dir.path(), "");
-    let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--set", "stages.train.precision=\"bf16\""]));
+    let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--backend", "ndarray", "--set", "stages.train.precision=\"bf16\""]));
     assert_eq!(code, 1);
     assert!(err.contains("stage `train` (train) failed"), "{err}");
     assert!(err.contains("precision = \"bf16\": device Cpu cannot compute in it") && err.contains("leave precision unset on the CPU"), "{err}");

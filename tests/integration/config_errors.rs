@@ -235,5 +235,5 @@ fn a_misspelled_stage_in_set_gets_a_suggestion_and_toml_errors_a_line_and_column
 #[test]
 fn devices_the_backend_cannot_have_are_refused_at_load() {
     let e = errors(&format!("{OK}[pipeline]\ndevices = [0, 1]\n"), &[]);
-    assert!(e.contains("pipeline.devices") && e.contains("names 1: the ndarray backend has one device, 0"), "{e}");
+    assert!(e.contains("pipeline.devices") && e.contains("names 1: the flex backend has one device, 0"), "{e}");
 }

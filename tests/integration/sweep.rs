@@ -99,7 +99,7 @@ fn emit_slurm_writes_an_array_script_of_shards() {
     for line in ["#SBATCH --array=1-2", "#SBATCH --time=2:00:00", "#SBATCH --account=vision", "#SBATCH --cpus-per-task=8"] {
         assert!(script.lines().any(|l| l == line), "{line} in:\n{script}");
     }
-    assert!(!script.contains("--gpus-per-task"), "an ndarray pipeline asks for no GPU:\n{script}");
+    assert!(!script.contains("--gpus-per-task"), "a CPU pipeline asks for no GPU:\n{script}");
     // The CPU backend has one device, split into shards.
     assert!(script.contains("--shard \"$SLURM_ARRAY_TASK_ID/2\" --devices 0,0"), "{script}");
     assert!(script.contains("export RUNNER_CACHE="), "{script}");
@@ -218,7 +218,7 @@ fn a_point_on_devices_the_backend_lacks_is_refused_before_anything_runs() {
     let sweep = sweep_file(dir.path(), "devices = [0, 1]");
     let (code, out, err) = output(runner(dir.path()).args(["sweep", sweep.to_str().unwrap(), "--dry-run"]));
     assert_ne!(code, 0, "{out}");
-    assert!(err.contains("point `throughput_batch-") && err.contains("names 1: the ndarray backend has one device, 0"), "{err}");
+    assert!(err.contains("point `throughput_batch-") && err.contains("names 1: the flex backend has one device, 0"), "{err}");
     assert!(!dir.path().join("cache").exists());
 }
 
