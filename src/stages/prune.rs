@@ -290,6 +290,8 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     let mut exhausted: bool;
     'outer: loop {
         let mut read = 0;
+        // A run resumed after an epoch's last batch starts on an epoch with nothing left.
+        let resumed_mid_epoch = state.batch > 0;
         for batch in loader.epoch_from(state.epoch, state.batch) {
             let batch = batch?;
             read += 1;
@@ -387,7 +389,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                 return Err(stop);
             }
         }
-        if read == 0 {
+        if read == 0 && !resumed_mid_epoch {
             anyhow::bail!(
                 "the training split gave no batch of {} ({} unreadable images skipped)",
                 s.batch_size,
