@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 /// Whether `B` is `T`, or `T` under autodiff.
-pub(super) fn is<B: Backend, T: Backend>() -> bool {
+fn is<B: Backend, T: Backend>() -> bool {
     TypeId::of::<B>() == TypeId::of::<T>() || TypeId::of::<B>() == TypeId::of::<Autodiff<T>>()
 }
 
@@ -113,13 +113,14 @@ mod libtorch {
         }
     }
 
-    impl Flash {
-        fn width(&self) -> i64 {
-            self.q.tensor.size()[3].max(self.v.tensor.size()[3])
-        }
+    /// The head width the kernel runs at: the wider of qk and v.
+    fn width(q: &TchTensor, v: &TchTensor) -> i64 {
+        q.tensor.size()[3].max(v.tensor.size()[3])
+    }
 
+    impl Flash {
         fn forward(q: TchTensor, k: TchTensor, v: TchTensor, scale: f64) -> Self {
-            let width = q.tensor.size()[3].max(v.tensor.size()[3]);
+            let width = width(&q, &v);
             let (out, logsumexp) = tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu(
                 &pad(&q.tensor, width),
                 &pad(&k.tensor, width),
@@ -149,7 +150,7 @@ mod libtorch {
         fn backward(self, ops: Ops<Flash, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
             let grad = grads.consume::<LibTorch<f32>>(&ops.node);
             let s = ops.state;
-            let width = s.width();
+            let width = width(&s.q, &s.v);
             let (gq, gk, gv) = tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward(
                 &pad(&grad.tensor, width),
                 &pad(&s.q.tensor, width),

@@ -81,13 +81,8 @@ impl<B: Backend> Attention<B> {
             let options = AttentionModuleOptions { scale: Some(self.scale), softcap: None, is_causal: false };
             attention(q, k, v, None, bias, options)
         };
-        self.project(out)
-    }
-
-    /// `[batch, heads, tokens, v] -> [batch, tokens, embed]`
-    fn project(&self, out: Tensor<B, 4>) -> Tensor<B, 3> {
-        let [b, h, n, v] = out.dims();
-        self.proj.forward(out.swap_dims(1, 2).reshape([b, n, h * v]))
+        let out = out.swap_dims(1, 2).reshape([b, n, h * self.v_dim]);
+        self.proj.forward(out)
     }
 }
 
