@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use family::{Model, ModelConfig};
+pub use fused::bench as kernels;
 pub use swin::{PatchMerging, Swin, SwinBlock, SwinConfig, SwinLayer, SwinStage};
 pub use vit::{with_drop_path_seed, Attention, Block, Mlp, Vit, VitOutput, LN_EPS};
 

@@ -19,7 +19,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::vit::{drop_path, embed_patches, linear, norm, Attention, Materialize, Mlp};
+use super::vit::{drop_path, embed_patches, linear, norm, per_token, Attention, Materialize, Mlp};
 use super::BlockDims;
 
 /// PyTorch's LayerNorm epsilon, which timm's Swin keeps.
@@ -347,7 +347,7 @@ impl<B: Backend> PatchMerging<B> {
         let half = side / 2;
         let x = x.reshape([b, half, 2, half, 2, e]).permute([0, 1, 3, 4, 2, 5]).reshape([b, half * half, 4 * e]);
         let alive = alive.map(|a| a.clone().repeat_dim(0, 4));
-        self.reduction.forward(norm(&self.norm, x, alive.as_ref(), LN_EPS))
+        per_token(&self.reduction, norm(&self.norm, x, alive.as_ref(), LN_EPS))
     }
 }
 

@@ -53,9 +53,9 @@ impl<B: Backend> Attention<B> {
         let [b, n, _] = x.dims();
         let h = self.heads;
         let split = |t: Tensor<B, 3>, d: usize| t.reshape([b, n, h, d]).swap_dims(1, 2); // [b, h, n, d]
-        let q = split(self.q.forward(x.clone()), self.qk);
-        let k = split(self.k.forward(x.clone()), self.qk);
-        let v = split(self.v.forward(x), self.v_dim);
+        let q = split(per_token(&self.q, x.clone()), self.qk);
+        let k = split(per_token(&self.k, x.clone()), self.qk);
+        let v = split(per_token(&self.v, x), self.v_dim);
         let out = if B::ad_enabled(&q.device()) {
             // Under autodiff burn 0.21 computes `attention` as its own composite, with more
             // operations to differentiate than this one: a fused kernel that differentiates
@@ -66,14 +66,7 @@ impl<B: Backend> Attention<B> {
             };
             match fused {
                 Ok(out) => out,
-                Err([q, k, v]) => {
-                    let logits = q.matmul(k.transpose()).mul_scalar(self.scale);
-                    let logits = match bias {
-                        Some(bias) => logits + bias,
-                        None => logits,
-                    };
-                    softmax(logits, 3).matmul(v) // [b, h, n, v]
-                }
+                Err([q, k, v]) => composite_attention(q, k, v, self.scale, bias),
             }
         } else {
             // The backend's fused kernel where it has one (LibTorch's scaled_dot_product_attention,
@@ -82,8 +75,18 @@ impl<B: Backend> Attention<B> {
             attention(q, k, v, None, bias, options)
         };
         let out = out.swap_dims(1, 2).reshape([b, n, h * self.v_dim]);
-        self.proj.forward(out)
+        per_token(&self.proj, out)
     }
+}
+
+/// `softmax(q k^T * scale + bias) v`, `[batch, heads, tokens, v]`, as separate operations.
+pub(super) fn composite_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f64, bias: Option<Tensor<B, 4>>) -> Tensor<B, 4> {
+    let logits = q.matmul(k.transpose()).mul_scalar(scale);
+    let logits = match bias {
+        Some(bias) => logits + bias,
+        None => logits,
+    };
+    softmax(logits, 3).matmul(v)
 }
 
 #[derive(Module, Debug)]
@@ -121,7 +124,7 @@ impl<B: Backend> Mlp<B> {
     }
 
     pub(super) fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc2.forward(gelu(self.fc1.forward(x)))
+        per_token(&self.fc2, gelu(per_token(&self.fc1, x)))
     }
 }
 
@@ -179,7 +182,9 @@ pub(super) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> 
 /// `alive` only (all when `None`). A model whose pruned embedding channels are zeroed must
 /// not count them in the statistics, or it would not compute what its compact version computes.
 pub(super) fn norm<B: Backend>(ln: &LayerNorm<B>, x: Tensor<B, 3>, alive: Option<&Tensor<B, 1>>, eps: f64) -> Tensor<B, 3> {
-    let Some(alive) = alive else { return ln.forward(x) };
+    let Some(alive) = alive else {
+        return fused::layer_norm(ln, x, eps).unwrap_or_else(|x| ln.forward(x));
+    };
     let [b, n, e] = x.dims();
     let m = alive.clone().reshape([1, 1, e]).expand([b, n, e]);
     let count = alive.clone().sum().reshape([1, 1, 1]);
@@ -239,6 +244,17 @@ pub(super) fn linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) 
         .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
         .init(device)
         .zero_bias()
+}
+
+/// `layer` applied to each token, `[batch, tokens, d_in] -> [batch, tokens, d_out]`, as one
+/// matrix product over all the batch's tokens, as PyTorch's `F.linear` computes it. burn 0.21's
+/// `Linear` on a 3-d input multiplies each sample by the weight in turn, and takes the weight's
+/// gradient as one product per sample summed afterwards.
+pub(super) fn per_token<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, n, d] = x.dims();
+    let y = layer.forward(x.reshape([b * n, d]));
+    let out = y.dims()[1];
+    y.reshape([b, n, out])
 }
 
 trait ZeroBias {
