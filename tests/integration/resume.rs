@@ -19,7 +19,9 @@ fn table_file(dir: &Path) -> PathBuf {
     path
 }
 
-fn prune_pipeline(dir: &Path, extra: &str) -> PathBuf {
+/// A prune stage that checkpoints every `checkpoint_every` pruning steps, a pruning step every
+/// 3 batches, 4 batches an epoch.
+fn prune_pipeline(dir: &Path, checkpoint_every: usize) -> PathBuf {
     let table = table_file(dir);
     common::tiny_pipeline(
         dir,
@@ -44,9 +46,8 @@ group_qk = 2
 group_v = 2
 group_mlp = 4
 max_prune_steps = 200
-checkpoint_every = 2
+checkpoint_every = {checkpoint_every}
 batch_size = 16
-{extra}
 "#,
             table.display()
         ),
@@ -134,7 +135,9 @@ fn killed_prune_resumes_to_the_same_bytes(dir: &Path, path: &Path) {
 #[test]
 fn a_prune_killed_after_an_emb_group_went_resumes_to_the_uninterrupted_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let path = prune_pipeline(dir.path(), "");
+    // Every 4 pruning steps is every 12 batches: each checkpoint falls after an epoch's last
+    // batch, where a resumed run must go on to the next epoch.
+    let path = prune_pipeline(dir.path(), 4);
     killed_prune_resumes_to_the_same_bytes(dir.path(), &path);
 }
 
@@ -176,7 +179,7 @@ batch_size = 16
 #[test]
 fn a_signal_stops_prune_at_a_clean_point_and_the_next_run_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let path = prune_pipeline(dir.path(), "");
+    let path = prune_pipeline(dir.path(), 2);
     let args = ["run", path.to_str().unwrap()];
     let cache = dir.path().join("cache");
     let mut child = runner(dir.path()).args(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
@@ -282,7 +285,7 @@ fn train_keeps_its_checkpoint_until_the_entry_is_committed_and_a_damaged_one_is_
 #[test]
 fn stopping_short_of_the_latency_target_is_a_warning_with_the_latency_reached() {
     let dir = tempfile::tempdir().unwrap();
-    let path = prune_pipeline(dir.path(), "");
+    let path = prune_pipeline(dir.path(), 2);
     let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--set", "stages.prune.max_prune_steps=2"]));
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("prune: warning: stopped by max_prune_steps at an estimated latency of"), "{err}");
@@ -299,7 +302,7 @@ fn stopping_short_of_the_latency_target_is_a_warning_with_the_latency_reached() 
 #[test]
 fn pruning_follows_the_content_of_its_latency_table() {
     let dir = tempfile::tempdir().unwrap();
-    let path = prune_pipeline(dir.path(), "");
+    let path = prune_pipeline(dir.path(), 2);
     let run = |extra: &[&str]| output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--set", "stages.prune.max_prune_steps=3"]).args(extra));
     let (code, _, err) = run(&[]);
     assert_eq!(code, 0, "{err}");
