@@ -227,7 +227,7 @@ pub fn vs_pytorch(args: &VsPytorch) -> Result<String> {
     let gpu = args.backends.iter().any(|b| backend::is_gpu(*b, args.device));
     let torch_device = if gpu { format!("cuda:{}", args.device) } else { "cpu".to_string() };
     let device = backend::device_name(args.backends[0], args.device);
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/bench/vs-pytorch-{}.csv", slug(&device, gpu))));
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/bench/vs-pytorch-{}.csv", file_part(&device, gpu))));
     let precision = args.precision.unwrap_or(Precision::F32);
 
     let mut w = csv::Writer::from_writer(Vec::new());
@@ -296,6 +296,119 @@ fn torch_reference(args: &VsPytorch, c: &VitConfig, batch: usize, device: &str, 
         cmd.arg("--distilled");
     }
     json_lines(cmd, &args.python, &args.script)
+}
+
+/// `runner bench kernels`: each of the model's fused training operations against the composite
+/// it replaces, forward and backward, on one backend at each shape; the rule the model follows
+/// (flash attention from so many tokens) is read off such a run.
+pub struct BenchKernels {
+    pub backend: BackendKind,
+    /// `[batch, heads, tokens, width]` of Q, K and V.
+    pub attention: Vec<[usize; 4]>,
+    /// `[batch, tokens, embed]`.
+    pub layer_norm: Vec<[usize; 3]>,
+    pub steps: usize,
+    pub threads: usize,
+    pub out: Option<PathBuf>,
+}
+
+pub struct KernelRow {
+    kernel: &'static str,
+    shape: String,
+    /// `None` where the backend has no fused kernel.
+    fused: Option<f64>,
+    composite: f64,
+    model_takes: &'static str,
+}
+
+impl BackendJob for &BenchKernels {
+    type Output = Vec<KernelRow>;
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Vec<KernelRow>> {
+        use burn::tensor::{Distribution, Tensor};
+        use crate::model::kernels;
+        let device = &devices[0];
+        let shape = |dims: &[usize]| dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+        // Forward and backward, synchronized by reading one input's gradient.
+        let time = |pass: &dyn Fn() -> Option<()>| pass().map(|_| crate::machine::median_time(1, self.steps, || {
+            let _ = pass();
+        }));
+        let mut rows = Vec::new();
+        for &[b, h, n, d] in &self.attention {
+            let input = || Tensor::<B, 4>::random([b, h, n, d], Distribution::Normal(0.0, 1.0), device).require_grad();
+            let (q, k, v) = (input(), input(), input());
+            let scale = 1.0 / (d as f64).sqrt();
+            let pass = |fused: bool| {
+                let out = kernels::attention(q.clone(), k.clone(), v.clone(), scale, fused)?;
+                let grads = out.sum().backward();
+                q.grad(&grads).expect("q requires grad").sum().into_data();
+                Some(())
+            };
+            let fused = time(&|| pass(true));
+            let takes = if fused.is_some() && kernels::attention_fused_from(n) { "fused" } else { "composite" };
+            rows.push(KernelRow { kernel: "attention", shape: shape(&[b, h, n, d]), fused, composite: time(&|| pass(false)).expect("always"), model_takes: takes });
+        }
+        for &[b, n, e] in &self.layer_norm {
+            let ln = burn::nn::LayerNormConfig::new(e).with_epsilon(crate::model::LN_EPS).init::<B>(device);
+            let x = Tensor::<B, 3>::random([b, n, e], Distribution::Normal(0.0, 1.0), device).require_grad();
+            let pass = |fused: bool| {
+                let out = kernels::layer_norm(&ln, x.clone(), crate::model::LN_EPS, fused)?;
+                let grads = out.sum().backward();
+                x.grad(&grads).expect("x requires grad").sum().into_data();
+                Some(())
+            };
+            let fused = time(&|| pass(true));
+            let takes = if fused.is_some() { "fused" } else { "composite" };
+            rows.push(KernelRow { kernel: "layer_norm", shape: shape(&[b, n, e]), fused, composite: time(&|| pass(false)).expect("always"), model_takes: takes });
+        }
+        Ok(rows)
+    }
+}
+
+/// The largest tensor `bench kernels` allocates (1 GiB of f32), several of which it holds.
+const MAX_KERNEL_ELEMENTS: usize = 1 << 28;
+
+pub fn kernels(args: &BenchKernels) -> Result<String> {
+    let shapes = args.attention.iter().map(|s| &s[..]).chain(args.layer_norm.iter().map(|s| &s[..]));
+    for shape in shapes {
+        let elements = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d).filter(|&n| n <= MAX_KERNEL_ELEMENTS));
+        if elements.is_none() || shape.contains(&0) {
+            bail!("--attention / --layer-norm: {shape:?} is not a shape of 1 to {MAX_KERNEL_ELEMENTS} elements");
+        }
+    }
+    backend::check(args.backend, &[0])?;
+    use_threads(args.threads);
+    let device = backend::device_name(args.backend, 0);
+    let gpu = backend::is_gpu(args.backend, 0);
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/bench/kernels-{}-{}.csv", args.backend, file_part(&device, gpu))));
+    let rows = backend::dispatch(args.backend, &[0], args)?;
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["kernel", "shape", "fused_ms", "composite_ms", "composite_over_fused", "model_takes", "backend", "device", "threads", "steps"])?;
+    let mut text = String::new();
+    for r in &rows {
+        let ms = |t: f64| format!("{:.3}", t * 1e3);
+        let (fused, ratio) = match r.fused {
+            Some(f) => (ms(f), format!("{:.2}", r.composite / f)),
+            None => (String::new(), String::new()),
+        };
+        let (threads, steps) = (args.threads.to_string(), args.steps.to_string());
+        w.write_record([r.kernel, &r.shape, &fused, &ms(r.composite), &ratio, r.model_takes, &args.backend.to_string(), &device, &threads, &steps])?;
+        let fused = if fused.is_empty() { "no fused kernel".to_string() } else { format!("fused {fused} ms ({ratio}x)") };
+        text.push_str(&format!("{} {}: composite {} ms, {fused}; the model takes the {}\n", r.kernel, r.shape, ms(r.composite), r.model_takes));
+    }
+    crate::files::atomic_write(&out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    text.push_str(&format!("-> {} ({} on {device}, {} threads, median of {} forward+backward passes)\n", out.display(), args.backend, args.threads, args.steps));
+    Ok(text)
+}
+
+/// [`slug`], and `-avx512` on a CPU that has AVX-512: CPUs of one model name differ in it
+/// (two AMD EPYC VMs of this project, one with and one without), and the CPU backends' speed
+/// against MKL's with it.
+fn file_part(device: &str, gpu: bool) -> String {
+    #[cfg(target_arch = "x86_64")]
+    if !gpu && std::arch::is_x86_feature_detected!("avx512f") {
+        return format!("{}-avx512", slug(device, gpu));
+    }
+    slug(device, gpu)
 }
 
 /// A file-name part for the device: `cpu-` and the CPU's model on the CPU (`cpu-amd-epyc`: each
@@ -426,7 +539,7 @@ pub fn vs_onnxruntime(args: &VsOnnxruntime) -> Result<String> {
     use_threads(args.threads);
     let gpu = backend::is_gpu(args.backend, args.device);
     let device = backend::device_name(args.backend, args.device);
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/bench/onnxruntime-{}.csv", slug(&device, gpu))));
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/bench/onnxruntime-{}.csv", file_part(&device, gpu))));
 
     let tmp = tempfile::tempdir()?;
     /// One model of a pair, measured by the runner and exported for ONNX Runtime as `name`.

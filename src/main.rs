@@ -132,6 +132,12 @@ enum Command {
     },
 }
 
+/// `AxBxC...`, `N` sizes, each at least 1.
+fn dims<const N: usize>(text: &str, flag: &str) -> anyhow::Result<[usize; N]> {
+    let sizes: Vec<usize> = text.split('x').map(|d| d.parse::<usize>().ok().filter(|&d| d > 0)).collect::<Option<_>>().unwrap_or_default();
+    sizes.try_into().map_err(|_| anyhow::anyhow!("{flag}: `{text}` is not {N} sizes of at least 1 joined by x (e.g. {})", ["16"; N].join("x")))
+}
+
 /// A count that must be at least 1, refused by the parser with the flag's name.
 fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
@@ -221,6 +227,28 @@ enum BenchCommand {
         #[arg(long, default_value = "benches/onnxruntime_bench.py")]
         script: PathBuf,
         /// Default: results/bench/onnxruntime-<device>.csv (`cpu`, or the GPU's model).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The model's fused training operations (attention, LayerNorm) against the composites
+    /// they replace, forward and backward, at each shape: into
+    /// results/bench/kernels-<backend>-<device>.csv.
+    Kernels {
+        #[arg(long, value_enum, default_value = "tch")]
+        backend: BackendKind,
+        /// `BATCHxHEADSxTOKENSxWIDTH` shapes of Q, K and V: the quickstart's, DeiT-S's at 50 to
+        /// 198 tokens, DeiT-B's.
+        #[arg(long, value_delimiter = ',', default_value = "64x4x18x16,16x6x50x64,16x6x98x64,16x6x128x64,16x6x198x64,8x12x198x64")]
+        attention: Vec<String>,
+        /// `BATCHxTOKENSxEMBED` shapes: the quickstart's, DeiT-S's, DeiT-B's.
+        #[arg(long, value_delimiter = ',', default_value = "64x18x64,16x198x384,8x198x768")]
+        layer_norm: Vec<String>,
+        /// Timed passes, after one untimed.
+        #[arg(long, default_value_t = 20, value_parser = at_least_one())]
+        steps: usize,
+        /// Default: every core.
+        #[arg(long)]
+        threads: Option<usize>,
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -325,6 +353,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cache { command: CacheCommand::Ls } => {
             print!("{}", commands::cache_ls(&cache)?);
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Kernels { backend, attention, layer_norm, steps, threads, out } } => {
+            let attention = attention.iter().map(|s| dims::<4>(s, "--attention")).collect::<anyhow::Result<_>>()?;
+            let layer_norm = layer_norm.iter().map(|s| dims::<3>(s, "--layer-norm")).collect::<anyhow::Result<_>>()?;
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            print!("{}", nvit::bench::kernels(&nvit::bench::BenchKernels { backend, attention, layer_norm, steps, threads, out })?);
             Ok(())
         }
         Command::Bench { command: BenchCommand::Loader { root, images, size, batch, out } } => {

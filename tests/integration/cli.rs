@@ -62,6 +62,26 @@ fn bench_model_writes_training_and_inference_rates() {
     }
 }
 
+/// `bench kernels` times each fused operation and its composite where the backend has both, says
+/// which one the model takes, and names a malformed shape before measuring anything.
+#[test]
+fn bench_kernels_times_fused_and_composite_and_names_a_bad_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("kernels.csv");
+    let args = ["bench", "kernels", "--backend", "flex", "--attention", "2x2x5x4", "--layer-norm", "2x5x8", "--steps", "1", "--out", out.to_str().unwrap()];
+    let (code, _, err) = output(runner(dir.path()).args(args));
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<csv::StringRecord> = csv::Reader::from_path(&out).unwrap().records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 2);
+    // flex has no fused attention; its LayerNorm under autodiff is the model's one operation.
+    assert_eq!((&rows[0][0], &rows[0][1], &rows[0][2], &rows[0][5]), ("attention", "2x2x5x4", "", "composite"), "{:?}", rows[0]);
+    assert_eq!((&rows[1][0], &rows[1][1], &rows[1][5]), ("layer_norm", "2x5x8", "fused"), "{:?}", rows[1]);
+    assert!(rows[1][2].parse::<f64>().unwrap() > 0.0 && rows[1][3].parse::<f64>().unwrap() > 0.0, "{:?}", rows[1]);
+    let (code, _, err) = output(runner(dir.path()).args(["bench", "kernels", "--backend", "flex", "--attention", "2x2x5", "--out", out.to_str().unwrap()]));
+    assert_eq!(code, 1);
+    assert!(err.contains("--attention: `2x2x5` is not 4 sizes of at least 1 joined by x"), "{err}");
+}
+
 /// `bench vs-pytorch` refuses what it cannot run before measuring anything: a malformed model
 /// list, an unknown model, a Python without torch.
 #[test]
