@@ -62,8 +62,8 @@ fn flash_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>
 pub mod bench {
     use super::*;
 
-    /// Attention under autodiff: the fused kernel (`None` where `B` has none), or the composite;
-    /// and which of the two the model takes at this many tokens.
+    /// Attention under autodiff: the fused kernel at any length (`None` where `B` has none), or
+    /// the composite; [`attention_fused_from`] says which of the two the model takes.
     pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f64, fused: bool) -> Option<Tensor<B, 4>> {
         if fused {
             flash_attention(q, k, v, scale).ok()
