@@ -328,10 +328,16 @@ impl BackendJob for &BenchKernels {
         use crate::model::kernels;
         let device = &devices[0];
         let shape = |dims: &[usize]| dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
-        // Forward and backward, synchronized by reading one input's gradient.
-        let time = |pass: &dyn Fn() -> Option<()>| pass().map(|_| crate::machine::median_time(1, self.steps, || {
-            let _ = pass();
-        }));
+        // Forward and backward, synchronized by reading one input's gradient; the fused pass
+        // first, to know whether the backend has one.
+        let row = |kernel, dims: &[usize], pass: &dyn Fn(bool) -> Option<()>, model_fuses: bool| {
+            let time = |fused| pass(fused).map(|_| crate::machine::median_time(1, self.steps, || {
+                let _ = pass(fused);
+            }));
+            let fused = time(true);
+            let model_takes = if fused.is_some() && model_fuses { "fused" } else { "composite" };
+            KernelRow { kernel, shape: shape(dims), fused, composite: time(false).expect("the composite always runs"), model_takes }
+        };
         let mut rows = Vec::new();
         for &[b, h, n, d] in &self.attention {
             let input = || Tensor::<B, 4>::random([b, h, n, d], Distribution::Normal(0.0, 1.0), device).require_grad();
@@ -343,9 +349,7 @@ impl BackendJob for &BenchKernels {
                 q.grad(&grads).expect("q requires grad").sum().into_data();
                 Some(())
             };
-            let fused = time(&|| pass(true));
-            let takes = if fused.is_some() && kernels::attention_fused_from(n) { "fused" } else { "composite" };
-            rows.push(KernelRow { kernel: "attention", shape: shape(&[b, h, n, d]), fused, composite: time(&|| pass(false)).expect("always"), model_takes: takes });
+            rows.push(row("attention", &[b, h, n, d], &pass, kernels::attention_fused_from::<B>(n)));
         }
         for &[b, n, e] in &self.layer_norm {
             let ln = burn::nn::LayerNormConfig::new(e).with_epsilon(crate::model::LN_EPS).init::<B>(device);
@@ -356,9 +360,7 @@ impl BackendJob for &BenchKernels {
                 x.grad(&grads).expect("x requires grad").sum().into_data();
                 Some(())
             };
-            let fused = time(&|| pass(true));
-            let takes = if fused.is_some() { "fused" } else { "composite" };
-            rows.push(KernelRow { kernel: "layer_norm", shape: shape(&[b, n, e]), fused, composite: time(&|| pass(false)).expect("always"), model_takes: takes });
+            rows.push(row("layer_norm", &[b, n, e], &pass, true));
         }
         Ok(rows)
     }

@@ -52,7 +52,7 @@ impl<B: Backend> Attention<B> {
     pub(super) fn forward(&self, x: Tensor<B, 3>, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
         let [b, n, _] = x.dims();
         let h = self.heads;
-        let split = |t: Tensor<B, 3>, d: usize| t.reshape([b, n, h, d]).swap_dims(1, 2); // [b, h, n, d]
+        let split = |t: Tensor<B, 3>, d: usize| fused::swap_heads(t.reshape([b, n, h, d])); // [b, h, n, d]
         let q = split(per_token(&self.q, x.clone()), self.qk);
         let k = split(per_token(&self.k, x.clone()), self.qk);
         let v = split(per_token(&self.v, x), self.v_dim);
@@ -74,7 +74,7 @@ impl<B: Backend> Attention<B> {
             let options = AttentionModuleOptions { scale: Some(self.scale), softcap: None, is_causal: false };
             attention(q, k, v, None, bias, options)
         };
-        let out = out.swap_dims(1, 2).reshape([b, n, h * self.v_dim]);
+        let out = fused::swap_heads(out).reshape([b, n, h * self.v_dim]);
         per_token(&self.proj, out)
     }
 }
@@ -171,6 +171,10 @@ pub fn with_drop_path_seed<R>(seed: u64, f: impl FnOnce() -> R) -> R {
 /// `tests/integration/gradient_parity.rs`. burn-flex's and LibTorch's own `gelu` and backward are
 /// exact, one pass each instead of five operations: they take it (held to the same fixture).
 pub(super) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let x = match fused::gelu(x) {
+        Ok(out) => return out,
+        Err(x) => x,
+    };
     if fused::exact_gelu::<B>() {
         return burn::tensor::activation::gelu(x);
     }
