@@ -245,7 +245,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
                     kinds[name].name(),
                     expected.map_or("", |k| k.name())
                 ),
-                Some(_) if (key == "teacher" || key == "input") && !kinds[name].writes_model() => format!(
+                Some(_) if matches!(key, "teacher" | "input" | "baseline") && !kinds[name].writes_model() => format!(
                     "names `{name}`, a {} stage, which writes no model{}\n  hint: name a {} stage",
                     kinds[name].name(),
                     if key == "input" && figment.find_value(&format!("stages.{}.input", stage.name)).is_err() {

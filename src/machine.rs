@@ -35,6 +35,48 @@ pub fn median_time(warmup: usize, repeats: usize, mut run: impl FnMut()) -> f64 
     median(times)
 }
 
+/// The median, slowest and fastest of `pairs` ratios `time(a) / time(b)`, each pair one
+/// timed call of each, the order alternating (a b, b a, ...) after `warmup` untimed calls of
+/// each: a slow spell of the machine lands on both sides of a pair, where two medians taken
+/// minutes apart each carry their own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ratio {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub pairs: usize,
+}
+
+pub fn paired_ratio(warmup: usize, pairs: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> Ratio {
+    for _ in 0..warmup {
+        a();
+        b();
+    }
+    let time = |run: &mut dyn FnMut()| {
+        let start = std::time::Instant::now();
+        run();
+        start.elapsed().as_secs_f64()
+    };
+    let ratios: Vec<f64> = (0..pairs)
+        .map(|i| {
+            let (ta, tb) = if i % 2 == 0 {
+                let ta = time(&mut a);
+                (ta, time(&mut b))
+            } else {
+                let tb = time(&mut b);
+                (time(&mut a), tb)
+            };
+            ta / tb.max(f64::MIN_POSITIVE)
+        })
+        .collect();
+    Ratio {
+        min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        median: median(ratios),
+        pairs,
+    }
+}
+
 /// Held while it lives.
 pub struct Guard(#[allow(dead_code)] Vec<File>);
 
@@ -100,6 +142,16 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 100.0]), 3.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 100.0]), 3.0);
         assert!(median(Vec::new()).is_nan());
+    }
+
+    #[test]
+    fn a_paired_ratio_is_the_median_of_alternated_pairs() {
+        let slow = || std::thread::sleep(Duration::from_millis(6));
+        let fast = || std::thread::sleep(Duration::from_millis(2));
+        let r = paired_ratio(1, 5, slow, fast);
+        assert_eq!(r.pairs, 5);
+        assert!(r.min <= r.median && r.median <= r.max, "{r:?}");
+        assert!(r.median > 1.5 && r.median < 3.5, "6 ms against 2 ms: {r:?}");
     }
 
     #[test]

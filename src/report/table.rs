@@ -21,8 +21,18 @@ pub struct Row {
     pub params_m: f64,
     pub gflops: f64,
     pub images_per_s: Option<f64>,
-    /// Throughput over the first (dense) model's, on the same device.
+    /// Over the first (dense) model, on the same device: the median of paired measurements
+    /// where the row's `evaluate` stage names that model as its `baseline`, else the ratio of
+    /// the two stages' throughputs.
     pub speedup: Option<f64>,
+    /// The slowest and fastest of the pairs' ratios, and how many pairs; empty when the
+    /// speedup is a ratio of throughputs.
+    #[serde(default)]
+    pub speedup_min: Option<f64>,
+    #[serde(default)]
+    pub speedup_max: Option<f64>,
+    #[serde(default)]
+    pub speedup_pairs: Option<u64>,
     pub resolution: usize,
     pub latency_target: Option<f64>,
     pub backend: String,
@@ -54,6 +64,9 @@ pub fn paper_rows() -> Vec<Row> {
             gflops,
             images_per_s: None,
             speedup: Some(speedup),
+            speedup_min: None,
+            speedup_max: None,
+            speedup_pairs: None,
             resolution: 224,
             latency_target,
             backend: String::new(),
@@ -63,9 +76,11 @@ pub fn paper_rows() -> Vec<Row> {
 }
 
 /// Measured rows from `evaluate` metrics, the first being the dense baseline of `speedup`;
-/// each with the latency target its model was pruned to, if any.
+/// each with the latency target its model was pruned to, if any. A row whose metrics carry a
+/// paired `speedup` (its stage named a `baseline`) keeps it, with its spread.
 pub fn measured_rows(models: &[(serde_json::Value, Option<f64>)]) -> Result<Vec<Row>> {
     let base = models.first().and_then(|(m, _)| m["images_per_s"].as_f64());
+    let round = |x: f64| (x * 100.0).round() / 100.0;
     models
         .iter()
         .map(|(m, latency_target)| {
@@ -81,7 +96,10 @@ pub fn measured_rows(models: &[(serde_json::Value, Option<f64>)]) -> Result<Vec<
                 params_m: num("params_m")?,
                 gflops: num("gflops")?,
                 images_per_s: Some(images_per_s),
-                speedup: base.map(|b| (images_per_s / b * 100.0).round() / 100.0),
+                speedup: m["speedup"].as_f64().or(base.map(|b| round(images_per_s / b))),
+                speedup_min: m["speedup_min"].as_f64(),
+                speedup_max: m["speedup_max"].as_f64(),
+                speedup_pairs: m["speedup_pairs"].as_u64(),
                 resolution: m["image_size"].as_u64().unwrap_or_default() as usize,
                 latency_target: *latency_target,
                 backend: text("backend"),
@@ -286,7 +304,10 @@ pub fn markdown(rows: &[Row]) -> String {
             r.params_m,
             r.gflops,
             opt(r.images_per_s),
-            opt(r.speedup),
+            match (r.speedup, r.speedup_min, r.speedup_max, r.speedup_pairs) {
+                (Some(x), Some(lo), Some(hi), Some(n)) => format!("{x} ({lo}–{hi}, {n} pairs)"),
+                (x, ..) => opt(x),
+            },
             r.resolution,
             opt(r.latency_target),
             if r.backend.is_empty() { r.device.clone() } else { format!("{} {}", r.backend, r.device) }
@@ -311,6 +332,9 @@ mod tests {
             gflops: 1.0,
             images_per_s: Some(100.0),
             speedup: Some(speedup),
+            speedup_min: None,
+            speedup_max: None,
+            speedup_pairs: None,
             resolution: 28,
             latency_target: Some(0.5),
             backend: String::new(),
@@ -339,18 +363,25 @@ mod tests {
             serde_json::json!({"model": model, "dataset": "d", "top1": 80.0, "top5": 95.0, "params_m": 1.0, "gflops": 0.5,
                 "images_per_s": ips, "image_size": 28, "backend": "ndarray", "device": "cpu"})
         };
-        let rows = measured_rows(&[(m("dense", 100.0), None), (m("pruned", 166.0), Some(0.5))]).unwrap();
+        let mut paired = m("paired", 150.0);
+        for (key, value) in [("speedup", 1.71), ("speedup_min", 1.52), ("speedup_max", 1.80)] {
+            paired[key] = value.into();
+        }
+        paired["speedup_pairs"] = 20.into();
+        let rows = measured_rows(&[(m("dense", 100.0), None), (m("pruned", 166.0), Some(0.5)), (paired, Some(0.5))]).unwrap();
         assert_eq!(rows[0].speedup, Some(1.0));
-        assert_eq!(rows[1].speedup, Some(1.66));
+        assert_eq!((rows[1].speedup, rows[1].speedup_pairs), (Some(1.66), None), "no baseline: the throughputs' ratio");
         assert_eq!(rows[1].latency_target, Some(0.5));
+        assert_eq!((rows[2].speedup, rows[2].speedup_min, rows[2].speedup_max, rows[2].speedup_pairs), (Some(1.71), Some(1.52), Some(1.80), Some(20)));
+        assert!(markdown(&rows).contains("| 1.71 (1.52–1.8, 20 pairs) |"), "{}", markdown(&rows));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("table.csv");
         let mut all = rows;
         all.extend(paper_rows());
         write_csv(&path, &all).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with("source,model,dataset,top1,top5,params_m,gflops,images_per_s,speedup,resolution,latency_target,backend,device\n"));
-        assert!(text.contains("\npaper,NViT-B,imagenet-1k,83.29,,34.0,6.8,,1.86,224,0.54,,\"V100, batch 256\"\n"), "{text}");
+        assert!(text.starts_with("source,model,dataset,top1,top5,params_m,gflops,images_per_s,speedup,speedup_min,speedup_max,speedup_pairs,resolution,latency_target,backend,device\n"));
+        assert!(text.contains("\npaper,NViT-B,imagenet-1k,83.29,,34.0,6.8,,1.86,,,,224,0.54,,\"V100, batch 256\"\n"), "{text}");
         assert!(measured_rows(&[(serde_json::json!({"model": "x"}), None)]).unwrap_err().to_string().contains("`images_per_s`"));
     }
 }

@@ -1,6 +1,8 @@
 //! `evaluate`: top-1 and top-5 (the two heads averaged for distilled models), loss, params,
 //! FLOPs, and measured inference throughput on the chosen backend: images/s and per-batch
-//! latency at a stated batch size, after warm-up, the median of repeats.
+//! latency at a stated batch size, after warm-up, the median of repeats. With a `baseline`
+//! (the dense model's stage), also the speedup over it measured in pairs: the two models timed
+//! alternately in this process, on the same input, so that what slows the machine slows both.
 
 
 use anyhow::Result;
@@ -11,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{at_least_one, KeyDoc, StageContext};
 use crate::data::{DatasetKind, Split};
-use crate::model::ModelConfig;
+use crate::model::{Model, ModelConfig};
 use crate::train::{correct, scalar, to_tensors};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -23,6 +25,8 @@ pub struct EvaluateSettings {
     pub throughput_repeats: usize,
     pub warmup: usize,
     pub model_id: Option<String>,
+    pub baseline: Option<String>,
+    pub speedup_pairs: usize,
 }
 
 pub const KEYS: &[KeyDoc] = &[
@@ -32,11 +36,13 @@ pub const KEYS: &[KeyDoc] = &[
     ("throughput_repeats", "integer", "timed forward passes; the median is reported"),
     ("warmup", "integer", "untimed forward passes before timing"),
     ("model_id", "string", "the model's name in metrics.csv (unset: the input stage's name)"),
+    ("baseline", "string", "a stage whose model (the dense one) this one's speedup is measured against, in pairs (unset: none)"),
+    ("speedup_pairs", "integer", "with a baseline: timed passes of each model, alternated; the speedup is the median of the pairs' ratios"),
 ];
 
 impl Default for EvaluateSettings {
     fn default() -> Self {
-        Self { split: Split::Val, batch_size: 256, throughput_batch: 64, throughput_repeats: 10, warmup: 2, model_id: None }
+        Self { split: Split::Val, batch_size: 256, throughput_batch: 64, throughput_repeats: 10, warmup: 2, model_id: None, baseline: None, speedup_pairs: 20 }
     }
 }
 
@@ -44,7 +50,7 @@ impl EvaluateSettings {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
         at_least_one(&mut p, &[("batch_size", self.batch_size), ("throughput_batch", self.throughput_batch)]);
-        super::repetitions(&mut p, &[("throughput_repeats", self.throughput_repeats, 1), ("warmup", self.warmup, 0)]);
+        super::repetitions(&mut p, &[("throughput_repeats", self.throughput_repeats, 1), ("warmup", self.warmup, 0), ("speedup_pairs", self.speedup_pairs, 1)]);
         if let Some(id) = self.model_id.as_ref().filter(|id| id.is_empty() || id.len() > crate::files::MAX_NAME || id.chars().any(char::is_control)) {
             p.push(("model_id".into(), format!("{id:?}: expected a name of 1 to {} characters on one line", crate::files::MAX_NAME)));
         }
@@ -85,11 +91,14 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
         Distribution::Default,
         device,
     );
+    let baseline = s.baseline.as_deref().map(|name| baseline_model(ctx, name, &config)).transpose()?;
     let alone = crate::machine::measuring();
-    let median = crate::machine::median_time(s.warmup, s.throughput_repeats, || {
+    let pass = |model: &Model<B::InnerBackend>| {
         let _ = model.forward(x.clone()).logits().into_data();
         let _ = B::InnerBackend::sync(device);
-    });
+    };
+    let median = crate::machine::median_time(s.warmup, s.throughput_repeats, || pass(&model));
+    let paired = baseline.map(|base| crate::machine::paired_ratio(s.warmup, s.speedup_pairs, || pass(&base), || pass(&model)));
     drop(alone);
 
     let data = ctx.dataset;
@@ -118,6 +127,13 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
         "image_size": config.image_size(),
         "family": config.family().to_string(),
     });
+    if let (Some(ratio), Some(name)) = (paired, &s.baseline) {
+        metrics["baseline"] = serde_json::json!(name);
+        metrics["speedup"] = serde_json::json!(round(ratio.median, 2));
+        metrics["speedup_min"] = serde_json::json!(round(ratio.min, 2));
+        metrics["speedup_max"] = serde_json::json!(round(ratio.max, 2));
+        metrics["speedup_pairs"] = serde_json::json!(ratio.pairs);
+    }
     match &config {
         ModelConfig::Deit(c) => {
             metrics["embed_dim"] = serde_json::json!(c.embed_dim);
@@ -128,6 +144,25 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
     Ok(metrics)
 }
 
+/// The model of stage `name`, checked to take the same input as `config`'s.
+fn baseline_model<B: AutodiffBackend>(ctx: &StageContext<B>, name: &str, config: &ModelConfig) -> Result<Model<B::InnerBackend>> {
+    let base = ctx.stage_model::<B::InnerBackend>(name, ctx.device())?;
+    let (a, b) = (base.config(), config);
+    if (a.in_chans(), a.image_size()) != (b.in_chans(), b.image_size()) {
+        anyhow::bail!(
+            "stages.{}.baseline: `{name}`'s model takes {}x{}x{} images and this one {}x{}x{}; the speedup compares models on one input",
+            ctx.spec.name,
+            a.in_chans(),
+            a.image_size(),
+            a.image_size(),
+            b.in_chans(),
+            b.image_size(),
+            b.image_size()
+        );
+    }
+    Ok(base)
+}
+
 fn round(x: f64, digits: i32) -> f64 {
     let m = 10f64.powi(digits);
     (x * m).round() / m
@@ -136,8 +171,12 @@ fn round(x: f64, digits: i32) -> f64 {
 /// One line for the log.
 pub fn summary(m: &serde_json::Value) -> String {
     format!(
-        "{} on {} {}: top-1 {}%, top-5 {}%, {} M params, {} GFLOPs, {} img/s at batch {}",
-        m["model"], m["dataset"], m["split"], m["top1"], m["top5"], m["params_m"], m["gflops"], m["images_per_s"], m["batch"]
+        "{} on {} {}: top-1 {}%, top-5 {}%, {} M params, {} GFLOPs, {} img/s at batch {}{}",
+        m["model"], m["dataset"], m["split"], m["top1"], m["top5"], m["params_m"], m["gflops"], m["images_per_s"], m["batch"],
+        match m["speedup"].as_f64() {
+            Some(x) => format!(", {x}x {} ({}-{} over {} pairs)", m["baseline"], m["speedup_min"], m["speedup_max"], m["speedup_pairs"]),
+            None => String::new(),
+        }
     )
     .replace('"', "")
 }

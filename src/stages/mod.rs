@@ -132,7 +132,7 @@ impl StageKind {
             StageKind::ProfileLatency => &["src/stages/profile_latency.rs", "src/prune"],
             StageKind::HessianScores => &["src/stages/hessian_scores.rs", "src/prune", "src/train", "src/data"],
             StageKind::Prune => &["src/stages/prune.rs", "src/prune", "src/train", "src/data"],
-            StageKind::Evaluate => &["src/stages/evaluate.rs", "src/train", "src/data"],
+            StageKind::Evaluate => &["src/stages/evaluate.rs", "src/machine.rs", "src/train", "src/data"],
             StageKind::Report => &["src/stages/report.rs", "src/report"],
         };
         let mut paths = vec!["Cargo.lock", "src/files.rs", "src/model", "src/stages/mod.rs"];
@@ -295,6 +295,7 @@ impl StageSettings {
             StageSettings::Prune(s) if !s.latency.is_empty() => vec![("latency", s.latency.as_str())],
             StageSettings::Train(TrainSettings { teacher: Some(t), .. })
             | StageSettings::Distill(DistillSettings(TrainSettings { teacher: Some(t), .. })) => vec![("teacher", t.as_str())],
+            StageSettings::Evaluate(EvaluateSettings { baseline: Some(b), .. }) => vec![("baseline", b.as_str())],
             StageSettings::Report(s) => s.refs(),
             _ => vec![],
         }

@@ -105,7 +105,9 @@ fn readme<B: AutodiffBackend>(ctx: &StageContext<B>, rows: &[table::Row], trajec
     let mut s = format!(
         "# {name}\n\nWritten by the `{stage}` stage of `runner run` on the pipeline `{name}` ({backend}, {device}); \
          every `measured` row was measured by this repository's `evaluate` stage{paper}. `speedup` is \
-         throughput over the first measured row's, on the same device.\n\n{table}\n",
+         over the first measured row's model, on the same device: the median of paired measurements (slowest and \
+         fastest pair, and their count, beside it) where the row's `evaluate` stage names that model as its \
+         `baseline`, else the ratio of the two throughputs.\n\n{table}\n",
         name = ctx.pipeline_name,
         stage = ctx.spec.name,
         backend = ctx.backend,

@@ -43,6 +43,10 @@ fn smoke_run(dir: &Path, pipeline: &str, target: f64, model_id: &str, set: &[&st
     assert_eq!(measured[1].latency_target, Some(target));
     assert_eq!((measured[0].resolution, measured[0].params_m.round()), (224, dense.params_m), "{pipeline}: the dense model's full width, 10-class head");
     assert!(measured[1].params_m < measured[0].params_m, "pruned: {:?}", measured[1]);
+    // The speedup over the dense model (the evaluate stage's `baseline`), timed in pairs.
+    let m = measured[1];
+    assert_eq!(m.speedup_pairs, Some(1), "{pipeline}: {m:?}");
+    assert!(m.speedup_min <= m.speedup && m.speedup <= m.speedup_max && m.speedup.unwrap() > 0.0, "{pipeline}: {m:?}");
     assert_eq!(rows.iter().any(|r| r.source == "paper" && r.model == model_id), dense.paper);
     let dims = std::fs::read_to_string(results.join("dims.csv")).unwrap();
     assert_eq!(dims.lines().filter(|l| l.starts_with(&format!("{model_id},"))).count(), dense.blocks, "{dims}");
