@@ -183,6 +183,16 @@ pub(super) fn swap_heads<B: Backend>(t: Tensor<B, 4>) -> Tensor<B, 4> {
     }
 }
 
+/// A float primitive as a tensor, and back: the custom autodiff operations below work on
+/// primitives.
+fn tensor<X: Backend, const D: usize>(p: burn::tensor::ops::FloatTensor<X>) -> Tensor<X, D> {
+    Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(p))
+}
+
+fn primitive<X: Backend, const D: usize>(t: Tensor<X, D>) -> burn::tensor::ops::FloatTensor<X> {
+    t.into_primitive().tensor()
+}
+
 /// `value` as a `T` when `A` is `T` under another name, else `value` back.
 fn cast<A: 'static, T: 'static>(value: A) -> Result<T, A> {
     let mut slot = Some(value);
@@ -246,26 +256,19 @@ mod probs {
     use burn::tensor::backend::Backend;
     use burn::tensor::ops::FloatTensor;
     use burn::tensor::{Tensor, TensorPrimitive};
+    use super::{primitive, tensor};
 
     #[derive(Debug)]
     struct AttentionBackward;
-
-    fn tensor<X: Backend>(p: FloatTensor<X>) -> Tensor<X, 4> {
-        Tensor::from_primitive(TensorPrimitive::Float(p))
-    }
-
-    fn primitive<X: Backend>(t: Tensor<X, 4>) -> FloatTensor<X> {
-        t.into_primitive().tensor()
-    }
 
     impl<X: Backend> Backward<X, 3> for AttentionBackward {
         /// q, k, v, the probabilities, the output and the scale.
         type State = ([FloatTensor<X>; 5], f64);
 
         fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let d_out = tensor::<X>(grads.consume::<X>(&ops.node));
+            let d_out = tensor::<X, 4>(grads.consume::<X>(&ops.node));
             let ([q, k, v, p, out], scale) = ops.state;
-            let [q, k, v, p, out] = [q, k, v, p, out].map(tensor::<X>);
+            let [q, k, v, p, out] = [q, k, v, p, out].map(tensor::<X, 4>);
             let [node_q, node_k, node_v] = ops.parents;
             if let Some(node) = node_v {
                 grads.register::<X>(node.id, primitive(p.clone().transpose().matmul(d_out.clone())));
@@ -287,7 +290,7 @@ mod probs {
     pub fn attention<X: Backend>(q: Tensor<Autodiff<X>, 4>, k: Tensor<Autodiff<X>, 4>, v: Tensor<Autodiff<X>, 4>, scale: f64) -> Tensor<Autodiff<X>, 4> {
         let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
         let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
-        let [q, k, v] = [q.primitive, k.primitive, v.primitive].map(tensor::<X>);
+        let [q, k, v] = [q.primitive, k.primitive, v.primitive].map(tensor::<X, 4>);
         // The scale on q, `[tokens, qk]`, not on the logits, `[tokens, tokens]`.
         let p = softmax(q.clone().mul_scalar(scale).matmul(k.clone().transpose()), 3);
         let out = p.clone().matmul(v.clone());
@@ -367,13 +370,10 @@ mod norm {
     use burn::tensor::backend::Backend;
     use burn::tensor::ops::FloatTensor;
     use burn::tensor::{Tensor, TensorPrimitive};
+    use super::tensor;
 
     #[derive(Debug)]
     struct LayerNormBackward;
-
-    fn tensor<X: Backend, const D: usize>(p: FloatTensor<X>) -> Tensor<X, D> {
-        Tensor::from_primitive(TensorPrimitive::Float(p))
-    }
 
     impl<X: Backend> Backward<X, 3> for LayerNormBackward {
         /// The input, gamma and epsilon: the statistics are recomputed from the input, which
