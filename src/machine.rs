@@ -39,7 +39,7 @@ pub fn median_time(warmup: usize, repeats: usize, mut run: impl FnMut()) -> f64 
 /// timed call of each, the order alternating (a b, b a, ...) after `warmup` untimed calls of
 /// each: a slow spell of the machine lands on both sides of a pair, where two medians taken
 /// minutes apart each carry their own.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Ratio {
     pub median: f64,
     pub min: f64,

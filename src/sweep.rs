@@ -454,6 +454,7 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
     header.extend(keys.iter().map(|k| k.to_string()));
     header.extend(table_columns());
     header.push("latency_reached".into());
+    header.push("latency_measured".into());
     w.write_record(&header)?;
     for ((point, row), reached) in lines.iter().zip(&reached) {
         let mut record = vec![point.name.clone()];
@@ -461,6 +462,8 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
         let json = serde_json::to_value(row)?;
         record.extend(table_columns().iter().map(|c| crate::report::csv_cell(&json[c])));
         record.push(reached.map_or(String::new(), |r| format!("{r:.4}")));
+        // The paired measurement's median, as a latency ratio beside the estimate's.
+        record.push(row.speedup_pairs.and(row.speedup).map_or(String::new(), |x| format!("{:.4}", 1.0 / x)));
         w.write_record(&record)?;
     }
     atomic_write(&root.join("sweep.csv"), &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
@@ -498,7 +501,7 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
          repository's `evaluate` stage (backend and device in each row); `speedup` is over the point's first \
          evaluated model: the median of paired measurements (`speedup_min`, `speedup_max`, `speedup_pairs`) where the \
          model's `evaluate` stage names it as its `baseline`, else the ratio of throughputs; {}. `latency_reached` is the estimated latency the point's prune stage reached, \
-         as a fraction of dense, beside its `latency_target`.\n\n{}\n![top-1 against measured speedup](accuracy.svg)\n",
+         as a fraction of dense, beside its `latency_target`, and `latency_measured` the paired measurement's (1 / `speedup`).\n\n{}\n![top-1 against measured speedup](accuracy.svg)\n",
         sweep.name,
         sweep.path.display(),
         sweep.points.len(),

@@ -71,8 +71,11 @@ fn frontier(table: &LatencyTable, e: usize, block: [&Ranked; 4]) -> Vec<Choice> 
 /// The most valuable widths under `budget` seconds of estimated latency, as masks that keep
 /// each structure's best-scored alive units (pruned units stay pruned); `None` when even the
 /// narrowest allowed model is over the budget. `group(s)` is the step in which structure `s`
-/// shrinks; EMB keeps at least one group, every other structure at least one unit.
-pub fn select(scores: &Masks, masks: &Masks, table: &LatencyTable, budget: f64, group: impl Fn(Structure) -> usize, bins: usize) -> Option<Masks> {
+/// shrinks; EMB keeps at least one group, every other structure at least one unit. With a
+/// `floor` (seconds; 0 for none: the last step's landing), each E's choice is filled with
+/// block units up to the budget ([`fill`]) and the most valuable of those that come to at
+/// least `floor` wins: a narrower E can win on value far under the budget.
+pub fn select(scores: &Masks, masks: &Masks, table: &LatencyTable, budget: f64, floor: f64, group: impl Fn(Structure) -> usize, bins: usize) -> Option<Masks> {
     let depth = masks.blocks.len();
     let ranked = |s: Structure, b: usize| rank(scores.get(s, b), masks.get(s, b), group(s), if s == Structure::Emb { group(s) } else { 1 });
     assert_eq!(masks.emb.len(), 1, "exact selection solves for one embedding width");
@@ -82,7 +85,7 @@ pub fn select(scores: &Masks, masks: &Masks, table: &LatencyTable, budget: f64, 
     let step = budget / bins as f64;
     // Every E is its own knapsack: they run in parallel, and the most valuable wins.
     use rayon::prelude::*;
-    let solve = |&(e, emb_value): &(usize, f64)| -> Option<(f64, usize, Vec<BlockDims>)> {
+    let solve = |&(e, emb_value): &(usize, f64)| -> Option<(f64, usize, Vec<BlockDims>, f64)> {
         let options: Vec<Vec<Choice>> = blocks.iter().map(|b| frontier(table, e, [&b[0], &b[1], &b[2], &b[3]])).collect();
         let cost = |o: &Choice| (o.latency / step - 1e-9).ceil().max(0.0) as usize;
         // value[c]: the best value of the blocks so far within c steps; picks[b][c]: block b's
@@ -112,29 +115,76 @@ pub fn select(scores: &Masks, masks: &Masks, table: &LatencyTable, budget: f64, 
             return None;
         }
         let mut dims = vec![BlockDims { heads: 0, qk: 0, v: 0, mlp: 0 }; depth];
-        let mut c = bins;
+        let (mut c, mut latency) = (bins, 0.0);
         for b in (0..depth).rev() {
             let o = options[b][picks[b][c].expect("a finite value has a pick")];
             dims[b] = o.dims;
+            latency += o.latency;
             c -= cost(&o);
         }
-        Some((value[bins] + emb_value, e, dims))
+        Some((value[bins] + emb_value, e, dims, latency))
     };
-    let best = emb.widths.par_iter().filter_map(solve).max_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    let (_, e, dims) = best?;
-    let mut out = masks.clone();
+    let solved: Vec<_> = emb.widths.par_iter().filter_map(solve).collect();
     let keep = |mask: &mut Vec<f32>, ranked: &Ranked, k: usize| {
         for &u in &ranked.order[k..] {
             mask[u] = 0.0;
         }
     };
-    keep(out.get_mut(Structure::Emb, 0), &emb, e);
-    for (b, d) in dims.iter().enumerate() {
-        for (i, k) in [d.heads, d.qk, d.v, d.mlp].into_iter().enumerate() {
-            keep(out.get_mut(IN_BLOCK[i], b), &blocks[b][i], k);
+    let to_masks = |e: usize, dims: &[BlockDims]| {
+        let mut out = masks.clone();
+        keep(out.get_mut(Structure::Emb, 0), &emb, e);
+        for (b, d) in dims.iter().enumerate() {
+            for (i, k) in [d.heads, d.qk, d.v, d.mlp].into_iter().enumerate() {
+                keep(out.get_mut(IN_BLOCK[i], b), &blocks[b][i], k);
+            }
+        }
+        out
+    };
+    if floor <= 0.0 {
+        let (_, e, dims, _) = solved.into_iter().max_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))?;
+        return Some(to_masks(e, &dims));
+    }
+    // Landing: each E's choice filled up to the budget, those at or above `floor` preferred.
+    let filled: Vec<(f64, f64, Masks)> = solved
+        .iter()
+        .map(|(_, e, dims, _)| {
+            let m = fill(scores, masks, to_masks(*e, dims), table, budget);
+            (kept_value(scores, &m), latency(table, &m), m)
+        })
+        .collect();
+    let landed = filled.iter().any(|f| f.1 >= floor);
+    filled.into_iter().filter(|f| !landed || f.1 >= floor).max_by(|a, b| a.0.total_cmp(&b.0)).map(|f| f.2)
+}
+
+/// The estimated latency of the widths `m` keeps.
+fn latency(table: &LatencyTable, m: &Masks) -> f64 {
+    let (e, dims) = m.surviving_dims().remove(0);
+    dims.iter().map(|d| table.lookup(e, d)).sum()
+}
+
+/// The scores of the units `m` keeps, summed.
+fn kept_value(scores: &Masks, m: &Masks) -> f64 {
+    m.slots().iter().map(|&(s, b)| scores.get(s, b).iter().zip(m.get(s, b)).map(|(x, k)| (*x * *k) as f64).sum::<f64>()).sum()
+}
+
+/// `kept` (a selection from `masks` under `budget`) with block units it pruned given back, the
+/// best-scored first, each that still fits the budget: the widths the dynamic program chooses
+/// move in whole groups, so the last step can end up to a group's latency under the budget.
+/// Units pruned before this step stay pruned, and E stays as chosen.
+fn fill(scores: &Masks, masks: &Masks, mut kept: Masks, table: &LatencyTable, budget: f64) -> Masks {
+    let mut back: Vec<(Structure, usize, usize, f32)> = Vec::new();
+    for (s, b) in kept.slots().into_iter().filter(|(s, _)| *s != Structure::Emb) {
+        let (was, now, score) = (masks.get(s, b), kept.get(s, b), scores.get(s, b));
+        back.extend((0..was.len()).filter(|&u| was[u] != 0.0 && now[u] == 0.0).map(|u| (s, b, u, score[u])));
+    }
+    back.sort_by(|a, b| b.3.total_cmp(&a.3));
+    for (s, b, u, _) in back {
+        kept.get_mut(s, b)[u] = masks.get(s, b)[u];
+        if latency(table, &kept) > budget {
+            kept.get_mut(s, b)[u] = 0.0;
         }
     }
-    Some(out)
+    kept
 }
 
 #[cfg(test)]
@@ -228,7 +278,7 @@ mod tests {
             for ratio in [0.9, 0.6, 0.35] {
                 let budget = ratio * dense;
                 let bins = 2000;
-                let kept = select(&scores, &masks, &table, budget, group, bins).expect("feasible");
+                let kept = select(&scores, &masks, &table, budget, 0.0, group, bins).expect("feasible");
                 let (e, dims) = kept.surviving_dims().remove(0);
                 let lat: f64 = dims.iter().map(|d| table.lookup(e, d)).sum();
                 assert!(lat <= budget, "seed {seed} ratio {ratio}: {lat} over {budget}");
@@ -244,14 +294,44 @@ mod tests {
         }
     }
 
+    /// MLP in groups of 8 units, EMB of 4 of 12: the program alone moves in those steps; with
+    /// the embedding widths that land preferred and then filled, the selection ends within 2%
+    /// under its budget, and filling only adds value.
+    #[test]
+    fn filling_brings_the_last_step_to_its_budget() {
+        let config = VitConfig::uniform(16, 4, 3, 12, 2, 3, 4.0, 5, false);
+        let group = |s: Structure| match s {
+            Structure::Emb => 4,
+            Structure::Mlp => 8,
+            _ => 2,
+        };
+        let table = table(&config);
+        let dense = config.blocks.iter().map(|d| table.lookup(config.embed_dim, d)).sum::<f64>();
+        let scores = random_scores(&config, 3);
+        let masks = Masks::ones(&config.clone().into());
+        let latency = |m: &Masks| {
+            let (e, dims) = m.surviving_dims().remove(0);
+            dims.iter().map(|d| table.lookup(e, d)).sum::<f64>()
+        };
+        for ratio in [0.8, 0.55, 0.3] {
+            let budget = ratio * dense;
+            let kept = select(&scores, &masks, &table, budget, 0.0, group, 1000).unwrap();
+            let landed = select(&scores, &masks, &table, budget, 0.98 * budget, group, 1000).unwrap();
+            let (before, after) = (latency(&kept), latency(&landed));
+            assert!(after <= budget && after >= 0.98 * budget, "ratio {ratio}: landed at {} of the budget (the program alone at {})", after / budget, before / budget);
+            let refilled = fill(&scores, &masks, kept.clone(), &table, budget);
+            assert!(value(&scores, &refilled) >= value(&scores, &kept), "filling only adds value");
+        }
+    }
+
     #[test]
     fn an_impossible_budget_is_none_and_a_full_one_keeps_everything() {
         let config = VitConfig::uniform(16, 4, 3, 8, 2, 2, 1.0, 5, false);
         let table = table(&config);
         let scores = random_scores(&config, 7);
         let masks = Masks::ones(&config.clone().into());
-        assert!(select(&scores, &masks, &table, 1e-9, |_| 1, 100).is_none());
-        let all = select(&scores, &masks, &table, 1.01 * config.blocks.iter().map(|d| table.lookup(config.embed_dim, d)).sum::<f64>(), |_| 1, 1000).unwrap();
+        assert!(select(&scores, &masks, &table, 1e-9, 0.0, |_| 1, 100).is_none());
+        let all = select(&scores, &masks, &table, 1.01 * config.blocks.iter().map(|d| table.lookup(config.embed_dim, d)).sum::<f64>(), 0.0, |_| 1, 1000).unwrap();
         assert_eq!(all, masks);
     }
 }

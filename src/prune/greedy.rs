@@ -91,9 +91,7 @@ pub fn groups(scores: &Masks, masks: &Masks, latency: &ModelLatency, eta: f64, g
 /// Whether `g` can go without emptying its structure in its block (one unit stays, and for
 /// EMB one group of `emb_group`).
 fn removable(g: &Group, masks: &Masks, emb_group: usize) -> bool {
-    let alive = masks.get(g.structure, g.block).iter().filter(|m| **m != 0.0).count();
-    let floor = if g.structure == Structure::Emb { emb_group.min(alive) } else { 1 };
-    alive >= g.units.len() + floor
+    removable_units(g, g.units.len(), masks, emb_group)
 }
 
 /// Prunes `g` if it is [`removable`]; whether it did.
@@ -101,10 +99,7 @@ fn remove(g: &Group, masks: &mut Masks, emb_group: usize) -> bool {
     if !removable(g, masks, emb_group) {
         return false;
     }
-    let mask = masks.get_mut(g.structure, g.block);
-    for &u in &g.units {
-        mask[u] = 0.0;
-    }
+    remove_units(g, g.units.len(), masks);
     true
 }
 
@@ -113,15 +108,106 @@ pub fn any_removable(groups: &[Group], masks: &Masks, emb_group: usize) -> bool 
     groups.iter().any(|g| removable(g, masks, emb_group))
 }
 
-/// Global ranking: prunes the `n` lowest of `groups` (ascending) that can go; how many did.
-pub fn prune_lowest(groups: &[Group], masks: &mut Masks, n: usize, emb_group: usize) -> usize {
+/// Where the last pruning step must end: at most `target` (the estimated latency as a fraction
+/// of dense, `ratio`), and no more than `tolerance` of it below, so the model is not faster,
+/// and less accurate, than asked for by up to a whole group.
+pub struct Landing<'a> {
+    pub target: f64,
+    pub tolerance: f64,
+    pub ratio: &'a dyn Fn(&Masks) -> f64,
+}
+
+impl Landing<'_> {
+    fn floor(&self) -> f64 {
+        self.target * (1.0 - self.tolerance)
+    }
+
+    /// Whether `ratio` is down to the target: a choice made to fit a budget of exactly the
+    /// target can land a rounding error above it.
+    pub fn reached(&self, ratio: f64) -> bool {
+        ratio <= self.target * (1.0 + 1e-9)
+    }
+
+    /// The estimated ratio with the first `k` of `g`'s units pruned; `masks` is left as it was.
+    fn ratio_without(&self, g: &Group, k: usize, masks: &mut Masks) -> f64 {
+        let mask = masks.get_mut(g.structure, g.block);
+        let kept: Vec<f32> = g.units[..k].iter().map(|&u| std::mem::replace(&mut mask[u], 0.0)).collect();
+        let ratio = (self.ratio)(masks);
+        let mask = masks.get_mut(g.structure, g.block);
+        for (&u, v) in g.units[..k].iter().zip(kept) {
+            mask[u] = v;
+        }
+        ratio
+    }
+
+    /// The fewest of `g`'s lowest units whose removal reaches the target, and the ratio then;
+    /// `None` if even all of them do not, or `g` cannot go.
+    fn piece(&self, g: &Group, masks: &mut Masks, emb_group: usize) -> Option<(usize, f64)> {
+        for k in 1..=g.units.len() {
+            if !removable_units(g, k, masks, emb_group) {
+                break;
+            }
+            let r = self.ratio_without(g, k, masks);
+            if self.reached(r) {
+                return Some((k, r));
+            }
+        }
+        None
+    }
+}
+
+/// Prunes the first `k` of `g`'s units (the lowest scored: groups list them ascending).
+fn remove_units(g: &Group, k: usize, masks: &mut Masks) {
+    let mask = masks.get_mut(g.structure, g.block);
+    for &u in &g.units[..k] {
+        mask[u] = 0.0;
+    }
+}
+
+/// Whether the first `k` of `g`'s units can go (see [`removable`]).
+fn removable_units(g: &Group, k: usize, masks: &Masks, emb_group: usize) -> bool {
+    let alive = masks.get(g.structure, g.block).iter().filter(|m| **m != 0.0).count();
+    let floor = if g.structure == Structure::Emb { emb_group.min(alive) } else { 1 };
+    alive >= k + floor
+}
+
+/// Global ranking: prunes the `n` lowest of `groups` (ascending) that can go, stopping once
+/// the target is reached; how many went. A group that would take the model below the landing
+/// floor goes in part (its fewest lowest units that reach the target) if that lands within
+/// the tolerance, and is passed over if not, for the next one that fits. When nothing fits,
+/// the piece of any group that lands nearest under the target goes.
+pub fn prune_lowest(groups: &[Group], masks: &mut Masks, n: usize, emb_group: usize, landing: &Landing) -> usize {
     let mut pruned = 0;
+    let mut passed_over = false;
     for g in groups {
         if pruned == n {
             break;
         }
-        if remove(g, masks, emb_group) {
-            pruned += 1;
+        if !removable(g, masks, emb_group) {
+            continue;
+        }
+        let after = landing.ratio_without(g, g.units.len(), masks);
+        if after < landing.floor() {
+            match landing.piece(g, masks, emb_group) {
+                Some((k, r)) if r >= landing.floor() => {
+                    remove_units(g, k, masks);
+                    return pruned + 1;
+                }
+                _ => passed_over = true,
+            }
+            continue;
+        }
+        remove_units(g, g.units.len(), masks);
+        pruned += 1;
+        if landing.reached(after) {
+            break;
+        }
+    }
+    if pruned == 0 && passed_over {
+        let nearest = groups.iter().filter_map(|g| landing.piece(g, masks, emb_group).map(|(k, r)| (g, k, r))).max_by(|a, b| a.2.total_cmp(&b.2));
+        if let Some((g, k, _)) = nearest {
+            remove_units(g, k, masks);
+            return 1;
         }
     }
     pruned
@@ -133,10 +219,11 @@ pub fn prune_lowest(groups: &[Group], masks: &mut Masks, n: usize, emb_group: us
 /// brings it nearer the target: with `keep = (1 - step)^k` at step k every type loses `step` of
 /// its remaining units per step on average, and a type of few, large groups (EMB: 8 of 64) is
 /// not rounded up to a whole group every step. The types' removals are interleaved by their
-/// progress through their own quota and stop as soon as `reached(masks)`, so a step ends at
-/// the latency target rather than past it. Returns how many groups went (0 may only mean that
-/// every type is at its target for this step: see [`any_removable`]).
-pub fn prune_isomorphic(groups: &[Group], masks: &mut Masks, keep: f64, emb_group: usize, mut reached: impl FnMut(&Masks) -> bool) -> usize {
+/// progress through their own quota and stop as soon as the latency target is reached, a
+/// group that would overshoot the landing floor going in part or being passed over as in
+/// [`prune_lowest`]. Returns how many groups went (0 may only mean that every type is at its
+/// target for this step: see [`any_removable`]).
+pub fn prune_isomorphic(groups: &[Group], masks: &mut Masks, keep: f64, emb_group: usize, landing: &Landing) -> usize {
     let mut queue: Vec<(f64, &Group)> = Vec::new();
     for s in Structure::ALL {
         // The types' masks are disjoint: which of a type's groups can go is decided on a copy.
@@ -164,11 +251,21 @@ pub fn prune_isomorphic(groups: &[Group], masks: &mut Masks, keep: f64, emb_grou
     queue.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut pruned = 0;
     for (_, g) in queue {
-        if remove(g, masks, emb_group) {
-            pruned += 1;
-            if reached(masks) {
-                break;
+        if !removable(g, masks, emb_group) {
+            continue;
+        }
+        let after = landing.ratio_without(g, g.units.len(), masks);
+        if after < landing.floor() {
+            if let Some((k, _)) = landing.piece(g, masks, emb_group).filter(|(_, r)| *r >= landing.floor()) {
+                remove_units(g, k, masks);
+                return pruned + 1;
             }
+            continue;
+        }
+        remove_units(g, g.units.len(), masks);
+        pruned += 1;
+        if landing.reached(after) {
+            break;
         }
     }
     pruned
@@ -198,6 +295,51 @@ mod tests {
         let grid = crate::prune::Grid { emb: vec![8, 16], heads: vec![1, 4], qk: vec![1, 8], v: vec![1, 8], mlp: vec![1, 32] };
         let values = grid.points().iter().map(|(e, d)| 1e-3 * (*e * (d.heads * (d.qk + d.v) + d.mlp)) as f64).collect();
         ModelLatency { stages: vec![crate::prune::LatencyTable::new(grid, values).unwrap()] }
+    }
+
+    fn dense(_: &Masks) -> f64 {
+        1.0
+    }
+
+    /// No latency target: every step prunes what its ranking chooses.
+    fn unbounded() -> Landing<'static> {
+        Landing { target: 0.0, tolerance: 0.0, ratio: &dense }
+    }
+
+    /// Groups of a quarter of EMB and half of each block's MLP, pruned two a step: whole groups
+    /// would overshoot every target by far; the last step lands within 2% under it.
+    #[test]
+    fn the_last_step_lands_within_the_tolerance_under_the_target() {
+        let c = VitConfig::uniform(16, 4, 3, 16, 2, 4, 2.0, 5, false);
+        let config: crate::model::ModelConfig = c.clone().into();
+        let latency = table();
+        let scores = Masks::filled(&config, 1.0);
+        let full = latency.model_latency(&config);
+        let ratio = |m: &Masks| latency.model_latency(&m.surviving(&config)) / full;
+        let size = |s: Structure| match s {
+            Structure::Emb => 4,
+            Structure::Mlp => 16,
+            _ => 2,
+        };
+        for target in [0.7, 0.5, 0.3] {
+            for isomorphic in [false, true] {
+                let landing = Landing { target, tolerance: 0.02, ratio: &ratio };
+                let mut masks = Masks::ones(&config);
+                for step in 1..=100 {
+                    let g = groups(&scores, &masks, &latency, 0.0, size);
+                    if isomorphic {
+                        prune_isomorphic(&g, &mut masks, 0.8f64.powi(step), 4, &landing);
+                    } else {
+                        prune_lowest(&g, &mut masks, 2, 4, &landing);
+                    }
+                    if landing.reached(ratio(&masks)) {
+                        break;
+                    }
+                }
+                let r = ratio(&masks);
+                assert!(r <= target + 1e-12 && r >= target * 0.98, "target {target} (isomorphic: {isomorphic}): ended at {r}");
+            }
+        }
     }
 
     /// A DeiT's one stream: its width and its blocks'.
@@ -236,7 +378,7 @@ mod tests {
         let scores = Masks::filled(&c.clone().into(), 0.0);
         for _ in 0..200 {
             let g = groups(&scores, &masks, &table(), 0.0, sizes);
-            prune_lowest(&g, &mut masks, 3, 4);
+            prune_lowest(&g, &mut masks, 3, 4, &unbounded());
         }
         // Groups are pruned whole, so exactly one group of each structure stays.
         let (e, dims) = widths(&masks);
@@ -257,7 +399,7 @@ mod tests {
         let g = groups(&scores, &masks, &table(), 0.0, |s| if s == Structure::Mlp { 4 } else { sizes(s) });
         assert_eq!((g[0].structure, g[0].block), (Structure::Mlp, 1));
         assert_eq!(g[0].units, [3, 9, 17, 30]);
-        prune_lowest(&g, &mut masks, 1, 4);
+        prune_lowest(&g, &mut masks, 1, 4, &unbounded());
         assert_eq!(widths(&masks).1[1].mlp, 28);
         assert_eq!(widths(&masks).1[0].mlp, 32);
     }
@@ -276,13 +418,13 @@ mod tests {
         scores.get_mut(Structure::Mlp, 1).iter_mut().for_each(|v| *v = 1.0);
         let g = groups(&scores, &Masks::ones(&c.clone().into()), &table(), 0.0, |_| 1);
         let mut global = Masks::ones(&c.clone().into());
-        prune_lowest(&g, &mut global, 4, 1);
+        prune_lowest(&g, &mut global, 4, 1, &unbounded());
         let (e, dims) = widths(&global);
         assert_eq!((e, dims.iter().map(|d| d.heads).sum::<usize>()), (16, 4), "global: four heads, nothing else");
         assert!(dims.iter().all(|d| d.mlp == 32 && d.qk == 4));
 
         let mut iso = Masks::ones(&c.clone().into());
-        let n = prune_isomorphic(&g, &mut iso, 0.75, 1, |_| false);
+        let n = prune_isomorphic(&g, &mut iso, 0.75, 1, &unbounded());
         let (e, dims) = widths(&iso);
         let total = |f: fn(&BlockDims) -> usize| dims.iter().map(f).sum::<usize>();
         assert_eq!(e, 12, "a quarter of EMB");
@@ -293,7 +435,7 @@ mod tests {
 
         // Stopped by the target after the first group.
         let mut once = Masks::ones(&c.clone().into());
-        assert_eq!(prune_isomorphic(&g, &mut once, 0.75, 1, |_| true), 1);
+        assert_eq!(prune_isomorphic(&g, &mut once, 0.75, 1, &Landing { target: 1.0, tolerance: 1.0, ratio: &dense }), 1);
     }
 
     /// EMB in groups of 8 of 16 channels pruned 5% a step: a per-step quota rounded up to a
@@ -309,7 +451,7 @@ mod tests {
         for k in 1..=20 {
             let keep = 0.95f64.powi(k);
             let g = groups(&scores, &masks, &table(), 0.0, size);
-            prune_isomorphic(&g, &mut masks, keep, 8, |_| false);
+            prune_isomorphic(&g, &mut masks, keep, 8, &unbounded());
             let (e, dims) = widths(&masks);
             emb.push(e);
             // Heads: 8 in all, one unit per group, so within half a unit of the target.

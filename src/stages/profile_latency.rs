@@ -1,8 +1,11 @@
 //! `profile_latency`: times one transformer block on the pipeline's backend and device over a
-//! grid of `(E, heads, qk, v, mlp)` (warm-up, then the median of repeats) and writes the
-//! latency table (METHOD.md section 4) as `latency.json` in the reference layout and as
-//! `latency.csv`; a Swin's, one table per stage, since each stage's blocks attend over their
-//! own windows. `table = "path.json"` imports a measured table instead.
+//! grid of `(E, heads, qk, v, mlp)` (warm-up, then the median of repeats, the whole grid
+//! `rounds` times and the median of the rounds kept, so that a slow spell of the machine
+//! moves one round's points and not a region of the grid), makes it monotone
+//! ([`LatencyTable::monotone`]) and writes the latency table (METHOD.md section 4) as
+//! `latency.json` in the reference layout and as `latency.csv` (the medians before they were
+//! put in order: `latency_measured.csv`); a Swin's, one table per stage, since each stage's
+//! blocks attend over their own windows. `table = "path.json"` imports a measured table instead.
 
 use std::path::PathBuf;
 
@@ -13,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{at_least_one, KeyDoc, StageContext};
 use crate::files::atomic_write;
-use crate::model::ModelConfig;
+use crate::model::{BlockDims, ModelConfig};
 use crate::prune::{Grid, LatencyTable, ModelLatency};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -40,6 +43,7 @@ pub struct ProfileLatencySettings {
     pub tokens: Option<usize>,
     pub warmup: usize,
     pub repeats: usize,
+    pub rounds: usize,
     pub table: Option<PathBuf>,
 }
 
@@ -54,6 +58,7 @@ pub const KEYS: &[KeyDoc] = &[
     ("tokens", "integer", "tokens per image (unset: the model's)"),
     ("warmup", "integer", "untimed passes per grid point"),
     ("repeats", "integer", "timed passes per grid point; the median is kept"),
+    ("rounds", "integer", "times the whole grid is timed; each point's median over the rounds is kept"),
     ("table", "path", "import this table (reference JSON layout) instead of measuring"),
 ];
 
@@ -70,6 +75,7 @@ impl Default for ProfileLatencySettings {
             tokens: None,
             warmup: 2,
             repeats: 5,
+            rounds: 3,
             table: None,
         }
     }
@@ -82,7 +88,7 @@ impl ProfileLatencySettings {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
         at_least_one(&mut p, &[("batch_size", self.batch_size)]);
-        super::repetitions(&mut p, &[("repeats", self.repeats, 1), ("warmup", self.warmup, 0)]);
+        super::repetitions(&mut p, &[("repeats", self.repeats, 1), ("warmup", self.warmup, 0), ("rounds", self.rounds, 1)]);
         if let Some(t) = &self.table {
             if !t.exists() {
                 p.push(("table".into(), format!("`{}` does not exist", t.display())));
@@ -132,7 +138,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings
                 pick(&s.grid_mlp, &mut grid.mlp);
                 tables.push(measure(ctx, s, grid, &config, stage)?);
             }
-            ModelLatency { stages: tables }
+            let measured = ModelLatency { stages: tables };
+            atomic_write(&ctx.dir.join("latency_measured.csv"), measured.to_csv().as_bytes())?;
+            ModelLatency { stages: measured.stages.into_iter().map(LatencyTable::monotone).collect() }
         }
     };
     latency.check(&config)?;
@@ -155,9 +163,8 @@ struct Partial {
     values: Vec<f64>,
 }
 
-/// Times one block of `config`'s stream `stage` at every point of `grid`: DeiT's at the model's
-/// token count, a Swin stage's as that stage runs it (its windows, shifted where the stage
-/// shifts).
+/// Times one block of `config`'s stream `stage` at every point of `grid`, `rounds` times; each
+/// point's median over the rounds.
 fn measure<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings, grid: Grid, config: &ModelConfig, stage: usize) -> Result<LatencyTable> {
     let problems = grid.check();
     if !problems.is_empty() {
@@ -166,52 +173,67 @@ fn measure<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings
     let device = ctx.device();
     let points = grid.points();
     let name = if config.stages().len() > 1 { format!("{} stage {stage}", ctx.spec.name) } else { ctx.spec.name.clone() };
-    let mut progress = ctx.log.progress(&name, points.len() as u64);
+    let mut progress = ctx.log.progress(&name, (points.len() * s.rounds) as u64);
     // Points measured before a kill are kept: a job preempted more often than the whole
     // profile lasts still finishes.
     let partial = ctx.dir.join("checkpoint").join(if stage == 0 { "measured.json".to_string() } else { format!("measured_stage_{stage}.json") });
     let mut values: Vec<f64> = std::fs::read(&partial)
         .ok()
         .and_then(|b| serde_json::from_slice::<Partial>(&b).ok())
-        .filter(|p| p.grid == grid && p.values.len() <= points.len())
+        .filter(|p| p.grid == grid && p.values.len() <= points.len() * s.rounds)
         .map(|p| p.values)
         .unwrap_or_default();
     if !values.is_empty() {
-        ctx.log.info(&format!("{name}: resuming after {} of {} grid points", values.len(), points.len()));
+        ctx.log.info(&format!("{name}: resuming after {} of {} timed points ({} grid points, {} rounds)", values.len(), points.len() * s.rounds, points.len(), s.rounds));
         progress.set_position(values.len() as u64);
     }
-    type Inner<B> = <B as AutodiffBackend>::InnerBackend;
-    let time = |run: &dyn Fn()| {
-        let alone = crate::machine::measuring();
-        let median = crate::machine::median_time(s.warmup, s.repeats, || {
-            run();
-            let _ = Inner::<B>::sync(device);
-        });
-        drop(alone);
-        median
-    };
-    for (e, dims) in &points[values.len()..] {
+    let workload = Workload { batch: s.batch_size, tokens: s.tokens, warmup: s.warmup, repeats: s.repeats };
+    for n in values.len()..points.len() * s.rounds {
         crate::interrupt::check()?;
-        let median = match config {
-            ModelConfig::Deit(c) => {
-                let scale = (c.head_dim as f64).powf(-0.5);
-                let block = crate::model::Block::<Inner<B>>::new(*e, *dims, scale, 0.0, device);
-                let x = Tensor::<Inner<B>, 3>::random([s.batch_size, s.tokens.unwrap_or(c.num_tokens()), *e], Distribution::Default, device);
-                time(&|| drop(block.forward(x.clone()).into_data()))
-            }
-            ModelConfig::Swin(c) => {
-                let scale = (c.head_dim as f64).powf(-0.5);
-                let (window, shift) = c.window_shift(stage);
-                let side = c.side(stage);
-                let block = crate::model::SwinBlock::<Inner<B>>::new(*e, *dims, window, shift, side, scale, device);
-                let x = Tensor::<Inner<B>, 3>::random([s.batch_size, side * side, *e], Distribution::Default, device);
-                time(&|| drop(block.forward(x.clone(), None).into_data()))
-            }
-        };
-        values.push(median);
+        let (e, dims) = &points[n % points.len()];
+        values.push(time_block::<B::InnerBackend>(config, stage, *e, dims, &workload, device));
         atomic_write(&partial, &serde_json::to_vec(&Partial { grid: grid.clone(), values: values.clone() })?)?;
-        progress.step(&format!("E {e} {dims:?}"));
+        progress.step(&format!("round {} of {}: E {e} {dims:?}", n / points.len() + 1, s.rounds));
     }
     progress.finish();
-    LatencyTable::new(grid, values)
+    let medians = (0..points.len()).map(|p| crate::machine::median(values.iter().skip(p).step_by(points.len()).copied().collect())).collect();
+    LatencyTable::new(grid, medians)
+}
+
+/// How a block is timed: `batch` images of `tokens` tokens each (unset: the model's), after
+/// `warmup` untimed passes, the median of `repeats`.
+pub struct Workload {
+    pub batch: usize,
+    pub tokens: Option<usize>,
+    pub warmup: usize,
+    pub repeats: usize,
+}
+
+/// The median seconds of one block of `config`'s stream `stage` at width `e` and `dims`, on
+/// random input, with the machine's measuring lock held: DeiT's at the model's token count, a
+/// Swin stage's as that stage runs it (its windows, shifted where the stage shifts).
+pub fn time_block<B: Backend>(config: &ModelConfig, stage: usize, e: usize, dims: &BlockDims, w: &Workload, device: &B::Device) -> f64 {
+    let time = |run: &dyn Fn()| {
+        let _alone = crate::machine::measuring();
+        crate::machine::median_time(w.warmup, w.repeats, || {
+            run();
+            let _ = B::sync(device);
+        })
+    };
+    match config {
+        ModelConfig::Deit(c) => {
+            let scale = (c.head_dim as f64).powf(-0.5);
+            let block = crate::model::Block::<B>::new(e, *dims, scale, 0.0, device);
+            let x = Tensor::<B, 3>::random([w.batch, w.tokens.unwrap_or(c.num_tokens()), e], Distribution::Default, device);
+            time(&|| drop(block.forward(x.clone()).into_data()))
+        }
+        ModelConfig::Swin(c) => {
+            let scale = (c.head_dim as f64).powf(-0.5);
+            let (window, shift) = c.window_shift(stage);
+            let side = c.side(stage);
+            let block = crate::model::SwinBlock::<B>::new(e, *dims, window, shift, side, scale, device);
+            let x = Tensor::<B, 3>::random([w.batch, side * side, e], Distribution::Default, device);
+            time(&|| drop(block.forward(x.clone(), None).into_data()))
+        }
+    }
 }

@@ -4,7 +4,10 @@
 //! NViT's global ranking of latency-adjusted groups, isomorphic ranking, uniform allocation;
 //! `prune::exact`: the most saliency under a latency budget), and pruned units are kept at zero
 //! after every optimizer step. It stops at `latency_target` x the dense latency (or
-//! `max_prune_steps`), writes `pruning_log.csv`, and compacts the model to its surviving widths.
+//! `max_prune_steps`), the last step landing within `latency_tolerance` under it, writes
+//! `pruning_log.csv`, and compacts the model to its surviving widths. With `stop_on =
+//! "measured"` the latency is the compact model's timed against the dense one in pairs
+//! (`latency_measured.csv`): on the way down, to correct the table's estimate, and at the target.
 
 use anyhow::{Context, Result};
 use burn::module::{AutodiffModule, Module};
@@ -50,6 +53,15 @@ pub enum Selection {
     Exact,
 }
 
+/// What ends the stage: the latency table's estimate reaching the target, or the compact model
+/// measured against the dense one, in pairs, at or under it ([`measure`]).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StopOn {
+    Estimated,
+    Measured,
+}
+
 /// Budget steps of the exact selection's dynamic program: a choice can lose at most one
 /// step, a thousandth of the budget, of latency per block to the rounding.
 const EXACT_BINS: usize = 1000;
@@ -59,6 +71,10 @@ const EXACT_BINS: usize = 1000;
 pub struct PruneSettings {
     pub latency: String,
     pub latency_target: f64,
+    pub latency_tolerance: f64,
+    pub stop_on: StopOn,
+    pub measure_batch: usize,
+    pub measure_pairs: usize,
     pub criterion: Criterion,
     pub allocation: Allocation,
     pub selection: Selection,
@@ -87,7 +103,11 @@ pub struct PruneSettings {
 
 pub const KEYS: &[KeyDoc] = &[
     ("latency", "string", "the profile_latency stage whose table estimates latency"),
-    ("latency_target", "float", "stop once the estimated latency is at most this fraction of the dense model's, in (0, 1]"),
+    ("latency_target", "float", "stop once the latency is at most this fraction of the dense model's, in (0, 1]"),
+    ("latency_tolerance", "float", "how far under latency_target the last pruning step may land, as a fraction of the target: it takes part of a group, or another group, rather than overshoot (in [0, 0.5))"),
+    ("stop_on", "string", "`estimated` (the latency table's estimate reaches the target) or `measured` (the compact model timed against the dense one in pairs, on the way down and at the target; the estimate's target is corrected by what was measured)"),
+    ("measure_batch", "integer", "with stop_on = \"measured\": images per timed forward pass"),
+    ("measure_pairs", "integer", "with stop_on = \"measured\": timed pairs of passes per measurement; the median ratio counts"),
     ("criterion", "string", "`hessian`, `taylor`, `magnitude`, `weight-fisher` or `random`"),
     ("allocation", "string", "`global` (one ranking of all groups of the network) or `uniform` (the same fraction of every structure in every block)"),
     ("selection", "string", "`greedy` (prune the lowest latency-adjusted groups, NViT) or `exact` (every width chosen to keep the most saliency under the step's latency budget)"),
@@ -119,6 +139,10 @@ impl Default for PruneSettings {
         Self {
             latency: String::new(),
             latency_target: 0.5,
+            latency_tolerance: 0.02,
+            stop_on: StopOn::Estimated,
+            measure_batch: 64,
+            measure_pairs: 10,
             criterion: Criterion::Hessian,
             allocation: Allocation::Global,
             selection: Selection::Greedy,
@@ -159,7 +183,11 @@ impl PruneSettings {
         if !(0.0..1.0).contains(&self.ema) {
             p.push(("ema".into(), format!("must be in [0, 1), got {}", self.ema)));
         }
+        if !(0.0..0.5).contains(&self.latency_tolerance) {
+            p.push(("latency_tolerance".into(), format!("must be in [0, 0.5), got {}", self.latency_tolerance)));
+        }
         non_negative(&mut p, "eta", self.eta);
+        super::repetitions(&mut p, &[("measure_pairs", self.measure_pairs, 1)]);
         if self.selection == Selection::Exact && self.allocation == Allocation::Uniform {
             p.push(("selection".into(), "`exact` chooses every width itself: it cannot be combined with allocation = \"uniform\"".into()));
         }
@@ -188,6 +216,7 @@ impl PruneSettings {
                 ("max_prune_steps", self.max_prune_steps),
                 ("checkpoint_every", self.checkpoint_every),
                 ("batch_size", self.batch_size),
+                ("measure_batch", self.measure_batch),
             ],
         );
         positive(&mut p, "lr", self.lr);
@@ -208,10 +237,47 @@ impl PruneSettings {
     }
 }
 
-/// Whether the estimated latency is down to the target: a choice made to fit a budget of exactly
-/// the target can land a rounding error above it.
+/// Whether the latency is down to the target: a choice made to fit a budget of exactly the
+/// target can land a rounding error above it.
 fn reached(ratio: f64, target: f64) -> bool {
     ratio <= target * (1.0 + 1e-9)
+}
+
+/// The closed loop of `stop_on = "measured"`: what the measurements so far taught about the
+/// latency table on this model.
+#[derive(Serialize, Deserialize, Clone)]
+struct Measured {
+    /// Measured over estimated ratio, at the last measurement: the estimate's target is
+    /// `latency_target / correction`.
+    correction: f64,
+    /// The corrected estimate at which to measure next: halfway from the last measurement to
+    /// the target, so the correction is learned before the target, not after an overshoot.
+    next_at: f64,
+    /// The last measurement.
+    last: Option<crate::machine::Ratio>,
+    /// `latency_measured.csv` so far.
+    log: String,
+}
+
+impl Measured {
+    fn new(target: f64) -> Self {
+        Self { correction: 1.0, next_at: (1.0 + target) / 2.0, last: None, log: String::from("step,prune_step,est_ratio,measured_ratio,measured_min,measured_max,pairs,correction\n") }
+    }
+}
+
+/// The compact model of `student` under `masks` against `dense`, timed alternately in pairs of
+/// forward passes of `batch` random images: its latency as a fraction of dense's.
+fn measure<B: AutodiffBackend>(dense: &Model<B::InnerBackend>, student: &Model<B>, masks: &Masks, batch: usize, pairs: usize, device: &B::Device) -> Result<crate::machine::Ratio> {
+    use burn::tensor::backend::Backend;
+    let small = compact(&student.valid(), masks, device)?;
+    let c = dense.config();
+    let x = burn::tensor::Tensor::<B::InnerBackend, 4>::random([batch, c.in_chans(), c.image_size(), c.image_size()], burn::tensor::Distribution::Default, device);
+    let pass = |m: &Model<B::InnerBackend>| {
+        let _ = m.forward(x.clone()).logits().into_data();
+        let _ = B::InnerBackend::sync(device);
+    };
+    let _alone = crate::machine::measuring();
+    Ok(crate::machine::paired_ratio(2, pairs, || pass(&small), || pass(dense)))
 }
 
 /// Progress in per mille of the latency to remove, which is what ends the stage (not the
@@ -236,6 +302,9 @@ struct PruneState {
     log: String,
     ratio: f64,
     last_loss: f64,
+    /// With `stop_on = "measured"`.
+    #[serde(default)]
+    measured: Option<Measured>,
 }
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Result<serde_json::Value> {
@@ -275,6 +344,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         log: String::from("step,prune_step,est_latency_s,latency_ratio,params,flops,loss,embed_dim,widths\n"),
         ratio: 1.0,
         last_loss: f64::NAN,
+        measured: (s.stop_on == StopOn::Measured).then(|| Measured::new(s.latency_target)),
     };
     let ckpt = ctx.dir.join("checkpoint");
     let (restored, mut optim) = resume::load::<B, PruneState>(&ckpt, &student, AdamW::<B>::new(s.weight_decay, None), device, |w| ctx.warn(&w));
@@ -288,6 +358,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     let mut progress = ctx.log.progress(&ctx.spec.name, 1000);
     progress.update(to_remove(state.ratio), "latency removed, per mille");
     let mut exhausted: bool;
+    let target_met: bool;
     'outer: loop {
         let mut read = 0;
         // A run resumed after an epoch's last batch starts on an epoch with nothing left.
@@ -335,11 +406,17 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                     _ => avg,
                 };
                 let ratio_of = |m: &Masks| table.model_latency(&m.surviving(&config)) / dense_latency;
+                // The estimate's target: the measurements' correction moves it where the
+                // measured latency meets latency_target.
+                let target = (s.latency_target / state.measured.as_ref().map_or(1.0, |m| m.correction)).min(1.0);
+                let landing = greedy::Landing { target, tolerance: s.latency_tolerance, ratio: &ratio_of };
                 exhausted = match (s.selection, s.allocation, s.ranking) {
                     (Selection::Exact, ..) => {
                         let done = ((state.prune_step + 1) as f64 / s.prune_steps as f64).min(1.0);
-                        let budget = dense_latency * (1.0 - done * (1.0 - s.latency_target));
-                        match crate::prune::exact::select(&current, &state.masks, &table.stages[0], budget, |st| s.group_size(st), EXACT_BINS) {
+                        let budget = dense_latency * (1.0 - done * (1.0 - target));
+                        // The last step lands within the tolerance (see `exact::select`'s floor).
+                        let floor = if done == 1.0 { budget * (1.0 - s.latency_tolerance) } else { 0.0 };
+                        match crate::prune::exact::select(&current, &state.masks, &table.stages[0], budget, floor, |st| s.group_size(st), EXACT_BINS) {
                             Some(kept) => {
                                 state.masks = kept;
                                 false
@@ -350,10 +427,10 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                     (Selection::Greedy, Allocation::Global, ranking) => {
                         let ranked = greedy::groups(&current, &state.masks, &table, s.eta, |st| s.group_size(st));
                         match ranking {
-                            Ranking::Global => greedy::prune_lowest(&ranked, &mut state.masks, s.groups_per_step, s.group_emb) == 0,
+                            Ranking::Global => greedy::prune_lowest(&ranked, &mut state.masks, s.groups_per_step, s.group_emb, &landing) == 0,
                             Ranking::Isomorphic => {
                                 let keep = (1.0 - s.isomorphic_step).powi(state.prune_step as i32 + 1);
-                                let pruned = greedy::prune_isomorphic(&ranked, &mut state.masks, keep, s.group_emb, |m| reached(ratio_of(m), s.latency_target));
+                                let pruned = greedy::prune_isomorphic(&ranked, &mut state.masks, keep, s.group_emb, &landing);
                                 // A step may round every type to nothing; the next one's target is lower.
                                 pruned == 0 && !greedy::any_removable(&ranked, &state.masks, s.group_emb)
                             }
@@ -375,8 +452,24 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                 let (e, widths) = (now.embed_dims(), now.block_widths());
                 let (step, prune_step, ratio, loss) = (state.step, state.prune_step, state.ratio, state.last_loss);
                 state.log.push_str(&format!("{step},{prune_step},{latency:e},{ratio:.5},{},{},{loss:.5},{e},{widths}\n", now.params(), now.flops()));
-                progress.update(to_remove(ratio), &format!("step {prune_step}: latency {ratio:.3} of dense, loss {loss:.4}"));
-                if reached(ratio, s.latency_target) || prune_step >= s.max_prune_steps || exhausted {
+                let mut done = reached(ratio, target);
+                if let Some(m) = state.measured.as_mut() {
+                    if done || ratio * m.correction <= m.next_at {
+                        let r = measure(&teacher, &student, &state.masks, s.measure_batch, s.measure_pairs, device)?;
+                        m.correction = r.median / ratio;
+                        m.next_at = s.latency_target + (r.median - s.latency_target) / 2.0;
+                        m.last = Some(r);
+                        m.log.push_str(&format!("{step},{prune_step},{ratio:.5},{:.5},{:.5},{:.5},{},{:.5}\n", r.median, r.min, r.max, r.pairs, m.correction));
+                        ctx.log.info(&format!("{}: step {prune_step}: estimated {ratio:.3} of dense, measured {:.3} ({:.3}-{:.3} over {} pairs)", ctx.spec.name, r.median, r.min, r.max, r.pairs));
+                        done = reached(r.median, s.latency_target);
+                    } else {
+                        done = false;
+                    }
+                }
+                let shown = state.measured.as_ref().map_or(ratio, |m| ratio * m.correction);
+                progress.update(to_remove(shown), &format!("step {prune_step}: latency {shown:.3} of dense, loss {loss:.4}"));
+                if done || prune_step >= s.max_prune_steps || exhausted {
+                    target_met = done;
                     break 'outer;
                 }
                 if prune_step % s.checkpoint_every == 0 {
@@ -400,8 +493,8 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         state.batch = 0;
     }
     progress.finish();
-    let PruneState { step, prune_step, ratio, last_loss, masks, log, .. } = state;
-    let reached = reached(ratio, s.latency_target);
+    let PruneState { step, prune_step, ratio, last_loss, masks, log, measured, .. } = state;
+    let reached = target_met;
     let stopped_by = if reached {
         "reached the latency target"
     } else if exhausted {
@@ -415,10 +508,21 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         } else {
             "raise max_prune_steps or groups_per_step"
         };
+        let measured = measured.as_ref().and_then(|m| m.last).map_or(String::new(), |r| format!(" (measured {:.3})", r.median));
         ctx.warn(&format!(
-            "stopped by {stopped_by} at an estimated latency of {ratio:.3} of dense, short of latency_target = {}\n  hint: stages.{}: {hint}",
+            "stopped by {stopped_by} at an estimated latency of {ratio:.3} of dense{measured}, short of latency_target = {}\n  hint: stages.{}: {hint}",
             s.latency_target, ctx.spec.name
         ));
+    }
+    let last = measured.as_ref().and_then(|m| m.last);
+    if let Some(r) = last.filter(|r| r.median < s.latency_target * (1.0 - s.latency_tolerance)) {
+        ctx.warn(&format!(
+            "measured {:.3} of dense, under latency_target = {} by more than latency_tolerance: the latency table overestimated this model's latency by more than the last steps could learn\n  hint: stages.{}: lower groups_per_step, or profile the table at measure_batch",
+            r.median, s.latency_target, ctx.spec.name
+        ));
+    }
+    if let Some(m) = &measured {
+        atomic_write(&ctx.dir.join("latency_measured.csv"), m.log.as_bytes())?;
     }
     atomic_write(&ctx.dir.join("pruning_log.csv"), log.as_bytes())?;
     atomic_write(&ctx.dir.join("masks.json"), &serde_json::to_vec(&masks)?)?;
@@ -438,6 +542,11 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         "latency_target": s.latency_target,
         "target_reached": reached,
         "stopped_by": stopped_by,
+        "stop_on": s.stop_on,
+        "latency_measured": last.map(|r| r.median),
+        "latency_measured_min": last.map(|r| r.min),
+        "latency_measured_max": last.map(|r| r.max),
+        "measure_pairs": last.map(|r| r.pairs),
         "params": small.config().params(),
         "flops": small.config().flops(),
         "final_loss": last_loss,

@@ -96,6 +96,11 @@ fn known_table(dir: &std::path::Path) -> std::path::PathBuf {
 /// The tiny pipeline's train, the known latency table and a prune stage with `settings` (lines
 /// of its table) and small groups, run; the prune stage's `pruning_log.csv`.
 fn prune_log(dir: &std::path::Path, settings: &str) -> String {
+    std::fs::read_to_string(prune_entry(dir, settings).join("pruning_log.csv")).unwrap()
+}
+
+/// [`prune_log`]'s run; the prune stage's cache entry.
+fn prune_entry(dir: &std::path::Path, settings: &str) -> std::path::PathBuf {
     let cache = Cache { root: dir.join("cache") };
     let stages = format!(
         "{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\n{settings}interval = 2\ngroup_emb = 4\ngroup_qk = 2\ngroup_v = 2\ngroup_mlp = 4\nbatch_size = 16\nkd_weight = 1.0\n"
@@ -105,8 +110,7 @@ fn prune_log(dir: &std::path::Path, settings: &str) -> String {
     let p = load(&path, &["stages.train.epochs=1", &format!("stages.latency.table=\"{}\"", table.display())]);
     let mut pl = plan(&p, &cache);
     execute(&p, &mut pl, &cache);
-    let entry = cache.entry_dir(&pl.stages.iter().find(|s| s.spec.name == "prune").unwrap().key);
-    std::fs::read_to_string(entry.join("pruning_log.csv")).unwrap()
+    cache.entry_dir(&pl.stages.iter().find(|s| s.spec.name == "prune").unwrap().key)
 }
 
 /// The estimated latency, as a fraction of dense, after each pruning step of a log.
@@ -136,6 +140,7 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
     let ratios = latency_ratios(&log);
     assert!(ratios.len() >= 2, "{log}");
     assert!(*ratios.last().unwrap() <= 0.6, "stopped at the target: {log}");
+    assert!(*ratios.last().unwrap() >= 0.6 * 0.98, "within latency_tolerance (2%) under it: {log}");
     assert!(ratios[..ratios.len() - 1].iter().all(|r| *r > 0.6), "and not later: {log}");
     assert!(ratios.windows(2).all(|w| w[1] <= w[0]), "latency only falls: {log}");
 
@@ -195,6 +200,7 @@ fn exact_selection_meets_each_steps_budget_and_ends_at_the_target() {
         let budget = 1.0 - (k + 1) as f64 / 3.0 * 0.5;
         assert!(*r <= budget + 1e-5 && *r > budget - 0.1, "step {}: {r} against a budget of {budget}: {log}", k + 1);
     }
+    assert!(ratios[2] >= 0.5 * 0.98, "the last step lands within latency_tolerance (2%) under the target: {log}");
 
     let bad = tiny_pipeline(dir.path(), &format!("{STAGES}\n[stages.prune]\nkind = \"prune\"\ninput = \"train\"\nlatency = \"latency\"\nselection = \"exact\"\nallocation = \"uniform\"\n"));
     let err = nvit::config::load(&bad, &Default::default()).err().unwrap().to_string();
@@ -241,11 +247,12 @@ fn exact_keeps_at_least_the_saliency_greedy_keeps_at_the_same_latency() {
         let mut masks = Masks::ones(&config);
         while latency(&masks) > 0.5 * dense {
             let ranked = greedy::groups(&scores, &masks, &model_latency, eta, group);
-            assert!(greedy::prune_lowest(&ranked, &mut masks, 2, 4) > 0, "seed {seed}: greedy ran out of groups");
+            let unbounded = greedy::Landing { target: 0.0, tolerance: 0.0, ratio: &|_| 1.0 };
+            assert!(greedy::prune_lowest(&ranked, &mut masks, 2, 4, &unbounded) > 0, "seed {seed}: greedy ran out of groups");
         }
         let reached = latency(&masks);
         let budget = reached / (1.0 - vit.blocks.len() as f64 / bins as f64);
-        let best = exact::select(&scores, &Masks::ones(&config), table, budget, group, bins).unwrap();
+        let best = exact::select(&scores, &Masks::ones(&config), table, budget, 0.0, group, bins).unwrap();
         assert!(latency(&best) <= budget * (1.0 + 1e-12), "seed {seed}: over the budget");
         assert!(kept(&scores, &best) >= kept(&scores, &masks) - 1e-9, "seed {seed}, eta {eta}: exact {} < greedy {}", kept(&scores, &best), kept(&scores, &masks));
     }
@@ -260,6 +267,7 @@ fn isomorphic_ranking_ends_at_the_target_and_is_refused_with_exact_or_uniform() 
     let log = prune_log(dir.path(), "latency_target = 0.5\nranking = \"isomorphic\"\nisomorphic_step = 0.1\n");
     let ratios = latency_ratios(&log);
     assert!(ratios.len() >= 2 && *ratios.last().unwrap() <= 0.5 && ratios[..ratios.len() - 1].iter().all(|r| *r > 0.5), "{log}");
+    assert!(*ratios.last().unwrap() >= 0.5 * 0.98, "within latency_tolerance under the target: {log}");
     // Each type keeps 0.9^k of its units after k steps, to the nearest group: EMB (groups of 4
     // of 16 channels) keeps 16 at step 1 (target 14.4) and loses a group at step 2 (12.96).
     let emb: Vec<&str> = log.lines().skip(1).map(|l| l.split(',').nth(7).unwrap()).collect();
@@ -270,4 +278,29 @@ fn isomorphic_ranking_ends_at_the_target_and_is_refused_with_exact_or_uniform() 
         let err = nvit::config::load(&bad, &Default::default()).err().unwrap().to_string();
         assert!(err.contains("stages.prune.ranking") && err.contains(&format!("cannot be combined with {other}")), "{err}");
     }
+}
+
+/// `stop_on = "measured"`: prune times the compact model against the dense one in pairs on
+/// the way down (halfway to the target first) and stops on the measured ratio, not the
+/// estimate; each measurement is in `latency_measured.csv` and the last in the metrics.
+#[test]
+fn stop_on_measured_times_the_compact_model_and_stops_on_what_it_measured() {
+    let _rng = common::rng_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let entry = prune_entry(dir.path(), "latency_target = 0.5\nstop_on = \"measured\"\nmeasure_batch = 4\nmeasure_pairs = 3\nmax_prune_steps = 60\n");
+    let log = std::fs::read_to_string(entry.join("latency_measured.csv")).unwrap();
+    let rows: Vec<Vec<f64>> = log.lines().skip(1).map(|l| l.split(',').map(|x| x.parse().unwrap()).collect()).collect();
+    assert!(!rows.is_empty(), "{log}");
+    // The first measurement comes once the estimate is halfway down: at most 0.75 of dense.
+    assert!(rows[0][2] <= 0.75 + 1e-9 && rows[0][2] > 0.5, "{log}");
+    for r in &rows {
+        assert!(r[4] <= r[3] && r[3] <= r[5] && r[6] == 3.0, "median within min-max over 3 pairs: {log}");
+        assert!((r[7] - r[3] / r[2]).abs() < 1e-3, "the correction is measured over estimated: {log}");
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(entry.join("manifest.json")).unwrap()).unwrap();
+    let m = &manifest["metrics"];
+    assert_eq!(m["stop_on"], "measured");
+    let last = m["latency_measured"].as_f64().unwrap();
+    assert!((last - rows.last().unwrap()[3]).abs() < 1e-4, "{m}");
+    assert_eq!(m["target_reached"].as_bool().unwrap(), last <= 0.5 * (1.0 + 1e-9), "reached means measured at or under the target: {m}");
 }
