@@ -614,8 +614,224 @@ pub fn vs_onnxruntime(args: &VsOnnxruntime) -> Result<String> {
     Ok(text)
 }
 
+/// `runner bench latency`: how far the latency table's estimate can be trusted on this device.
+/// For a dense DeiT and pruned width sets, the table's estimated latency ratio beside the sum
+/// of the model's blocks timed alone at their exact widths (what the table would say without
+/// interpolation) and beside the whole model measured against the dense one in pairs.
+pub struct BenchLatency {
+    pub dense: String,
+    pub pruned: Vec<String>,
+    /// Width sets added evenly between the dense model and the first pruned one.
+    pub between: usize,
+    /// A table to import (reference JSON layout); unset: profile one on `grid`.
+    pub table: Option<PathBuf>,
+    pub grid: crate::stages::profile_latency::GridChoice,
+    pub batch: usize,
+    pub repeats: usize,
+    pub rounds: usize,
+    pub pairs: usize,
+    pub backend: BackendKind,
+    pub threads: usize,
+    pub out: Option<PathBuf>,
+}
+
+/// One width set as `bench latency` measured it; times in seconds per batch.
+struct LatencyRow {
+    name: String,
+    config: VitConfig,
+    estimate: f64,
+    blocks_alone: f64,
+    model: f64,
+    measured: crate::machine::Ratio,
+}
+
+/// Widths `t` of the way from `dense` to `pruned`, rounded, each at least 1.
+fn between_widths(dense: &VitConfig, pruned: &VitConfig, t: f64) -> VitConfig {
+    let lerp = |a: usize, b: usize| ((a as f64 + t * (b as f64 - a as f64)).round() as usize).max(1);
+    let mut c = pruned.clone();
+    c.embed_dim = lerp(dense.embed_dim, pruned.embed_dim);
+    c.blocks = dense
+        .blocks
+        .iter()
+        .zip(&pruned.blocks)
+        .map(|(d, p)| crate::model::BlockDims { heads: lerp(d.heads, p.heads), qk: lerp(d.qk, p.qk), v: lerp(d.v, p.v), mlp: lerp(d.mlp, p.mlp) })
+        .collect();
+    c
+}
+
+struct LatencyJob<'a> {
+    args: &'a BenchLatency,
+    /// `(name, config)`, the dense model first.
+    sets: &'a [(String, VitConfig)],
+    table_out: &'a Path,
+}
+
+impl BackendJob for LatencyJob<'_> {
+    type Output = (Vec<LatencyRow>, crate::prune::ModelLatency);
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output> {
+        use crate::model::ModelConfig;
+        use crate::prune::{LatencyTable, ModelLatency};
+        use crate::stages::profile_latency::{time_block, Workload};
+        type I<B> = <B as AutodiffBackend>::InnerBackend;
+        let (device, args) = (&devices[0], self.args);
+        let dense = ModelConfig::Deit(self.sets[0].1.clone());
+        let workload = Workload { batch: args.batch, tokens: None, warmup: 1, repeats: args.repeats };
+        let table = match &args.table {
+            Some(path) => ModelLatency::from_json(path)?,
+            None => {
+                let (e, blocks) = &dense.stages()[0];
+                let grid = args.grid.grid(*e, blocks);
+                let points = grid.points();
+                let mut values = vec![Vec::new(); points.len()];
+                for round in 0..args.rounds {
+                    for (i, (e, dims)) in points.iter().enumerate() {
+                        crate::interrupt::check()?;
+                        values[i].push(time_block::<I<B>>(&dense, 0, *e, dims, &workload, device));
+                        if (i + 1) % 64 == 0 || i + 1 == points.len() {
+                            eprintln!("profiling the latency table: round {} of {}, {} of {} points", round + 1, args.rounds, i + 1, points.len());
+                        }
+                    }
+                }
+                let table = LatencyTable::new(grid, values.into_iter().map(crate::machine::median).collect())?.monotone();
+                let table = ModelLatency { stages: vec![table] };
+                crate::files::atomic_write(self.table_out, &serde_json::to_vec_pretty(&table.to_json())?)?;
+                table
+            }
+        };
+        table.check(&dense)?;
+        let shape = [args.batch, self.sets[0].1.in_chans, self.sets[0].1.image_size, self.sets[0].1.image_size];
+        let x = burn::tensor::Tensor::<I<B>, 4>::random(shape, burn::tensor::Distribution::Default, device);
+        let pass = |m: &crate::model::Model<I<B>>| {
+            let _ = m.forward(x.clone()).logits().into_data();
+            let _ = <I<B> as burn::tensor::backend::Backend>::sync(device);
+        };
+        let dense_model = crate::model::Model::Deit(self.sets[0].1.init::<I<B>>(device));
+        let mut rows = Vec::new();
+        for (name, config) in self.sets {
+            crate::interrupt::check()?;
+            eprintln!("timing {name}");
+            let model_config = ModelConfig::Deit(config.clone());
+            let estimate = table.model_latency(&model_config);
+            let blocks_alone = config.blocks.iter().map(|d| time_block::<I<B>>(&model_config, 0, config.embed_dim, d, &workload, device)).sum();
+            let model = crate::model::Model::Deit(config.init::<I<B>>(device));
+            let _alone = crate::machine::measuring();
+            let time = crate::machine::median_time(1, args.repeats, || pass(&model));
+            let measured = crate::machine::paired_ratio(1, args.pairs, || pass(&model), || pass(&dense_model));
+            rows.push(LatencyRow { name: name.clone(), config: config.clone(), estimate, blocks_alone, model: time, measured });
+        }
+        Ok((rows, table))
+    }
+}
+
+pub fn latency(args: &BenchLatency) -> Result<String> {
+    if args.batch == 0 || args.repeats == 0 || args.rounds == 0 || args.pairs == 0 {
+        bail!("--batch, --repeats, --rounds and --pairs must be at least 1");
+    }
+    let dense = resolve_model(&args.dense).with_context(|| format!("--dense {}", args.dense))?;
+    let mut sets = vec![(args.dense.clone(), dense.clone())];
+    for spec in &args.pruned {
+        let p = resolve_model(spec).with_context(|| format!("--pruned {spec}"))?;
+        let geometry = |c: &VitConfig| (c.image_size, c.patch_size, c.in_chans, c.num_classes, c.distilled, c.blocks.len());
+        if geometry(&p) != geometry(&dense) {
+            bail!(
+                "--pruned {spec}: not a pruned {}: image size, patch size, channels, classes, distillation or depth differ ({:?} vs {:?})",
+                args.dense,
+                geometry(&p),
+                geometry(&dense)
+            );
+        }
+        sets.push((spec.clone(), p));
+    }
+    if args.between > 0 {
+        let Some((first, pruned)) = sets.get(1).cloned() else { bail!("--between needs a --pruned width set to go towards") };
+        for k in 1..=args.between {
+            let t = k as f64 / (args.between + 1) as f64;
+            sets.insert(k, (format!("{:.0}% of the way to {first}", t * 100.0), between_widths(&dense, &pruned, t)));
+        }
+    }
+    if let Some(t) = &args.table {
+        if !t.is_file() {
+            bail!("--table {}: no such file", t.display());
+        }
+    }
+    backend::check(args.backend, &[0])?;
+    use_threads(args.threads);
+    let device = backend::device_name(args.backend, 0);
+    let gpu = backend::is_gpu(args.backend, 0);
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/bench/latency-{}-{}.csv", args.backend, file_part(&device, gpu))));
+    let table_out = out.with_extension("table.json");
+    let (rows, table) = backend::dispatch(args.backend, &[0], LatencyJob { args, sets: &sets, table_out: &table_out })?;
+    let table_source = match &args.table {
+        Some(t) => t.display().to_string(),
+        None => format!("{} ({} grid, {} points, median of {} rounds, monotone)", table_out.display(), format!("{:?}", args.grid).to_lowercase(), table.stages[0].grid.points().len(), args.rounds),
+    };
+
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "set", "embed_dim", "params_m", "gflops", "estimated_ms", "blocks_alone_ms", "model_ms", "estimated_ratio", "blocks_alone_ratio", "measured_ratio",
+        "measured_min", "measured_max", "pairs", "estimate_error", "batch", "backend", "device", "threads", "table",
+    ])?;
+    let d = &rows[0];
+    let mut text = String::new();
+    for r in &rows {
+        let (est, alone) = (r.estimate / d.estimate, r.blocks_alone / d.blocks_alone);
+        let error = est / r.measured.median - 1.0;
+        let ms = |t: f64| format!("{:.2}", t * 1e3);
+        let ratio = |x: f64| format!("{x:.4}");
+        w.write_record([
+            r.name.as_str(),
+            &r.config.embed_dim.to_string(),
+            &format!("{:.3}", r.config.params() as f64 / 1e6),
+            &format!("{:.4}", r.config.flops() as f64 / 1e9),
+            &ms(r.estimate),
+            &ms(r.blocks_alone),
+            &ms(r.model),
+            &ratio(est),
+            &ratio(alone),
+            &ratio(r.measured.median),
+            &ratio(r.measured.min),
+            &ratio(r.measured.max),
+            &r.measured.pairs.to_string(),
+            &format!("{error:+.4}"),
+            &args.batch.to_string(),
+            &args.backend.to_string(),
+            &device,
+            &args.threads.to_string(),
+            &table_source,
+        ])?;
+        text.push_str(&format!(
+            "{}: estimated {est:.3}, blocks alone {alone:.3}, measured {:.3} ({:.3}-{:.3} over {} pairs): the estimate is {:+.1}% off; the blocks are {:.0}% of the model's {} ms\n",
+            r.name,
+            r.measured.median,
+            r.measured.min,
+            r.measured.max,
+            r.measured.pairs,
+            error * 100.0,
+            r.blocks_alone / r.model * 100.0,
+            ms(r.model)
+        ));
+    }
+    crate::files::atomic_write(&out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    text.push_str(&format!("-> {} ({} on {device}, {} threads, batch {}; table: {table_source})\n", out.display(), args.backend, args.threads, args.batch));
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn width_sets_between_run_from_the_dense_widths_to_the_pruned() {
+        let dense = crate::model::VitConfig::uniform(32, 8, 3, 64, 4, 4, 4.0, 10, false);
+        let mut pruned = dense.clone();
+        pruned.embed_dim = 32;
+        pruned.blocks[0] = crate::model::BlockDims { heads: 1, qk: 4, v: 16, mlp: 100 };
+        assert_eq!(super::between_widths(&dense, &pruned, 0.0), dense);
+        assert_eq!(super::between_widths(&dense, &pruned, 1.0), pruned);
+        let mid = super::between_widths(&dense, &pruned, 0.5);
+        assert_eq!(mid.embed_dim, 48);
+        assert_eq!(mid.blocks[0], crate::model::BlockDims { heads: 3, qk: 10, v: 16, mlp: 178 });
+        assert_eq!(mid.blocks[1], dense.blocks[1]);
+    }
+
     #[test]
     fn each_cpu_and_gpu_model_gets_its_own_file_name() {
         assert_eq!(super::slug("cpu AMD EPYC x2", false), "cpu-amd-epyc");

@@ -252,6 +252,45 @@ enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// How far the latency table's estimate can be trusted on this device: for a dense DeiT
+    /// and pruned width sets, the estimated latency ratio beside the blocks timed alone and the
+    /// whole model measured against the dense one in pairs, into
+    /// results/bench/latency-<backend>-<device>.csv (the table profiled beside it, .table.json).
+    Latency {
+        /// A preset, a pipeline file or a dims.json.
+        #[arg(long, default_value = "deit-base-distilled")]
+        dense: String,
+        /// Pruned width sets of the dense model (dims.json files or `runner export` folders).
+        #[arg(long, value_delimiter = ',', default_value = "benches/nvit-base-like.json")]
+        pruned: Vec<String>,
+        /// Width sets added evenly between the dense model and the first pruned one.
+        #[arg(long, default_value_t = 2)]
+        between: usize,
+        /// Import this latency table (reference JSON layout) instead of profiling one.
+        #[arg(long)]
+        table: Option<PathBuf>,
+        /// The grid to profile the table on, as profile_latency's `grid`.
+        #[arg(long, value_enum, default_value = "spanning")]
+        grid: nvit::stages::profile_latency::GridChoice,
+        #[arg(long, default_value_t = 16, value_parser = at_least_one())]
+        batch: usize,
+        /// Timed passes per block and per model, after one untimed.
+        #[arg(long, default_value_t = 3, value_parser = at_least_one())]
+        repeats: usize,
+        /// Times the whole grid is profiled; each point's median is kept.
+        #[arg(long, default_value_t = 1, value_parser = at_least_one())]
+        rounds: usize,
+        /// Alternated pairs of each pruned set against the dense model.
+        #[arg(long, default_value_t = 10, value_parser = at_least_one())]
+        pairs: usize,
+        #[arg(long, value_enum, default_value = "flex")]
+        backend: BackendKind,
+        /// Default: every core.
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Loader throughput (decode + train transform) on an ImageFolder of JPEGs.
     Loader {
         /// An ImageFolder root (with train/); default: generate JPEGs in a temporary folder.
@@ -360,6 +399,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let layer_norm = layer_norm.iter().map(|s| dims::<3>(s, "--layer-norm")).collect::<anyhow::Result<_>>()?;
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             print!("{}", nvit::bench::kernels(&nvit::bench::BenchKernels { backend, attention, layer_norm, steps, threads, out })?);
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Latency { dense, pruned, between, table, grid, batch, repeats, rounds, pairs, backend, threads, out } } => {
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let args = nvit::bench::BenchLatency { dense, pruned, between, table, grid, batch, repeats, rounds, pairs, backend, threads, out };
+            print!("{}", nvit::bench::latency(&args)?);
             Ok(())
         }
         Command::Bench { command: BenchCommand::Loader { root, images, size, batch, out } } => {

@@ -6,7 +6,7 @@ mod distill;
 mod evaluate;
 mod hessian_scores;
 mod load_pretrained;
-mod profile_latency;
+pub mod profile_latency;
 mod prune;
 pub mod report;
 mod train;

@@ -19,7 +19,7 @@ use crate::files::atomic_write;
 use crate::model::{BlockDims, ModelConfig};
 use crate::prune::{Grid, LatencyTable, ModelLatency};
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum GridChoice {
     /// 1, a quarter, a half and all of each of the model's widths.
@@ -28,6 +28,17 @@ pub enum GridChoice {
     Coarse,
     /// METHOD.md's grid for DeiT-B.
     Reference,
+}
+
+impl GridChoice {
+    /// The grid for a stream of width `e` with `blocks`.
+    pub fn grid(self, e: usize, blocks: &[BlockDims]) -> Grid {
+        match self {
+            GridChoice::Spanning => Grid::spanning(e, blocks),
+            GridChoice::Coarse => Grid::coarse(e, blocks),
+            GridChoice::Reference => Grid::reference(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -121,11 +132,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings
             let stages = config.stages();
             let mut tables = Vec::with_capacity(stages.len());
             for (stage, (e, blocks)) in stages.iter().enumerate() {
-                let mut grid = match s.grid {
-                    GridChoice::Spanning => Grid::spanning(*e, blocks),
-                    GridChoice::Coarse => Grid::coarse(*e, blocks),
-                    GridChoice::Reference => Grid::reference(),
-                };
+                let mut grid = s.grid.grid(*e, blocks);
                 let pick = |given: &Option<Vec<usize>>, axis: &mut Vec<usize>| {
                     if let Some(g) = given {
                         *axis = g.clone();

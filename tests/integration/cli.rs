@@ -84,6 +84,49 @@ fn bench_kernels_times_fused_and_composite_and_names_a_bad_shape() {
     assert!(err.contains("--attention: `2x2x5` is not 4 sizes of at least 1 joined by x"), "{err}");
 }
 
+/// `bench latency` puts the table's estimate beside the blocks timed alone and the paired
+/// measurement for each width set; a width set between two is estimated between them; the table
+/// it profiled, imported with `--table`, gives the same estimates; a width set of another model
+/// is refused before any timing.
+#[test]
+fn bench_latency_estimates_each_width_set_beside_its_measurement() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("latency.csv");
+    let quickstart = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/quickstart.toml");
+    let widths = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/quickstart-nvit50.json");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["bench", "latency", "--dense", quickstart, "--pruned", widths, "--between", "1", "--batch", "2", "--repeats", "1", "--pairs", "1"];
+        args.extend_from_slice(&["--grid", "coarse", "--backend", "flex", "--out", out.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        output(runner(dir.path()).args(args))
+    };
+    let (code, stdout, err) = run(&[]);
+    assert_eq!(code, 0, "{err}");
+    let read = || -> Vec<csv::StringRecord> { csv::Reader::from_path(&out).unwrap().records().map(Result::unwrap).collect() };
+    let rows = read();
+    assert_eq!(rows.len(), 3, "dense, one between, pruned: {stdout}");
+    let col = |r: &csv::StringRecord, i: usize| r[i].parse::<f64>().unwrap();
+    assert!(rows[1][0].starts_with("50% of the way to "), "{:?}", rows[1]);
+    assert_eq!((col(&rows[0], 7), col(&rows[0], 8)), (1.0, 1.0), "the dense model is the unit: {:?}", rows[0]);
+    let (mid, pruned) = (col(&rows[1], 7), col(&rows[2], 7));
+    assert!(pruned < mid && mid < 1.0, "estimated ratios {mid} and {pruned}");
+    for r in &rows {
+        assert!(col(r, 10) <= col(r, 9) && col(r, 9) <= col(r, 11) && &r[12] == "1" && col(r, 6) > 0.0, "{r:?}");
+    }
+    let table = out.with_extension("table.json");
+    assert!(rows[0][18].contains("coarse grid, 32 points"), "{:?}", rows[0]);
+
+    let (code, _, err) = run(&["--table", table.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let again = read();
+    for (a, b) in rows.iter().zip(&again) {
+        assert_eq!(&a[4], &b[4], "the imported table estimates what it estimated when profiled");
+    }
+    let (code, _, err) = run(&["--pruned", "deit-tiny-distilled"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--pruned deit-tiny-distilled: not a pruned"), "{err}");
+}
+
 /// `bench vs-pytorch` refuses what it cannot run before measuring anything: a malformed model
 /// list, an unknown model, a Python without torch.
 #[test]

@@ -295,7 +295,9 @@ fn stop_on_measured_times_the_compact_model_and_stops_on_what_it_measured() {
     assert!(rows[0][2] <= 0.75 + 1e-9 && rows[0][2] > 0.5, "{log}");
     for r in &rows {
         assert!(r[4] <= r[3] && r[3] <= r[5] && r[6] == 3.0, "median within min-max over 3 pairs: {log}");
-        assert!((r[7] - r[3] / r[2]).abs() < 1e-3, "the correction is measured over estimated: {log}");
+        // Relative: the CSV rounds each ratio to 5 decimals, and a small estimate makes a large
+        // correction.
+        assert!((r[7] - r[3] / r[2]).abs() < 1e-3 * r[7], "the correction is measured over estimated: {log}");
     }
     let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(entry.join("manifest.json")).unwrap()).unwrap();
     let m = &manifest["metrics"];
