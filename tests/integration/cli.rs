@@ -125,6 +125,9 @@ fn bench_latency_estimates_each_width_set_beside_its_measurement() {
     let (code, _, err) = run(&["--pruned", "deit-tiny-distilled"]);
     assert_ne!(code, 0);
     assert!(err.contains("--pruned deit-tiny-distilled: not a pruned"), "{err}");
+    let (code, _, err) = run(&["--table", "/nonexistent/table.json"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--table /nonexistent/table.json: no such file"), "{err}");
 }
 
 /// `bench vs-pytorch` refuses what it cannot run before measuring anything: a malformed model
