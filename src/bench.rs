@@ -671,7 +671,7 @@ impl BackendJob for LatencyJob<'_> {
     fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output> {
         use crate::model::ModelConfig;
         use crate::prune::{LatencyTable, ModelLatency};
-        use crate::stages::profile_latency::{time_block, Workload};
+        use crate::stages::profile_latency::{profile, time_block, Workload};
         type I<B> = <B as AutodiffBackend>::InnerBackend;
         let (device, args) = (&devices[0], self.args);
         let dense = ModelConfig::Deit(self.sets[0].1.clone());
@@ -681,31 +681,23 @@ impl BackendJob for LatencyJob<'_> {
             None => {
                 let (e, blocks) = &dense.stages()[0];
                 let grid = args.grid.grid(*e, blocks);
-                let points = grid.points();
-                let mut values = vec![Vec::new(); points.len()];
-                for round in 0..args.rounds {
-                    for (i, (e, dims)) in points.iter().enumerate() {
-                        crate::interrupt::check()?;
-                        values[i].push(time_block::<I<B>>(&dense, 0, *e, dims, &workload, device));
-                        if (i + 1) % 64 == 0 || i + 1 == points.len() {
-                            eprintln!("profiling the latency table: round {} of {}, {} of {} points", round + 1, args.rounds, i + 1, points.len());
-                        }
+                let points = grid.points().len();
+                let table = profile::<I<B>>(&dense, 0, grid, &workload, args.rounds, Vec::new(), device, |values| {
+                    let n = values.len();
+                    if n % 64 == 0 || n % points == 0 {
+                        eprintln!("profiling the latency table: round {} of {}, {} of {points} points", n.div_ceil(points), args.rounds, (n - 1) % points + 1);
                     }
-                }
-                let table = LatencyTable::new(grid, values.into_iter().map(crate::machine::median).collect())?.monotone();
+                    Ok(())
+                })?
+                .monotone();
                 let table = ModelLatency { stages: vec![table] };
                 crate::files::atomic_write(self.table_out, &serde_json::to_vec_pretty(&table.to_json())?)?;
                 table
             }
         };
         table.check(&dense)?;
-        let shape = [args.batch, self.sets[0].1.in_chans, self.sets[0].1.image_size, self.sets[0].1.image_size];
-        let x = burn::tensor::Tensor::<I<B>, 4>::random(shape, burn::tensor::Distribution::Default, device);
-        let pass = |m: &crate::model::Model<I<B>>| {
-            let _ = m.forward(x.clone()).logits().into_data();
-            let _ = <I<B> as burn::tensor::backend::Backend>::sync(device);
-        };
-        let dense_model = crate::model::Model::Deit(self.sets[0].1.init::<I<B>>(device));
+        let timing = crate::model::Timing::<I<B>>::new(&dense, args.batch, device);
+        let dense_model = dense.init::<I<B>>(device);
         let mut rows = Vec::new();
         for (name, config) in self.sets {
             crate::interrupt::check()?;
@@ -713,10 +705,9 @@ impl BackendJob for LatencyJob<'_> {
             let model_config = ModelConfig::Deit(config.clone());
             let estimate = table.model_latency(&model_config);
             let blocks_alone = config.blocks.iter().map(|d| time_block::<I<B>>(&model_config, 0, config.embed_dim, d, &workload, device)).sum();
-            let model = crate::model::Model::Deit(config.init::<I<B>>(device));
-            let _alone = crate::machine::measuring();
-            let time = crate::machine::median_time(1, args.repeats, || pass(&model));
-            let measured = crate::machine::paired_ratio(1, args.pairs, || pass(&model), || pass(&dense_model));
+            let model = model_config.init::<I<B>>(device);
+            let time = timing.median(&model, 1, args.repeats);
+            let measured = timing.paired(&model, &dense_model, 1, args.pairs);
             rows.push(LatencyRow { name: name.clone(), config: config.clone(), estimate, blocks_alone, model: time, measured });
         }
         Ok((rows, table))
@@ -830,6 +821,28 @@ mod tests {
         assert_eq!(mid.embed_dim, 48);
         assert_eq!(mid.blocks[0], crate::model::BlockDims { heads: 3, qk: 10, v: 16, mlp: 178 });
         assert_eq!(mid.blocks[1], dense.blocks[1]);
+    }
+
+    #[test]
+    fn width_sets_between_need_a_pruned_one_to_go_towards() {
+        let args = super::BenchLatency {
+            dense: "deit-tiny-distilled".into(),
+            pruned: Vec::new(),
+            between: 1,
+            table: None,
+            grid: crate::stages::profile_latency::GridChoice::Coarse,
+            batch: 1,
+            repeats: 1,
+            rounds: 1,
+            pairs: 1,
+            backend: crate::backend::BackendKind::Flex,
+            threads: 1,
+            out: None,
+        };
+        let err = super::latency(&args).unwrap_err().to_string();
+        assert!(err.contains("--between needs a --pruned width set"), "{err}");
+        let none = super::BenchLatency { between: 0, batch: 0, ..args };
+        assert!(super::latency(&none).unwrap_err().to_string().contains("must be at least 1"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod family;
 pub mod flops;
 mod fused;
 mod swin;
+mod timing;
 mod vit;
 
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use family::{Model, ModelConfig};
 pub use fused::bench as kernels;
+pub use timing::Timing;
 pub use swin::{PatchMerging, Swin, SwinBlock, SwinConfig, SwinLayer, SwinStage};
 pub use vit::{with_drop_path_seed, Attention, Block, Mlp, Vit, VitOutput, LN_EPS};
 

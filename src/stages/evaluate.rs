@@ -85,21 +85,10 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
         anyhow::bail!("the {:?} split is empty", s.split);
     }
 
-    // Throughput on random inputs: the data pipeline is not what is being measured.
-    let x = Tensor::<B::InnerBackend, 4>::random(
-        [s.throughput_batch, config.in_chans(), config.image_size(), config.image_size()],
-        Distribution::Default,
-        device,
-    );
     let baseline = s.baseline.as_deref().map(|name| baseline_model(ctx, name, &config)).transpose()?;
-    let alone = crate::machine::measuring();
-    let pass = |model: &Model<B::InnerBackend>| {
-        let _ = model.forward(x.clone()).logits().into_data();
-        let _ = B::InnerBackend::sync(device);
-    };
-    let median = crate::machine::median_time(s.warmup, s.throughput_repeats, || pass(&model));
-    let paired = baseline.map(|base| crate::machine::paired_ratio(s.warmup, s.speedup_pairs, || pass(&base), || pass(&model)));
-    drop(alone);
+    let timing = crate::model::Timing::new(&config, s.throughput_batch, device);
+    let median = timing.median(&model, s.warmup, s.throughput_repeats);
+    let paired = baseline.map(|base| timing.paired(&base, &model, s.warmup, s.speedup_pairs));
 
     let data = ctx.dataset;
     let dataset = match data.kind {

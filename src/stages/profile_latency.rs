@@ -173,10 +173,6 @@ struct Partial {
 /// Times one block of `config`'s stream `stage` at every point of `grid`, `rounds` times; each
 /// point's median over the rounds.
 fn measure<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings, grid: Grid, config: &ModelConfig, stage: usize) -> Result<LatencyTable> {
-    let problems = grid.check();
-    if !problems.is_empty() {
-        anyhow::bail!("{}", problems.join("; "));
-    }
     let device = ctx.device();
     let points = grid.points();
     let name = if config.stages().len() > 1 { format!("{} stage {stage}", ctx.spec.name) } else { ctx.spec.name.clone() };
@@ -184,7 +180,7 @@ fn measure<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings
     // Points measured before a kill are kept: a job preempted more often than the whole
     // profile lasts still finishes.
     let partial = ctx.dir.join("checkpoint").join(if stage == 0 { "measured.json".to_string() } else { format!("measured_stage_{stage}.json") });
-    let mut values: Vec<f64> = std::fs::read(&partial)
+    let values: Vec<f64> = std::fs::read(&partial)
         .ok()
         .and_then(|b| serde_json::from_slice::<Partial>(&b).ok())
         .filter(|p| p.grid == grid && p.values.len() <= points.len() * s.rounds)
@@ -195,14 +191,43 @@ fn measure<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings
         progress.set_position(values.len() as u64);
     }
     let workload = Workload { batch: s.batch_size, tokens: s.tokens, warmup: s.warmup, repeats: s.repeats };
-    for n in values.len()..points.len() * s.rounds {
+    let table = profile::<B::InnerBackend>(config, stage, grid.clone(), &workload, s.rounds, values, device, |values| {
+        let n = values.len() - 1;
+        atomic_write(&partial, &serde_json::to_vec(&Partial { grid: grid.clone(), values: values.to_vec() })?)?;
+        let (e, dims) = &points[n % points.len()];
+        progress.step(&format!("round {} of {}: E {e} {dims:?}", n / points.len() + 1, s.rounds));
+        Ok(())
+    })?;
+    progress.finish();
+    Ok(table)
+}
+
+/// Times one block of `config`'s stream `stage` at every point of `grid`, the whole grid
+/// `rounds` times over, on from `values` (the timings a killed run kept, in that order);
+/// `after` sees the timings so far after each. Each point's median over the rounds.
+#[allow(clippy::too_many_arguments)]
+pub fn profile<B: Backend>(
+    config: &ModelConfig,
+    stage: usize,
+    grid: Grid,
+    workload: &Workload,
+    rounds: usize,
+    mut values: Vec<f64>,
+    device: &B::Device,
+    mut after: impl FnMut(&[f64]) -> Result<()>,
+) -> Result<LatencyTable> {
+    let problems = grid.check();
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("; "));
+    }
+    let points = grid.points();
+    values.truncate(points.len() * rounds);
+    for n in values.len()..points.len() * rounds {
         crate::interrupt::check()?;
         let (e, dims) = &points[n % points.len()];
-        values.push(time_block::<B::InnerBackend>(config, stage, *e, dims, &workload, device));
-        atomic_write(&partial, &serde_json::to_vec(&Partial { grid: grid.clone(), values: values.clone() })?)?;
-        progress.step(&format!("round {} of {}: E {e} {dims:?}", n / points.len() + 1, s.rounds));
+        values.push(time_block::<B>(config, stage, *e, dims, workload, device));
+        after(&values)?;
     }
-    progress.finish();
     let medians = (0..points.len()).map(|p| crate::machine::median(values.iter().skip(p).step_by(points.len()).copied().collect())).collect();
     LatencyTable::new(grid, medians)
 }

@@ -142,7 +142,7 @@ impl Default for PruneSettings {
             latency_tolerance: 0.02,
             stop_on: StopOn::Estimated,
             measure_batch: 64,
-            measure_pairs: 10,
+            measure_pairs: 40,
             criterion: Criterion::Hessian,
             allocation: Allocation::Global,
             selection: Selection::Greedy,
@@ -268,16 +268,8 @@ impl Measured {
 /// The compact model of `student` under `masks` against `dense`, timed alternately in pairs of
 /// forward passes of `batch` random images: its latency as a fraction of dense's.
 fn measure<B: AutodiffBackend>(dense: &Model<B::InnerBackend>, student: &Model<B>, masks: &Masks, batch: usize, pairs: usize, device: &B::Device) -> Result<crate::machine::Ratio> {
-    use burn::tensor::backend::Backend;
     let small = compact(&student.valid(), masks, device)?;
-    let c = dense.config();
-    let x = burn::tensor::Tensor::<B::InnerBackend, 4>::random([batch, c.in_chans(), c.image_size(), c.image_size()], burn::tensor::Distribution::Default, device);
-    let pass = |m: &Model<B::InnerBackend>| {
-        let _ = m.forward(x.clone()).logits().into_data();
-        let _ = B::InnerBackend::sync(device);
-    };
-    let _alone = crate::machine::measuring();
-    Ok(crate::machine::paired_ratio(2, pairs, || pass(&small), || pass(dense)))
+    Ok(crate::model::Timing::new(&dense.config(), batch, device).paired(&small, dense, 2, pairs))
 }
 
 /// Progress in per mille of the latency to remove, which is what ends the stage (not the
