@@ -32,13 +32,13 @@ class Attention(nn.Module):
     width (`v`). The softmax scale is `head_dim ** -0.5` of the model before pruning, so a
     pruned model computes what it was pruned from."""
 
-    def __init__(self, dim, heads, qk, v, head_dim):
+    def __init__(self, dim, heads, qk, v, head_dim, qkv_bias=True):
         super().__init__()
         self.heads, self.qk_dim, self.v_dim = heads, qk, v
         self.scale = head_dim**-0.5
-        self.q = nn.Linear(dim, heads * qk)
-        self.k = nn.Linear(dim, heads * qk)
-        self.v = nn.Linear(dim, heads * v)
+        self.q = nn.Linear(dim, heads * qk, bias=qkv_bias)
+        self.k = nn.Linear(dim, heads * qk, bias=qkv_bias)
+        self.v = nn.Linear(dim, heads * v, bias=qkv_bias)
         self.proj = nn.Linear(heads * v, dim)
 
     def forward(self, x):
@@ -65,17 +65,30 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    def __init__(self, dim, dims, head_dim):
+class LayerScale(nn.Module):
+    """A learned gain per channel on a residual branch (timm's `ls1`, `ls2`)."""
+
+    def __init__(self, dim, init):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, dims["heads"], dims["qk"], dims["v"], head_dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, dims["mlp"])
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    def __init__(self, dim, dims, head_dim, qkv_bias=True, init_values=None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, dims["heads"], dims["qk"], dims["v"], head_dim, qkv_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, dims["mlp"])
+        self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -88,7 +101,10 @@ class PatchEmbed(nn.Module):
 
 
 class NViT(nn.Module):
-    """A ViT (DeiT when `distilled`) with the widths of `dims`, the runner's `dims.json`."""
+    """timm's `VisionTransformer` with the widths of `dims`, the runner's `dims.json`: DeiT
+    (`distilled`), AugReg ViT, DeiT III and DINOv2 (LayerScale, register tokens, a position
+    embedding over the patches only), average pooling with `fc_norm`. Keys a DeiT's file
+    leaves out take DeiT's values."""
 
     def __init__(self, dims):
         super().__init__()
@@ -96,26 +112,38 @@ class NViT(nn.Module):
         e, p = dims["embed_dim"], dims["patch_size"]
         patches = (dims["image_size"] // p) ** 2
         self.distilled = dims["distilled"]
+        self.class_token = dims.get("class_token", True)
+        self.reg_tokens = dims.get("reg_tokens", 0)
+        self.global_pool = dims.get("global_pool", "token")
+        self.no_embed_class = dims.get("no_embed_class", False)
+        use_fc_norm = dims.get("fc_norm", False)
+        self.num_prefix_tokens = int(self.class_token) + int(self.distilled) + self.reg_tokens
         self.patch_embed = PatchEmbed(p, dims["in_chans"], e)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, e))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, e)) if self.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, e)) if self.distilled else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, patches + 1 + self.distilled, e))
-        self.blocks = nn.ModuleList(Block(e, b, dims["head_dim"]) for b in dims["blocks"])
-        self.norm = nn.LayerNorm(e, eps=1e-6)
+        self.reg_token = nn.Parameter(torch.zeros(1, self.reg_tokens, e)) if self.reg_tokens else None
+        positions = patches if self.no_embed_class else patches + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, positions, e))
+        qkv_bias, init_values = dims.get("qkv_bias", True), dims.get("init_values")
+        self.blocks = nn.ModuleList(Block(e, b, dims["head_dim"], qkv_bias, init_values) for b in dims["blocks"])
+        self.norm = nn.LayerNorm(e, eps=1e-6) if not use_fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(e, eps=1e-6) if use_fc_norm else nn.Identity()
         self.head = nn.Linear(e, dims["num_classes"])
         self.head_dist = nn.Linear(e, dims["num_classes"]) if self.distilled else None
 
     def forward_heads(self, images):
         """Logits of the class head and, for a distilled model, of the distillation head."""
         x = self.patch_embed(images)
-        prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
-        if self.distilled:
-            prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
-        x = torch.cat(prefix + [x], dim=1) + self.pos_embed
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        if self.no_embed_class:
+            x = torch.cat(prefix + [x + self.pos_embed], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        return self.head(x[:, 0]), (self.head_dist(x[:, 1]) if self.distilled else None)
+        pooled = x[:, self.num_prefix_tokens :].mean(1) if self.global_pool == "avg" else x[:, 0]
+        return self.head(self.fc_norm(pooled)), (self.head_dist(x[:, 1]) if self.distilled else None)
 
     def forward(self, images):
         """`[batch, classes]`: the class head, averaged with the distillation head's as DeiT
@@ -135,6 +163,8 @@ def _split_fused_qkv(state, dims):
             continue
         sizes = [b["heads"] * b["qk"], b["heads"] * b["qk"], b["heads"] * b["v"]]
         for kind in ("weight", "bias"):
+            if f"{p}.qkv.{kind}" not in state:  # qkv_bias = false
+                continue
             for name, part in zip("qkv", state.pop(f"{p}.qkv.{kind}").split(sizes)):
                 state[f"{p}.{name}.{kind}"] = part
     return state
@@ -195,7 +225,7 @@ def save(model, folder):
     for i, b in enumerate(model.dims["blocks"]):
         p = f"blocks.{i}.attn"
         if b["qk"] == b["v"]:
-            for kind in ("weight", "bias"):
+            for kind in ("weight", "bias")[: 2 if f"{p}.q.bias" in state else 1]:
                 state[f"{p}.qkv.{kind}"] = torch.cat([state.pop(f"{p}.{n}.{kind}") for n in "qkv"])
     save_file(state, folder / WEIGHTS)
     (folder / DIMS).write_text(json.dumps(model.dims, indent=2) + "\n")

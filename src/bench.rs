@@ -670,7 +670,7 @@ impl BackendJob for LatencyJob<'_> {
     type Output = (Vec<LatencyRow>, crate::prune::ModelLatency);
     fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output> {
         use crate::model::ModelConfig;
-        use crate::prune::{LatencyTable, ModelLatency};
+        use crate::prune::ModelLatency;
         use crate::stages::profile_latency::{profile, time_block, Workload};
         type I<B> = <B as AutodiffBackend>::InnerBackend;
         let (device, args) = (&devices[0], self.args);

@@ -3,7 +3,8 @@
 //! The graph computes what `Vit::forward(..).logits()` computes: the patch embedding as a
 //! strided convolution, per-block attention with the block's own head count and query/key and
 //! value widths, erf GELU, `LayerNormalization` (new in opset 17), and the two heads averaged
-//! when the model is distilled. The batch dimension is symbolic (`batch`); the image size is
+//! when the model is distilled; timm's other ViTs' LayerScale, register tokens, position
+//! embedding over the patches only, and average pooling with `fc_norm`. The batch dimension is symbolic (`batch`); the image size is
 //! the model's, since the position embedding is.
 
 use std::collections::BTreeMap;
@@ -53,22 +54,30 @@ pub fn to_onnx<B: Backend>(model: &Vit<B>, spec: &InputSpec) -> Vec<u8> {
     let flat = g.reshape(&conv, &[0, e, -1]);
     let patches = g.node("Transpose", &[&flat], &[Attr::Ints("perm", vec![0, 2, 1])]);
 
-    // The class (and distillation) token, repeated over the batch.
+    // The class, distillation and register tokens, repeated over the batch, and the position
+    // embedding: added after them, or to the patches only before them (`no_embed_class`).
     let shape = g.node("Shape", &["images"], &[]);
     let (start, end) = (g.ints("batch_start", &[0]), g.ints("batch_end", &[1]));
     let batch = g.node("Slice", &[&shape, &start, &end], &[]);
-    let token_tail = g.ints("token_shape_tail", &[1, e]);
-    let token_shape = g.node("Concat", &[&batch, &token_tail], &[Attr::Int("axis", 0)]);
     let mut tokens = Vec::new();
-    for name in ["cls_token", "dist_token"].into_iter().filter(|n| sd.contains_key(*n)) {
+    for name in ["cls_token", "dist_token", "reg_token"].into_iter().filter(|n| sd.contains_key(*n)) {
+        let (dims, _) = w(name);
+        let tail = g.ints(&format!("{name}_shape_tail"), &[dims[1] as i64, e]);
+        let token_shape = g.node("Concat", &[&batch, &tail], &[Attr::Int("axis", 0)]);
         let t = g.weight(name, w(name));
         tokens.push(g.node("Expand", &[&t, &token_shape], &[]));
     }
-    tokens.push(patches);
-    let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
-    let x = g.node("Concat", &refs, &[Attr::Int("axis", 1)]);
     let pos = g.weight("pos_embed", w("pos_embed"));
-    let mut x = g.node("Add", &[&x, &pos], &[]);
+    let mut x = if c.no_embed_class {
+        tokens.push(g.node("Add", &[&patches, &pos], &[]));
+        let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        g.node("Concat", &refs, &[Attr::Int("axis", 1)])
+    } else {
+        tokens.push(patches);
+        let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        let x = g.node("Concat", &refs, &[Attr::Int("axis", 1)]);
+        g.node("Add", &[&x, &pos], &[])
+    };
 
     let scale = (c.head_dim as f32).powf(-0.5);
     for (i, d) in c.blocks.iter().enumerate() {
@@ -93,21 +102,37 @@ pub fn to_onnx<B: Backend>(model: &Vit<B>, spec: &InputSpec) -> Vec<u8> {
         let out = g.node("Transpose", &[&out], &[Attr::Ints("perm", vec![0, 2, 1, 3])]);
         let out = g.reshape(&out, &[0, 0, h * v]);
         let out = g.linear(&out, &name("attn.proj"), &sd);
+        let out = g.layer_scale(&out, &name("ls1"), &sd);
         x = g.node("Add", &[&x, &out], &[]);
 
         let y = g.layer_norm(&x, &name("norm2"), &sd);
         let hidden = g.linear(&y, &name("mlp.fc1"), &sd);
         let hidden = g.gelu(&hidden);
         let out = g.linear(&hidden, &name("mlp.fc2"), &sd);
+        let out = g.layer_scale(&out, &name("ls2"), &sd);
         x = g.node("Add", &[&x, &out], &[]);
     }
 
-    let x = g.layer_norm(&x, "norm", &sd);
+    if !c.fc_norm {
+        x = g.layer_norm(&x, "norm", &sd);
+    }
     let mut heads = Vec::new();
     for (index, head) in [(0, "head"), (1, "head_dist")].into_iter().filter(|(_, h)| sd.contains_key(&format!("{h}.weight"))) {
-        let at = g.scalar_int(&format!("{head}_token"), index);
-        let token = g.node("Gather", &[&x, &at], &[Attr::Int("axis", 1)]); // [b, E]
-        heads.push(g.linear(&token, head, &sd));
+        let pooled = match (index, c.global_pool) {
+            (0, crate::model::Pool::Avg) => {
+                // The mean of the patch tokens, the prefix tokens left out.
+                let (from, to) = (g.ints("patches_start", &[c.num_prefix_tokens() as i64]), g.ints("patches_end", &[i64::MAX]));
+                let axis = g.ints("token_axis", &[1]);
+                let patches = g.node("Slice", &[&x, &from, &to, &axis], &[]);
+                g.node("ReduceMean", &[&patches], &[Attr::Ints("axes", vec![1]), Attr::Int("keepdims", 0)])
+            }
+            _ => {
+                let at = g.scalar_int(&format!("{head}_token"), index);
+                g.node("Gather", &[&x, &at], &[Attr::Int("axis", 1)]) // [b, E]
+            }
+        };
+        let pooled = if c.fc_norm { g.layer_norm(&pooled, "fc_norm", &sd) } else { pooled };
+        heads.push(g.linear(&pooled, head, &sd));
     }
     match heads.as_slice() {
         [cls] => g.node_named("Identity", &[cls], &[], "logits"),
@@ -272,10 +297,11 @@ impl Graph {
                 t[c * o + r] = w[r * i + c] * scale;
             }
         }
-        let b: Vec<f32> = sd[&format!("{prefix}.bias")].1.iter().map(|v| v * scale).collect();
         let w = self.floats(&format!("{prefix}.weight_t"), &[i, o], &t);
-        let b = self.floats(&format!("{prefix}.bias"), &[o], &b);
         let y = self.node("MatMul", &[x, &w], &[]);
+        let Some((_, bias)) = sd.get(&format!("{prefix}.bias")) else { return y };
+        let b: Vec<f32> = bias.iter().map(|v| v * scale).collect();
+        let b = self.floats(&format!("{prefix}.bias"), &[o], &b);
         self.node("Add", &[&y, &b], &[])
     }
 
@@ -283,6 +309,18 @@ impl Graph {
         let gamma = self.weight(&format!("{prefix}.weight"), &sd[&format!("{prefix}.weight")]);
         let beta = self.weight(&format!("{prefix}.bias"), &sd[&format!("{prefix}.bias")]);
         self.node("LayerNormalization", &[x, &gamma, &beta], &[Attr::Int("axis", -1), Attr::Float("epsilon", crate::model::LN_EPS as f32)])
+    }
+
+    /// `x` times LayerScale's gains `{prefix}.gamma`, where the model has them.
+    fn layer_scale(&mut self, x: &str, prefix: &str, sd: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> String {
+        let name = format!("{prefix}.gamma");
+        match sd.get(&name) {
+            Some(gamma) => {
+                let gamma = self.weight(&name, gamma);
+                self.node("Mul", &[x, &gamma], &[])
+            }
+            None => x.to_string(),
+        }
     }
 
     /// GELU in its erf form, `x * (1 + erf(x / sqrt 2)) / 2` (the `Gelu` operator is opset 20).

@@ -16,7 +16,7 @@ use burn::tensor::Tensor;
 use safetensors::{Dtype, SafeTensors};
 
 use super::vit::{Attention, Materialize};
-use super::{BlockDims, Model, ModelConfig, Swin, SwinConfig, SwinStage, Vit, VitConfig};
+use super::{BlockDims, Model, ModelConfig, Pool, Swin, SwinConfig, SwinStage, Vit, VitConfig};
 use crate::files::atomic_write;
 
 /// File names of an exported model inside a directory.
@@ -177,9 +177,10 @@ fn export_with<B: Backend>(model: &Vit<B>, fuse: bool) -> StateDict {
     let mut w = Writer::default();
     let e = model.config.embed_dim;
     w.conv("patch_embed.proj", &model.patch_embed);
-    w.put("cls_token", vec![1, 1, e], to_vec(&model.cls_token.val()));
-    if let Some(d) = &model.dist_token {
-        w.put("dist_token", vec![1, 1, e], to_vec(&d.val()));
+    for (name, token) in [("cls_token", &model.cls_token), ("dist_token", &model.dist_token), ("reg_token", &model.reg_token)] {
+        if let Some(t) = token {
+            w.put(name, t.dims().to_vec(), to_vec(&t.val()));
+        }
     }
     w.put("pos_embed", model.pos_embed.dims().to_vec(), to_vec(&model.pos_embed.val()));
     for (i, block) in model.blocks.iter().enumerate() {
@@ -189,8 +190,18 @@ fn export_with<B: Backend>(model: &Vit<B>, fuse: bool) -> StateDict {
         w.norm(&format!("{p}.norm2"), &block.norm2);
         w.linear(&format!("{p}.mlp.fc1"), &block.mlp.fc1);
         w.linear(&format!("{p}.mlp.fc2"), &block.mlp.fc2);
+        for (n, ls) in [("ls1", &block.ls1), ("ls2", &block.ls2)] {
+            if let Some(ls) = ls {
+                w.put(&format!("{p}.{n}.gamma"), vec![e], to_vec(&ls.gamma.val()));
+            }
+        }
     }
-    w.norm("norm", &model.norm);
+    if let Some(n) = &model.norm {
+        w.norm("norm", n);
+    }
+    if let Some(n) = &model.fc_norm {
+        w.norm("fc_norm", n);
+    }
     w.linear("head", &model.head);
     if let Some(h) = &model.head_dist {
         w.linear("head_dist", h);
@@ -237,11 +248,13 @@ impl Writer {
             let [e, _] = a.q.weight.dims();
             let parts: Vec<_> = [&a.q, &a.k, &a.v].iter().map(|l| {
                 let [i, o] = l.weight.dims();
-                (transpose(&to_vec(&l.weight.val()), i, o), to_vec(&l.bias.as_ref().expect("attention has biases").val()))
+                (transpose(&to_vec(&l.weight.val()), i, o), l.bias.as_ref().map(|b| to_vec(&b.val())))
             }).collect();
-            let rows: usize = parts.iter().map(|(_, b)| b.len()).sum();
+            let rows: usize = [&a.q, &a.k, &a.v].iter().map(|l| l.weight.dims()[1]).sum();
             self.put(&format!("{p}.qkv.weight"), vec![rows, e], parts.iter().flat_map(|(w, _)| w.clone()).collect());
-            self.put(&format!("{p}.qkv.bias"), vec![rows], parts.iter().flat_map(|(_, b)| b.clone()).collect());
+            if parts.iter().all(|(_, b)| b.is_some()) {
+                self.put(&format!("{p}.qkv.bias"), vec![rows], parts.iter().flat_map(|(_, b)| b.clone().unwrap_or_default()).collect());
+            }
         } else {
             for (n, l) in [("q", &a.q), ("k", &a.k), ("v", &a.v)] {
                 self.linear(&format!("{p}.{n}"), l);
@@ -282,7 +295,7 @@ fn rank_of(name: &str) -> usize {
         Some("weight") if name.contains("patch_embed") => 4,
         Some("weight") if name.contains("norm") => 1,
         Some("weight") | Some("relative_position_bias_table") => 2,
-        _ if name == "pos_embed" => 3,
+        _ if matches!(name, "pos_embed" | "cls_token" | "dist_token" | "reg_token") => 3,
         _ => 1,
     }
 }
@@ -298,19 +311,35 @@ fn shape_of(sd: &StateDict, name: &str) -> Result<Option<Vec<usize>>> {
 
 pub fn infer_config(sd: &StateDict, hint: &VitConfig) -> Result<VitConfig> {
     let shape = |k: &str| shape_of(sd, k);
+    let has = |k: &str| sd.tensors.contains_key(k);
     let pe = shape("patch_embed.proj.weight")?.context("missing tensor `patch_embed.proj.weight`")?;
     let (e, in_chans, patch) = (pe[0], pe[1], pe[2]);
     if pe[2] != pe[3] {
         bail!("tensor `patch_embed.proj.weight` has shape {pe:?}: expected square patches");
     }
-    let head = shape("head.weight")?.context("missing tensor `head.weight`")?;
-    let distilled = sd.tensors.contains_key("dist_token");
+    // A backbone (DINOv2's, timm's `num_classes=0`) has no head: it gets a new one.
+    let num_classes = match shape("head.weight")? {
+        Some(head) => head[0],
+        None if !has("head.bias") => hint.num_classes,
+        None => bail!("missing tensor `head.weight` beside `head.bias`"),
+    };
+    let (class_token, distilled) = (has("cls_token"), has("dist_token"));
+    let reg_tokens = shape("reg_token")?.map_or(0, |s| s[1]);
+    let prefix = class_token as usize + distilled as usize + reg_tokens;
     let pos = shape("pos_embed")?.context("missing tensor `pos_embed`")?;
-    let patches = pos[1].saturating_sub(1 + distilled as usize);
-    let grid = (patches as f64).sqrt().round() as usize;
-    if grid * grid != patches {
-        bail!("tensor `pos_embed` has {} tokens, which is not a square grid plus {} prefix tokens", pos[1], 1 + distilled as usize);
-    }
+    let square = |n: usize| {
+        let g = (n as f64).sqrt().round() as usize;
+        (g > 0 && g * g == n).then_some(g)
+    };
+    // Whether the position embedding covers the prefix tokens: where both readings give a
+    // square grid (a few tiny grids), `[model]`'s.
+    let (grid, no_embed_class) = match (pos[1].checked_sub(prefix).and_then(square), square(pos[1])) {
+        (Some(g), Some(h)) if prefix > 0 => if hint.no_embed_class { (h, true) } else { (g, false) },
+        (Some(g), _) => (g, false),
+        (None, Some(h)) => (h, true),
+        (None, None) => bail!("tensor `pos_embed` has {} positions: neither a square grid nor one plus {prefix} prefix tokens", pos[1]),
+    };
+    let fc_norm = has("fc_norm.weight");
     let depth = (0..).take_while(|i| sd.tensors.keys().any(|k| k.starts_with(&format!("blocks.{i}.")))).count();
     let mut blocks = Vec::with_capacity(depth);
     for i in 0..depth {
@@ -329,18 +358,29 @@ pub fn infer_config(sd: &StateDict, hint: &VitConfig) -> Result<VitConfig> {
         }
         blocks.push(BlockDims { heads, qk: qk_rows / heads, v: v_rows / heads, mlp });
     }
+    let layer_scale = has("blocks.0.ls1.gamma");
     let config = VitConfig {
         image_size: grid * patch,
         patch_size: patch,
         in_chans,
         embed_dim: e,
-        num_classes: head[0],
+        num_classes,
         distilled,
         // The softmax scale: timm's `E / heads`, from the checkpoint's E where `[model]` said
         // another (or left it to the default).
         head_dim: if hint.embed_dim == e { hint.head_dim } else { e / hint.blocks[0].heads.max(1) },
         drop_path: hint.drop_path,
         blocks,
+        class_token,
+        reg_tokens,
+        // Only a new model's gains start from it; a checkpoint's are read.
+        init_values: layer_scale.then(|| hint.init_values.unwrap_or(1e-5)),
+        qkv_bias: has("blocks.0.attn.qkv.bias") || has("blocks.0.attn.q.bias"),
+        // No tensor tells token from average pooling: a model without a class token, or with
+        // timm's `fc_norm` (which average pooling implies), pools; otherwise `[model]` says.
+        global_pool: if !class_token || fc_norm { Pool::Avg } else { hint.global_pool },
+        fc_norm,
+        no_embed_class,
     };
     let problems = config.check();
     if !problems.is_empty() {
@@ -349,35 +389,49 @@ pub fn infer_config(sd: &StateDict, hint: &VitConfig) -> Result<VitConfig> {
     Ok(config)
 }
 
-/// Builds a model of shape `config` from `sd`, checking every tensor.
+/// Builds a model of shape `config` from `sd`, checking every tensor; a state dict without a
+/// head (a backbone's) gets a new one.
 pub fn import<B: Backend>(sd: &StateDict, config: &VitConfig, device: &B::Device) -> Result<Vit<B>> {
     let e = config.embed_dim;
     let k = config.num_classes;
+    let head = sd.tensors.contains_key("head.weight") || sd.tensors.contains_key("head.bias");
     let mut want = Expected::default();
     want.conv("patch_embed.proj", e, config.in_chans, config.patch_size);
-    want.add("cls_token", vec![1, 1, e]);
+    if config.class_token {
+        want.add("cls_token", vec![1, 1, e]);
+    }
     if config.distilled {
         want.add("dist_token", vec![1, 1, e]);
         want.linear("head_dist", k, e, true);
     }
-    want.add("pos_embed", vec![1, config.num_tokens(), e]);
+    if config.reg_tokens > 0 {
+        want.add("reg_token", vec![1, config.reg_tokens, e]);
+    }
+    want.add("pos_embed", vec![1, config.num_positions(), e]);
     for (i, d) in config.blocks.iter().enumerate() {
         let p = format!("blocks.{i}");
-        want.block(sd, &p, e, d);
+        want.block(sd, &p, e, d, config.qkv_bias, config.init_values.is_some());
     }
-    want.norm("norm", e);
-    want.linear("head", k, e, true);
+    want.norm(if config.fc_norm { "fc_norm" } else { "norm" }, e);
+    if head {
+        want.linear("head", k, e, true);
+    }
     want.check(sd)?;
 
     let r = Reader { sd, device };
     let mut model = config.build::<B>(device);
     model.patch_embed = r.conv("patch_embed.proj", model.patch_embed);
-    model.cls_token = r.param("cls_token", [1, 1, e]);
+    if config.class_token {
+        model.cls_token = Some(r.param("cls_token", [1, 1, e]));
+    }
     if config.distilled {
         model.dist_token = Some(r.param("dist_token", [1, 1, e]));
         model.head_dist = Some(r.linear("head_dist", k, e));
     }
-    model.pos_embed = r.param("pos_embed", [1, config.num_tokens(), e]);
+    if config.reg_tokens > 0 {
+        model.reg_token = Some(r.param("reg_token", [1, config.reg_tokens, e]));
+    }
+    model.pos_embed = r.param("pos_embed", [1, config.num_positions(), e]);
     for (i, (block, d)) in model.blocks.iter_mut().zip(&config.blocks).enumerate() {
         let p = format!("blocks.{i}");
         r.norm(&mut block.norm1, &format!("{p}.norm1"));
@@ -385,9 +439,21 @@ pub fn import<B: Backend>(sd: &StateDict, config: &VitConfig, device: &B::Device
         r.norm(&mut block.norm2, &format!("{p}.norm2"));
         block.mlp.fc1 = r.linear(&format!("{p}.mlp.fc1"), d.mlp, e);
         block.mlp.fc2 = r.linear(&format!("{p}.mlp.fc2"), e, d.mlp);
+        for (n, ls) in [("ls1", &mut block.ls1), ("ls2", &mut block.ls2)] {
+            if let Some(ls) = ls {
+                ls.gamma = r.param(&format!("{p}.{n}.gamma"), [e]);
+            }
+        }
     }
-    r.norm(&mut model.norm, "norm");
-    model.head = r.linear("head", k, e);
+    if let Some(n) = &mut model.norm {
+        r.norm(n, "norm");
+    }
+    if let Some(n) = &mut model.fc_norm {
+        r.norm(n, "fc_norm");
+    }
+    if head {
+        model.head = r.linear("head", k, e);
+    }
     model.visit(&mut Materialize);
     Ok(model)
 }
@@ -419,16 +485,20 @@ impl Expected {
     }
 
     /// A transformer block `p` of width `e`: norms, attention (fused `qkv` if `sd` has it,
-    /// split otherwise) and MLP.
-    fn block(&mut self, sd: &StateDict, p: &str, e: usize, d: &BlockDims) {
+    /// split otherwise, biased if `qkv_bias`), MLP and, if `layer_scale`, LayerScale gains.
+    fn block(&mut self, sd: &StateDict, p: &str, e: usize, d: &BlockDims, qkv_bias: bool, layer_scale: bool) {
         let (qk, v) = (d.heads * d.qk, d.heads * d.v);
         self.norm(&format!("{p}.norm1"), e);
         if sd.tensors.contains_key(&format!("{p}.attn.qkv.weight")) {
-            self.linear(&format!("{p}.attn.qkv"), 2 * qk + v, e, true);
+            self.linear(&format!("{p}.attn.qkv"), 2 * qk + v, e, qkv_bias);
         } else {
             for (n, rows) in [("q", qk), ("k", qk), ("v", v)] {
-                self.linear(&format!("{p}.attn.{n}"), rows, e, true);
+                self.linear(&format!("{p}.attn.{n}"), rows, e, qkv_bias);
             }
+        }
+        if layer_scale {
+            self.add(&format!("{p}.ls1.gamma"), vec![e]);
+            self.add(&format!("{p}.ls2.gamma"), vec![e]);
         }
         self.linear(&format!("{p}.attn.proj"), e, v, true);
         self.norm(&format!("{p}.norm2"), e);
@@ -480,8 +550,10 @@ impl<B: Backend> Reader<'_, B> {
         burn::nn::Linear { weight: Param::from_tensor(weight), bias }
     }
 
+    /// A linear layer, with a bias where the state dict has one.
     fn linear(&self, p: &str, d_out: usize, d_in: usize) -> burn::nn::Linear<B> {
-        self.linear_rows(&format!("{p}.weight"), Some(&format!("{p}.bias")), 0..d_out, d_in)
+        let b = Some(format!("{p}.bias")).filter(|b| self.sd.tensors.contains_key(b));
+        self.linear_rows(&format!("{p}.weight"), b.as_deref(), 0..d_out, d_in)
     }
 
     fn norm(&self, n: &mut burn::nn::LayerNorm<B>, p: &str) {
@@ -502,10 +574,11 @@ impl<B: Backend> Reader<'_, B> {
     fn attention(&self, a: &mut Attention<B>, p: &str, e: usize, d: &BlockDims) {
         let (qk, v) = (d.heads * d.qk, d.heads * d.v);
         if self.sd.tensors.contains_key(&format!("{p}.qkv.weight")) {
-            let (w, b) = (format!("{p}.qkv.weight"), format!("{p}.qkv.bias"));
-            a.q = self.linear_rows(&w, Some(&b), 0..qk, e);
-            a.k = self.linear_rows(&w, Some(&b), qk..2 * qk, e);
-            a.v = self.linear_rows(&w, Some(&b), 2 * qk..2 * qk + v, e);
+            let w = format!("{p}.qkv.weight");
+            let b = Some(format!("{p}.qkv.bias")).filter(|b| self.sd.tensors.contains_key(b));
+            a.q = self.linear_rows(&w, b.as_deref(), 0..qk, e);
+            a.k = self.linear_rows(&w, b.as_deref(), qk..2 * qk, e);
+            a.v = self.linear_rows(&w, b.as_deref(), 2 * qk..2 * qk + v, e);
         } else {
             a.q = self.linear(&format!("{p}.q"), qk, e);
             a.k = self.linear(&format!("{p}.k"), qk, e);
@@ -515,17 +588,131 @@ impl<B: Backend> Reader<'_, B> {
     }
 }
 
+/// Position embeddings of a `old` grid resampled to a `new` one, as timm's
+/// `resample_abs_pos_embed` does on load (and on every pass with `dynamic_img_size`): the
+/// first `prefix` positions kept, the grid's by PyTorch's antialiased bicubic interpolation
+/// (`F.interpolate(mode="bicubic", antialias=True)`: Keys' kernel with a = -0.5, widened by
+/// the scale when shrinking, weights normalized; width first, then height).
+pub fn resample_pos_embed(values: &[f32], e: usize, prefix: usize, old: [usize; 2], new: [usize; 2]) -> Vec<f32> {
+    let filter = |x: f64| {
+        let (x, a) = (x.abs(), -0.5);
+        if x < 1.0 {
+            ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+        } else {
+            0.0
+        }
+    };
+    // For each output index along an axis of `n_in` -> `n_out`: its first input and weights.
+    let weights = |n_in: usize, n_out: usize| -> Vec<(usize, Vec<f64>)> {
+        let scale = n_in as f64 / n_out as f64;
+        let (support, invscale) = if scale >= 1.0 { (2.0 * scale, 1.0 / scale) } else { (2.0, 1.0) };
+        (0..n_out)
+            .map(|i| {
+                let center = scale * (i as f64 + 0.5);
+                let min = ((center - support + 0.5) as i64).max(0) as usize;
+                let max = ((center + support + 0.5) as i64).min(n_in as i64).max(min as i64) as usize;
+                let mut w: Vec<f64> = (min..max).map(|j| filter((j as f64 - center + 0.5) * invscale)).collect();
+                let total: f64 = w.iter().sum();
+                if total != 0.0 {
+                    w.iter_mut().for_each(|v| *v /= total);
+                }
+                (min, w)
+            })
+            .collect()
+    };
+    let ([oh, ow], [nh, nw]) = (old, new);
+    let grid = &values[prefix * e..];
+    // Width first: [oh, ow, e] -> [oh, nw, e].
+    let mut wide = vec![0.0f64; oh * nw * e];
+    for (x, (min, w)) in weights(ow, nw).iter().enumerate() {
+        for y in 0..oh {
+            for (k, wk) in w.iter().enumerate() {
+                let src = &grid[(y * ow + min + k) * e..][..e];
+                let dst = &mut wide[(y * nw + x) * e..][..e];
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += wk * *s as f64);
+            }
+        }
+    }
+    let mut out: Vec<f32> = values[..prefix * e].to_vec();
+    let mut tall = vec![0.0f64; nh * nw * e];
+    for (y, (min, w)) in weights(oh, nh).iter().enumerate() {
+        for x in 0..nw {
+            for (k, wk) in w.iter().enumerate() {
+                let src = &wide[((min + k) * nw + x) * e..][..e];
+                let dst = &mut tall[(y * nw + x) * e..][..e];
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += wk * s);
+            }
+        }
+    }
+    out.extend(tall.into_iter().map(|v| v as f32));
+    out
+}
+
+/// A ViT state dict made for `config`'s patch grid taken to `image_size`: its position
+/// embedding resampled ([`resample_pos_embed`]) and the config's image size changed.
+fn at_image_size(sd: &mut StateDict, config: &mut VitConfig, image_size: usize) -> Result<()> {
+    if image_size == config.image_size {
+        return Ok(());
+    }
+    if let Some(m) = super::out_of_range(image_size, super::MAX_IMAGE_SIZE) {
+        bail!("image_size {m}");
+    }
+    if image_size % config.patch_size != 0 {
+        bail!("image_size {image_size} is not a multiple of the checkpoint's patch size {}", config.patch_size);
+    }
+    let (old, new) = (config.image_size / config.patch_size, image_size / config.patch_size);
+    let prefix = config.num_positions() - config.num_patches();
+    let e = config.embed_dim;
+    let (_, values) = &sd.tensors["pos_embed"];
+    let resampled = resample_pos_embed(values, e, prefix, [old, old], [new, new]);
+    sd.tensors.insert("pos_embed".into(), (vec![1, prefix + new * new, e], resampled));
+    config.image_size = image_size;
+    Ok(())
+}
+
+/// A checkpoint as [`load_pretrained_at`] read it.
+pub struct Loaded<B: Backend> {
+    pub model: Model<B>,
+    /// The geometry the checkpoint has, before any resampling: what `[model]` is checked against.
+    pub checkpoint: ModelConfig,
+    /// What was changed on the way in, for the log: a position embedding resampled, a head
+    /// added to a backbone.
+    pub notes: Vec<String>,
+}
+
 /// Reads a user's checkpoint file, taking the widths it does not state from `hint`.
 pub fn load_pretrained<B: Backend>(path: &Path, hint: &ModelConfig, device: &B::Device) -> Result<Model<B>> {
-    let sd = StateDict::read(path)?;
+    Ok(load_pretrained_at(path, hint, None, device)?.model)
+}
+
+/// [`load_pretrained`], a ViT's position embedding resampled to `image_size` where the
+/// checkpoint was made for another (a DINOv2 at 518 px run at 224).
+pub fn load_pretrained_at<B: Backend>(path: &Path, hint: &ModelConfig, image_size: Option<usize>, device: &B::Device) -> Result<Loaded<B>> {
+    let mut sd = StateDict::read(path)?;
     let swin_keys = sd.tensors.keys().any(|k| k.starts_with("layers.0.blocks."));
+    let (mut notes, mut native) = (Vec::new(), None);
     let config = match hint {
         ModelConfig::Deit(_) if swin_keys => bail!("{}: a Swin Transformer checkpoint, and [model] describes a DeiT\n  hint: set family = \"swin\" or a swin preset in [model]", path.display()),
-        ModelConfig::Swin(_) if sd.tensors.contains_key("cls_token") => bail!("{}: a DeiT checkpoint, and [model] describes a Swin\n  hint: set family = \"deit\" or a deit preset in [model]", path.display()),
-        ModelConfig::Deit(h) => ModelConfig::Deit(infer_config(&sd, h).with_context(|| format!("{}", path.display()))?),
+        ModelConfig::Swin(_) if sd.tensors.contains_key("pos_embed") => bail!("{}: a ViT (DeiT) checkpoint, and [model] describes a Swin\n  hint: set family = \"deit\" or a deit or vit preset in [model]", path.display()),
+        ModelConfig::Deit(h) => {
+            let mut c = infer_config(&sd, h).with_context(|| format!("{}", path.display()))?;
+            native = Some(ModelConfig::Deit(c.clone()));
+            if let Some(size) = image_size.filter(|s| *s != c.image_size) {
+                let (was, p) = (c.image_size, c.patch_size);
+                at_image_size(&mut sd, &mut c, size).with_context(|| format!("{}: model.image_size", path.display()))?;
+                notes.push(format!("position embedding resampled from {was} px ({0}x{0} patches) to {size} px ({1}x{1})", was / p, size / p));
+            }
+            if !sd.tensors.contains_key("head.weight") {
+                notes.push(format!("no classifier head in the checkpoint (a backbone's): a new one for {} classes, randomly initialized", c.num_classes));
+            }
+            ModelConfig::Deit(c)
+        }
         ModelConfig::Swin(h) => ModelConfig::Swin(infer_swin_config(&sd, h).with_context(|| format!("{}", path.display()))?),
     };
-    import_model(&sd, &config, device).with_context(|| format!("{}", path.display()))
+    let model = import_model(&sd, &config, device).with_context(|| format!("{}", path.display()))?;
+    Ok(Loaded { model, checkpoint: native.unwrap_or(config), notes })
 }
 
 /// Exports a Swin in timm naming (`layers.N.blocks.M...`, `head.fc`): fused `qkv` where a
@@ -580,7 +767,7 @@ pub fn import_swin<B: Backend>(sd: &StateDict, config: &SwinConfig, device: &B::
         let (window, _) = config.window_shift(i);
         for (j, d) in stage.blocks.iter().enumerate() {
             let p = format!("layers.{i}.blocks.{j}");
-            want.block(sd, &p, e, d);
+            want.block(sd, &p, e, d, true, false);
             want.add(&format!("{p}.attn.relative_position_bias_table"), vec![(2 * window - 1).pow(2), d.heads]);
         }
     }

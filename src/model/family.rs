@@ -250,7 +250,7 @@ impl<B: Backend> Model<B> {
     /// The device the model's parameters are on.
     pub fn device(&self) -> B::Device {
         match self {
-            Model::Deit(m) => m.cls_token.device(),
+            Model::Deit(m) => m.pos_embed.device(),
             Model::Swin(m) => m.head.weight.device(),
         }
     }

@@ -9,8 +9,13 @@ impl VitConfig {
         let e = self.embed_dim;
         let c = self.num_classes;
         let patch = e * self.in_chans * self.patch_size * self.patch_size + e;
-        let tokens = self.num_prefix_tokens() * e + self.num_tokens() * e;
-        let blocks: usize = self.blocks.iter().map(|d| block_params(e, d)).sum();
+        let tokens = self.num_prefix_tokens() * e + self.num_positions() * e;
+        // Without Q, K and V biases; with LayerScale's two gains.
+        let per_block = |d: &BlockDims| {
+            let biases = if self.qkv_bias { 0 } else { d.heads * (2 * d.qk + d.v) };
+            block_params(e, d) - biases + 2 * e * self.init_values.is_some() as usize
+        };
+        let blocks: usize = self.blocks.iter().map(per_block).sum();
         let heads = (1 + self.distilled as usize) * (e * c + c);
         patch + tokens + blocks + 2 * e + heads
     }

@@ -83,7 +83,63 @@ pub struct VitConfig {
     #[serde(default)]
     pub drop_path: f64,
     pub blocks: Vec<BlockDims>,
+    // timm's `VisionTransformer` options beyond DeiT's, each left out of `dims.json` at DeiT's
+    // value so that a DeiT's file, and its cache key, read as before they existed.
+    /// A class token (timm's `class_token`); without one the head pools the patch tokens.
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub class_token: bool,
+    /// Register tokens after the class token (DINOv2's `reg_tokens`), dropped by the head.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reg_tokens: usize,
+    /// LayerScale (`ls1`, `ls2`: a learned per-channel gain on each residual branch), with
+    /// this initial gain (timm's `init_values`: DeiT III, DINOv2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_values: Option<f64>,
+    /// Biases on the query, key and value projections (timm's `qkv_bias`).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub qkv_bias: bool,
+    /// What the head reads: the class token, or the mean of the patch tokens.
+    #[serde(default, skip_serializing_if = "is_token")]
+    pub global_pool: Pool,
+    /// The final LayerNorm after pooling (`fc_norm`) instead of before it (`norm`), as timm's
+    /// average-pooled models.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fc_norm: bool,
+    /// The position embedding covers the patches only, added before the prefix tokens are
+    /// prepended (timm's `no_embed_class`: DeiT III, DINOv2 with registers).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_embed_class: bool,
 }
+
+/// How a ViT's head reads its tokens (timm's `global_pool`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    /// The class token (and the distillation token for the second head).
+    #[default]
+    Token,
+    /// The mean of the patch tokens (prefix tokens left out).
+    Avg,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(b: &bool) -> bool {
+    *b
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_token(p: &Pool) -> bool {
+    *p == Pool::Token
+}
+
+/// The most register tokens a ViT takes (DINOv2 has 4).
+pub const MAX_REG_TOKENS: usize = 256;
 
 impl VitConfig {
     /// A uniform ViT, as DeiT's presets.
@@ -110,45 +166,85 @@ impl VitConfig {
             head_dim,
             drop_path: 0.0,
             blocks: vec![BlockDims { heads, qk: head_dim, v: head_dim, mlp }; depth],
+            class_token: true,
+            reg_tokens: 0,
+            init_values: None,
+            qkv_bias: true,
+            global_pool: Pool::Token,
+            fc_norm: false,
+            no_embed_class: false,
         }
     }
 
-    /// `deit-tiny`, `deit-small`, `deit-base`, each optionally `-distilled`: 224 px, patch 16,
-    /// 1000 classes.
+    /// timm's `VisionTransformer` presets, by timm's names with `-` for `_`: DeiT
+    /// (`deit-tiny`, `deit-small`, `deit-base`, each optionally `-distilled`), AugReg ViT
+    /// (`vit-tiny-patch16-224`, `vit-small-patch16-224`, `vit-base-patch16-224`: DeiT's shapes
+    /// without distillation), DeiT III (`deit3-small`, `deit3-base`: LayerScale, a position
+    /// embedding over the patches only) and DINOv2 (`vit-small-patch14-dinov2`,
+    /// `vit-base-patch14-dinov2`, 518 px, LayerScale; `-reg4-`: four register tokens). 224 px,
+    /// patch 16 and 1000 classes where not said.
     pub fn preset(name: &str) -> Option<Self> {
         let (base, distilled) = match name.strip_suffix("-distilled") {
-            Some(base) => (base, true),
-            None => (name, false),
+            Some(base) if base.starts_with("deit-") => (base, true),
+            _ => (name, false),
         };
         let (embed, heads) = match base {
-            "deit-tiny" => (192, 3),
-            "deit-small" => (384, 6),
-            "deit-base" => (768, 12),
+            "deit-tiny" | "vit-tiny-patch16-224" => (192, 3),
+            "deit-small" | "vit-small-patch16-224" | "deit3-small" | "vit-small-patch14-dinov2" | "vit-small-patch14-reg4-dinov2" => (384, 6),
+            "deit-base" | "vit-base-patch16-224" | "deit3-base" | "vit-base-patch14-dinov2" | "vit-base-patch14-reg4-dinov2" => (768, 12),
             _ => return None,
         };
-        Some(Self::uniform(224, 16, 3, embed, 12, heads, 4.0, 1000, distilled))
+        let mut c = Self::uniform(224, 16, 3, embed, 12, heads, 4.0, 1000, distilled);
+        if base.starts_with("deit3-") {
+            (c.init_values, c.no_embed_class) = (Some(1e-6), true);
+        }
+        if base.ends_with("-dinov2") {
+            (c.image_size, c.patch_size, c.init_values) = (518, 14, Some(1e-5));
+            if base.contains("-reg4-") {
+                (c.reg_tokens, c.no_embed_class) = (4, true);
+            }
+        }
+        Some(c)
     }
 
-    pub const PRESETS: [&'static str; 6] = [
+    pub const PRESETS: [&'static str; 15] = [
         "deit-tiny",
         "deit-small",
         "deit-base",
         "deit-tiny-distilled",
         "deit-small-distilled",
         "deit-base-distilled",
+        "vit-tiny-patch16-224",
+        "vit-small-patch16-224",
+        "vit-base-patch16-224",
+        "deit3-small",
+        "deit3-base",
+        "vit-small-patch14-dinov2",
+        "vit-base-patch14-dinov2",
+        "vit-small-patch14-reg4-dinov2",
+        "vit-base-patch14-reg4-dinov2",
     ];
 
     pub fn num_patches(&self) -> usize {
         (self.image_size / self.patch_size).pow(2)
     }
 
-    /// Prepended tokens: `cls`, and `dist` when distilled.
+    /// Prepended tokens: `cls`, `dist` when distilled, then the registers.
     pub fn num_prefix_tokens(&self) -> usize {
-        1 + self.distilled as usize
+        self.class_token as usize + self.distilled as usize + self.reg_tokens
     }
 
     pub fn num_tokens(&self) -> usize {
         self.num_patches() + self.num_prefix_tokens()
+    }
+
+    /// Positions the position embedding holds: every token's, or the patches' only.
+    pub fn num_positions(&self) -> usize {
+        if self.no_embed_class {
+            self.num_patches()
+        } else {
+            self.num_tokens()
+        }
     }
 
     pub fn depth(&self) -> usize {
@@ -193,6 +289,18 @@ impl VitConfig {
         if self.blocks.is_empty() {
             problems.push("the model has no blocks (depth 0)".into());
         }
+        if self.reg_tokens > MAX_REG_TOKENS {
+            problems.push(format!("reg_tokens must be at most {MAX_REG_TOKENS}, got {}", self.reg_tokens));
+        }
+        if self.init_values.is_some_and(|v| !v.is_finite()) {
+            problems.push(format!("init_values must be a finite number, got {:?}", self.init_values));
+        }
+        if !self.class_token && self.global_pool == Pool::Token {
+            problems.push("global_pool = \"token\" needs a class token (class_token = false)\n  hint: global_pool = \"avg\"".into());
+        }
+        if self.distilled && (!self.class_token || self.global_pool != Pool::Token) {
+            problems.push("a distilled model reads its class and distillation tokens: it needs class_token and global_pool = \"token\"".into());
+        }
         for (b, d) in self.blocks.iter().enumerate() {
             if d.heads == 0 || d.qk == 0 || d.v == 0 || d.mlp == 0 {
                 problems.push(format!("block {b} has a zero width: {d:?}"));
@@ -206,6 +314,8 @@ impl VitConfig {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Family {
+    /// timm's `VisionTransformer`: DeiT, AugReg ViT, DeiT III, DINOv2 (`vit` reads as this).
+    #[serde(alias = "vit")]
     Deit,
     Swin,
 }
@@ -256,6 +366,31 @@ pub struct ModelSection {
     pub num_classes: Option<usize>,
     /// A distillation token and head. Default false.
     pub distilled: Option<bool>,
+    // timm `VisionTransformer` options (DeiT's values by default, or the preset's): left out
+    // of cache keys when unset.
+    /// A class token. Default true.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_token: Option<bool>,
+    /// Register tokens (DINOv2's). Default 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reg_tokens: Option<usize>,
+    /// LayerScale with this initial gain (DeiT III 1e-6, DINOv2 1e-5). Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_values: Option<f64>,
+    /// Biases on the query, key and value projections. Default true.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qkv_bias: Option<bool>,
+    /// `token` (the class token) or `avg` (the mean of the patch tokens). Default `token`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global_pool: Option<Pool>,
+    /// The final LayerNorm after pooling instead of before. Default: true when
+    /// `global_pool = "avg"`, as timm's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fc_norm: Option<bool>,
+    /// The position embedding covers the patches only (DeiT III, DINOv2 with registers).
+    /// Default false.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_embed_class: Option<bool>,
     /// Stochastic depth rate at the last block, for training. Default 0.
     pub drop_path: Option<f64>,
     /// A `dims.json` giving every block's widths (as the prune stage writes). Default: none.
@@ -329,6 +464,15 @@ impl ModelSection {
         if self.drop_path.is_some_and(|p| !(0.0..1.0).contains(&p)) {
             problems.push(("drop_path".into(), format!("must be in [0, 1), got {}", self.drop_path.unwrap())));
         }
+        if let Some(n) = self.reg_tokens.filter(|n| *n > MAX_REG_TOKENS) {
+            problems.push(("reg_tokens".into(), format!("must be from 0 to {MAX_REG_TOKENS}, got {n}")));
+        }
+        if let Some(v) = self.init_values.filter(|v| !(v.is_finite() && *v > 0.0)) {
+            problems.push(("init_values".into(), format!("must be a positive number (LayerScale's first gain), got {v}")));
+        }
+        if self.class_token == Some(false) && self.global_pool == Some(Pool::Token) {
+            problems.push(("global_pool".into(), "is \"token\" and class_token = false: there is no token to read\n  hint: global_pool = \"avg\"".into()));
+        }
         if let Some(r) = self.mlp_ratio.filter(|r| !(*r > 0.0 && *r <= MAX_MLP_RATIO)) {
             problems.push(("mlp_ratio".into(), format!("must be in (0, {MAX_MLP_RATIO}], got {r}")));
         }
@@ -363,7 +507,17 @@ impl ModelSection {
         // Keys the other family has and this one does not.
         let foreign: &[(&str, bool)] = match family {
             Family::Deit => &[("depths", self.depths.is_some()), ("window", self.window.is_some())],
-            Family::Swin => &[("depth", self.depth.is_some()), ("redistribute", self.redistribute.is_some())],
+            Family::Swin => &[
+                ("depth", self.depth.is_some()),
+                ("redistribute", self.redistribute.is_some()),
+                ("class_token", self.class_token.is_some()),
+                ("reg_tokens", self.reg_tokens.is_some()),
+                ("init_values", self.init_values.is_some()),
+                ("qkv_bias", self.qkv_bias.is_some()),
+                ("global_pool", self.global_pool.is_some()),
+                ("fc_norm", self.fc_norm.is_some()),
+                ("no_embed_class", self.no_embed_class.is_some()),
+            ],
         };
         if family == Family::Swin && self.distilled == Some(true) {
             problems.push(("distilled".into(), "a Swin has no distillation token\n  hint: distill from a teacher stage instead (`teacher` in train or distill)".into()));
@@ -515,10 +669,11 @@ impl ModelSection {
     }
 
     fn resolve_deit(&self, dataset_classes: usize) -> anyhow::Result<VitConfig> {
-        let mut c = match &self.preset {
+        let base = match &self.preset {
             Some(p) => VitConfig::preset(p).ok_or_else(|| anyhow::anyhow!("model.preset: unknown preset `{p}`"))?,
             None => VitConfig::preset("deit-tiny").expect("built-in preset"),
         };
+        let mut c = base.clone();
         let depth = self.depth.unwrap_or(c.depth());
         let heads = self.heads.unwrap_or(c.blocks[0].heads);
         let embed = self.embed_dim.unwrap_or(c.embed_dim);
@@ -534,6 +689,13 @@ impl ModelSection {
             self.num_classes.unwrap_or(dataset_classes),
             self.distilled.unwrap_or(c.distilled),
         );
+        c.class_token = self.class_token.unwrap_or(base.class_token);
+        c.reg_tokens = self.reg_tokens.unwrap_or(base.reg_tokens);
+        c.init_values = self.init_values.or(base.init_values);
+        c.qkv_bias = self.qkv_bias.unwrap_or(base.qkv_bias);
+        c.global_pool = self.global_pool.unwrap_or(if c.class_token { base.global_pool } else { Pool::Avg });
+        c.fc_norm = self.fc_norm.unwrap_or(if self.global_pool.is_some() { c.global_pool == Pool::Avg } else { base.fc_norm });
+        c.no_embed_class = self.no_embed_class.unwrap_or(base.no_embed_class);
         if let Some(path) = &self.dims {
             match ModelConfig::read_json(path)? {
                 ModelConfig::Deit(dims) => {

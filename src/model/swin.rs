@@ -250,7 +250,7 @@ impl<B: Backend> SwinBlock<B> {
         let offsets = (2 * window - 1) * (2 * window - 1);
         Self {
             norm1: layer_norm(e, device),
-            attn: Attention::new(e, d, scale, device),
+            attn: Attention::new(e, d, scale, true, device),
             relative_position_bias_table: Param::from_tensor(Tensor::random([offsets, d.heads], Distribution::Normal(0.0, 0.02), device)),
             norm2: layer_norm(e, device),
             mlp: Mlp::new(e, d.mlp, device),

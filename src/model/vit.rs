@@ -15,7 +15,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 
-use super::{fused, BlockDims, VitConfig};
+use super::{fused, BlockDims, Pool, VitConfig};
 
 /// timm's LayerNorm epsilon for ViTs.
 pub const LN_EPS: f64 = 1e-6;
@@ -33,12 +33,14 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
-    /// Randomly initialized projections for a block of width `e` with `d`'s heads, qk and v.
-    pub(super) fn new(e: usize, d: BlockDims, scale: f64, device: &B::Device) -> Self {
+    /// Randomly initialized projections for a block of width `e` with `d`'s heads, qk and v;
+    /// `qkv_bias`: whether Q, K and V have biases (the output projection always has one).
+    pub(super) fn new(e: usize, d: BlockDims, scale: f64, qkv_bias: bool, device: &B::Device) -> Self {
+        let qkv = |d_out: usize| LinearConfig::new(e, d_out).with_bias(qkv_bias).with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 }).init(device).zero_bias();
         Self {
-            q: linear(e, d.heads * d.qk, device),
-            k: linear(e, d.heads * d.qk, device),
-            v: linear(e, d.heads * d.v, device),
+            q: qkv(d.heads * d.qk),
+            k: qkv(d.heads * d.qk),
+            v: qkv(d.heads * d.v),
             proj: linear(d.heads * d.v, e, device),
             heads: d.heads,
             qk: d.qk,
@@ -95,13 +97,40 @@ pub struct Mlp<B: Backend> {
     pub fc2: Linear<B>,
 }
 
+/// LayerScale: a learned gain per embedding channel on a residual branch (CaiT, DeiT III,
+/// DINOv2); timm's `ls1`/`ls2`.
+#[derive(Module, Debug)]
+pub struct LayerScale<B: Backend> {
+    pub gamma: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> LayerScale<B> {
+    fn new(e: usize, init: f64, device: &B::Device) -> Self {
+        Self { gamma: Param::from_tensor(Tensor::full([e], init, device)) }
+    }
+
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let e = self.gamma.dims()[0];
+        x * self.gamma.val().reshape([1, 1, e])
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
     pub norm1: LayerNorm<B>,
     pub attn: Attention<B>,
+    pub ls1: Option<LayerScale<B>>,
     pub norm2: LayerNorm<B>,
     pub mlp: Mlp<B>,
+    pub ls2: Option<LayerScale<B>>,
     pub drop_path: f64,
+}
+
+fn layer_scaled<B: Backend>(ls: &Option<LayerScale<B>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    match ls {
+        Some(ls) => ls.forward(x),
+        None => x,
+    }
 }
 
 impl<B: Backend> Block<B> {
@@ -111,9 +140,9 @@ impl<B: Backend> Block<B> {
     }
 
     fn forward_with(&self, x: Tensor<B, 3>, alive: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
-        let a = self.attn.forward(norm(&self.norm1, x.clone(), alive, LN_EPS), None);
+        let a = layer_scaled(&self.ls1, self.attn.forward(norm(&self.norm1, x.clone(), alive, LN_EPS), None));
         let x = x + drop_path(a, self.drop_path);
-        let m = self.mlp.forward(norm(&self.norm2, x.clone(), alive, LN_EPS));
+        let m = layer_scaled(&self.ls2, self.mlp.forward(norm(&self.norm2, x.clone(), alive, LN_EPS)));
         x + drop_path(m, self.drop_path)
     }
 }
@@ -203,7 +232,8 @@ pub(super) fn norm<B: Backend>(ln: &LayerNorm<B>, x: Tensor<B, 3>, alive: Option
     }
 }
 
-/// Both heads' logits: `cls` from the class token, `dist` from the distillation token.
+/// Both heads' logits: `cls` from the class token (or the pooled patch tokens), `dist` from
+/// the distillation token.
 pub struct VitOutput<B: Backend> {
     pub cls: Tensor<B, 2>,
     pub dist: Option<Tensor<B, 2>>,
@@ -225,14 +255,20 @@ impl<B: Backend> VitOutput<B> {
     }
 }
 
+/// timm's `VisionTransformer` as far as the ViTs pruned here use it: DeiT (a distillation
+/// token), AugReg ViT, DeiT III and DINOv2 (LayerScale, register tokens, a position embedding
+/// over the patches only), average pooling with `fc_norm` ([`VitConfig`]).
 #[derive(Module, Debug)]
 pub struct Vit<B: Backend> {
     pub patch_embed: Conv2d<B>,
-    pub cls_token: Param<Tensor<B, 3>>,
+    pub cls_token: Option<Param<Tensor<B, 3>>>,
     pub dist_token: Option<Param<Tensor<B, 3>>>,
+    pub reg_token: Option<Param<Tensor<B, 3>>>,
     pub pos_embed: Param<Tensor<B, 3>>,
     pub blocks: Vec<Block<B>>,
-    pub norm: LayerNorm<B>,
+    /// Before pooling; an average-pooled model's is `fc_norm`, after it (one of the two).
+    pub norm: Option<LayerNorm<B>>,
+    pub fc_norm: Option<LayerNorm<B>>,
     pub head: Linear<B>,
     pub head_dist: Option<Linear<B>>,
     #[module(skip)]
@@ -281,20 +317,23 @@ fn token<B: Backend>(shape: [usize; 3], device: &B::Device) -> Param<Tensor<B, 3
     Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, 0.02), device))
 }
 
-impl<B: Backend> Block<B> {
-    /// One block of width `e` with `d`'s widths, randomly initialized (for latency profiling).
-    pub fn new(e: usize, d: BlockDims, scale: f64, drop_path: f64, device: &B::Device) -> Self {
-        Self {
+impl VitConfig {
+    /// One block of this model's kind at width `e` with `d`'s widths, randomly initialized:
+    /// what the latency table times.
+    pub fn block<B: Backend>(&self, e: usize, d: BlockDims, device: &B::Device) -> Block<B> {
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let ls = || self.init_values.map(|v| LayerScale::new(e, v, device));
+        Block {
             norm1: layer_norm(e, device),
-            attn: Attention::new(e, d, scale, device),
+            attn: Attention::new(e, d, scale, self.qkv_bias, device),
+            ls1: ls(),
             norm2: layer_norm(e, device),
             mlp: Mlp::new(e, d.mlp, device),
-            drop_path,
+            ls2: ls(),
+            drop_path: 0.0,
         }
     }
-}
 
-impl VitConfig {
     /// A randomly initialized model (timm's init: truncated-normal-like std 0.02, zero biases).
     pub fn init<B: Backend>(&self, device: &B::Device) -> Vit<B> {
         let model = self.build(device);
@@ -308,17 +347,18 @@ impl VitConfig {
     /// DeiT-B's 86 M values only to drop them took seconds per load), then materializes the rest.
     pub(super) fn build<B: Backend>(&self, device: &B::Device) -> Vit<B> {
         let e = self.embed_dim;
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let blocks = self.blocks.iter().map(|d| Block::new(e, *d, scale, 0.0, device)).collect();
+        let blocks = self.blocks.iter().map(|d| self.block(e, *d, device)).collect();
         let model = Vit {
             patch_embed: Conv2dConfig::new([self.in_chans, e], [self.patch_size, self.patch_size])
                 .with_stride([self.patch_size, self.patch_size])
                 .init(device),
-            cls_token: token([1, 1, e], device),
+            cls_token: self.class_token.then(|| token([1, 1, e], device)),
             dist_token: self.distilled.then(|| token([1, 1, e], device)),
-            pos_embed: token([1, self.num_tokens(), e], device),
+            reg_token: (self.reg_tokens > 0).then(|| token([1, self.reg_tokens, e], device)),
+            pos_embed: token([1, self.num_positions(), e], device),
             blocks,
-            norm: layer_norm(e, device),
+            norm: (!self.fc_norm).then(|| layer_norm(e, device)),
+            fc_norm: self.fc_norm.then(|| layer_norm(e, device)),
             head: linear(e, self.num_classes, device),
             head_dist: self.distilled.then(|| linear(e, self.num_classes, device)),
             config: self.clone(),
@@ -354,31 +394,56 @@ impl<B: Backend> Vit<B> {
     }
 
     /// Parameters of more than one dimension that training does not decay, as timm's
-    /// `no_weight_decay()`: the position embedding and the class and distillation tokens.
+    /// `no_weight_decay()`: the position embedding and the class, distillation and register
+    /// tokens.
     pub fn no_weight_decay(&self) -> Vec<ParamId> {
-        let mut ids = vec![self.pos_embed.id, self.cls_token.id];
-        ids.extend(self.dist_token.as_ref().map(|t| t.id));
+        let mut ids = vec![self.pos_embed.id];
+        ids.extend([&self.cls_token, &self.dist_token, &self.reg_token].into_iter().flatten().map(|t| t.id));
         ids
+    }
+
+    /// The prefix tokens of a batch of `b`, in timm's order: class, distillation, registers.
+    fn prefix(&self, b: usize, e: usize) -> Vec<Tensor<B, 3>> {
+        let tokens = [&self.cls_token, &self.dist_token, &self.reg_token];
+        tokens.into_iter().flatten().map(|t| {
+            let n = t.dims()[1];
+            t.val().expand([b, n, e])
+        }).collect()
     }
 
     /// `[batch, channels, height, width]` -> logits of both heads, `[batch, classes]` each.
     pub fn forward(&self, images: Tensor<B, 4>) -> VitOutput<B> {
         let (x, _) = embed_patches(&self.patch_embed, images); // [b, patches, e]
-        let [b, _, e] = x.dims();
-        let mut prefix = vec![self.cls_token.val().expand([b, 1, e])];
-        if let Some(dist) = &self.dist_token {
-            prefix.push(dist.val().expand([b, 1, e]));
-        }
-        prefix.push(x);
-        let mut x = Tensor::cat(prefix, 1) + self.pos_embed.val(); // [b, tokens, e]
+        let [b, patches, e] = x.dims();
+        let mut tokens = self.prefix(b, e);
+        let mut x = if self.config.no_embed_class {
+            tokens.push(x + self.pos_embed.val());
+            Tensor::cat(tokens, 1)
+        } else {
+            tokens.push(x);
+            Tensor::cat(tokens, 1) + self.pos_embed.val()
+        }; // [b, tokens, e]
         let alive = self.emb_alive.as_ref().map(|a| super::float_tensor::<B, 1>(a.clone(), [a.len()], &x.device()));
         for block in &self.blocks {
             x = block.forward_with(x, alive.as_ref());
         }
-        let x = norm(&self.norm, x, alive.as_ref(), LN_EPS);
+        if let Some(n) = &self.norm {
+            x = norm(n, x, alive.as_ref(), LN_EPS);
+        }
         let token = |i: usize| x.clone().slice([0..b, i..i + 1, 0..e]).reshape([b, e]);
+        let pooled = match self.config.global_pool {
+            Pool::Token => token(0),
+            Pool::Avg => {
+                let first = self.config.num_prefix_tokens();
+                x.clone().slice([0..b, first..first + patches, 0..e]).mean_dim(1).reshape([b, e])
+            }
+        };
+        let pooled = match &self.fc_norm {
+            Some(n) => norm(n, pooled.unsqueeze_dim(1), alive.as_ref(), LN_EPS).reshape([b, e]),
+            None => pooled,
+        };
         VitOutput {
-            cls: self.head.forward(token(0)),
+            cls: self.head.forward(pooled),
             dist: self.head_dist.as_ref().map(|h| h.forward(token(1))),
         }
     }

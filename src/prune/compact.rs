@@ -43,8 +43,10 @@ pub fn compact<B: Backend>(model: &Model<B>, masks: &Masks, device: &B::Device) 
     if let Some(g) = emb.iter().position(|e| e.is_empty()) {
         anyhow::bail!("compaction would remove every embedding channel of stage {g}");
     }
+    // A tensor this model does not have (a class token, a bias, LayerScale) is left out: the
+    // import below checks every tensor the compact model needs against its shape.
     let mut take = |name: &str, picks: &[(usize, &[usize])]| {
-        let (mut shape, mut data) = sd.tensors.remove(name).unwrap_or_else(|| panic!("exported tensor `{name}`"));
+        let Some((mut shape, mut data)) = sd.tensors.remove(name) else { return };
         for (axis, idx) in picks {
             (shape, data) = select(&shape, &data, *axis, idx);
         }
@@ -53,19 +55,19 @@ pub fn compact<B: Backend>(model: &Model<B>, masks: &Masks, device: &B::Device) 
     let (first, last) = (&emb[0], emb.last().expect("a model has a stage"));
     take("patch_embed.proj.weight", &[(0, first)]);
     take("patch_embed.proj.bias", &[(0, first)]);
-    take("norm.weight", &[(0, last)]);
-    take("norm.bias", &[(0, last)]);
+    for norm in ["norm", "fc_norm"] {
+        take(&format!("{norm}.weight"), &[(0, last)]);
+        take(&format!("{norm}.bias"), &[(0, last)]);
+    }
     // Block `b`'s tensors: their prefix, and for a Swin the relative position table.
     let mut prefixes = Vec::new();
     match &config {
         ModelConfig::Deit(c) => {
-            take("cls_token", &[(2, first)]);
-            take("pos_embed", &[(2, first)]);
-            take("head.weight", &[(1, first)]);
-            if c.distilled {
-                take("dist_token", &[(2, first)]);
-                take("head_dist.weight", &[(1, first)]);
+            for token in ["cls_token", "dist_token", "reg_token", "pos_embed"] {
+                take(token, &[(2, first)]);
             }
+            take("head.weight", &[(1, first)]);
+            take("head_dist.weight", &[(1, first)]);
             prefixes.extend((0..c.depth()).map(|b| format!("blocks.{b}")));
         }
         ModelConfig::Swin(c) => {
@@ -109,6 +111,8 @@ pub fn compact<B: Backend>(model: &Model<B>, masks: &Masks, device: &B::Device) 
         take(&format!("{p}.mlp.fc1.bias"), &[(0, &mlp)]);
         take(&format!("{p}.mlp.fc2.weight"), &[(0, emb), (1, &mlp)]);
         take(&format!("{p}.mlp.fc2.bias"), &[(0, emb)]);
+        take(&format!("{p}.ls1.gamma"), &[(0, emb)]);
+        take(&format!("{p}.ls2.gamma"), &[(0, emb)]);
         if matches!(config, ModelConfig::Swin(_)) {
             take(&format!("{p}.attn.relative_position_bias_table"), &[(1, &heads)]);
         }

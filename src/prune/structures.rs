@@ -250,10 +250,12 @@ fn gate_deit<B: Backend>(mut model: Vit<B>, units: &UnitTensors<B>, set: ParamSe
     if pruned {
         model.emb_alive = alive(&e);
         let tokens = e.clone().reshape([1, 1, n]);
-        model.cls_token = scale(model.cls_token, tokens.clone());
+        model.cls_token = model.cls_token.map(|t| scale(t, tokens.clone()));
         model.dist_token = model.dist_token.map(|t| scale(t, tokens.clone()));
+        model.reg_token = model.reg_token.map(|t| scale(t, tokens.clone()));
         model.pos_embed = scale(model.pos_embed, tokens);
-        model.norm = scale_norm(model.norm, &e);
+        model.norm = model.norm.map(|norm| scale_norm(norm, &e));
+        model.fc_norm = model.fc_norm.map(|norm| scale_norm(norm, &e));
         model.head.weight = scale(model.head.weight, emb_row.clone());
         model.head_dist = model.head_dist.map(|mut h| {
             h.weight = scale(h.weight, emb_row.clone());
@@ -265,6 +267,9 @@ fn gate_deit<B: Backend>(mut model: Vit<B>, units: &UnitTensors<B>, set: ParamSe
         if pruned {
             block.norm1 = scale_norm(block.norm1.clone(), &e);
             block.norm2 = scale_norm(block.norm2.clone(), &e);
+            for ls in [&mut block.ls1, &mut block.ls2].into_iter().flatten() {
+                ls.gamma = scale(ls.gamma.clone(), e.clone());
+            }
         }
     }
     model

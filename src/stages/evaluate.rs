@@ -7,8 +7,7 @@
 
 use anyhow::Result;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use super::{at_least_one, KeyDoc, StageContext};

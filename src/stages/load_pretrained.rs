@@ -1,5 +1,7 @@
 //! `load_pretrained`: reads a timm / DeiT checkpoint the user already has. Widths a fused
 //! `qkv` cannot tell (heads per block) come from `[model]`; everything else from the shapes.
+//! A ViT made for another image size than `model.image_size` has its position embedding
+//! resampled, as timm does; a backbone without a head gets a new one.
 
 use std::path::PathBuf;
 
@@ -39,14 +41,20 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &LoadPretrainedSettings
         B::InnerBackend::seed(ctx.device(), ctx.seed);
         hint.init::<B::InnerBackend>(ctx.device())
     } else {
-        let model = checkpoint::load_pretrained::<B::InnerBackend>(&s.path, &hint, ctx.device())?;
-        let disagree = ctx.model.disagreements(&model.config());
-        if !disagree.is_empty() {
+        let loaded = checkpoint::load_pretrained_at::<B::InnerBackend>(&s.path, &hint, ctx.model.image_size, ctx.device())?;
+        let model = loaded.model;
+        // Another image size is what resampling is for, unless the rest disagrees too.
+        let disagree = ctx.model.disagreements(&loaded.checkpoint);
+        let resized = loaded.checkpoint.image_size() != model.config().image_size();
+        if !disagree.is_empty() && !(resized && disagree.iter().all(|d| d.starts_with("model.image_size "))) {
             anyhow::bail!(
                 "{}: the checkpoint disagrees with [model]:\n  {}\n  hint: correct [model], or leave those keys unset so that the checkpoint decides",
                 s.path.display(),
                 disagree.join("\n  ")
             );
+        }
+        for note in &loaded.notes {
+            ctx.log.info(&format!("{}: {}: {note}", ctx.spec.name, s.path.display()));
         }
         model
     };

@@ -254,8 +254,7 @@ pub fn time_block<B: Backend>(config: &ModelConfig, stage: usize, e: usize, dims
     };
     match config {
         ModelConfig::Deit(c) => {
-            let scale = (c.head_dim as f64).powf(-0.5);
-            let block = crate::model::Block::<B>::new(e, *dims, scale, 0.0, device);
+            let block = c.block::<B>(e, *dims, device);
             let x = Tensor::<B, 3>::random([w.batch, w.tokens.unwrap_or(c.num_tokens()), e], Distribution::Default, device);
             time(&|| drop(block.forward(x.clone()).into_data()))
         }

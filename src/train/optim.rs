@@ -187,7 +187,7 @@ mod tests {
             (values(b0.mlp.fc1.bias.as_ref().unwrap()), values(a0.mlp.fc1.bias.as_ref().unwrap()), "fc1 bias"),
             (values(&b0.norm1.gamma), values(&a0.norm1.gamma), "LayerNorm weight"),
             (values(b0.norm1.beta.as_ref().unwrap()), values(a0.norm1.beta.as_ref().unwrap()), "LayerNorm bias"),
-            (values(&before.cls_token), values(&after.cls_token), "cls token"),
+            (values(before.cls_token.as_ref().unwrap()), values(after.cls_token.as_ref().unwrap()), "cls token"),
             (values(before.dist_token.as_ref().unwrap()), values(after.dist_token.as_ref().unwrap()), "dist token"),
             (values(&before.pos_embed), values(&after.pos_embed), "position embedding"),
             (values(before.patch_embed.bias.as_ref().unwrap()), values(after.patch_embed.bias.as_ref().unwrap()), "patch embedding bias"),
@@ -224,7 +224,7 @@ mod tests {
         };
         // Gradients 3 and 4 in two tensors: a global norm of 5.
         let vit = model.as_deit().unwrap();
-        let (p, q) = (vit.cls_token.id, vit.norm.gamma.id);
+        let (p, q) = (vit.cls_token.as_ref().unwrap().id, vit.norm.as_ref().unwrap().gamma.id);
         let mut grads = GradientsParams::new();
         grads.register(p, Tensor::<NdArray<f32>, 3>::from_data(TensorData::new(one_hot(3.0), [1, 1, 16]), &device));
         grads.register(q, Tensor::<NdArray<f32>, 1>::from_data(TensorData::new(one_hot(4.0), [16]), &device));
@@ -236,8 +236,8 @@ mod tests {
 
         // Under the limit: untouched.
         let mut small = GradientsParams::new();
-        small.register(vit.norm.gamma.id, Tensor::<NdArray<f32>, 1>::full([16], 0.1, &device));
+        small.register(vit.norm.as_ref().unwrap().gamma.id, Tensor::<NdArray<f32>, 1>::full([16], 0.1, &device));
         clip_global_norm(&model, &mut small, 1.0);
-        assert_eq!(g(small.get::<NdArray<f32>, 1>(vit.norm.gamma.id).unwrap().into_data().to_vec().unwrap()), 0.1);
+        assert_eq!(g(small.get::<NdArray<f32>, 1>(vit.norm.as_ref().unwrap().gamma.id).unwrap().into_data().to_vec().unwrap()), 0.1);
     }
 }

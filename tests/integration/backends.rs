@@ -38,7 +38,7 @@ fn pass<B: AutodiffBackend>(weights: &StateDict, config: &VitConfig, images: &[f
         logits: Tensor::cat(vec![output.cls.clone(), output.dist.clone().unwrap()], 1).into_data().to_vec::<f32>().unwrap(),
         grads: vec![
             ("patch_embed.weight", grad(&model.patch_embed.weight, &grads)),
-            ("cls_token", grad(&model.cls_token, &grads)),
+            ("cls_token", grad(model.cls_token.as_ref().unwrap(), &grads)),
             ("blocks.0.attn.q.weight", grad(&b0.attn.q.weight, &grads)),
             ("blocks.0.norm1.weight", grad(&b0.norm1.gamma, &grads)),
             ("blocks.1.attn.k.weight", grad(&b1.attn.k.weight, &grads)),

@@ -30,3 +30,4 @@ mod swin_parity;
 mod swin_pipeline;
 mod sweep;
 mod timm_parity;
+mod vit_variants;

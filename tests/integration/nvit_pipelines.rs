@@ -1,5 +1,5 @@
-//! The paper's pipelines run end to end at full DeiT-B width, and Swin-S's at full Swin-S
-//! width, with neither ImageNet nor a checkpoint, through `--with pipelines/smoke.toml`
+//! The paper's pipelines run end to end at full DeiT-B width, DeiT III-S's and Swin-S's at
+//! their full widths, with neither ImageNet nor a checkpoint, through `--with pipelines/smoke.toml`
 //! (synthetic images, random weights, a few steps per stage): every stage of the full-size
 //! graph runs and the report is written.
 
@@ -91,6 +91,13 @@ fn nvit_pipelines_run_end_to_end_at_full_width() {
         }
         remove_entries(&dir.path().join("cache"), &["prune", "distill"]);
     }
+}
+
+/// DeiT III-S (LayerScale, positions over the patches only), timm's preset at full width.
+#[test]
+fn nvit_deit3_pipeline_runs_end_to_end_at_full_width() {
+    let dir = tempfile::tempdir().unwrap();
+    smoke_run(dir.path(), "nvit-deit3-small.toml", 0.5, "NViT-DeiT3-S", &[], &Dense { params_m: 22.0, blocks: 12, paper: false });
 }
 
 /// Swin-S (24 blocks in four stages, 48.8 M parameters with a 10-class head), its latency
