@@ -10,7 +10,8 @@ safetensors, builds the model from the `dims.json` that the runner writes beside
     model.eval()
     logits = model(images)  # [batch, classes]; a distilled model averages its two heads
 
-`images` are `[batch, in_chans, image_size, image_size]`, normalized with the mean and std of
+A Swin's folder (its `dims.json` has `stages`) loads the same way, as `NSwin`. `images` are
+`[batch, in_chans, image_size, image_size]`, normalized with the mean and std of
 the pipeline's `[dataset]`. A dense timm DeiT checkpoint loads too, `nvit.from_timm(path,
 heads=...)`, and gives timm's logits. `nvit.save(model, folder)` writes what the runner reads.
 """
@@ -154,11 +155,135 @@ class NViT(nn.Module):
         return (cls, dist) if self.training else (cls + dist) / 2
 
 
+class SwinBlock(nn.Module):
+    """A Swin block with the runner's per-block widths: attention within `window` x `window`
+    windows of a `side` x `side` map, shifted cyclically by `shift` (0: unshifted), each head
+    with its column of the relative position table."""
+
+    def __init__(self, dim, dims, head_dim, window, shift, side):
+        super().__init__()
+        self.window, self.shift, self.side = window, shift, side
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = Attention(dim, dims["heads"], dims["qk"], dims["v"], head_dim)
+        self.attn.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, dims["heads"]))
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
+        self.register_buffer("relative_index", rel[..., 0] * (2 * window - 1) + rel[..., 1], persistent=False)
+        mask = None
+        if shift:
+            region = torch.zeros(side, side, dtype=torch.long)
+            cuts = (slice(0, side - window), slice(side - window, side - shift), slice(side - shift, side))
+            for r, rows in enumerate(cuts):
+                for c, cols in enumerate(cuts):
+                    region[rows, cols] = 3 * r + c
+            ids = self._windows(region[None, :, :, None]).reshape(-1, window * window)
+            mask = (ids[:, :, None] != ids[:, None, :]).float() * -100.0  # [windows, n, n]
+        self.register_buffer("mask", mask, persistent=False)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, dims["mlp"])
+
+    def _windows(self, x):  # [b, side, side, c] -> [b * windows, n, c]
+        b, _, _, c = x.shape
+        w, k = self.window, self.side // self.window
+        return x.reshape(b, k, w, k, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, c)
+
+    def forward(self, x):
+        b, l, c = x.shape
+        w, k, n = self.window, self.side // self.window, self.window**2
+        y = self.norm1(x).reshape(b, self.side, self.side, c)
+        if self.shift:
+            y = torch.roll(y, (-self.shift, -self.shift), (1, 2))
+        y = self.attn_windows(self._windows(y)).reshape(b, k, k, w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(b, self.side, self.side, c)
+        if self.shift:
+            y = torch.roll(y, (self.shift, self.shift), (1, 2))
+        x = x + y.reshape(b, l, c)
+        return x + self.mlp(self.norm2(x))
+
+    def attn_windows(self, x):
+        a = self.attn
+        bw, n, _ = x.shape
+        bias = a.relative_position_bias_table[self.relative_index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)  # [h, n, n]
+        bias = bias[None, None] if self.mask is None else bias[None, None] + self.mask[None, :, None]
+        windows = bias.shape[1] if self.mask is not None else 1
+
+        def split(t, d):
+            return t.reshape(bw, n, a.heads, d).transpose(1, 2)
+
+        q, k, v = split(a.q(x), a.qk_dim), split(a.k(x), a.qk_dim), split(a.v(x), a.v_dim)
+        scores = (q * a.scale) @ k.transpose(-2, -1)  # [b * windows, h, n, n]
+        scores = (scores.reshape(-1, windows, a.heads, n, n) + bias).reshape(bw, a.heads, n, n)
+        out = scores.softmax(-1) @ v
+        return a.proj(out.transpose(1, 2).reshape(bw, n, a.heads * a.v_dim))
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, dim, out):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim, eps=1e-5)
+        self.reduction = nn.Linear(4 * dim, out, bias=False)
+
+    def forward(self, x, side):
+        b, _, c = x.shape
+        half = side // 2
+        x = x.reshape(b, half, 2, half, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, half * half, 4 * c)
+        return self.reduction(self.norm(x))
+
+
+class SwinLayer(nn.Module):
+    def __init__(self, downsample, blocks):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.ModuleList(blocks)
+
+
+class NSwin(nn.Module):
+    """timm's `SwinTransformer` with the widths of `dims` (the runner's `dims.json` of a Swin:
+    each stage its width, each block its own)."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+        p, window = dims["patch_size"], dims["window"]
+        stages = dims["stages"]
+        self.patch_embed = PatchEmbed(p, dims["in_chans"], stages[0]["embed_dim"])
+        self.patch_embed.norm = nn.LayerNorm(stages[0]["embed_dim"], eps=1e-5)
+        layers, prev, side = [], stages[0]["embed_dim"], dims["image_size"] // p
+        for i, stage in enumerate(stages):
+            e = stage["embed_dim"]
+            merge = PatchMerging(prev, e) if i > 0 else None
+            side = side // 2 if i > 0 else side
+            w, shift = (side, 0) if side <= window else (window, window // 2)
+            blocks = [SwinBlock(e, b, dims["head_dim"], w, shift if j % 2 else 0, side) for j, b in enumerate(stage["blocks"])]
+            layers.append(SwinLayer(merge, blocks))
+            prev = e
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(prev, eps=1e-5)
+        self.head = nn.Module()
+        self.head.fc = nn.Linear(prev, dims["num_classes"])
+
+    def forward(self, images):
+        x = self.patch_embed.norm(self.patch_embed(images))
+        side = self.dims["image_size"] // self.dims["patch_size"]
+        for layer in self.layers:
+            if layer.downsample is not None:
+                x = layer.downsample(x, side)
+                side //= 2
+            for block in layer.blocks:
+                x = block(x)
+        return self.head.fc(self.norm(x).mean(1))
+
+
+def _blocks(dims):
+    """`(prefix, widths)` of every block, a ViT's or a Swin's."""
+    if "stages" in dims:
+        return [(f"layers.{i}.blocks.{j}.attn", b) for i, s in enumerate(dims["stages"]) for j, b in enumerate(s["blocks"])]
+    return [(f"blocks.{i}.attn", b) for i, b in enumerate(dims["blocks"])]
+
+
 def _split_fused_qkv(state, dims):
     """timm's fused `attn.qkv` (rows: every head's q, then k, then v) as `q`, `k`, `v`."""
     state = dict(state)
-    for i, b in enumerate(dims["blocks"]):
-        p = f"blocks.{i}.attn"
+    for p, b in _blocks(dims):
         if f"{p}.qkv.weight" not in state:
             continue
         sizes = [b["heads"] * b["qk"], b["heads"] * b["qk"], b["heads"] * b["v"]]
@@ -173,7 +298,7 @@ def _split_fused_qkv(state, dims):
 def from_state_dict(state, dims):
     """A model of `dims` holding `state` (timm's names; fused or split `qkv`). Every tensor of
     the model must be there and nothing else: a mismatch names the tensors."""
-    model = NViT(dims)
+    model = NSwin(dims) if "stages" in dims else NViT(dims)
     missing, unexpected = model.load_state_dict(_split_fused_qkv(state, dims), strict=False)
     if missing or unexpected:
         raise ValueError(f"state dict does not fit dims: missing {missing}, unexpected {unexpected}")
@@ -184,8 +309,6 @@ def load(folder):
     """The model the runner exported into `folder` (`model.safetensors` and `dims.json`)."""
     folder = pathlib.Path(folder)
     dims = json.loads((folder / DIMS).read_text())
-    if "stages" in dims:
-        raise ValueError(f"{folder}: a Swin Transformer; this loader builds DeiT models only")
     return from_state_dict(load_file(folder / WEIGHTS), dims)
 
 
@@ -222,8 +345,7 @@ def save(model, folder):
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    for i, b in enumerate(model.dims["blocks"]):
-        p = f"blocks.{i}.attn"
+    for p, b in _blocks(model.dims):
         if b["qk"] == b["v"]:
             for kind in ("weight", "bias")[: 2 if f"{p}.q.bias" in state else 1]:
                 state[f"{p}.qkv.{kind}"] = torch.cat([state.pop(f"{p}.{n}.{kind}") for n in "qkv"])

@@ -38,8 +38,8 @@ pub fn write(model_dir: &Path, format: Format, spec: &InputSpec, out: &Path) -> 
             if out.is_dir() {
                 anyhow::bail!("{}: is a folder; --format onnx writes one file\n  hint: name the file, e.g. --out {}", out.display(), out.join("model.onnx").display());
             }
-            let model = checkpoint::load::<crate::backend::Cpu>(model_dir, &Default::default())?.into_deit("ONNX export")?;
-            let bytes = onnx::to_onnx(&model, spec);
+            let model = checkpoint::load::<crate::backend::Cpu>(model_dir, &Default::default())?;
+            let bytes = onnx::model_to_onnx(&model, spec);
             atomic_write(out, &bytes).with_context(|| format!("{}: cannot write the export", out.display()))?;
             Ok(format!("ONNX opset {} ({:.1} MB) -> {}", onnx::OPSET, bytes.len() as f64 / 1e6, out.display()))
         }

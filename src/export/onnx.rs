@@ -1,4 +1,5 @@
-//! A model as an ONNX graph (opset 17): what ONNX Runtime, TensorRT and OpenVINO load.
+//! A model as an ONNX graph (opset 17): what ONNX Runtime, TensorRT and OpenVINO load; a ViT
+//! ([`to_onnx`]) or a Swin ([`to_onnx_swin`]).
 //!
 //! The graph computes what `Vit::forward(..).logits()` computes: the patch embedding as a
 //! strided convolution, per-block attention with the block's own head count and query/key and
@@ -12,8 +13,8 @@ use std::collections::BTreeMap;
 use burn::tensor::backend::Backend;
 
 use super::protobuf::Message;
-use crate::model::checkpoint::export_split;
-use crate::model::Vit;
+use crate::model::checkpoint::{export_model, export_split};
+use crate::model::{BlockDims, Model, Swin, Vit};
 
 /// The operator set the graph is written against (`LayerNormalization` needs 17).
 pub const OPSET: i64 = 17;
@@ -82,35 +83,11 @@ pub fn to_onnx<B: Backend>(model: &Vit<B>, spec: &InputSpec) -> Vec<u8> {
     let scale = (c.head_dim as f32).powf(-0.5);
     for (i, d) in c.blocks.iter().enumerate() {
         let name = |s: &str| format!("blocks.{i}.{s}");
-        let (h, qk, v) = (d.heads as i64, d.qk as i64, d.v as i64);
         let y = g.layer_norm(&x, &name("norm1"), &sd);
-        // The softmax scale folded into the query projection: one product fewer per block,
-        // on `[batch, heads, tokens, tokens]`, the largest tensor of the graph.
-        let q = g.linear_scaled(&y, &name("attn.q"), &sd, scale);
-        let k = g.linear(&y, &name("attn.k"), &sd);
-        let vv = g.linear(&y, &name("attn.v"), &sd);
-        let heads = |g: &mut Graph, t: &str, width: i64, perm: Vec<i64>| {
-            let split = g.reshape(t, &[0, 0, h, width]);
-            g.node("Transpose", &[&split], &[Attr::Ints("perm", perm)])
-        };
-        let q = heads(&mut g, &q, qk, vec![0, 2, 1, 3]); // [b, h, n, qk]
-        let k = heads(&mut g, &k, qk, vec![0, 2, 3, 1]); // [b, h, qk, n]
-        let vv = heads(&mut g, &vv, v, vec![0, 2, 1, 3]); // [b, h, n, v]
-        let scores = g.node("MatMul", &[&q, &k], &[]);
-        let attn = g.node("Softmax", &[&scores], &[Attr::Int("axis", -1)]);
-        let out = g.node("MatMul", &[&attn, &vv], &[]);
-        let out = g.node("Transpose", &[&out], &[Attr::Ints("perm", vec![0, 2, 1, 3])]);
-        let out = g.reshape(&out, &[0, 0, h * v]);
-        let out = g.linear(&out, &name("attn.proj"), &sd);
+        let out = g.attention(&y, &name("attn"), &sd, d, scale, None);
         let out = g.layer_scale(&out, &name("ls1"), &sd);
         x = g.node("Add", &[&x, &out], &[]);
-
-        let y = g.layer_norm(&x, &name("norm2"), &sd);
-        let hidden = g.linear(&y, &name("mlp.fc1"), &sd);
-        let hidden = g.gelu(&hidden);
-        let out = g.linear(&hidden, &name("mlp.fc2"), &sd);
-        let out = g.layer_scale(&out, &name("ls2"), &sd);
-        x = g.node("Add", &[&x, &out], &[]);
+        x = g.mlp_branch(&x, &format!("blocks.{i}"), &sd);
     }
 
     if !c.fc_norm {
@@ -144,44 +121,90 @@ pub fn to_onnx<B: Backend>(model: &Vit<B>, spec: &InputSpec) -> Vec<u8> {
         _ => unreachable!("a model has one or two heads"),
     };
 
-    let input_doc = format!(
-        "RGB-order images of {size}x{size} pixels, {ch} channel(s), f32 in [0, 1] minus mean {mean:?}, divided by std {std:?} per channel; the evaluation transform resizes the shorter side and center-crops",
-        size = c.image_size,
-        ch = c.in_chans,
-        mean = spec.mean,
-        std = spec.std,
-    );
-    let input = value_info("images", &[Dim::Batch, Dim::Fixed(c.in_chans), Dim::Fixed(c.image_size), Dim::Fixed(c.image_size)], &input_doc);
-    let output = value_info("logits", &[Dim::Batch, Dim::Fixed(c.num_classes)], "class scores before the softmax");
-    let mut graph = Message::new();
-    for node in &g.nodes {
-        graph = graph.message(1, node);
-    }
-    graph = graph.string(2, "nvit");
-    for t in &g.initializers {
-        graph = graph.message(5, t);
-    }
-    graph = graph.message(11, &input).message(12, &output);
+    g.finish(ModelShape { image_size: c.image_size, in_chans: c.in_chans, num_classes: c.num_classes, dims: serde_json::to_string(c).expect("a config serializes") }, spec)
+}
 
-    let mut meta = BTreeMap::new();
-    meta.insert("image_size", c.image_size.to_string());
-    meta.insert("mean", format!("{:?}", spec.mean));
-    meta.insert("std", format!("{:?}", spec.std));
-    meta.insert("dims", serde_json::to_string(c).expect("a config serializes"));
-    if let Some(classes) = &spec.classes {
-        meta.insert("classes", serde_json::to_string(classes).expect("strings serialize"));
+/// What the file says of the model around its graph.
+struct ModelShape {
+    image_size: usize,
+    in_chans: usize,
+    num_classes: usize,
+    /// `dims.json`, in the file's metadata.
+    dims: String,
+}
+
+/// A Swin as an ONNX graph (timm's `SwinTransformer`): the patch embedding and its norm, each
+/// stage's patch merging (2x2 neighbours concatenated in timm's order, normalized, projected),
+/// blocks attending within windows (the cyclic shift as two slices concatenated, each head's
+/// relative position bias and the shifted windows' mask one constant per block), the final
+/// norm, the mean over tokens and the head.
+pub fn to_onnx_swin<B: Backend>(model: &Swin<B>, spec: &InputSpec) -> Vec<u8> {
+    let c = &model.config;
+    let sd = export_model(&Model::Swin(model.clone()), false).tensors;
+    let w = |name: &str| -> &(Vec<usize>, Vec<f32>) { &sd[name] };
+    let mut g = Graph::default();
+    g.scalar(SQRT_2, std::f32::consts::SQRT_2);
+    g.scalar(ONE, 1.0);
+    g.scalar(HALF, 0.5);
+    let p = c.patch_size as i64;
+    let e0 = c.stages[0].embed_dim as i64;
+    let kernel = g.weight("patch_embed.proj.weight", w("patch_embed.proj.weight"));
+    let bias = g.weight("patch_embed.proj.bias", w("patch_embed.proj.bias"));
+    let conv = g.node("Conv", &["images", &kernel, &bias], &[Attr::Ints("kernel_shape", vec![p, p]), Attr::Ints("strides", vec![p, p])]);
+    let flat = g.reshape(&conv, &[0, e0, -1]);
+    let x = g.node("Transpose", &[&flat], &[Attr::Ints("perm", vec![0, 2, 1])]);
+    let mut x = g.layer_norm(&x, "patch_embed.norm", &sd);
+    let scale = (c.head_dim as f32).powf(-0.5);
+    let mut prev = e0;
+    for (i, (stage, layer)) in c.stages.iter().zip(&model.layers).enumerate() {
+        let (e, side) = (stage.embed_dim as i64, c.side(i) as i64);
+        if i > 0 {
+            let half = side;
+            let merged = g.reshape(&x, &[-1, half, 2, half, 2, prev]);
+            let merged = g.node("Transpose", &[&merged], &[Attr::Ints("perm", vec![0, 1, 3, 4, 2, 5])]);
+            let merged = g.reshape(&merged, &[-1, half * half, 4 * prev]);
+            let merged = g.layer_norm(&merged, &format!("layers.{i}.downsample.norm"), &sd);
+            x = g.linear(&merged, &format!("layers.{i}.downsample.reduction"), &sd);
+        }
+        prev = e;
+        for (j, (d, block)) in stage.blocks.iter().zip(&layer.blocks).enumerate() {
+            let name = format!("layers.{i}.blocks.{j}");
+            let (win, shift) = (block.window as i64, block.shift as i64);
+            let (per_side, n) = (side / win, win * win);
+            let y = g.layer_norm(&x, &format!("{name}.norm1"), &sd);
+            let y = g.reshape(&y, &[-1, side, side, e]);
+            let y = if shift > 0 { g.roll(&y, shift, side) } else { y };
+            let windows = g.reshape(&y, &[-1, per_side, win, per_side, win, e]);
+            let windows = g.node("Transpose", &[&windows], &[Attr::Ints("perm", vec![0, 1, 3, 2, 4, 5])]);
+            let windows = g.reshape(&windows, &[-1, n, e]);
+            // `[1, windows, heads, n, n]`, added to the scores viewed per image.
+            let bias = block.attention_bias(1, &model.head.weight.device());
+            let [nw, h, _, _] = bias.dims();
+            let values = bias.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+            let bias = g.floats(&format!("{name}.attn.bias"), &[1, nw, h, n as usize, n as usize], &values);
+            let out = g.attention(&windows, &format!("{name}.attn"), &sd, d, scale, Some((&bias, nw as i64, n)));
+            let out = g.reshape(&out, &[-1, per_side, per_side, win, win, e]);
+            let out = g.node("Transpose", &[&out], &[Attr::Ints("perm", vec![0, 1, 3, 2, 4, 5])]);
+            let out = g.reshape(&out, &[-1, side, side, e]);
+            let out = if shift > 0 { g.roll(&out, side - shift, side) } else { out };
+            let out = g.reshape(&out, &[-1, side * side, e]);
+            x = g.node("Add", &[&x, &out], &[]);
+            x = g.mlp_branch(&x, &name, &sd);
+        }
     }
-    let mut model = Message::new()
-        .int(1, IR_VERSION)
-        .string(2, "nvit runner")
-        .string(3, env!("CARGO_PKG_VERSION"))
-        .string(6, "A Vision Transformer with per-block widths (NViT); input `images`, output `logits`")
-        .message(7, &graph)
-        .message(8, &Message::new().string(1, "").int(2, OPSET));
-    for (k, v) in meta {
-        model = model.message(14, &Message::new().string(1, k).string(2, &v));
+    let x = g.layer_norm(&x, "norm", &sd);
+    let pooled = g.node("ReduceMean", &[&x], &[Attr::Ints("axes", vec![1]), Attr::Int("keepdims", 0)]);
+    let logits = g.linear(&pooled, "head.fc", &sd);
+    g.node_named("Identity", &[&logits], &[], "logits");
+    g.finish(ModelShape { image_size: c.image_size, in_chans: c.in_chans, num_classes: c.num_classes, dims: serde_json::to_string(c).expect("a config serializes") }, spec)
+}
+
+/// A model of either family as ONNX.
+pub fn model_to_onnx<B: Backend>(model: &Model<B>, spec: &InputSpec) -> Vec<u8> {
+    match model {
+        Model::Deit(m) => to_onnx(m, spec),
+        Model::Swin(m) => to_onnx_swin(m, spec),
     }
-    model.into_bytes()
 }
 
 enum Dim {
@@ -309,6 +332,105 @@ impl Graph {
         let gamma = self.weight(&format!("{prefix}.weight"), &sd[&format!("{prefix}.weight")]);
         let beta = self.weight(&format!("{prefix}.bias"), &sd[&format!("{prefix}.bias")]);
         self.node("LayerNormalization", &[x, &gamma, &beta], &[Attr::Int("axis", -1), Attr::Float("epsilon", crate::model::LN_EPS as f32)])
+    }
+
+    /// The model file: this graph between input `images` and output `logits`, with the
+    /// input's expectations and the model's shapes in its metadata.
+    fn finish(self, shape: ModelShape, spec: &InputSpec) -> Vec<u8> {
+        let input_doc = format!(
+            "RGB-order images of {size}x{size} pixels, {ch} channel(s), f32 in [0, 1] minus mean {mean:?}, divided by std {std:?} per channel; the evaluation transform resizes the shorter side and center-crops",
+            size = shape.image_size,
+            ch = shape.in_chans,
+            mean = spec.mean,
+            std = spec.std,
+        );
+        let input = value_info("images", &[Dim::Batch, Dim::Fixed(shape.in_chans), Dim::Fixed(shape.image_size), Dim::Fixed(shape.image_size)], &input_doc);
+        let output = value_info("logits", &[Dim::Batch, Dim::Fixed(shape.num_classes)], "class scores before the softmax");
+        let mut graph = Message::new();
+        for node in &self.nodes {
+            graph = graph.message(1, node);
+        }
+        graph = graph.string(2, "nvit");
+        for t in &self.initializers {
+            graph = graph.message(5, t);
+        }
+        graph = graph.message(11, &input).message(12, &output);
+
+        let mut meta = BTreeMap::new();
+        meta.insert("image_size", shape.image_size.to_string());
+        meta.insert("mean", format!("{:?}", spec.mean));
+        meta.insert("std", format!("{:?}", spec.std));
+        meta.insert("dims", shape.dims);
+        if let Some(classes) = &spec.classes {
+            meta.insert("classes", serde_json::to_string(classes).expect("strings serialize"));
+        }
+        let mut model = Message::new()
+            .int(1, IR_VERSION)
+            .string(2, "nvit runner")
+            .string(3, env!("CARGO_PKG_VERSION"))
+            .string(6, "A Vision Transformer with per-block widths (NViT); input `images`, output `logits`")
+            .message(7, &graph)
+            .message(8, &Message::new().string(1, "").int(2, OPSET));
+        for (k, v) in meta {
+            model = model.message(14, &Message::new().string(1, k).string(2, &v));
+        }
+        model.into_bytes()
+    }
+
+    /// The residual MLP branch of block `prefix`: `x + fc2(gelu(fc1(norm2(x))))`, LayerScale's
+    /// gain on the branch where the block has one.
+    fn mlp_branch(&mut self, x: &str, prefix: &str, sd: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> String {
+        let y = self.layer_norm(x, &format!("{prefix}.norm2"), sd);
+        let hidden = self.linear(&y, &format!("{prefix}.mlp.fc1"), sd);
+        let hidden = self.gelu(&hidden);
+        let out = self.linear(&hidden, &format!("{prefix}.mlp.fc2"), sd);
+        let out = self.layer_scale(&out, &format!("{prefix}.ls2"), sd);
+        self.node("Add", &[x, &out], &[])
+    }
+
+    /// Multi-head attention `prefix` over `x` `[batch, tokens, E]` with block `d`'s widths;
+    /// `bias`: a constant `[1, windows, heads, n, n]` added to the scores viewed as
+    /// `[batch, windows, heads, n, n]` (Swin's), with its window count and window size `n`.
+    fn attention(&mut self, x: &str, prefix: &str, sd: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, d: &BlockDims, scale: f32, bias: Option<(&str, i64, i64)>) -> String {
+        let (h, qk, v) = (d.heads as i64, d.qk as i64, d.v as i64);
+        // The softmax scale folded into the query projection: one product fewer per block,
+        // on `[batch, heads, tokens, tokens]`, the largest tensor of the graph.
+        let q = self.linear_scaled(x, &format!("{prefix}.q"), sd, scale);
+        let k = self.linear(x, &format!("{prefix}.k"), sd);
+        let vv = self.linear(x, &format!("{prefix}.v"), sd);
+        let mut heads = |t: &str, width: i64, perm: Vec<i64>| {
+            let split = self.reshape(t, &[0, 0, h, width]);
+            self.node("Transpose", &[&split], &[Attr::Ints("perm", perm)])
+        };
+        let q = heads(&q, qk, vec![0, 2, 1, 3]); // [b, h, n, qk]
+        let k = heads(&k, qk, vec![0, 2, 3, 1]); // [b, h, qk, n]
+        let vv = heads(&vv, v, vec![0, 2, 1, 3]); // [b, h, n, v]
+        let mut scores = self.node("MatMul", &[&q, &k], &[]);
+        if let Some((bias, windows, n)) = bias {
+            let per_image = self.reshape(&scores, &[-1, windows, h, n, n]);
+            let biased = self.node("Add", &[&per_image, bias], &[]);
+            scores = self.reshape(&biased, &[-1, h, n, n]);
+        }
+        let attn = self.node("Softmax", &[&scores], &[Attr::Int("axis", -1)]);
+        let out = self.node("MatMul", &[&attn, &vv], &[]);
+        let out = self.node("Transpose", &[&out], &[Attr::Ints("perm", vec![0, 2, 1, 3])]);
+        let out = self.reshape(&out, &[0, 0, h * v]);
+        self.linear(&out, &format!("{prefix}.proj"), sd)
+    }
+
+    /// `x` `[batch, side, side, E]` rolled by `k` along both spatial axes as Burn's `roll`
+    /// does (element `i + k` to `i`): the slices from `k` on, then those before.
+    fn roll(&mut self, x: &str, k: i64, side: i64) -> String {
+        let id = self.initializers.len();
+        let (zero, at_k, end) = (self.ints(&format!("roll{id}_start"), &[0]), self.ints(&format!("roll{id}_k"), &[k]), self.ints(&format!("roll{id}_end"), &[side]));
+        let mut y = x.to_string();
+        for axis in [1, 2] {
+            let along = self.ints(&format!("roll{id}_axis{axis}"), &[axis]);
+            let tail = self.node("Slice", &[&y, &at_k, &end, &along], &[]);
+            let head = self.node("Slice", &[&y, &zero, &at_k, &along], &[]);
+            y = self.node("Concat", &[&tail, &head], &[Attr::Int("axis", axis)]);
+        }
+        y
     }
 
     /// `x` times LayerScale's gains `{prefix}.gamma`, where the model has them.

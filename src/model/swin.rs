@@ -286,7 +286,7 @@ impl<B: Backend> SwinBlock<B> {
 
     /// `[batch * windows, heads, n, n]`: each head's relative position bias, plus the shifted
     /// windows' mask.
-    fn attention_bias(&self, batch: usize, device: &B::Device) -> Tensor<B, 4> {
+    pub(crate) fn attention_bias(&self, batch: usize, device: &B::Device) -> Tensor<B, 4> {
         let (w, n, h) = (self.window, self.window * self.window, self.attn.heads);
         let windows = (self.side / w) * (self.side / w);
         let index = Tensor::<B, 1, Int>::from_data(TensorData::new(self.relative_index.clone(), [n * n]), device);

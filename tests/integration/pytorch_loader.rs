@@ -74,3 +74,24 @@ fn nvit_py_computed_timm_logits_on_the_timm_fixture() {
     let (_, theirs) = &timm.tensors["logits"];
     assert!(max_abs_diff(ours, theirs) < 1e-5);
 }
+
+/// A Swin through nvit.py: the script built timm's Swin fixture from the runner's dims and
+/// matched timm, and saved a Swin with per-block widths (a block of 3 heads of qk 5 and v 7,
+/// a 40-wide last stage) that the runner reads and computes nvit.py's logits from.
+#[test]
+fn the_runner_computes_nvit_py_swin_logits_and_nvit_py_computes_timms() {
+    let _rng = common::rng_turn();
+    let dir = fixtures().join("nvit_py_swin_32px");
+    let device = Default::default();
+    let model = checkpoint::load::<NdArray>(&dir, &device).unwrap();
+    let nvit::model::ModelConfig::Swin(c) = model.config() else { panic!("a Swin") };
+    assert_eq!((c.stages[1].blocks[1], c.stages[2].embed_dim), (BlockDims { heads: 3, qk: 5, v: 7, mlp: 9 }, 40));
+    let io = StateDict::read(&dir.join("io.safetensors")).unwrap();
+    let x = Tensor::<NdArray, 4>::from_data(TensorData::new(io.tensors["input"].1.clone(), [4, 3, 32, 32]), &device);
+    let ours = model.forward(x).logits().into_data().to_vec::<f32>().unwrap();
+    let worst = max_abs_diff(&ours, &io.tensors["logits"].1);
+    assert!(worst < 1e-4, "max |runner - nvit.py| = {worst}");
+    let timm = StateDict::read(&fixtures().join("timm_swin_32px/io.safetensors")).unwrap();
+    let worst = max_abs_diff(&io.tensors["timm_fixture_logits"].1, &timm.tensors["logits"].1);
+    assert!(worst < 1e-4, "max |nvit.py - timm| = {worst}");
+}
