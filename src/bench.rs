@@ -67,20 +67,31 @@ pub fn loader(root: Option<&Path>, images: usize, size: u32, batch: usize, out: 
 /// taken (`pipelines/quickstart.toml`, with its dataset's class count where it leaves it open),
 /// or a pruned model's widths (its `dims.json`, or a `runner export` folder).
 pub fn resolve_model(spec: &str) -> Result<VitConfig> {
+    deit_only(resolve_any_model(spec)?, spec)
+}
+
+/// A model of either family: a ViT or Swin preset, a pipeline file (its `[model]`), or a
+/// model's `dims.json` (or the folder that holds it).
+pub fn resolve_any_model(spec: &str) -> Result<crate::model::ModelConfig> {
+    use crate::model::{ModelConfig, SwinConfig};
     if let Some(c) = VitConfig::preset(spec) {
-        return Ok(c);
+        return Ok(ModelConfig::Deit(c));
+    }
+    if let Some(c) = SwinConfig::preset(spec) {
+        return Ok(ModelConfig::Swin(c));
     }
     let path = Path::new(spec);
     if path.is_dir() || spec.ends_with(".json") {
         // A model's widths as the runner writes them (`dims.json`, or the folder that holds it).
         let file = if path.is_dir() { path.join(crate::model::checkpoint::DIMS) } else { path.to_path_buf() };
-        return deit_only(crate::model::ModelConfig::read_json(&file)?, spec);
+        return ModelConfig::read_json(&file);
     }
     if !spec.ends_with(".toml") {
+        let presets: Vec<&str> = VitConfig::PRESETS.iter().chain(&SwinConfig::PRESETS).copied().collect();
         bail!(
             "`{spec}` is neither a model preset{}, a pipeline file (.toml) nor a model's dims.json\n  hint: a preset is one of {}",
-            crate::suggest::did_you_mean(spec, &VitConfig::PRESETS),
-            VitConfig::PRESETS.join(", ")
+            crate::suggest::did_you_mean(spec, &presets),
+            presets.join(", ")
         );
     }
     let overrides = crate::config::Overrides { env: false, ..Default::default() };
@@ -89,10 +100,9 @@ pub fn resolve_model(spec: &str) -> Result<VitConfig> {
         Some(n) => n,
         None => pipeline.dataset.open(crate::data::Split::Train, pipeline.pipeline.seed)?.num_classes(),
     };
-    deit_only(pipeline.model.resolve(classes).with_context(|| format!("{spec}: [model]"))?, spec)
+    pipeline.model.resolve(classes).with_context(|| format!("{spec}: [model]"))
 }
 
-/// The benchmarks compare with timm's DeiT, step for step.
 fn deit_only(config: crate::model::ModelConfig, spec: &str) -> Result<VitConfig> {
     match config {
         crate::model::ModelConfig::Deit(c) => Ok(c),
@@ -468,7 +478,7 @@ fn use_threads(threads: usize) {
 /// in ONNX Runtime (`benches/onnxruntime_bench.py`), beside the runner's own inference on the
 /// same models, at each batch size; the speedup of the pruned model in each runtime.
 pub struct VsOnnxruntime {
-    /// `(dense, pruned)` model specs (see [`resolve_model`]).
+    /// `(dense, pruned)` model specs (see [`resolve_any_model`]): ViTs or Swins.
     pub pairs: Vec<(String, String)>,
     pub batches: Vec<usize>,
     pub backend: BackendKind,
@@ -484,7 +494,7 @@ pub struct VsOnnxruntime {
 /// The runner's inference images/s of a randomly initialized `config` at each batch size, the
 /// model also written to `onnx` (speed does not depend on the weights' values).
 struct Inference<'a> {
-    config: &'a VitConfig,
+    config: &'a crate::model::ModelConfig,
     batches: &'a [usize],
     steps: usize,
     onnx: &'a Path,
@@ -496,11 +506,11 @@ impl BackendJob for Inference<'_> {
         let device = &devices[0];
         let c = self.config;
         let model = c.init::<B::InnerBackend>(device);
-        let spec = crate::export::InputSpec { mean: vec![0.5; c.in_chans], std: vec![0.5; c.in_chans], classes: None };
-        crate::files::atomic_write(self.onnx, &crate::export::onnx::to_onnx(&model, &spec))?;
+        let spec = crate::export::InputSpec { mean: vec![0.5; c.in_chans()], std: vec![0.5; c.in_chans()], classes: None };
+        crate::files::atomic_write(self.onnx, &crate::export::onnx::model_to_onnx(&model, &spec))?;
         let mut rates = Vec::new();
         for &batch in self.batches {
-            let shape = [batch, c.in_chans, c.image_size, c.image_size];
+            let shape = [batch, c.in_chans(), c.image_size(), c.image_size()];
             let pixels: Vec<f32> = (0..shape.iter().product::<usize>()).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
             let x = crate::model::float_tensor::<B::InnerBackend, 4>(pixels, shape, device);
             let infer = || drop(model.forward(x.clone()).logits().slice([0..1, 0..1]).into_data());
@@ -523,11 +533,17 @@ pub fn vs_onnxruntime(args: &VsOnnxruntime) -> Result<String> {
     backend::check(args.backend, &[args.device])?;
     let mut models = Vec::new();
     for (dense, pruned) in &args.pairs {
-        let (d, p) = (resolve_model(dense).with_context(|| format!("--pair {dense}"))?, resolve_model(pruned).with_context(|| format!("--pair {pruned}"))?);
-        let input = |c: &VitConfig| (c.image_size, c.patch_size, c.in_chans, c.num_classes);
+        let (d, p) = (resolve_any_model(dense).with_context(|| format!("--pair {dense}"))?, resolve_any_model(pruned).with_context(|| format!("--pair {pruned}"))?);
+        let input = |c: &crate::model::ModelConfig| {
+            let patch = match c {
+                crate::model::ModelConfig::Deit(v) => v.patch_size,
+                crate::model::ModelConfig::Swin(s) => s.patch_size,
+            };
+            (c.family(), c.image_size(), patch, c.in_chans(), c.num_classes())
+        };
         if input(&d) != input(&p) {
             bail!(
-                "--pair {dense} {pruned}: the two models differ in image size, patch size, channels or classes ({:?} vs {:?}): a speedup between them would not be pruning's",
+                "--pair {dense} {pruned}: the two models differ in family, image size, patch size, channels or classes ({:?} vs {:?}): a speedup between them would not be pruning's",
                 input(&d),
                 input(&p)
             );
@@ -549,7 +565,7 @@ pub fn vs_onnxruntime(args: &VsOnnxruntime) -> Result<String> {
         pair: usize,
         which: &'static str,
         spec: &'a str,
-        config: &'a VitConfig,
+        config: &'a crate::model::ModelConfig,
         name: String,
         rates: Vec<f64>,
     }

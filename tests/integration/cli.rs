@@ -175,7 +175,18 @@ fn bench_onnxruntime_names_bad_input_before_any_work() {
     assert_eq!(code, 2, "a pair needs two models: {err}");
     let (code, _, err) = run(&["--pair", "deit-tiny", widths]);
     assert_ne!(code, 0);
-    assert!(err.contains("the two models differ in image size, patch size, channels or classes ((224, 16, 3, 1000) vs (28, 7, 1, 10))"), "{err}");
+    assert!(err.contains("the two models differ in family, image size, patch size, channels or classes ((Deit, 224, 16, 3, 1000) vs (Deit, 28, 7, 1, 10))"), "{err}");
+    // A Swin pair is taken (a pruned Swin-T's widths; no ONNX Runtime script here).
+    let swin = dir.path().join("swin-pruned.json");
+    let mut pruned = nvit::model::SwinConfig::preset("swin-tiny").unwrap();
+    pruned.stages[2].blocks[0] = nvit::model::BlockDims { heads: 6, qk: 16, v: 32, mlp: 600 };
+    std::fs::write(&swin, serde_json::to_vec(&pruned).unwrap()).unwrap();
+    let (code, _, err) = run(&["--pair", "swin-tiny", swin.to_str().unwrap(), "--script", "/nonexistent/ort.py"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("/nonexistent/ort.py: the ONNX Runtime script is missing"), "a Swin pair passes its checks: {err}");
+    let (code, _, err) = run(&["--pair", "swin-tiny", "deit-tiny"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("differ in family"), "{err}");
     let quickstart = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/quickstart.toml");
     let (code, _, err) = run(&["--pair", quickstart, widths]);
     assert_ne!(code, 0);

@@ -150,6 +150,12 @@ fn presets_name_timms_models_and_model_keys_override_them() {
     assert_eq!((deit3.embed_dim, deit3.init_values, deit3.no_embed_class, deit3.params()), (384, Some(1e-6), true, 22_059_496));
     let dino = VitConfig::preset("vit-small-patch14-reg4-dinov2").unwrap();
     assert_eq!((dino.image_size, dino.patch_size, dino.reg_tokens, dino.num_tokens()), (518, 14, 4, 37 * 37 + 5));
+    assert_eq!(dino.params(), 22_442_344, "timm's, with a 1000-class head");
+    // fvcore 0.1.5 on timm 1.0.31 (unfused attention, 1000 classes) counts 4,608,338,304 and
+    // 46,949,164,800 FLOPs, LayerNorm at 5 per element, which this count leaves out.
+    let norms = |c: &VitConfig| 5 * c.embed_dim * c.num_tokens() * (2 * c.depth() + 1);
+    assert_eq!(deit3.flops() + norms(&deit3), 4_608_338_304);
+    assert_eq!(dino.flops() + norms(&dino), 46_949_164_800);
     assert!(VitConfig::PRESETS.iter().all(|p| VitConfig::preset(p).unwrap().check().is_empty()));
     let section = ModelSection { preset: Some("vit-small-patch16-224".into()), global_pool: Some(Pool::Avg), class_token: Some(false), ..Default::default() };
     let ModelConfig::Deit(c) = section.resolve(10).unwrap() else { panic!("a ViT") };
