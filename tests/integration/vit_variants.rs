@@ -160,6 +160,9 @@ fn presets_name_timms_models_and_model_keys_override_them() {
     let section = ModelSection { preset: Some("vit-small-patch16-224".into()), global_pool: Some(Pool::Avg), class_token: Some(false), ..Default::default() };
     let ModelConfig::Deit(c) = section.resolve(10).unwrap() else { panic!("a ViT") };
     assert_eq!((c.global_pool, c.fc_norm, c.class_token, c.num_tokens()), (Pool::Avg, true, false, 196));
+    let vit: ModelSection = toml::from_str("family = \"vit\"\npreset = \"deit3-small\"").unwrap();
+    assert_eq!(vit.family(), nvit::model::Family::Deit, "`vit` names the family DeiT is one configuration of");
+    assert!(vit.validate().is_empty(), "{:?}", vit.validate());
     let bad = ModelSection { class_token: Some(false), global_pool: Some(Pool::Token), ..Default::default() };
     assert!(bad.validate().iter().any(|(k, m)| k == "global_pool" && m.contains("no token to read")), "{:?}", bad.validate());
 }
