@@ -87,7 +87,7 @@ pub fn resolve_any_model(spec: &str) -> Result<crate::model::ModelConfig> {
         return ModelConfig::read_json(&file);
     }
     if !spec.ends_with(".toml") {
-        let presets: Vec<&str> = VitConfig::PRESETS.iter().chain(&SwinConfig::PRESETS).copied().collect();
+        let presets = crate::model::presets();
         bail!(
             "`{spec}` is neither a model preset{}, a pipeline file (.toml) nor a model's dims.json\n  hint: a preset is one of {}",
             crate::suggest::did_you_mean(spec, &presets),

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use burn::tensor::backend::Backend;
 
 use super::protobuf::Message;
-use crate::model::checkpoint::{export_model, export_split};
+use crate::model::checkpoint::{export_split, export_swin_split};
 use crate::model::{BlockDims, Model, Swin, Vit};
 
 /// The operator set the graph is written against (`LayerNormalization` needs 17).
@@ -42,18 +42,9 @@ pub fn to_onnx<B: Backend>(model: &Vit<B>, spec: &InputSpec) -> Vec<u8> {
     let c = &model.config;
     let sd = export_split(model).tensors;
     let w = |name: &str| -> &(Vec<usize>, Vec<f32>) { &sd[name] };
-    let mut g = Graph::default();
-    g.scalar(SQRT_2, std::f32::consts::SQRT_2);
-    g.scalar(ONE, 1.0);
-    g.scalar(HALF, 0.5);
-    let (e, p) = (c.embed_dim as i64, c.patch_size as i64);
-
-    // Patch embedding: [batch, C, H, W] -> [batch, E, H/p, W/p] -> [batch, patches, E].
-    let kernel = g.weight("patch_embed.proj.weight", w("patch_embed.proj.weight"));
-    let bias = g.weight("patch_embed.proj.bias", w("patch_embed.proj.bias"));
-    let conv = g.node("Conv", &["images", &kernel, &bias], &[Attr::Ints("kernel_shape", vec![p, p]), Attr::Ints("strides", vec![p, p])]);
-    let flat = g.reshape(&conv, &[0, e, -1]);
-    let patches = g.node("Transpose", &[&flat], &[Attr::Ints("perm", vec![0, 2, 1])]);
+    let mut g = Graph::new();
+    let e = c.embed_dim as i64;
+    let patches = g.patch_embed(&sd, c.patch_size, c.embed_dim);
 
     // The class, distillation and register tokens, repeated over the batch, and the position
     // embedding: added after them, or to the patches only before them (`no_embed_class`).
@@ -140,19 +131,10 @@ struct ModelShape {
 /// norm, the mean over tokens and the head.
 pub fn to_onnx_swin<B: Backend>(model: &Swin<B>, spec: &InputSpec) -> Vec<u8> {
     let c = &model.config;
-    let sd = export_model(&Model::Swin(model.clone()), false).tensors;
-    let w = |name: &str| -> &(Vec<usize>, Vec<f32>) { &sd[name] };
-    let mut g = Graph::default();
-    g.scalar(SQRT_2, std::f32::consts::SQRT_2);
-    g.scalar(ONE, 1.0);
-    g.scalar(HALF, 0.5);
-    let p = c.patch_size as i64;
+    let sd = export_swin_split(model).tensors;
+    let mut g = Graph::new();
     let e0 = c.stages[0].embed_dim as i64;
-    let kernel = g.weight("patch_embed.proj.weight", w("patch_embed.proj.weight"));
-    let bias = g.weight("patch_embed.proj.bias", w("patch_embed.proj.bias"));
-    let conv = g.node("Conv", &["images", &kernel, &bias], &[Attr::Ints("kernel_shape", vec![p, p]), Attr::Ints("strides", vec![p, p])]);
-    let flat = g.reshape(&conv, &[0, e0, -1]);
-    let x = g.node("Transpose", &[&flat], &[Attr::Ints("perm", vec![0, 2, 1])]);
+    let x = g.patch_embed(&sd, c.patch_size, c.stages[0].embed_dim);
     let mut x = g.layer_norm(&x, "patch_embed.norm", &sd);
     let scale = (c.head_dim as f32).powf(-0.5);
     let mut prev = e0;
@@ -332,6 +314,26 @@ impl Graph {
         let gamma = self.weight(&format!("{prefix}.weight"), &sd[&format!("{prefix}.weight")]);
         let beta = self.weight(&format!("{prefix}.bias"), &sd[&format!("{prefix}.bias")]);
         self.node("LayerNormalization", &[x, &gamma, &beta], &[Attr::Int("axis", -1), Attr::Float("epsilon", crate::model::LN_EPS as f32)])
+    }
+
+    /// A graph with the scalar constants GELU and the heads' average share.
+    fn new() -> Self {
+        let mut g = Graph::default();
+        g.scalar(SQRT_2, std::f32::consts::SQRT_2);
+        g.scalar(ONE, 1.0);
+        g.scalar(HALF, 0.5);
+        g
+    }
+
+    /// The patch embedding of `images`: `[batch, C, H, W] -> [batch, E, H/p, W/p] ->
+    /// [batch, patches, E]`, a strided convolution.
+    fn patch_embed(&mut self, sd: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, patch: usize, e: usize) -> String {
+        let p = patch as i64;
+        let kernel = self.weight("patch_embed.proj.weight", &sd["patch_embed.proj.weight"]);
+        let bias = self.weight("patch_embed.proj.bias", &sd["patch_embed.proj.bias"]);
+        let conv = self.node("Conv", &["images", &kernel, &bias], &[Attr::Ints("kernel_shape", vec![p, p]), Attr::Ints("strides", vec![p, p])]);
+        let flat = self.reshape(&conv, &[0, e as i64, -1]);
+        self.node("Transpose", &[&flat], &[Attr::Ints("perm", vec![0, 2, 1])])
     }
 
     /// The model file: this graph between input `images` and output `logits`, with the

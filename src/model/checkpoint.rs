@@ -721,6 +721,11 @@ pub fn export_swin<B: Backend>(model: &Swin<B>) -> StateDict {
     export_swin_with(model, true)
 }
 
+/// A Swin with split `q`/`k`/`v` in every block, for code that slices them.
+pub fn export_swin_split<B: Backend>(model: &Swin<B>) -> StateDict {
+    export_swin_with(model, false)
+}
+
 fn export_swin_with<B: Backend>(model: &Swin<B>, fuse: bool) -> StateDict {
     let mut w = Writer::default();
     w.conv("patch_embed.proj", &model.patch_embed);

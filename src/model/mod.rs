@@ -310,6 +310,11 @@ impl VitConfig {
     }
 }
 
+/// Every preset name, ViT's then Swin's.
+pub fn presets() -> Vec<&'static str> {
+    VitConfig::PRESETS.iter().chain(&SwinConfig::PRESETS).copied().collect()
+}
+
 /// Which architecture `[model]` describes.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -441,7 +446,7 @@ impl ModelSection {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let family = self.family();
-        let presets: Vec<&str> = VitConfig::PRESETS.iter().chain(&SwinConfig::PRESETS).copied().collect();
+        let presets = presets();
         if let Some(p) = &self.preset {
             if VitConfig::preset(p).is_none() && SwinConfig::preset(p).is_none() {
                 problems.push((

@@ -36,7 +36,7 @@ impl<B: Backend> Attention<B> {
     /// Randomly initialized projections for a block of width `e` with `d`'s heads, qk and v;
     /// `qkv_bias`: whether Q, K and V have biases (the output projection always has one).
     pub(super) fn new(e: usize, d: BlockDims, scale: f64, qkv_bias: bool, device: &B::Device) -> Self {
-        let qkv = |d_out: usize| LinearConfig::new(e, d_out).with_bias(qkv_bias).with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 }).init(device).zero_bias();
+        let qkv = |d_out: usize| linear_biased(e, d_out, qkv_bias, device);
         Self {
             q: qkv(d.heads * d.qk),
             k: qkv(d.heads * d.qk),
@@ -280,7 +280,14 @@ pub struct Vit<B: Backend> {
 }
 
 pub(super) fn linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
+    linear_biased(d_in, d_out, true, device)
+}
+
+/// A linear layer as timm initializes it (normal std 0.02 weights, zero bias), with a bias
+/// or without.
+fn linear_biased<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Linear<B> {
     LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
         .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
         .init(device)
         .zero_bias()
