@@ -247,10 +247,6 @@ impl StageSettings {
             return p;
         }
         match self {
-            StageSettings::Prune(s) if s.selection == prune::Selection::Exact => p.push((
-                "selection".into(),
-                "`exact` solves for one embedding width, and a Swin has one per stage\n  hint: selection = \"greedy\"".into(),
-            )),
             StageSettings::ProfileLatency(s) => {
                 if s.grid == profile_latency::GridChoice::Reference {
                     p.push(("grid".into(), "`reference` is DeiT-B's grid; a Swin's table is profiled per stage on grids spanning its widths\n  hint: grid = \"spanning\"".into()));

@@ -408,7 +408,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                         let budget = dense_latency * (1.0 - done * (1.0 - target));
                         // The last step lands within the tolerance (see `exact::select`'s floor).
                         let floor = if done == 1.0 { budget * (1.0 - s.latency_tolerance) } else { 0.0 };
-                        match crate::prune::exact::select(&current, &state.masks, &table.stages[0], budget, floor, |st| s.group_size(st), EXACT_BINS) {
+                        match crate::prune::exact::select(&current, &state.masks, &table, budget, floor, |st| s.group_size(st), EXACT_BINS) {
                             Some(kept) => {
                                 state.masks = kept;
                                 false

@@ -222,7 +222,6 @@ fn exact_keeps_at_least_the_saliency_greedy_keeps_at_the_same_latency() {
     use nvit::prune::{exact, greedy, Masks, Structure};
     let dir = tempfile::tempdir().unwrap();
     let model_latency = ModelLatency::from_json(&known_table(dir.path())).unwrap();
-    let table = &model_latency.stages[0];
     let vit = nvit::model::VitConfig::uniform(16, 4, 3, 16, 3, 2, 2.0, 5, false);
     let config: nvit::model::ModelConfig = vit.clone().into();
     let group = |s: Structure| match s {
@@ -252,7 +251,7 @@ fn exact_keeps_at_least_the_saliency_greedy_keeps_at_the_same_latency() {
         }
         let reached = latency(&masks);
         let budget = reached / (1.0 - vit.blocks.len() as f64 / bins as f64);
-        let best = exact::select(&scores, &Masks::ones(&config), table, budget, 0.0, group, bins).unwrap();
+        let best = exact::select(&scores, &Masks::ones(&config), &model_latency, budget, 0.0, group, bins).unwrap();
         assert!(latency(&best) <= budget * (1.0 + 1e-12), "seed {seed}: over the budget");
         assert!(kept(&scores, &best) >= kept(&scores, &masks) - 1e-9, "seed {seed}, eta {eta}: exact {} < greedy {}", kept(&scores, &best), kept(&scores, &masks));
     }

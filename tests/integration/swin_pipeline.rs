@@ -1,6 +1,6 @@
 //! A Swin through every stage kind, as a pipeline: trained from scratch, evaluated, its
 //! latency profiled stage by stage, scored, pruned (every stage's EMB, heads, QK, V and MLP
-//! ranked together), fine-tuned against the dense model, evaluated and reported; and the
+//! ranked together by the greedy selection, and chosen stage by stage by the exact one), fine-tuned against the dense model, evaluated and reported; and the
 //! settings a Swin cannot run refused before anything runs.
 
 use crate::common;
@@ -62,6 +62,19 @@ throughput_repeats = 2
 kind = "report"
 models = ["evaluate", "eval_pruned"]
 prunes = ["prune"]
+
+[stages.exact]
+kind = "prune"
+input = "train"
+latency = "known"
+latency_target = 0.6
+selection = "exact"
+prune_steps = 2
+interval = 2
+group_emb = 2
+group_mlp = 4
+batch_size = 16
+kd_weight = 1.0
 "#;
 
 /// One table per stage, each a known function of the widths (a stage's blocks costing more
@@ -119,6 +132,13 @@ fn a_swin_runs_through_every_stage() {
     let last = log.lines().last().unwrap();
     assert!(last.contains(" | "), "a Swin's widths, stage by stage: {last}");
 
+    // The exact selection chooses every stage's E and lands within latency_tolerance (2%).
+    let exact: Masks = serde_json::from_slice(&std::fs::read(dir_of("exact").join("masks.json")).unwrap()).unwrap();
+    let chosen = ModelConfig::read_json(&checkpoint::model_dir(&dir_of("exact")).join("dims.json")).unwrap();
+    assert_eq!(chosen, exact.surviving(&dense), "dims.json matches the masks");
+    let ratio = table.model_latency(&chosen) / table.model_latency(&dense);
+    assert!((0.6 * 0.98..=0.6 + 1e-9).contains(&ratio), "exact landed at {ratio}");
+
     // Fine-tuned, evaluated, reported with per-stage widths.
     let tuned = ModelConfig::read_json(&checkpoint::model_dir(&dir_of("distill")).join("dims.json")).unwrap();
     assert_eq!(tuned, small);
@@ -148,10 +168,9 @@ fn settings_a_swin_cannot_run_are_refused_before_anything_runs() {
     let _rng = common::rng_turn();
     let dir = tempfile::tempdir().unwrap();
     let path = swin_pipeline(dir.path(), STAGES);
-    let set = ["stages.prune.selection=\"exact\"", "stages.latency.grid=\"reference\"", "model.depth=3", "model.distilled=true"];
+    let set = ["stages.latency.grid=\"reference\"", "model.depth=3", "model.distilled=true"];
     let overrides = nvit::config::Overrides { set: set.iter().map(|s| s.to_string()).collect(), env: false, with: vec![] };
     let e = nvit::config::load(&path, &overrides).err().unwrap().to_string();
-    assert!(e.contains("stages.prune.selection: `exact` solves for one embedding width, and a Swin has one per stage"), "{e}");
     assert!(e.contains("stages.latency.grid: `reference` is DeiT-B's grid"), "{e}");
     assert!(e.contains("model.depth: is not a key of a Swin model"), "{e}");
     assert!(e.contains("model.distilled: a Swin has no distillation token"), "{e}");
