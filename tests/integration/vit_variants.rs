@@ -167,23 +167,12 @@ fn presets_name_timms_models_and_model_keys_override_them() {
     assert!(bad.validate().iter().any(|(k, m)| k == "global_pool" && m.contains("no token to read")), "{:?}", bad.validate());
 }
 
-/// Each variant's checkpoint through the runner: read, latency profiled, pruned, fine-tuned
-/// against itself, evaluated, exported to ONNX; the pruned model keeps the variant's options.
-/// The DINOv2 made for 48 px runs at the 32 px `[model]` asks for.
-#[test]
-fn each_variant_runs_through_prune_distill_evaluate_and_export() {
-    let cases = [
-        ("deit3", "", "\"init_values\""),
-        ("dinov2-reg4", "", "\"reg_tokens\": 4"),
-        ("avg-no-cls", "", "\"global_pool\": \"avg\""),
-        ("dinov2-resized", "image_size = 32", "\"image_size\": 32"),
-    ];
-    for (variant, model_keys, option) in cases {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display();
-        let checkpoint = fixture(variant).join("model.safetensors");
-        let pipeline = format!(
-            r#"
+/// A pipeline reading `variant`'s checkpoint through every stage kind, `model_keys` in [model].
+fn variant_pipeline(dir: &Path, variant: &str, model_keys: &str) -> PathBuf {
+    let d = dir.display();
+    let checkpoint = fixture(variant).join("model.safetensors");
+    let pipeline = format!(
+        r#"
 [pipeline]
 name = "variant"
 results_dir = "{d}/results"
@@ -244,10 +233,27 @@ throughput_batch = 2
 throughput_repeats = 1
 warmup = 0
 "#,
-            checkpoint = checkpoint.display()
-        );
-        let path = dir.path().join("variant.toml");
-        std::fs::write(&path, pipeline).unwrap();
+        checkpoint = checkpoint.display()
+    );
+    let path = dir.join("variant.toml");
+    std::fs::write(&path, pipeline).unwrap();
+    path
+}
+
+/// Each variant's checkpoint through the runner: read, latency profiled, pruned, fine-tuned
+/// against itself, evaluated, exported to ONNX; the pruned model keeps the variant's options.
+/// The DINOv2 made for 48 px runs at the 32 px `[model]` asks for.
+#[test]
+fn each_variant_runs_through_prune_distill_evaluate_and_export() {
+    let cases = [
+        ("deit3", "", "\"init_values\""),
+        ("dinov2-reg4", "", "\"reg_tokens\": 4"),
+        ("avg-no-cls", "", "\"global_pool\": \"avg\""),
+        ("dinov2-resized", "image_size = 32", "\"image_size\": 32"),
+    ];
+    for (variant, model_keys, option) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = variant_pipeline(dir.path(), variant, model_keys);
         let path = path.to_str().unwrap();
         let (code, _, err) = common::output(common::runner(dir.path()).args(["run", path]));
         assert_eq!(code, 0, "{variant}: {err}");
@@ -263,4 +269,16 @@ warmup = 0
         assert_eq!(code, 0, "{variant}: {err}");
         assert!(std::fs::metadata(&onnx).unwrap().len() > 10_000, "{variant}");
     }
+}
+
+/// Another image size is resampled, but not when [model] disagrees with the checkpoint on
+/// anything else: the error names every disagreement, the image size among them.
+#[test]
+fn resampling_does_not_excuse_other_disagreements() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = variant_pipeline(dir.path(), "dinov2-resized", "image_size = 32\nembed_dim = 24");
+    let (code, _, err) = common::output(common::runner(dir.path()).args(["run", path.to_str().unwrap()]));
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("the checkpoint disagrees with [model]") && err.contains("model.embed_dim") && err.contains("model.image_size"), "{err}");
+    assert!(err.contains("stage `load` (load_pretrained) failed") && !err.contains("latency: running"), "the first stage stops the run: {err}");
 }
