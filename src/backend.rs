@@ -20,7 +20,7 @@ pub enum BackendKind {
     /// gemm's matmul (AVX-512 where the CPU has it) and every core. The default.
     Flex,
     /// PyTorch's own kernels through LibTorch (tch), on the CPU or, where LibTorch sees one, a
-    /// CUDA GPU: see the README for building it against a PyTorch wheel.
+    /// CUDA GPU: see docs/backends.md for building it against a PyTorch wheel.
     Tch,
     Wgpu,
     Cuda,

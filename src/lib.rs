@@ -1,12 +1,13 @@
 //! NViT: global structural pruning of Vision Transformers with a Hessian-aware saliency and
 //! latency-aware regularization (Yang et al., CVPR 2023), driven by TOML pipelines.
 //!
-//! The `runner` binary is a thin layer over [`commands`]; a pipeline file is read by
+//! The `runner` binary is a thin layer over [`cli`] and [`commands`]; a pipeline file is read by
 //! [`config`], planned and executed by [`pipeline`] with its stages from [`stages`], on the
 //! model of [`model`] and the data of [`data`].
 
 pub mod backend;
 pub mod bench;
+pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;

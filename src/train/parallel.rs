@@ -2,7 +2,7 @@
 //! forward and backward on its own replica of the model (one thread per device), and the
 //! gradients are summed for the optimizer step on the first device: sent there by every other
 //! device, or, with the `collective` feature and distinct devices, all-reduced in a ring by
-//! burn's collective (see README, "Many devices"). Each shard's loss is weighted by its share of the batch, so the
+//! burn's collective (see docs/backends.md, "Many devices"). Each shard's loss is weighted by its share of the batch, so the
 //! sum is the gradient of the whole batch's mean loss: the step is the one a single device
 //! would take on the full batch, up to floating-point order. Saliencies built from these
 //! gradients use the averaged gradient too (METHOD.md).
@@ -90,7 +90,7 @@ enum Reduce {
 impl Reduce {
     /// The ring where the `collective` feature is built and the devices are distinct. Shards in
     /// threads on one CPU share its memory: there a ring only adds a message round trip per
-    /// parameter tensor (1% to 3% of a step, measured; README, "Many devices").
+    /// parameter tensor (1% to 3% of a step, measured; docs/backends.md, "Many devices").
     fn for_devices<B: AutodiffBackend>(main: &B::Device) -> Self {
         #[cfg(feature = "collective")]
         if !crate::backend::concurrent_shards::<B>(main) {

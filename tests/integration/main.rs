@@ -1,7 +1,7 @@
 //! Every integration test in one binary (`cargo test --release --test integration`; one file a
 //! topic, filtered by module: `-- prune::`). One binary links once and instantiates the
 //! library's generic code for the CPU backend once: as one binary per file, they took 13 of CI's
-//! minutes to build on 2 cores (README, "Tests"). The f64 gradient parity is a binary of its own
+//! minutes to build on 2 cores (docs/contributing.md). The f64 gradient parity is a binary of its own
 //! (`tests/gradient_parity_f64.rs`): one float type per process.
 //!
 //! The tests share one process, and so burn-ndarray's one random generator: a test that seeds it
@@ -20,6 +20,7 @@ mod cli;
 mod code_keys;
 mod config_errors;
 mod data_parallel;
+mod docs;
 mod gradient_parity;
 mod nvit_pipelines;
 mod onnx_export;
