@@ -534,13 +534,7 @@ pub fn vs_onnxruntime(args: &VsOnnxruntime) -> Result<String> {
     let mut models = Vec::new();
     for (dense, pruned) in &args.pairs {
         let (d, p) = (resolve_any_model(dense).with_context(|| format!("--pair {dense}"))?, resolve_any_model(pruned).with_context(|| format!("--pair {pruned}"))?);
-        let input = |c: &crate::model::ModelConfig| {
-            let patch = match c {
-                crate::model::ModelConfig::Deit(v) => v.patch_size,
-                crate::model::ModelConfig::Swin(s) => s.patch_size,
-            };
-            (c.family(), c.image_size(), patch, c.in_chans(), c.num_classes())
-        };
+        let input = |c: &crate::model::ModelConfig| (c.family(), c.image_size(), c.patch_size(), c.in_chans(), c.num_classes());
         if input(&d) != input(&p) {
             bail!(
                 "--pair {dense} {pruned}: the two models differ in family, image size, patch size, channels or classes ({:?} vs {:?}): a speedup between them would not be pruning's",

@@ -74,6 +74,13 @@ impl ModelConfig {
         }
     }
 
+    pub fn patch_size(&self) -> usize {
+        match self {
+            ModelConfig::Deit(c) => c.patch_size,
+            ModelConfig::Swin(c) => c.patch_size,
+        }
+    }
+
     pub fn drop_path(&self) -> f64 {
         match self {
             ModelConfig::Deit(c) => c.drop_path,

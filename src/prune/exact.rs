@@ -311,6 +311,11 @@ mod tests {
         LatencyTable::new(grid, values).unwrap()
     }
 
+    /// A Swin's tables: [`stage_table`] per stage, the first stage's blocks twice as slow.
+    fn swin_table(swin: &SwinConfig) -> ModelLatency {
+        ModelLatency { stages: swin.stages.iter().zip([2.0, 1.0]).map(|(st, k)| stage_table(st.embed_dim, &st.blocks, k)).collect() }
+    }
+
     fn random_scores(config: &ModelConfig, seed: u64) -> Masks {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut m = Masks::ones(config);
@@ -318,10 +323,6 @@ mod tests {
             m.get_mut(s, b).iter_mut().for_each(|x| *x = rng.random::<f32>());
         }
         m
-    }
-
-    fn value(scores: &Masks, kept: &Masks) -> f64 {
-        kept.slots().iter().map(|&(s, b)| scores.get(s, b).iter().zip(kept.get(s, b)).map(|(x, k)| (*x * *k) as f64).sum::<f64>()).sum()
     }
 
     /// Every pick of one item from each list.
@@ -393,7 +394,7 @@ mod tests {
                 for (s, b) in kept.slots() {
                     assert!(kept.get(s, b).iter().zip(masks.get(s, b)).all(|(k, m)| *m != 0.0 || *k == 0.0), "nothing grows back");
                 }
-                let ours = value(&scores, &kept);
+                let ours = kept_value(&scores, &kept);
                 let upper = best_within(&all, budget);
                 // Rounding each block's latency up costs at most one step per block.
                 let lower = best_within(&all, budget - 2.0 * budget / bins as f64);
@@ -409,13 +410,13 @@ mod tests {
     fn filling_brings_the_last_step_to_its_budget() {
         let vit = VitConfig::uniform(16, 4, 3, 12, 2, 3, 4.0, 5, false);
         let swin = SwinConfig::uniform(16, 4, 3, 2, 8, &[2, 2], &[2, 4], 4.0, 5);
-        let swin_table = ModelLatency { stages: swin.stages.iter().zip([2.0, 1.0]).map(|(st, k)| stage_table(st.embed_dim, &st.blocks, k)).collect() };
+        let swin_latency = swin_table(&swin);
         let group = |s: Structure| match s {
             Structure::Emb => 4,
             Structure::Mlp => 8,
             _ => 2,
         };
-        for (config, table) in [(ModelConfig::from(vit.clone()), table(&vit)), (swin.into(), swin_table)] {
+        for (config, table) in [(ModelConfig::from(vit.clone()), table(&vit)), (swin.into(), swin_latency)] {
             let dense = table.model_latency(&config);
             let scores = random_scores(&config, 3);
             let masks = Masks::ones(&config);
@@ -426,7 +427,7 @@ mod tests {
                 let (before, after) = (latency(&table, &kept), latency(&table, &landed));
                 assert!(after <= budget && after >= 0.98 * budget, "{:?} ratio {ratio}: landed at {} of the budget (the program alone at {})", config.family(), after / budget, before / budget);
                 let refilled = fill(&scores, &masks, kept.clone(), &table, budget);
-                assert!(value(&scores, &refilled) >= value(&scores, &kept), "filling only adds value");
+                assert!(kept_value(&scores, &refilled) >= kept_value(&scores, &kept), "filling only adds value");
             }
         }
     }
@@ -448,7 +449,7 @@ mod tests {
     fn a_swin_s_stage_widths_equal_brute_force_up_to_the_budget_steps() {
         let swin = SwinConfig::uniform(16, 4, 3, 2, 4, &[2, 1], &[1, 2], 1.0, 5);
         let config: ModelConfig = swin.clone().into();
-        let table = ModelLatency { stages: swin.stages.iter().zip([2.0, 1.0]).map(|(st, k)| stage_table(st.embed_dim, &st.blocks, k)).collect() };
+        let table = swin_table(&swin);
         let group = |s: Structure| if s == Structure::Head { 1 } else { 2 };
         let dense = table.model_latency(&config);
         let bins = 2000;
@@ -474,13 +475,13 @@ mod tests {
                 for (s, moved) in streams_moved.iter_mut().enumerate() {
                     *moved |= widths[s].0 < masks.emb[s].iter().filter(|x| **x != 0.0).count();
                 }
-                let ours = value(&scores, &kept);
+                let ours = kept_value(&scores, &kept);
                 let (upper, lower) = (best_within(&all, budget), best_within(&all, budget - 3.0 * budget / bins as f64));
                 assert!(ours <= upper + 1e-9 && ours >= lower - 1e-9, "seed {seed} ratio {ratio}: {lower} <= {ours} <= {upper}");
 
                 let landed = select(&scores, &masks, &table, budget, 0.98 * budget, group, bins).unwrap();
                 let at = latency(&table, &landed); // this model's units are too coarse to land within 2%
-                assert!(at <= budget && value(&scores, &landed) <= upper + 1e-9, "seed {seed} ratio {ratio}: landed over the budget or above the optimum");
+                assert!(at <= budget && kept_value(&scores, &landed) <= upper + 1e-9, "seed {seed} ratio {ratio}: landed over the budget or above the optimum");
             }
             assert_eq!(streams_moved, [true, true], "seed {seed}: each stage's E is chosen");
         }
