@@ -292,6 +292,26 @@ pub enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Whether a backend computes what another does: one forward and backward pass of a small
+    /// DeiT (widths as after pruning) with the same weights and batch on both, f32; the loss,
+    /// logits and gradients compared relative to each tensor's scale, into a CSV. Exits with an
+    /// error when any is beyond the tolerance (after writing the CSV).
+    Parity {
+        /// The backend to check, e.g. cuda.
+        #[arg(long, value_enum)]
+        backend: BackendKind,
+        /// The reference backend (a CPU one).
+        #[arg(long, value_enum, default_value = "flex")]
+        against: BackendKind,
+        /// The checked backend's device index.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// The largest relative difference allowed per tensor.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f32,
+        #[arg(long, default_value = "results/bench/parity.csv")]
+        out: PathBuf,
+    },
     /// Loader throughput (decode + train transform) on an ImageFolder of JPEGs.
     Loader {
         /// An ImageFolder root (with train/); default: generate JPEGs in a temporary folder.

@@ -88,6 +88,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print!("{}", nvit::bench::latency(&args)?);
             Ok(())
         }
+        Command::Bench { command: BenchCommand::Parity { backend, against, device, tolerance, out } } => {
+            print!("{}", nvit::parity::bench(&nvit::parity::BenchParity { backend, against, device, tolerance, out })?);
+            Ok(())
+        }
         Command::Bench { command: BenchCommand::Loader { root, images, size, batch, out } } => {
             print!("{}", nvit::bench::loader(root.as_deref(), images, size, batch, &out)?);
             Ok(())

@@ -6,82 +6,22 @@
 use crate::common;
 
 use burn::backend::{Autodiff, NdArray};
-use burn::module::Param;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::Tensor;
-use nvit::data::mix::soft_targets;
-use nvit::model::checkpoint::{self, StateDict};
-use nvit::model::{Vit, VitConfig};
-use nvit::train::{classification_loss, targets_tensor};
-
-/// Loss, both heads' logits, and the gradients of parameters spread over the model.
-struct Pass {
-    loss: f32,
-    logits: Vec<f32>,
-    grads: Vec<(&'static str, Vec<f32>)>,
-}
-
-fn pass<B: AutodiffBackend>(weights: &StateDict, config: &VitConfig, images: &[f32], labels: &[i64], device: &B::Device) -> Pass {
-    let model: Vit<B> = checkpoint::import(weights, config, device).unwrap();
-    let x = nvit::model::float_tensor::<B, 4>(images.to_vec(), [labels.len(), 3, config.image_size, config.image_size], device);
-    let output = model.forward(x);
-    let targets = targets_tensor(soft_targets(labels, config.num_classes, 0.1, 1.0), config.num_classes, device);
-    let loss = classification_loss(&output, targets);
-    let grads = loss.backward();
-    fn grad<B: AutodiffBackend, const D: usize>(p: &Param<Tensor<B, D>>, g: &B::Gradients) -> Vec<f32> {
-        p.val().grad(g).expect("a parameter of the loss has a gradient").into_data().to_vec::<f32>().unwrap()
-    }
-    let b0 = &model.blocks[0];
-    let b1 = &model.blocks[1];
-    Pass {
-        loss: loss.clone().into_scalar().elem(),
-        logits: Tensor::cat(vec![output.cls.clone(), output.dist.clone().unwrap()], 1).into_data().to_vec::<f32>().unwrap(),
-        grads: vec![
-            ("patch_embed.weight", grad(&model.patch_embed.weight, &grads)),
-            ("cls_token", grad(model.cls_token.as_ref().unwrap(), &grads)),
-            ("blocks.0.attn.q.weight", grad(&b0.attn.q.weight, &grads)),
-            ("blocks.0.norm1.weight", grad(&b0.norm1.gamma, &grads)),
-            ("blocks.1.attn.k.weight", grad(&b1.attn.k.weight, &grads)),
-            ("blocks.1.attn.v.weight", grad(&b1.attn.v.weight, &grads)),
-            ("blocks.1.mlp.fc1.weight", grad(&b1.mlp.fc1.weight, &grads)),
-            ("head.weight", grad(&model.head.weight, &grads)),
-        ],
-    }
-}
-
-use burn::tensor::ElementConversion;
-
-/// Largest difference relative to the reference's largest magnitude.
-fn rel_err(ours: &[f32], reference: &[f32]) -> f32 {
-    assert_eq!(ours.len(), reference.len());
-    let scale = reference.iter().map(|v| v.abs()).fold(1e-12f32, f32::max);
-    ours.iter().zip(reference).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale
-}
+use nvit::parity::{self, Inputs};
 
 /// `B`'s forward and backward pass against ndarray's, within `tol` of each tensor's scale.
 fn forward_and_backward_match_ndarray<B: AutodiffBackend>(device: &B::Device, tol: f32) {
     let _rng = common::rng_turn();
-    // Widths that are not powers of two nor multiples of the GPU tile sizes, as after pruning.
-    let mut config = VitConfig::uniform(32, 8, 3, 48, 2, 3, 4.0, 10, true);
-    config.blocks[0].qk = 13;
-    config.blocks[1].v = 11;
-    config.blocks[1].mlp = 71;
-    let cpu = Default::default();
-    let weights = checkpoint::export(&config.init::<NdArray>(&cpu));
-    let labels: Vec<i64> = (0..6).map(|i| i % 10).collect();
-    let images: Vec<f32> = (0..labels.len() * 3 * 32 * 32).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
-
-    let reference = pass::<Autodiff<NdArray>>(&weights, &config, &images, &labels, &cpu);
-    let ours = pass::<B>(&weights, &config, &images, &labels, device);
-    assert!((ours.loss - reference.loss).abs() < tol * reference.loss.abs(), "loss {} vs {}", ours.loss, reference.loss);
-    let e = rel_err(&ours.logits, &reference.logits);
-    eprintln!("loss {} vs {}; logits rel. err {e:.2e}", ours.loss, reference.loss);
-    assert!(e < tol, "logits differ by {e} of their scale");
-    for ((name, ours), (_, theirs)) in ours.grads.iter().zip(&reference.grads) {
-        assert!(theirs.iter().any(|v| *v != 0.0), "{name}: the reference gradient is zero");
-        let e = rel_err(ours, theirs);
+    let inputs = Inputs::new(parity::tiny_model(), 0);
+    let reference = parity::pass::<Autodiff<NdArray>>(&inputs, &Default::default()).unwrap();
+    let ours = parity::pass::<B>(&inputs, device).unwrap();
+    eprintln!("loss {} vs {}", ours.loss, reference.loss);
+    for (name, grad) in &reference.grads {
+        assert!(grad.iter().any(|v| *v != 0.0), "{name}: the reference gradient is zero");
+    }
+    for (name, e) in parity::compare(&ours, &reference) {
         eprintln!("{name}: rel. err {e:.2e}");
-        assert!(e < tol, "{name}: gradients differ by {e} of their scale");
+        assert!(e < tol, "{name}: differs by {e} of its scale");
     }
 }
 
@@ -174,6 +114,8 @@ mod tch {
 #[cfg(feature = "wgpu")]
 mod wgpu {
     use super::*;
+    use nvit::model::VitConfig;
+    use nvit::parity::rel_err;
     use burn::backend::Wgpu;
 
     #[test]

@@ -198,6 +198,37 @@ fn bench_onnxruntime_names_bad_input_before_any_work() {
     assert!(!out.exists(), "nothing written");
 }
 
+/// `bench parity` (the GPU check's first measurement) writes a row per compared tensor and
+/// passes flex against ndarray; a tolerance nothing meets fails after writing its rows, and a
+/// tolerance that is no tolerance is refused before any work.
+#[test]
+fn bench_parity_compares_two_backends_tensor_by_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("parity.csv");
+    let parity = |tolerance: &str| output(runner(dir.path()).args(["bench", "parity", "--backend", "flex", "--against", "ndarray", "--tolerance", tolerance, "--out", out.to_str().unwrap()]));
+    let (code, stdout, err) = parity("1e-4");
+    assert_eq!(code, 0, "{err}");
+    let rows = || -> Vec<csv::StringRecord> { csv::Reader::from_path(&out).unwrap().records().map(Result::unwrap).collect() };
+    let tensors: Vec<String> = rows().iter().map(|r| r[0].to_string()).collect();
+    assert_eq!(tensors.len(), 10, "{stdout}");
+    assert_eq!(&tensors[..3], ["loss", "logits", "patch_embed.weight"]);
+    for row in rows() {
+        let e: f64 = row[1].parse().unwrap();
+        assert!(e < 1e-4 && &row[3] == "true" && &row[4] == "flex" && &row[6] == "ndarray", "{row:?}");
+    }
+    let (code, _, err) = parity("1e-30");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("flex on cpu") && err.contains("differs from ndarray beyond 1e-30"), "{err}");
+    assert!(rows().iter().any(|r| &r[3] == "false"), "the rows are written before the error");
+    std::fs::remove_file(&out).unwrap();
+    for bad in ["0", "NaN", "inf"] {
+        let (code, _, err) = parity(bad);
+        assert_ne!(code, 0, "{bad}: {err}");
+        assert!(err.contains("--tolerance"), "{bad}: {err}");
+    }
+    assert!(!out.exists(), "nothing written for a bad tolerance");
+}
+
 /// A benchmark of no steps or an empty batch measures nothing: refused by name, nothing written.
 #[test]
 fn bench_counts_of_zero_are_refused_by_name() {
