@@ -1,4 +1,4 @@
-//! The README, the changelog and every page of docs/ say only what resolves: each relative link
+//! The README, the changelog, the GPU check's guide and every page of docs/ say only what resolves: each relative link
 //! names a file (and a heading, after `#`) that exists, and each `runner ...` command they quote
 //! parses as the CLI does. A full command line in a `sh` block must parse whole, its pipeline
 //! and sweep files must exist, and a pipeline with its `--with` and `--set` must load (over
@@ -16,9 +16,9 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// README.md, CHANGELOG.md and docs/*.md.
+/// README.md, CHANGELOG.md, results/gpu/README.md (the GPU check's guide) and docs/*.md.
 fn pages() -> Vec<PathBuf> {
-    let mut pages = vec![repo().join("README.md"), repo().join("CHANGELOG.md")];
+    let mut pages = vec![repo().join("README.md"), repo().join("CHANGELOG.md"), repo().join("results/gpu/README.md")];
     let mut docs: Vec<PathBuf> = std::fs::read_dir(repo().join("docs")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "md")).collect();
     docs.sort();
     pages.extend(docs);
