@@ -60,7 +60,14 @@ OUT_DIR=$(cd "$OUT_DIR" && pwd)
 CARRIED=$(cd "$(dirname "$RUNNER")" && pwd)
 # Scratch: the stage caches, pipeline results and the pieces merged into $OUT_DIR.
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX") || exit 2
-trap 'rm -rf "$WORK"' EXIT
+# cubecl compiles each kernel at run time, and every runner call below is a new process: its
+# compiled-kernel cache, off by default, kept in target/ beside its autotune cache, spares the
+# later calls what the first compiled (a cubecl.toml of the repository's own is left as it is).
+CUBECL_TOML=
+if [ ! -e cubecl.toml ]; then
+  printf '# Written by scripts/gpu-check.sh for its run, then removed.\n[compilation]\ncache = "target"\n' >cubecl.toml && CUBECL_TOML=cubecl.toml
+fi
+trap 'rm -rf "$WORK" $CUBECL_TOML' EXIT
 
 # unpack PATH: the path of PATH's binary, unpacked from PATH.xz into $WORK where that is what was
 # carried (xz takes a runner from 63 to 12 MB, and two must fit in the 64 MiB with the repository).
@@ -243,7 +250,7 @@ main() {
 
   # Scratch results; export finds the cached stages by the same keys (the backend is one of them).
   local keys=(--set "pipeline.results_dir=\"$WORK/results\"" --set "pipeline.runs_dir=\"$WORK/runs\"" --set "pipeline.backend=\"$BACKEND\"")
-  if check pipeline 240 "pipelines/gpu-check.toml: train, evaluate, profile_latency, hessian_scores, prune, distill, evaluate, report" \
+  if check pipeline 180 "pipelines/gpu-check.toml: train, evaluate, profile_latency, hessian_scores, prune, distill, evaluate, report" \
     "$RUNNER" run pipelines/gpu-check.toml "${keys[@]}"; then
     merge "$OUT_DIR/pipeline.csv" "$WORK/results/gpu-check/metrics.csv"
     check "export onnx" 60 "runner export --stage distill --format onnx" \

@@ -62,12 +62,21 @@ pub fn compiled(kind: BackendKind) -> bool {
     }
 }
 
-/// Whether `indices` can be run on backend `kind` in this build: checked when a pipeline is
-/// loaded, so `--dry-run` and a sweep's plan catch it before anything runs.
 /// The most entries `pipeline.devices` takes.
 pub const MAX_DEVICES: usize = 64;
 
+/// Whether `indices` can be run on backend `kind` in this build and on this machine: what
+/// `check_devices` checks, and that what the backend loads at run time is here.
 pub fn check(kind: BackendKind, indices: &[usize]) -> Result<()> {
+    check_indices(kind, indices)?;
+    #[cfg(feature = "cuda")]
+    if kind == BackendKind::Cuda {
+        cuda_available()?;
+    }
+    Ok(())
+}
+
+fn check_indices(kind: BackendKind, indices: &[usize]) -> Result<()> {
     if indices.is_empty() {
         bail!("pipeline.devices is empty");
     }
@@ -109,12 +118,13 @@ pub fn check(kind: BackendKind, indices: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// The device problems `check` finds, for a pipeline being loaded (`--dry-run`, a sweep's
-/// plan): a backend this build lacks passes here, since a plan may be for another machine's
-/// build (a Slurm script), and `runner run` reports it.
+/// The device problems `check` finds in the indices alone, for a pipeline being loaded
+/// (`--dry-run`, a sweep's plan): a backend this build lacks, or whose GPU or libraries this
+/// machine lacks, passes here, since a plan may be for another machine (a Slurm script), and
+/// `runner run` reports it.
 pub fn check_devices(kind: BackendKind, indices: &[usize]) -> Result<()> {
     if compiled(kind) {
-        check(kind, indices)?;
+        check_indices(kind, indices)?;
     }
     Ok(())
 }
@@ -183,6 +193,32 @@ pub fn device_name(kind: BackendKind, index: usize) -> String {
         }
         other => format!("{other}:{index}"),
     }
+}
+
+/// What cubecl loads or reads when the cuda backend first runs, each a panic deep inside it
+/// where missing: the NVIDIA driver, NVRTC (it compiles every kernel at run time, through
+/// cudarc's loader, asked here with the same names) and CUDA's headers, which every kernel
+/// includes from `$CUDA_PATH/include` (cubecl-cuda 0.10's `install::cuda_path`: `CUDA_PATH`,
+/// else `/usr/local/cuda`, `/opt/cuda`, or `/usr` where `/usr/bin/nvcc` is).
+#[cfg(feature = "cuda")]
+fn cuda_available() -> Result<()> {
+    // SAFETY: each only tries to load the library by its names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        bail!("backend `cuda`: no NVIDIA driver on this machine (libcuda.so could not be loaded)\n  hint: run it where an NVIDIA GPU and its driver are, or use a CPU backend (--backend flex)");
+    }
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        bail!("backend `cuda`: NVRTC (libnvrtc.so), which compiles its kernels at run time, could not be loaded\n  hint: install the CUDA toolkit, or put the lib/ folder of PyTorch's nvidia-cuda-nvrtc wheel on LD_LIBRARY_PATH (results/gpu/README.md)");
+    }
+    let root = match std::env::var_os("CUDA_PATH") {
+        Some(path) => Some(std::path::PathBuf::from(path)),
+        None => ["/usr/local/cuda", "/opt/cuda"].iter().map(std::path::PathBuf::from).find(|p| p.exists()).or_else(|| std::path::Path::new("/usr/bin/nvcc").exists().then(|| "/usr".into())),
+    };
+    let header = root.as_ref().map(|r| r.join("include").join("cuda_runtime.h"));
+    if !header.as_ref().is_some_and(|h| h.is_file()) {
+        let looked = header.map_or_else(|| "CUDA_PATH is unset and none of /usr/local/cuda, /opt/cuda, /usr/bin/nvcc exists".to_string(), |h| format!("{} is missing", h.display()));
+        bail!("backend `cuda`: no CUDA headers ({looked}): its kernels are compiled at run time against $CUDA_PATH/include\n  hint: install the CUDA toolkit, or set CUDA_PATH to a folder whose include/ has CUDA's headers, crt/ and cccl/ among them (results/gpu/README.md)");
+    }
+    Ok(())
 }
 
 /// Whether `kind` computes on a GPU in this build and on this machine.

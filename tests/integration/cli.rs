@@ -45,6 +45,29 @@ fn missing_backend_feature_says_how_to_build_it() {
     assert!(out.contains("note: backend `cuda` is not compiled into this runner: `runner run` would stop here"), "{out}");
 }
 
+/// A runner built with cuda on a machine without an NVIDIA driver (CI's) names what is missing
+/// before any work, where cubecl panicked deep in its loader; a plan for another machine still
+/// passes `--dry-run`.
+#[test]
+fn cuda_without_a_driver_is_an_error_not_a_panic() {
+    if !cfg!(feature = "cuda") || std::path::Path::new("/proc/driver/nvidia").exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--backend", "cuda"]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("backend `cuda`: no NVIDIA driver on this machine (libcuda.so could not be loaded)") && err.contains("hint: run it where an NVIDIA GPU"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let (code, _, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--backend", "cuda", "--dry-run"]));
+    assert_eq!(code, 0, "{err}");
+    let out = dir.path().join("parity.csv");
+    let (code, _, err) = output(runner(dir.path()).args(["bench", "parity", "--backend", "cuda", "--out", out.to_str().unwrap()]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no NVIDIA driver on this machine") && !err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "nothing written");
+}
+
 #[test]
 fn bench_model_writes_training_and_inference_rates() {
     let dir = tempfile::tempdir().unwrap();
