@@ -92,7 +92,8 @@ pub fn rel_err(ours: &[f32], reference: &[f32]) -> f32 {
     if ours.len() != reference.len() || scale == 0.0 {
         return f32::INFINITY;
     }
-    let diff = ours.iter().zip(reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) });
+    // f32::max drops a NaN: one NaN makes the whole error NaN, which no tolerance passes.
+    let diff = ours.iter().zip(reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| if m.is_nan() || d.is_nan() { f32::NAN } else { m.max(d) });
     diff / scale
 }
 
@@ -153,4 +154,19 @@ pub fn bench(args: &BenchParity) -> Result<String> {
         bail!("{} on {device} differs from {} beyond {:.0e} of each tensor's scale: {}", args.backend, args.against, args.tolerance, bad.join(", "));
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rel_err;
+
+    #[test]
+    fn a_nan_a_length_or_an_all_zero_reference_is_never_within_tolerance() {
+        assert_eq!(rel_err(&[1.0, 2.5], &[1.0, 2.0]), 0.25);
+        assert!(rel_err(&[f32::NAN, 2.0, 2.0], &[1.0, 2.0, 2.0]).is_nan());
+        assert!(rel_err(&[1.0, f32::NAN], &[1.0, 2.0]).is_nan());
+        assert_eq!(rel_err(&[1.0], &[1.0, 2.0]), f32::INFINITY);
+        assert_eq!(rel_err(&[0.0], &[0.0]), f32::INFINITY);
+        assert!(!(rel_err(&[f32::NAN], &[1.0]) <= 1e-4));
+    }
 }
