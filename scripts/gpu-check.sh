@@ -148,10 +148,11 @@ EOF
   )
   TORCH_LIBS=$(echo "$found" | sed -n 1p)
   include=$(echo "$found" | sed -n 2p)
+  first_lib() { echo "$TORCH_LIBS" | tr ':' '\n' | while read -r d; do ls "$d"/$1 2>/dev/null; done | head -n 1; }
   mkdir -p "$WORK/lib"
-  nccl=$(echo "$TORCH_LIBS" | tr ':' '\n' | while read -r d; do ls "$d"/libnccl.so.* 2>/dev/null; done | head -n 1)
+  nccl=$(first_lib 'libnccl.so.*')
   [ -n "$nccl" ] && ln -sf "$nccl" "$WORK/lib/libnccl.so"
-  NVRTC=$(echo "$TORCH_LIBS" | tr ':' '\n' | while read -r d; do ls "$d"/libnvrtc.so.[0-9]* 2>/dev/null; done | head -n 1)
+  NVRTC=$(first_lib 'libnvrtc.so.[0-9]*')
   TORCH_LIBS="$WORK/lib${TORCH_LIBS:+:$TORCH_LIBS}"
   if [ -z "${CUDA_PATH:-}" ] && [ ! -e /usr/local/cuda/include/cuda_fp16.h ] && [ -n "$include" ]; then
     mkdir -p "$WORK/cuda/include"

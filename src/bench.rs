@@ -141,7 +141,7 @@ impl BackendJob for &BenchModel {
         let half = self.precision.map(|p| p.compute_dtype::<B>(&devices)).transpose()?.flatten();
         let mut model = crate::model::Model::Deit(config.init::<B>(device));
         let (size, chans) = (config.image_size, config.in_chans);
-        let pixels: Vec<f32> = (0..self.batch * chans * size * size).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
+        let pixels = synthetic_pixels(self.batch * chans * size * size);
         let labels: Vec<i64> = (0..self.batch).map(|i| (i % config.num_classes) as i64).collect();
         let batch = crate::data::Batch { images: pixels, labels, shape: [self.batch, chans, size, size] };
         let targets = crate::data::mix::soft_targets(&batch.labels, config.num_classes, 0.1, 1.0);
@@ -176,6 +176,12 @@ impl BackendJob for &BenchModel {
 }
 
 const TRAIN: &str = "train (forward, backward, AdamW)";
+
+/// `n` fixed pixel values in [-1, 1): the synthetic images of the benchmarks and of
+/// `runner bench parity` (benches/torch_reference.py makes the same for PyTorch).
+pub fn synthetic_pixels(n: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect()
+}
 
 /// `runner bench model`: one model on one backend, into a CSV.
 pub fn model(spec: &str, args: &BenchModel, out: &Path) -> Result<String> {
@@ -511,7 +517,7 @@ impl BackendJob for Inference<'_> {
         let mut rates = Vec::new();
         for &batch in self.batches {
             let shape = [batch, c.in_chans(), c.image_size(), c.image_size()];
-            let pixels: Vec<f32> = (0..shape.iter().product::<usize>()).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
+            let pixels = synthetic_pixels(shape.iter().product());
             let x = crate::model::float_tensor::<B::InnerBackend, 4>(pixels, shape, device);
             let infer = || drop(model.forward(x.clone()).logits().slice([0..1, 0..1]).into_data());
             rates.push(batch as f64 / crate::machine::median_time(1, self.steps, infer));

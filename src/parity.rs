@@ -49,7 +49,7 @@ impl Inputs {
         let weights = checkpoint::export(&config.init::<NdArray>(&cpu));
         let labels: Vec<i64> = (0..6).map(|i| (i % config.num_classes) as i64).collect();
         let size = config.in_chans * config.image_size * config.image_size;
-        let images = (0..labels.len() * size).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect();
+        let images = crate::bench::synthetic_pixels(labels.len() * size);
         Self { weights, config, images, labels }
     }
 }
