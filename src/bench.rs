@@ -148,12 +148,13 @@ impl BackendJob for &BenchModel {
         let mut optim = crate::train::optim::AdamW::<B>::new(0.05, None);
 
         let mut train_step = |model: crate::model::Model<B>| -> crate::model::Model<B> {
-            let step = crate::train::parallel::data_parallel(&model, &devices, self.batch, vec![(); devices.len()], |replica, range, (), weight| {
+            let step = crate::train::parallel::data_parallel(&model, &crate::train::parallel::Team::local(&devices), self.batch, vec![(); devices.len()], |replica, range, (), weight| {
                 let (images, _, t) = crate::train::shard_tensors::<B>(&batch, &targets, range, &replica.device());
                 let output = crate::train::forward_in(replica, images, half);
                 let loss = crate::train::classification_loss(&output, t).mul_scalar(weight);
                 (crate::train::scalar(loss.clone()), loss.backward(), ())
-            });
+            })
+            .expect("one rank");
             optim.step(1e-4, model, step.grads)
         };
         // One untimed step each: kernels compile and memory pools grow on the first.

@@ -41,6 +41,29 @@ pub enum Command {
         /// Print, per stage, whether it is cached or will run and why; run nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Train with this many processes (ranks), one per device, on one or many machines:
+        /// every rank runs the same command with its own --rank (docs/distributed.md).
+        #[arg(long, value_name = "N")]
+        ranks: Option<usize>,
+        /// This process's rank, from 0 to --ranks - 1; rank 0 writes the cache and the results.
+        #[arg(long, value_name = "R")]
+        rank: Option<usize>,
+        /// Where the ranks meet: host:port of rank 0's machine (rank R also listens on port + 1 + R).
+        #[arg(long, value_name = "HOST:PORT")]
+        coordinator: Option<String>,
+        /// Take the ranks from Slurm's variables (as a task of `srun`).
+        #[arg(long, conflicts_with_all = ["ranks", "rank"])]
+        slurm: bool,
+        /// Print an sbatch script that runs this pipeline on --nodes machines, --gpus-per-node
+        /// ranks on each; run nothing.
+        #[arg(long, requires = "nodes", conflicts_with_all = ["ranks", "rank", "slurm", "dry_run", "devices"])]
+        emit_slurm: bool,
+        /// Machines of the --emit-slurm job.
+        #[arg(long, value_name = "N", requires = "emit_slurm")]
+        nodes: Option<usize>,
+        /// Ranks (GPUs) per machine of the --emit-slurm job.
+        #[arg(long, value_name = "G", default_value_t = 1, requires = "emit_slurm")]
+        gpus_per_node: usize,
     },
     /// Run a sweep: a base pipeline over a grid of `--set` values, one worker per device, the
     /// stage cache shared; writes one combined table (see pipelines/sweeps/).

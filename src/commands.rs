@@ -15,6 +15,8 @@ pub struct RunArgs {
     pub overrides: Overrides,
     pub force: Vec<String>,
     pub dry_run: bool,
+    /// The ranks this process trains with (`World::single()` alone).
+    pub world: crate::world::World,
 }
 
 pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline> {
@@ -35,6 +37,14 @@ pub fn run(args: &RunArgs, cache: &Cache) -> Result<()> {
         }
         return Ok(());
     }
+    if !args.world.writes() {
+        // Rank 0 writes the run directory and the results; this rank logs to its stderr only.
+        let log = crate::runlog::RunLog::stderr();
+        log.info(&format!("rank {} of {}: pipeline {} on {} [{device_name}]", args.world.rank, args.world.ranks, p.name, p.backend));
+        pipeline::run(&pipeline, &mut plan, cache, &device_name, None, &log, &args.world)?;
+        log.info(&format!("rank {}: finished", args.world.rank));
+        return Ok(());
+    }
     crate::files::check_writable(&pipeline.results()).context("pipeline.results_dir")?;
     let run_dir = RunDir::create(&pipeline)?;
     run_dir.log.info(&format!(
@@ -47,7 +57,7 @@ pub fn run(args: &RunArgs, cache: &Cache) -> Result<()> {
     for line in pipeline::describe(&plan).lines() {
         run_dir.log.info(line);
     }
-    pipeline::run(&pipeline, &mut plan, cache, &device_name, Some(&run_dir.path), &run_dir.log)?;
+    pipeline::run(&pipeline, &mut plan, cache, &device_name, Some(&run_dir.path), &run_dir.log, &args.world)?;
     run_dir.log.info(&format!("finished; results in {}", pipeline.results().display()));
     Ok(())
 }

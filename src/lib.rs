@@ -28,6 +28,7 @@ pub mod stages;
 pub mod suggest;
 pub mod sweep;
 pub mod train;
+pub mod world;
 
 /// The source tree this binary was built from, hashed by `build.rs` (see [`fingerprint`]).
 pub mod sources {

@@ -31,16 +31,26 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let cache = Cache::from_env();
     match cli.command {
-        Command::Run { pipeline, with, mut set, backend, devices, force, dry_run } => {
-            nvit::interrupt::install();
+        Command::Run { pipeline, with, mut set, backend, devices, force, dry_run, ranks, rank, coordinator, slurm, emit_slurm, nodes, gpus_per_node } => {
             if let Some(b) = backend {
                 set.push(format!("pipeline.backend={b}"));
             }
             if let Some(d) = devices {
                 set.push(format!("pipeline.devices={d:?}"));
             }
+            if emit_slurm {
+                let mut args: Vec<String> = with.iter().flat_map(|w| ["--with".to_string(), w.display().to_string()]).collect();
+                args.extend(set.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
+                args.extend(force.iter().flat_map(|f| ["--force".to_string(), f.clone()]));
+                let p = commands::load(&pipeline, &Overrides { with, set, env: true })?;
+                let runner = std::env::current_exe()?;
+                print!("{}", nvit::sweep::run_slurm_script(&p, &args, nodes.unwrap_or(1), gpus_per_node, &runner, &cache)?);
+                return Ok(());
+            }
+            nvit::interrupt::install();
+            let world = nvit::world::World::from_args(&nvit::world::WorldArgs { ranks, rank, coordinator, slurm })?;
             let overrides = Overrides { with, set, env: true };
-            commands::run(&RunArgs { pipeline, overrides, force, dry_run }, &cache)
+            commands::run(&RunArgs { pipeline, overrides, force, dry_run, world }, &cache)
         }
         Command::Sweep { sweep, with, shard, devices, dry_run, force, emit_slurm } => {
             let runner = std::env::current_exe()?;

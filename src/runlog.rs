@@ -22,6 +22,11 @@ impl RunLog {
         Ok(Self { file: Some(Mutex::new(file)), path: Some(path.to_path_buf()), quiet: false })
     }
 
+    /// A log to stderr only: a rank other than 0, which writes no file.
+    pub fn stderr() -> Self {
+        Self { file: None, path: None, quiet: false }
+    }
+
     /// A log that writes nowhere, for tests and dry runs.
     pub fn silent() -> Self {
         Self { file: None, path: None, quiet: true }

@@ -587,7 +587,57 @@ pub fn slurm_script(sweep_path: &Path, with: &[PathBuf], runner: &Path, cache: &
 }
 
 fn shell_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+    quote(&p.display().to_string())
+}
+
+fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// `runner run --emit-slurm`: an sbatch script for one pipeline over `nodes` machines with
+/// `ranks_per_node` ranks each (one per GPU; `srun` starts them, `--slurm` tells each its rank).
+/// `args` are the run's own arguments after the pipeline (`--with`, `--set`, `--backend`,
+/// `--force`), passed through as words, never through the shell.
+pub fn run_slurm_script(pipeline: &crate::config::Pipeline, args: &[String], nodes: usize, ranks_per_node: usize, runner: &Path, cache: &Cache) -> Result<String> {
+    let ranks = nodes.checked_mul(ranks_per_node).filter(|r| (1..=crate::world::MAX_RANKS).contains(r) && nodes > 0 && ranks_per_node > 0);
+    let Some(ranks) = ranks else {
+        bail!("--nodes {nodes} --gpus-per-node {ranks_per_node}: each must be at least 1 and their product at most {}", crate::world::MAX_RANKS);
+    };
+    if args.iter().any(|a| a.chars().any(|c| c.is_control())) {
+        bail!("an argument holds a control character (a line break?): the script passes arguments as words and refuses those");
+    }
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let p = &pipeline.pipeline;
+    let s = SlurmSection::default();
+    let logs = abs(&p.runs_dir.join("slurm"));
+    let logs_text = logs.display().to_string();
+    if logs_text.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        bail!("{logs_text:?}: the log folder goes into `#SBATCH --output=`, which takes no spaces or line breaks\n  hint: set pipeline.runs_dir to a path without them");
+    }
+    let name: String = p.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    let gpu = !p.backend.cpu_only();
+    let mut out = String::from("#!/bin/bash\n");
+    out.push_str(&format!("# Written by `runner run {} --emit-slurm`: {ranks} ranks, {ranks_per_node} on each of {nodes} nodes.\n", pipeline.path.display()));
+    out.push_str("# Submit with `sbatch` from any directory; the cache must be on a filesystem every node sees.\n");
+    out.push_str(&format!("#SBATCH --job-name=nvit-{name}\n#SBATCH --nodes={nodes}\n#SBATCH --ntasks-per-node={ranks_per_node}\n"));
+    if gpu {
+        out.push_str(&format!("#SBATCH --gpus-per-node={ranks_per_node}\n"));
+    }
+    out.push_str(&format!("#SBATCH --cpus-per-task={}\n#SBATCH --time={}\n", s.cpus_per_task, s.time));
+    out.push_str(&format!("#SBATCH --output={logs_text}/{name}-%j.out\n\n"));
+    out.push_str("set -euo pipefail\n");
+    out.push_str(&format!("cd {}\n", shell_quote(&std::env::current_dir()?)));
+    out.push_str(&format!("[ -n \"${{RUNNER_CACHE:-}}\" ] || export RUNNER_CACHE={}\n", shell_quote(&abs(&cache.root))));
+    out.push_str("# One task per rank; SLURM_LOCALID picks the task's GPU on its node. A rank that fails ends the job.\n");
+    let device = if gpu { "\"$SLURM_LOCALID\"" } else { "0" };
+    let words: String = args.iter().map(|a| format!(" {}", quote(a))).collect();
+    out.push_str(&format!(
+        "exec srun --kill-on-bad-exit=1 bash -c 'exec \"$0\" run \"$@\" --slurm --devices {device}' {} {}{words}\n",
+        shell_quote(&abs(runner)),
+        shell_quote(&abs(&pipeline.path))
+    ));
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ use crate::config::Pipeline;
 use crate::runlog::RunLog;
 use crate::files::atomic_write;
 use crate::stages::{self, StageContext, StageSpec};
+use crate::world::World;
+use sha2::Digest;
 
 /// Whether a stage runs, and why.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -245,7 +247,7 @@ pub struct StageRecord {
 /// `execute` on the pipeline's backend and devices (`pipeline.backend`, `pipeline.devices`),
 /// chosen at run time: `runner run` and the tests share the library's one compilation of every
 /// stage for each backend.
-pub fn run(pipeline: &Pipeline, plan: &mut Plan, cache: &Cache, device_name: &str, run_dir: Option<&Path>, log: &RunLog) -> Result<Vec<StageRecord>> {
+pub fn run(pipeline: &Pipeline, plan: &mut Plan, cache: &Cache, device_name: &str, run_dir: Option<&Path>, log: &RunLog, world: &World) -> Result<Vec<StageRecord>> {
     struct Execute<'a> {
         pipeline: &'a Pipeline,
         plan: &'a mut Plan,
@@ -253,20 +255,107 @@ pub fn run(pipeline: &Pipeline, plan: &mut Plan, cache: &Cache, device_name: &st
         device_name: &'a str,
         run_dir: Option<&'a Path>,
         log: &'a RunLog,
+        world: &'a World,
     }
     impl BackendJob for Execute<'_> {
         type Output = Vec<StageRecord>;
         fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output> {
-            execute::<B>(self.pipeline, self.plan, self.cache, &devices, self.device_name, self.run_dir, self.log)
+            if self.world.is_single() {
+                return execute::<B>(self.pipeline, self.plan, self.cache, &devices, self.device_name, self.run_dir, self.log, self.world);
+            }
+            let mut world = self.world.clone();
+            crate::world::join::<B::InnerBackend>(&mut world, &devices[0], &identity(self.pipeline, self.plan)?)?;
+            let records = if world.writes() {
+                execute::<B>(self.pipeline, self.plan, self.cache, &devices, self.device_name, self.run_dir, self.log, &world)
+            } else {
+                follow::<B>(self.pipeline, self.plan, self.cache, &devices, self.device_name, self.log, &world).map(|()| Vec::new())
+            };
+            // After a failure the collective may be gone with the rank that failed: this
+            // process ends with its error instead of waiting to leave.
+            if records.is_ok() {
+                crate::world::leave::<B::InnerBackend>(&world);
+            }
+            records
         }
     }
     let p = &pipeline.pipeline;
-    crate::backend::dispatch(p.backend, &p.devices, Execute { pipeline, plan, cache, device_name, run_dir, log })
+    crate::backend::dispatch(p.backend, &p.devices, Execute { pipeline, plan, cache, device_name, run_dir, log, world })
+}
+
+/// What the ranks of one job must share, compared at the join: the runner's code, the resolved
+/// pipeline, and the plan (every stage's cache key, as far as it is known before running).
+fn identity(pipeline: &Pipeline, plan: &Plan) -> Result<crate::world::Identity> {
+    let digest = |bytes: &[u8]| hex::encode(sha2::Sha256::digest(bytes));
+    let code: String = crate::sources::SOURCES.iter().map(|(path, hash)| format!("{path} {hash}\n")).collect();
+    let keys: String = plan.stages.iter().map(|s| format!("{} {}\n", s.spec.name, s.key)).collect();
+    Ok(vec![("runner build", digest(code.as_bytes())), ("pipeline", digest(&serde_json::to_vec(pipeline)?)), ("stage keys", digest(keys.as_bytes()))])
+}
+
+/// Whether the ranks of a job run this stage together; the others run on rank 0 alone while
+/// the other ranks wait for its entry.
+fn together(spec: &StageSpec) -> bool {
+    matches!(spec.kind, stages::StageKind::Train | stages::StageKind::Distill | stages::StageKind::Prune | stages::StageKind::HessianScores)
+}
+
+/// A stage's key once its inputs are known (keys that waited on an input's digest), and
+/// whether it is now complete in the cache.
+fn settle_key(planned: &mut PlannedStage, digests: &BTreeMap<String, String>, keys: &BTreeMap<String, String>, cache: &Cache) {
+    if planned.pending() {
+        for (name, digest) in &mut planned.key_input.inputs {
+            if digest.starts_with(PENDING) {
+                digest.clone_from(&digests[name.as_str()]);
+            }
+        }
+        for (name, key) in &mut planned.input_keys {
+            key.clone_from(&keys[name.as_str()]);
+        }
+        planned.key = planned.key_input.key();
+        if !planned.forced && cache.complete(&planned.key).is_some() {
+            planned.status = Status::Cached;
+        }
+    }
+}
+
+/// A rank other than 0: the stages in order, training ones run together with rank 0 (its
+/// decision, `world::agree`), each entry read from the shared cache once rank 0 has committed
+/// it. Writes nothing.
+fn follow<B: AutodiffBackend>(pipeline: &Pipeline, plan: &mut Plan, cache: &Cache, devices: &[B::Device], device_name: &str, log: &RunLog, world: &World) -> Result<()> {
+    let (mut digests, mut keys) = (BTreeMap::<String, String>::new(), BTreeMap::<String, String>::new());
+    for planned in &mut plan.stages {
+        settle_key(planned, &digests, &keys, cache);
+        let spec = &planned.spec;
+        if together(spec) && crate::world::agree::<B::InnerBackend>(world, &devices[0], &spec.name, &planned.key, None)? {
+            log.info(&format!("rank {}: {}: running {} with rank 0", world.rank, spec.name, spec.kind.name()));
+            let ctx = stage_context::<B>(pipeline, planned, cache, cache.entry_dir(&planned.key), devices, device_name, log, world);
+            stages::run(&ctx).with_context(|| format!("stage `{}` ({}) failed on rank {}", spec.name, spec.kind.name(), world.rank))?;
+        }
+        let manifest = wait_for_entry(cache, &planned.key, &spec.name, world)?;
+        digests.insert(spec.name.clone(), manifest.digest.clone());
+        keys.insert(spec.name.clone(), planned.key.clone());
+    }
+    Ok(())
+}
+
+/// The manifest of `key` once rank 0 has committed it, rank 0 probed while it is awaited.
+fn wait_for_entry(cache: &Cache, key: &str, stage: &str, world: &World) -> Result<Manifest> {
+    let mut last_probe = Instant::now();
+    loop {
+        if let Some(manifest) = cache.complete(key) {
+            return Ok(manifest);
+        }
+        crate::interrupt::check()?;
+        if last_probe.elapsed() > std::time::Duration::from_secs(2) {
+            crate::world::probe(world, 0).with_context(|| format!("waiting for rank 0 to finish stage `{stage}`"))?;
+            last_probe = Instant::now();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// Runs the planned stages in order on backend `B`, skipping cached ones. Keys that waited on
 /// an input are completed as the input finishes (`plan` is updated), so a stage whose input
 /// was rebuilt with the same output stays cached.
+#[allow(clippy::too_many_arguments)]
 pub fn execute<B: AutodiffBackend>(
     pipeline: &Pipeline,
     plan: &mut Plan,
@@ -275,6 +364,7 @@ pub fn execute<B: AutodiffBackend>(
     device_name: &str,
     run_dir: Option<&Path>,
     log: &RunLog,
+    world: &World,
 ) -> Result<Vec<StageRecord>> {
     let mut records: Vec<StageRecord> = Vec::new();
     let (mut digests, mut keys) = (BTreeMap::<String, String>::new(), BTreeMap::<String, String>::new());
@@ -283,20 +373,7 @@ pub fn execute<B: AutodiffBackend>(
     let mut held: BTreeMap<String, std::fs::File> = BTreeMap::new();
     let force_since = plan.force_since;
     for planned in &mut plan.stages {
-        if planned.pending() {
-            for (name, digest) in &mut planned.key_input.inputs {
-                if digest.starts_with(PENDING) {
-                    digest.clone_from(&digests[name.as_str()]);
-                }
-            }
-            for (name, key) in &mut planned.input_keys {
-                key.clone_from(&keys[name.as_str()]);
-            }
-            planned.key = planned.key_input.key();
-            if !planned.forced && cache.complete(&planned.key).is_some() {
-                planned.status = Status::Cached;
-            }
-        }
+        settle_key(planned, &digests, &keys, cache);
         let spec = &planned.spec;
         let dir = cache.entry_dir(&planned.key);
         let cached = match &planned.status {
@@ -316,12 +393,15 @@ pub fn execute<B: AutodiffBackend>(
         };
         let (manifest, how) = match cached {
             Some((manifest, lock)) => {
+                if together(spec) {
+                    crate::world::agree::<B::InnerBackend>(world, &devices[0], &spec.name, &planned.key, Some(false))?;
+                }
                 cache.touch(&planned.key);
                 held.extend(lock.map(|l| (planned.key.clone(), l)));
                 (manifest, "cached")
             }
             None => {
-                let (manifest, how, lock) = run_stage::<B>(pipeline, planned, force_since, cache, devices, device_name, log)
+                let (manifest, how, lock) = run_stage::<B>(pipeline, planned, force_since, cache, devices, device_name, log, world)
                     .with_context(|| format!("stage `{}` ({}) failed", spec.name, spec.kind.name()))?;
                 record_in_index(cache, &pipeline.pipeline.name, &spec.name, &planned.key)?;
                 held.insert(planned.key.clone(), lock);
@@ -355,8 +435,42 @@ fn verified_or_warn(cache: &Cache, key: &str, stage: &str, log: &RunLog) -> Opti
     })
 }
 
+/// What stage `planned` sees when it runs, its entry at `dir`.
+#[allow(clippy::too_many_arguments)]
+fn stage_context<'a, B: AutodiffBackend>(
+    pipeline: &'a Pipeline,
+    planned: &'a PlannedStage,
+    cache: &Cache,
+    dir: PathBuf,
+    devices: &[B::Device],
+    device_name: &'a str,
+    log: &'a RunLog,
+    world: &'a World,
+) -> StageContext<'a, B> {
+    let spec = &planned.spec;
+    let stages: Vec<(String, PathBuf)> = planned.input_keys.iter().map(|(name, key)| (name.clone(), cache.entry_dir(key))).collect();
+    let input = spec.input.as_ref().map(|name| stages.iter().find(|(n, _)| n == name).cloned().expect("the input is planned"));
+    StageContext::<B> {
+        pipeline_name: &pipeline.pipeline.name,
+        backend: pipeline.pipeline.backend,
+        dataset: &pipeline.dataset,
+        model: &pipeline.model,
+        specs: &pipeline.stages,
+        spec,
+        seed: spec.seed(pipeline.pipeline.seed),
+        dir,
+        input,
+        stages,
+        devices: devices.to_vec(),
+        world,
+        device_name,
+        log,
+    }
+}
+
 /// Builds one entry under its lock; returns its manifest, who built it, and the lock, now
 /// shared, which the run holds while it reads the entry.
+#[allow(clippy::too_many_arguments)]
 fn run_stage<B: AutodiffBackend>(
     pipeline: &Pipeline,
     planned: &PlannedStage,
@@ -365,6 +479,7 @@ fn run_stage<B: AutodiffBackend>(
     devices: &[B::Device],
     device_name: &str,
     log: &RunLog,
+    world: &World,
 ) -> Result<(Manifest, &'static str, std::fs::File)> {
     let spec = &planned.spec;
     // What another runner left in the entry will do unless this run forces a rebuild it has not
@@ -380,7 +495,11 @@ fn run_stage<B: AutodiffBackend>(
         log.info(&format!("{}: waiting for {holder}, which is building or reading it (entry {})", spec.name, cache.entry_dir(&planned.key).display()))
     };
     let (lock, found) = cache.lock(&planned.key, waiting, &usable)?;
-    if let Some(done) = found.or_else(&usable) {
+    let found = found.or_else(&usable);
+    if together(spec) {
+        crate::world::agree::<B::InnerBackend>(world, &devices[0], &spec.name, &planned.key, Some(found.is_none()))?;
+    }
+    if let Some(done) = found {
         cache.downgrade(&planned.key, &lock)?;
         log.info(&format!("{}: completed by another runner meanwhile", spec.name));
         return Ok((done, "built by another runner", lock));
@@ -389,24 +508,8 @@ fn run_stage<B: AutodiffBackend>(
     let restart = planned.forced || cache.complete(&planned.key).is_some();
     let dir = if restart { cache.restart(&planned.key, &planned.key_input)? } else { cache.begin(&planned.key, &planned.key_input)? };
     log.info(&format!("{}: running {} -> {}", spec.name, spec.kind.name(), dir.display()));
-    let stages: Vec<(String, PathBuf)> = planned.input_keys.iter().map(|(name, key)| (name.clone(), cache.entry_dir(key))).collect();
-    let input = spec.input.as_ref().map(|name| stages.iter().find(|(n, _)| n == name).cloned().expect("the input is planned"));
     let start = Instant::now();
-    let ctx = StageContext::<B> {
-        pipeline_name: &pipeline.pipeline.name,
-        backend: pipeline.pipeline.backend,
-        dataset: &pipeline.dataset,
-        model: &pipeline.model,
-        specs: &pipeline.stages,
-        spec,
-        seed: spec.seed(pipeline.pipeline.seed),
-        dir: dir.clone(),
-        input,
-        stages,
-        devices: devices.to_vec(),
-        device_name,
-        log,
-    };
+    let ctx = stage_context::<B>(pipeline, planned, cache, dir.clone(), devices, device_name, log, world);
     let metrics = stages::run(&ctx)?;
     let manifest = Manifest::describe(&dir, &planned.key, &pipeline.pipeline.name, &spec.name, spec.kind.name(), start.elapsed().as_secs_f64(), metrics)?;
     cache.commit(&manifest)?;

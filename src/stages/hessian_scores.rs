@@ -98,17 +98,15 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &HessianScoresSettings)
         for batch in loader.epoch(epoch) {
             let batch = batch?;
             let per_device = vec![(); ctx.devices.len()];
-            let step = data_parallel(&model, &ctx.devices, batch.labels.len(), per_device, |replica, range, (), weight| {
+            let step = data_parallel(&model, &ctx.team(), batch.labels.len(), per_device, |replica, range, (), weight| {
                 let (images, labels) = to_tensors::<B>(batch.slice(range), &replica.device());
                 let (loss, grads, sums) = gate_gradients(replica, |m| scored_loss(m, images, labels).mul_scalar(weight));
                 (scalar(loss), grads, sums)
-            });
+            })?;
             let value = step.loss;
             check_finite(value, &format!("batch {}", done + 1), "the model's loss is not finite on this data: check the input stage's model")?;
-            // Gate gradients of the shards' weighted losses add up to the full batch's.
-            let mut sums = Masks::filled(&model.config(), 0.0);
-            step.shards.iter().for_each(|s| sums.add(s));
-            let grads = step.grads;
+            // Gate gradients of the shards' (and ranks') weighted losses add up to the full batch's.
+            let (sums, grads) = (step.total, step.grads);
             let scores = score(s.criterion, &model, &sums, &grads, &normalizers, &mut random);
             total.add(&scores);
             loss_sum += value;
@@ -125,8 +123,10 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &HessianScoresSettings)
     }
     progress.finish();
     total.scale(1.0 / done as f32);
-    atomic_write(&ctx.dir.join("scores.csv"), scores_csv(&total).as_bytes())?;
-    atomic_write(&ctx.dir.join("scores.json"), &serde_json::to_vec(&total)?)?;
+    if ctx.writes() {
+        atomic_write(&ctx.dir.join("scores.csv"), scores_csv(&total).as_bytes())?;
+        atomic_write(&ctx.dir.join("scores.json"), &serde_json::to_vec(&total)?)?;
+    }
     Ok(serde_json::json!({ "criterion": s.criterion, "batches": done, "mean_loss": loss_sum / done as f64 }))
 }
 

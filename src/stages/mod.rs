@@ -372,8 +372,11 @@ pub struct StageContext<'a, B: AutodiffBackend> {
     pub input: Option<(String, PathBuf)>,
     /// Every stage this one reads (input and references), with its entry directory.
     pub stages: Vec<(String, PathBuf)>,
-    /// Every device of the run (at least one); training stages split each batch across them.
+    /// Every device of this process (at least one); training stages split each batch across them.
     pub devices: Vec<B::Device>,
+    /// The ranks that train together (`world::World::single()` for one process): rank 0 writes
+    /// the entry, the others only read it.
+    pub world: &'a crate::world::World,
     pub device_name: &'a str,
     pub log: &'a RunLog,
 }
@@ -382,6 +385,16 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
     /// Where the model lives and measurements are taken: the first device.
     pub fn device(&self) -> &B::Device {
         &self.devices[0]
+    }
+
+    /// This process's devices and its ranks: where a training step runs.
+    pub fn team(&self) -> crate::train::parallel::Team<'_, B::Device> {
+        crate::train::parallel::Team { devices: &self.devices, world: self.world }
+    }
+
+    /// Whether this process writes the stage's entry (rank 0 does; the others read it).
+    pub fn writes(&self) -> bool {
+        self.world.writes()
     }
 
     /// A warning in the run log, named after the stage.

@@ -304,6 +304,13 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     let Some(dense) = ctx.input_model::<B>(device)? else {
         anyhow::bail!("prune needs a model: give it an `input` stage");
     };
+    if s.stop_on == StopOn::Measured && !ctx.world.is_single() {
+        anyhow::bail!(
+            "stages.{}.stop_on = \"measured\" with {} ranks: each rank would time the model on its own device and decide apart\n  hint: prune on one process (the ranks can fine-tune after it), or stop_on = \"estimated\"",
+            ctx.spec.name,
+            ctx.world.ranks
+        );
+    }
     let table = ModelLatency::from_json(&ctx.stage_dir(&s.latency)?.join("latency.json"))
         .with_context(|| format!("reading the latency table of stage `{}`", s.latency))?;
     table.check(&dense.config()).with_context(|| format!("the latency table of stage `{}`", s.latency))?;
@@ -359,7 +366,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
             let batch = batch?;
             read += 1;
             let targets = soft_targets(&batch.labels, config.num_classes(), 0.0, 1.0);
-            let result = data_parallel(&student, &ctx.devices, batch.labels.len(), teachers.clone(), |replica, range, teacher, weight| {
+            let result = data_parallel(&student, &ctx.team(), batch.labels.len(), teachers.clone(), |replica, range, teacher, weight| {
                 let (images, _, targets) = shard_tensors::<B>(&batch, &targets, range, &replica.device());
                 let taught = teacher_output::<B>(&teacher, &images, None);
                 let (loss, grads, sums) = gate_gradients(replica, |m| {
@@ -368,13 +375,12 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                     (classification_loss(&output, targets) + soft).mul_scalar(weight)
                 });
                 (scalar(loss), grads, sums)
-            });
+            })?;
             state.last_loss = result.loss;
             check_finite(state.last_loss, &format!("step {}", state.step + 1), &format!("lower stages.{}.lr", ctx.spec.name))?;
-            // Saliency from the full batch's gradients: shards' gate gradients add up to them.
-            let mut sums = Masks::filled(&config, 0.0);
-            result.shards.iter().for_each(|s| sums.add(s));
-            let grads = result.grads;
+            // Saliency from the full batch's gradients: the shards' and ranks' gate gradients
+            // add up to them.
+            let (sums, grads) = (result.total, result.grads);
             // Seeded by the step (the `random` criterion), so a resumed run draws as an
             // uninterrupted one would.
             let mut random = rng(seed ^ (state.step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -464,13 +470,15 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                     target_met = done;
                     break 'outer;
                 }
-                if prune_step % s.checkpoint_every == 0 {
+                if prune_step % s.checkpoint_every == 0 && ctx.writes() {
                     resume::save(&ckpt, &student, &optim, &state)?;
                 }
             }
             // Stopped by a signal: save where it is, then stop.
             if let Err(stop) = crate::interrupt::check() {
-                resume::save(&ckpt, &student, &optim, &state)?;
+                if ctx.writes() {
+                    resume::save(&ckpt, &student, &optim, &state)?;
+                }
                 return Err(stop);
             }
         }
@@ -513,13 +521,15 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
             r.median, s.latency_target, ctx.spec.name
         ));
     }
-    if let Some(m) = &measured {
-        atomic_write(&ctx.dir.join("latency_measured.csv"), m.log.as_bytes())?;
-    }
-    atomic_write(&ctx.dir.join("pruning_log.csv"), log.as_bytes())?;
-    atomic_write(&ctx.dir.join("masks.json"), &serde_json::to_vec(&masks)?)?;
     let small = compact(&student.valid(), &masks, device)?;
-    checkpoint::save(&small, &checkpoint::model_dir(&ctx.dir))?;
+    if ctx.writes() {
+        if let Some(m) = &measured {
+            atomic_write(&ctx.dir.join("latency_measured.csv"), m.log.as_bytes())?;
+        }
+        atomic_write(&ctx.dir.join("pruning_log.csv"), log.as_bytes())?;
+        atomic_write(&ctx.dir.join("masks.json"), &serde_json::to_vec(&masks)?)?;
+        checkpoint::save(&small, &checkpoint::model_dir(&ctx.dir))?;
+    }
     ctx.log.info(&format!(
         "{}: {prune_step} pruning steps, estimated latency {:.3} of dense, {:.2} M params, {:.3} GFLOPs",
         ctx.spec.name,

@@ -243,7 +243,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let targets = mixer.apply(&mut batch, &mut rng);
             let n = batch.labels.len();
-            let step_result = data_parallel(&model, &ctx.devices, n, teachers.clone(), |replica, range, teacher, weight| {
+            let step_result = data_parallel(&model, &ctx.team(), n, teachers.clone(), |replica, range, teacher, weight| {
                 let (images, labels, targets) = shard_tensors::<B>(&batch, &targets, range, &replica.device());
                 // Casting the f32 parameters is part of the graph: their gradients come back in f32.
                 let output = forward_in(replica, images.clone(), half);
@@ -255,7 +255,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
                 let weighted = loss.mul_scalar(weight);
                 let (top1, _) = correct(output.logits().inner(), labels.inner(), 1);
                 (scalar(weighted.clone()), weighted.backward(), top1)
-            });
+            })?;
             let loss_value = step_result.loss;
             check_finite(
                 loss_value,
@@ -263,7 +263,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
                 &format!("lower stages.{0}.lr or set stages.{0}.grad_clip", ctx.spec.name),
             )?;
             model = optim.step(schedule.at(step), model, step_result.grads);
-            let top1: usize = step_result.shards.iter().sum();
+            let top1 = step_result.total;
             loss_sum += loss_value * n as f64;
             hits += top1;
             seen += n;
@@ -288,7 +288,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
             epoch + 1,
             s.epochs
         ));
-        resume::save(&ckpt, &model, &optim, &CheckpointState { epochs_done: epoch + 1, epoch_losses: epoch_losses.clone(), last_accuracy })?;
+        if ctx.writes() {
+            resume::save(&ckpt, &model, &optim, &CheckpointState { epochs_done: epoch + 1, epoch_losses: epoch_losses.clone(), last_accuracy })?;
+        }
     }
     progress.finish();
     if loader.skipped() > 0 {
@@ -296,7 +298,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
     }
     // The checkpoint stays until the runner has committed the entry: a kill before then
     // resumes from it.
-    checkpoint::save(&model.valid(), &checkpoint::model_dir(&ctx.dir))?;
+    if ctx.writes() {
+        checkpoint::save(&model.valid(), &checkpoint::model_dir(&ctx.dir))?;
+    }
     Ok(serde_json::json!({
         "epochs": s.epochs,
         "steps": s.epochs * steps_per_epoch,

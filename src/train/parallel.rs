@@ -1,4 +1,7 @@
-//! Data parallelism in one process: each device takes a contiguous shard of the batch, runs
+//! Data parallelism. Across processes (`world`): every rank keeps its replica and optimizer and
+//! takes its contiguous part of each global batch; after the backward pass one all-reduce sums
+//! the gradients (with the step's loss and statistics in the same buffer), so every rank steps
+//! from the same values. Within a process: each device takes a contiguous shard of the part, runs
 //! forward and backward on its own replica of the model (one thread per device), and the
 //! gradients are summed for the optimizer step on the first device: sent there by every other
 //! device, or, with the `collective` feature and distinct devices, all-reduced in a ring by
@@ -15,6 +18,72 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, Tensor};
 
 use crate::model::Model;
+use crate::world::World;
+
+/// Where a step runs: this process's devices, and the ranks it is one of.
+#[derive(Clone, Copy)]
+pub struct Team<'a, D> {
+    pub devices: &'a [D],
+    pub world: &'a World,
+}
+
+impl<'a, D> Team<'a, D> {
+    /// `devices` of this process alone.
+    pub fn local(devices: &'a [D]) -> Self {
+        static SINGLE: std::sync::OnceLock<World> = std::sync::OnceLock::new();
+        Team { devices, world: SINGLE.get_or_init(World::single) }
+    }
+}
+
+/// What a shard's `work` adds up besides the loss (correct predictions, gate gradients): summed
+/// over the shards of a process, then over the ranks through the step's all-reduce as values.
+pub trait Summed: Sized + Send {
+    fn add(self, other: Self) -> Self;
+    fn values(&self) -> Vec<f32>;
+    /// `self` with `values` (as many as `values()` gives) in place of its own.
+    fn with_values(self, values: &[f32]) -> Self;
+}
+
+impl Summed for () {
+    fn add(self, _: ()) {}
+    fn values(&self) -> Vec<f32> {
+        Vec::new()
+    }
+    fn with_values(self, _: &[f32]) {}
+}
+
+/// Counts (exact as f32 below 2^24, far above a batch).
+impl Summed for usize {
+    fn add(self, other: usize) -> usize {
+        self + other
+    }
+    fn values(&self) -> Vec<f32> {
+        vec![*self as f32]
+    }
+    fn with_values(self, values: &[f32]) -> usize {
+        values[0].round() as usize
+    }
+}
+
+impl Summed for crate::prune::Masks {
+    fn add(mut self, other: Self) -> Self {
+        crate::prune::Masks::add(&mut self, &other);
+        self
+    }
+    fn values(&self) -> Vec<f32> {
+        self.slots().into_iter().flat_map(|(s, b)| self.get(s, b).to_vec()).collect()
+    }
+    fn with_values(mut self, values: &[f32]) -> Self {
+        let mut at = 0;
+        for (s, b) in self.slots() {
+            let slot = self.get_mut(s, b);
+            let len = slot.len();
+            slot.copy_from_slice(&values[at..at + len]);
+            at += len;
+        }
+        self
+    }
+}
 
 /// `n` examples in at most `parts` contiguous, non-empty shards whose sizes differ by one at most.
 pub fn shards(n: usize, parts: usize) -> Vec<Range<usize>> {
@@ -31,14 +100,14 @@ pub fn shards(n: usize, parts: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// One step's result over all shards.
+/// One step's result over all shards of all ranks.
 pub struct Step<T> {
-    /// The full batch's mean loss.
+    /// The global batch's mean loss.
     pub loss: f64,
-    /// Gradients of the full batch's mean loss, on the first device.
+    /// Gradients of the global batch's mean loss, on the first device.
     pub grads: GradientsParams,
-    /// What `work` returned for each shard, in batch order.
-    pub shards: Vec<T>,
+    /// What `work` returned, summed over the shards and the ranks.
+    pub total: T,
 }
 
 /// What one shard's `work` returns: the weighted loss's value, its gradients (of the weighted
@@ -56,26 +125,87 @@ fn drop_path_seeds<B: AutodiffBackend>(model: &Model<B>, main: &B::Device, shard
     draws.into_data().iter::<f32>().map(|x| Some(x as u64)).collect()
 }
 
-/// Runs `work(replica, shard, payload, weight)` for each shard of a batch of `n` examples, one
-/// per device, the devices in parallel (a GPU listed twice runs its shards in turn; the CPU
-/// runs each in a thread of its own). `work` must scale its loss by `weight` (the shard's
-/// share of the batch) before `backward`. `payloads` holds one value per device (its replica
-/// of a teacher, say), handed to that device's shard. With one device, `work` runs on `model`
-/// itself with weight 1 (an exact multiplication), as a loop without this would.
+/// Runs `work(replica, shard, payload, weight)` for each shard of this rank's part of a global
+/// batch of `n` examples, one shard per local device, the devices in parallel (a GPU listed
+/// twice runs its shards in turn; the CPU runs each in a thread of its own), then sums the ranks'
+/// gradients with one all-reduce. `work` must scale its loss by `weight` (the shard's share of
+/// the global batch) before `backward`. `payloads` holds one value per local device (its replica
+/// of a teacher, say). With one device and one rank, `work` runs on `model` itself with weight 1
+/// (an exact multiplication), as a loop without this would.
 pub fn data_parallel<B, P, T>(
     model: &Model<B>,
-    devices: &[B::Device],
+    team: &Team<'_, B::Device>,
     n: usize,
     payloads: Vec<P>,
     work: impl Fn(&Model<B>, Range<usize>, P, f32) -> ShardResult<B, T> + Sync,
-) -> Step<T>
+) -> anyhow::Result<Step<T>>
 where
     B: AutodiffBackend,
     P: Send,
-    T: Send,
+    T: Summed,
 {
-    let reduce = devices.first().map_or(Reduce::Hub, Reduce::for_devices::<B>);
-    data_parallel_reducing(model, devices, n, payloads, work, reduce)
+    let world = team.world;
+    if n < world.ranks {
+        anyhow::bail!("a batch of {n} examples cannot be shared by {} ranks: raise the batch size to at least {}", world.ranks, world.ranks);
+    }
+    let part = shards(n, world.ranks).swap_remove(world.rank);
+    let reduce = team.devices.first().map_or(Reduce::Hub, Reduce::for_devices::<B>);
+    let step = data_parallel_reducing(model, team.devices, part, n, payloads, work, reduce);
+    if world.is_single() {
+        return Ok(step);
+    }
+    all_reduce_step(model, world, step)
+}
+
+/// The step's gradients, loss and totals summed over the ranks in one buffer: the gradients in
+/// the model's order (the same on every rank; burn's own all-reduce orders by parameter id,
+/// which differs between processes), then the loss, then the totals.
+fn all_reduce_step<B: AutodiffBackend, T: Summed>(model: &Model<B>, world: &World, step: Step<T>) -> anyhow::Result<Step<T>> {
+    use burn::module::{ModuleVisitor, Param, ParamId};
+    struct Flatten<'a, B: AutodiffBackend> {
+        grads: &'a GradientsParams,
+        parts: Vec<Tensor<B::InnerBackend, 1>>,
+        shapes: Vec<(ParamId, Vec<usize>)>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+                self.shapes.push((param.id, g.dims().to_vec()));
+                self.parts.push(g.flatten(0, D - 1));
+            }
+        }
+    }
+    let mut flat = Flatten::<B> { grads: &step.grads, parts: Vec::new(), shapes: Vec::new() };
+    model.visit(&mut flat);
+    let Flatten { mut parts, shapes, .. } = flat;
+    let device = parts.first().map(|p| p.device()).expect("a step has gradients");
+    let mut extra = vec![step.loss as f32];
+    extra.extend(step.total.values());
+    let extras = extra.len();
+    parts.push(Tensor::from_data(burn::tensor::TensorData::new(extra, [extras]), &device));
+    let summed = crate::world::all_reduce::<B::InnerBackend>(world, Tensor::cat(parts, 0))?;
+    let [len] = summed.dims();
+    let tail: Vec<f32> = summed.clone().slice([len - extras..len]).into_data().to_vec().expect("f32 values");
+    let mut grads = GradientsParams::new();
+    let mut at = 0;
+    for (id, shape) in shapes {
+        let numel: usize = shape.iter().product();
+        let g = summed.clone().slice([at..at + numel]);
+        at += numel;
+        register_reshaped::<B::InnerBackend>(&mut grads, id, g, &shape);
+    }
+    Ok(Step { loss: f64::from(tail[0]), grads, total: step.total.with_values(&tail[1..]) })
+}
+
+/// `flat` in `shape` (of 1 to 4 dimensions, as the models' parameters) as `id`'s gradient.
+fn register_reshaped<B: burn::tensor::backend::Backend>(grads: &mut GradientsParams, id: burn::module::ParamId, flat: Tensor<B, 1>, shape: &[usize]) {
+    match *shape {
+        [a] => grads.register(id, flat.reshape([a])),
+        [a, b] => grads.register(id, flat.reshape([a, b])),
+        [a, b, c] => grads.register(id, flat.reshape([a, b, c])),
+        [a, b, c, d] => grads.register(id, flat.reshape([a, b, c, d])),
+        _ => unreachable!("a parameter of {} dimensions", shape.len()),
+    }
 }
 
 /// How the groups' gradients are summed: each copied to the first device (a hub), or
@@ -101,9 +231,11 @@ impl Reduce {
     }
 }
 
+/// The shards of examples `part` of a global batch of `n`, on `devices`.
 fn data_parallel_reducing<B, P, T>(
     model: &Model<B>,
     devices: &[B::Device],
+    part: Range<usize>,
     n: usize,
     payloads: Vec<P>,
     work: impl Fn(&Model<B>, Range<usize>, P, f32) -> ShardResult<B, T> + Sync,
@@ -112,15 +244,17 @@ fn data_parallel_reducing<B, P, T>(
 where
     B: AutodiffBackend,
     P: Send,
-    T: Send,
+    T: Summed,
 {
     // Another runner on this machine may be timing a model: it waits for this step.
     let _working = crate::machine::working();
-    let ranges = shards(n, devices.len());
+    let ranges: Vec<Range<usize>> = shards(part.len(), devices.len()).into_iter().map(|r| r.start + part.start..r.end + part.start).collect();
     if ranges.len() == 1 {
         let payload = payloads.into_iter().next().expect("one payload per device");
-        let (loss, grads, out) = work(model, ranges[0].clone(), payload, 1.0);
-        return Step { loss, grads: GradientsParams::from_grads(grads, model), shards: vec![out] };
+        let range = ranges[0].clone();
+        let weight = if range.len() == n { 1.0 } else { range.len() as f32 / n as f32 };
+        let (loss, grads, total) = work(model, range, payload, weight);
+        return Step { loss, grads: GradientsParams::from_grads(grads, model), total };
     }
     let main = &devices[0];
     // Shards that share a GPU run in turn on it: threads would only contend for it. On the CPU
@@ -166,7 +300,8 @@ where
     };
     outs.sort_by_key(|(first, _, _)| *first);
     let loss = outs.iter().map(|(_, l, _)| l).sum();
-    Step { loss, grads, shards: outs.into_iter().map(|(_, _, out)| out).collect() }
+    let total = outs.into_iter().map(|(_, _, out)| out).reduce(T::add).expect("at least one shard");
+    Step { loss, grads, total }
 }
 
 /// A device's share of a step: its shards (range, payload, drop-path seed).
@@ -248,7 +383,7 @@ mod tests {
     fn grads(model: &Model<B>, devices: &[NdArrayDevice], images: &[f32], labels: &[i64], reduce: Reduce) -> (f64, Vec<f32>) {
         let n = labels.len();
         let per = images.len() / n;
-        let step = data_parallel_reducing(model, devices, n, vec![(); devices.len()], |m, range, (), weight| {
+        let step = data_parallel_reducing(model, devices, 0..n, n, vec![(); devices.len()], |m, range, (), weight| {
             let device = m.device();
             let x = crate::model::float_tensor::<B, 4>(images[range.start * per..range.end * per].to_vec(), [range.len(), 3, 16, 16], &device);
             let t = targets_tensor::<B>(crate::data::mix::soft_targets(&labels[range.clone()], 5, 0.0, 1.0), 5, &device);

@@ -110,7 +110,7 @@ pub fn execute(p: &Pipeline, plan: &mut Plan, cache: &Cache) -> Vec<StageRecord>
 /// shards), silently, as the runner would: through the library's `pipeline::run`, whose
 /// stages are compiled once, there.
 pub fn try_execute(p: &Pipeline, plan: &mut Plan, cache: &Cache) -> anyhow::Result<Vec<StageRecord>> {
-    pipeline::run(p, plan, cache, "test-cpu", None, &RunLog::silent())
+    pipeline::run(p, plan, cache, "test-cpu", None, &RunLog::silent(), &nvit::world::World::single())
 }
 
 /// `(stage, "cached" | "run")` for each planned stage.

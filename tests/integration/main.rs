@@ -20,6 +20,8 @@ mod cli;
 mod code_keys;
 mod config_errors;
 mod data_parallel;
+#[cfg(feature = "collective")]
+mod distributed;
 mod docs;
 mod gradient_parity;
 mod nvit_pipelines;

@@ -11,7 +11,7 @@ use nvit::prune::{Grid, LatencyTable};
 
 /// A latency table for the tiny model, written as a file `profile_latency` imports: both runs
 /// then prune against the same table.
-fn table_file(dir: &Path) -> PathBuf {
+pub(crate) fn table_file(dir: &Path) -> PathBuf {
     let grid = Grid { emb: vec![1, 8, 16], heads: vec![1, 2], qk: vec![1, 4, 8], v: vec![1, 4, 8], mlp: vec![1, 16, 32] };
     let values = grid.points().iter().map(|(e, d)| 1e-4 * (*e * (d.heads * (d.qk + d.v) + d.mlp)) as f64 + 1e-6).collect();
     let path = dir.join("table.json");
@@ -21,7 +21,7 @@ fn table_file(dir: &Path) -> PathBuf {
 
 /// A prune stage that checkpoints every `checkpoint_every` pruning steps, a pruning step every
 /// 3 batches, 4 batches an epoch.
-fn prune_pipeline(dir: &Path, checkpoint_every: usize) -> PathBuf {
+pub(crate) fn prune_pipeline(dir: &Path, checkpoint_every: usize) -> PathBuf {
     let table = table_file(dir);
     common::tiny_pipeline(
         dir,
@@ -261,6 +261,7 @@ fn train_keeps_its_checkpoint_until_the_entry_is_committed_and_a_damaged_one_is_
         input: None,
         stages: vec![],
         devices: vec![Default::default()],
+        world: &nvit::world::World::single(),
         device_name: "test-cpu",
         log: &log,
     };
