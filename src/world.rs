@@ -138,6 +138,16 @@ impl World {
     }
 }
 
+/// All-reduces this process has taken part in, and the bytes of their buffers: a ring sends
+/// 2(N-1)/N of each buffer from every rank (the tests compare that with loopback's counters).
+static ALL_REDUCED: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
+
+/// `(all-reduces, bytes of their buffers)` so far in this process.
+pub fn all_reduced() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (ALL_REDUCED.0.load(Relaxed), ALL_REDUCED.1.load(Relaxed))
+}
+
 /// What identifies a rank's job at the join: a name and a digest (hex) per item, compared
 /// across ranks so that ranks running another config, code or cache key are refused, each
 /// difference named.
@@ -212,6 +222,10 @@ mod collective {
     /// refuses connections, and the survivors stop naming it.
     const PROBE_AFTER: Duration = Duration::from_secs(2);
 
+    /// How long a rank waits for rank 0's coordinator to answer at all: ranks start at
+    /// slightly different times, under Slurm too.
+    const COORDINATOR_WAIT: Duration = Duration::from_secs(60);
+
     /// Registers this rank with the others (rank 0 first serves the coordinator), waits for all
     /// of them, then compares their identities: every rank gets the same error naming what
     /// differs, before any work.
@@ -242,9 +256,12 @@ mod collective {
             .with_node_address(format!("ws://{}:{own}", world.host).parse().expect("an address is any string"))
             .with_data_service_port(own)
             .with_global_all_reduce_strategy(AllReduceStrategy::Ring);
+        // burn-communication's servers install a logger of every transfer unless one is set.
+        let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
         eprintln!("rank {} of {}: joining at {} ...", world.rank, world.ranks, world.coordinator);
-        burn::collective::register::<B>(peer(world), device.clone(), config)
-            .map_err(|e| anyhow::anyhow!("rank {}: joining the other ranks at {} failed: {e:?}", world.rank, world.coordinator))?;
+        let (me, own_device) = (peer(world), device.clone());
+        let registered = in_background("register", move || burn::collective::register::<B>(me, own_device, config));
+        wait_for(world, registered, "joining the other ranks")?;
         world.hosts = check_identities::<B>(world, device, identity)?;
         Ok(())
     }
@@ -308,23 +325,56 @@ mod collective {
             let padded = Tensor::cat(vec![values, zeros], 0);
             return Ok(all_reduce(world, padded)?.slice([0..len]));
         }
+        ALL_REDUCED.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ALL_REDUCED.1.fetch_add(4 * len as u64, std::sync::atomic::Ordering::Relaxed);
+        let (me, primitive) = (peer(world), values.into_primitive().tensor());
+        let summed = in_background("all-reduce", move || burn::collective::all_reduce::<B>(me, primitive, ReduceOperation::Sum));
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(wait_for(world, summed, "the all-reduce")?)))
+    }
+
+    /// `call` on a thread of its own: burn's collective calls block without a limit.
+    fn in_background<T: Send + 'static>(name: &str, call: impl FnOnce() -> Result<T, burn::collective::CollectiveError> + Send + 'static) -> std::sync::mpsc::Receiver<Result<T, burn::collective::CollectiveError>> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let me = peer(world);
-        let primitive = values.into_primitive().tensor();
-        std::thread::Builder::new().name("all-reduce".into()).spawn(move || {
-            let _ = tx.send(burn::collective::all_reduce::<B>(me, primitive, ReduceOperation::Sum));
-        })?;
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let _ = tx.send(call());
+            })
+            .expect("a thread for the collective");
+        rx
+    }
+
+    /// The result of a collective call, probing the other ranks (or, before they are known,
+    /// the coordinator) while it waits: a rank that is gone, a coordinator that never answers
+    /// or a signal ends the wait with an error.
+    fn wait_for<T>(world: &World, rx: std::sync::mpsc::Receiver<Result<T, burn::collective::CollectiveError>>, what: &str) -> Result<T> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let start = std::time::Instant::now();
         loop {
             match rx.recv_timeout(PROBE_AFTER) {
-                Ok(Ok(sum)) => return Ok(Tensor::from_primitive(TensorPrimitive::Float(sum))),
+                Ok(Ok(value)) => return Ok(value),
                 Ok(Err(e)) => {
                     probe_all(world)?;
-                    bail!("rank {}: the all-reduce failed: {e:?}", world.rank)
+                    bail!("rank {}: {what} failed: {e:?}", world.rank)
                 }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => probe_all(world)?,
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(RecvTimeoutError::Disconnected) => {
                     probe_all(world)?;
-                    bail!("rank {}: the all-reduce stopped (burn's collective panicked)", world.rank)
+                    bail!("rank {}: {what} stopped (burn's collective panicked)", world.rank)
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    crate::interrupt::check()?;
+                    if world.hosts.is_empty() && world.rank != 0 && start.elapsed() > COORDINATOR_WAIT {
+                        let reachable = world.coordinator_addr().ok().is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+                        if !reachable {
+                            bail!(
+                                "rank {}: no coordinator answers at {} after {} s: rank 0 has not started, or ended (see its error)\n  hint: start rank 0 with the same --coordinator; under Slurm, every task runs `runner run ... --slurm`",
+                                world.rank,
+                                world.coordinator,
+                                start.elapsed().as_secs()
+                            );
+                        }
+                    }
+                    probe_all(world)?;
                 }
             }
         }

@@ -274,6 +274,11 @@ pub fn run(pipeline: &Pipeline, plan: &mut Plan, cache: &Cache, device_name: &st
             // process ends with its error instead of waiting to leave.
             if records.is_ok() {
                 crate::world::leave::<B::InnerBackend>(&world);
+                let (count, bytes) = crate::world::all_reduced();
+                self.log.info(&format!(
+                    "rank {}: {count} all-reduces of {bytes} bytes in all; each rank sends 2(N-1)/N of them in the ring (N = {})",
+                    world.rank, world.ranks
+                ));
             }
             records
         }

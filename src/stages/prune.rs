@@ -299,6 +299,95 @@ struct PruneState {
     measured: Option<Measured>,
 }
 
+/// The saliency a pruning step ranks by: the interval's mean of the per-batch scores,
+/// smoothed with the previous steps' by `ema` (resets `interval_sum`).
+fn interval_saliency(state: &mut PruneState, s: &PruneSettings, config: &crate::model::ModelConfig) -> Masks {
+    let mut avg = std::mem::replace(&mut state.interval_sum, Masks::filled(config, 0.0));
+    avg.scale(1.0 / s.interval as f32);
+    match state.smoothed.take() {
+        Some(mut prev) if s.ema > 0.0 => {
+            prev.scale(s.ema as f32);
+            avg.scale(1.0 - s.ema as f32);
+            prev.add(&avg);
+            prev
+        }
+        _ => avg,
+    }
+}
+
+/// One pruning step's selection by the saliency `current`, as the settings choose it (exact,
+/// greedy global or isomorphic, uniform), toward the estimated latency `target` (a fraction of
+/// dense): narrows `state.masks`. True when nothing is left to prune.
+fn select(s: &PruneSettings, current: &Masks, state: &mut PruneState, table: &ModelLatency, config: &crate::model::ModelConfig, dense_latency: f64, target: f64) -> bool {
+    let ratio_of = |m: &Masks| table.model_latency(&m.surviving(config)) / dense_latency;
+    let landing = greedy::Landing { target, tolerance: s.latency_tolerance, ratio: &ratio_of };
+    match (s.selection, s.allocation, s.ranking) {
+        (Selection::Exact, ..) => {
+            let done = ((state.prune_step + 1) as f64 / s.prune_steps as f64).min(1.0);
+            let budget = dense_latency * (1.0 - done * (1.0 - target));
+            // The last step lands within the tolerance (see `exact::select`'s floor).
+            let floor = if done == 1.0 { budget * (1.0 - s.latency_tolerance) } else { 0.0 };
+            match crate::prune::exact::select(&current, &state.masks, &table, budget, floor, |st| s.group_size(st), EXACT_BINS) {
+                Some(kept) => {
+                    state.masks = kept;
+                    false
+                }
+                None => true, // the narrowest widths allowed are over the budget
+            }
+        }
+        (Selection::Greedy, Allocation::Global, ranking) => {
+            let ranked = greedy::groups(&current, &state.masks, &table, s.eta, |st| s.group_size(st));
+            match ranking {
+                Ranking::Global => greedy::prune_lowest(&ranked, &mut state.masks, s.groups_per_step, s.group_emb, &landing) == 0,
+                Ranking::Isomorphic => {
+                    let keep = (1.0 - s.isomorphic_step).powi(state.prune_step as i32 + 1);
+                    let pruned = greedy::prune_isomorphic(&ranked, &mut state.masks, keep, s.group_emb, &landing);
+                    // A step may round every type to nothing; the next one's target is lower.
+                    pruned == 0 && !greedy::any_removable(&ranked, &state.masks, s.group_emb)
+                }
+            }
+        }
+        (Selection::Greedy, Allocation::Uniform, _) => {
+            // Rounding may leave a step with nothing to prune; only an empty keep ends it.
+            let keep = 1.0 - (state.prune_step + 1) as f64 * s.uniform_step;
+            greedy::prune_uniform(&current, &mut state.masks, keep.max(0.0));
+            keep <= 0.0
+        }
+    }
+}
+
+/// Why the pruning stopped, with a warning when it is short of the target or, measured, below
+/// it by more than the tolerance.
+fn warn_short_of_target<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings, reached: bool, exhausted: bool, ratio: f64, measured: Option<&Measured>) -> &'static str {
+    let stopped_by = if reached {
+        "reached the latency target"
+    } else if exhausted {
+        "nothing left to prune above the floors"
+    } else {
+        "max_prune_steps"
+    };
+    if !reached {
+        let hint = if exhausted {
+            "lower the group sizes (group_emb, group_head, group_qk, group_v, group_mlp): every group left would take a structure below its floor"
+        } else {
+            "raise max_prune_steps or groups_per_step"
+        };
+        let measured = measured.and_then(|m| m.last).map_or(String::new(), |r| format!(" (measured {:.3})", r.median));
+        ctx.warn(&format!(
+            "stopped by {stopped_by} at an estimated latency of {ratio:.3} of dense{measured}, short of latency_target = {}\n  hint: stages.{}: {hint}",
+            s.latency_target, ctx.spec.name
+        ));
+    }
+    let last = measured.and_then(|m| m.last);
+    if let Some(r) = last.filter(|r| r.median < s.latency_target * (1.0 - s.latency_tolerance)) {
+        ctx.warn(&format!(
+            "measured {:.3} of dense, under latency_target = {} by more than latency_tolerance: the latency table overestimated this model's latency by more than the last steps could learn\n  hint: stages.{}: lower groups_per_step, or profile the table at measure_batch",
+            r.median, s.latency_target, ctx.spec.name
+        ));
+    }
+    stopped_by
+}
+
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Result<serde_json::Value> {
     let device = ctx.device();
     let Some(dense) = ctx.input_model::<B>(device)? else {
@@ -392,55 +481,11 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
             state.batch += 1;
 
             if state.step % s.interval == 0 {
-                let mut avg = std::mem::replace(&mut state.interval_sum, Masks::filled(&config, 0.0));
-                avg.scale(1.0 / s.interval as f32);
-                let current = match state.smoothed.take() {
-                    Some(mut prev) if s.ema > 0.0 => {
-                        prev.scale(s.ema as f32);
-                        avg.scale(1.0 - s.ema as f32);
-                        prev.add(&avg);
-                        prev
-                    }
-                    _ => avg,
-                };
-                let ratio_of = |m: &Masks| table.model_latency(&m.surviving(&config)) / dense_latency;
+                let current = interval_saliency(&mut state, s, &config);
                 // The estimate's target: the measurements' correction moves it where the
                 // measured latency meets latency_target.
                 let target = (s.latency_target / state.measured.as_ref().map_or(1.0, |m| m.correction)).min(1.0);
-                let landing = greedy::Landing { target, tolerance: s.latency_tolerance, ratio: &ratio_of };
-                exhausted = match (s.selection, s.allocation, s.ranking) {
-                    (Selection::Exact, ..) => {
-                        let done = ((state.prune_step + 1) as f64 / s.prune_steps as f64).min(1.0);
-                        let budget = dense_latency * (1.0 - done * (1.0 - target));
-                        // The last step lands within the tolerance (see `exact::select`'s floor).
-                        let floor = if done == 1.0 { budget * (1.0 - s.latency_tolerance) } else { 0.0 };
-                        match crate::prune::exact::select(&current, &state.masks, &table, budget, floor, |st| s.group_size(st), EXACT_BINS) {
-                            Some(kept) => {
-                                state.masks = kept;
-                                false
-                            }
-                            None => true, // the narrowest widths allowed are over the budget
-                        }
-                    }
-                    (Selection::Greedy, Allocation::Global, ranking) => {
-                        let ranked = greedy::groups(&current, &state.masks, &table, s.eta, |st| s.group_size(st));
-                        match ranking {
-                            Ranking::Global => greedy::prune_lowest(&ranked, &mut state.masks, s.groups_per_step, s.group_emb, &landing) == 0,
-                            Ranking::Isomorphic => {
-                                let keep = (1.0 - s.isomorphic_step).powi(state.prune_step as i32 + 1);
-                                let pruned = greedy::prune_isomorphic(&ranked, &mut state.masks, keep, s.group_emb, &landing);
-                                // A step may round every type to nothing; the next one's target is lower.
-                                pruned == 0 && !greedy::any_removable(&ranked, &state.masks, s.group_emb)
-                            }
-                        }
-                    }
-                    (Selection::Greedy, Allocation::Uniform, _) => {
-                        // Rounding may leave a step with nothing to prune; only an empty keep ends it.
-                        let keep = 1.0 - (state.prune_step + 1) as f64 * s.uniform_step;
-                        greedy::prune_uniform(&current, &mut state.masks, keep.max(0.0));
-                        keep <= 0.0
-                    }
-                };
+                exhausted = select(s, &current, &mut state, &table, &config, dense_latency, target);
                 state.smoothed = Some(current);
                 student = state.masks.apply_trainable(student);
                 state.prune_step += 1;
@@ -495,32 +540,8 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     progress.finish();
     let PruneState { step, prune_step, ratio, last_loss, masks, log, measured, .. } = state;
     let reached = target_met;
-    let stopped_by = if reached {
-        "reached the latency target"
-    } else if exhausted {
-        "nothing left to prune above the floors"
-    } else {
-        "max_prune_steps"
-    };
-    if !reached {
-        let hint = if exhausted {
-            "lower the group sizes (group_emb, group_head, group_qk, group_v, group_mlp): every group left would take a structure below its floor"
-        } else {
-            "raise max_prune_steps or groups_per_step"
-        };
-        let measured = measured.as_ref().and_then(|m| m.last).map_or(String::new(), |r| format!(" (measured {:.3})", r.median));
-        ctx.warn(&format!(
-            "stopped by {stopped_by} at an estimated latency of {ratio:.3} of dense{measured}, short of latency_target = {}\n  hint: stages.{}: {hint}",
-            s.latency_target, ctx.spec.name
-        ));
-    }
+    let stopped_by = warn_short_of_target(ctx, s, reached, exhausted, ratio, measured.as_ref());
     let last = measured.as_ref().and_then(|m| m.last);
-    if let Some(r) = last.filter(|r| r.median < s.latency_target * (1.0 - s.latency_tolerance)) {
-        ctx.warn(&format!(
-            "measured {:.3} of dense, under latency_target = {} by more than latency_tolerance: the latency table overestimated this model's latency by more than the last steps could learn\n  hint: stages.{}: lower groups_per_step, or profile the table at measure_batch",
-            r.median, s.latency_target, ctx.spec.name
-        ));
-    }
     let small = compact(&student.valid(), &masks, device)?;
     if ctx.writes() {
         if let Some(m) = &measured {

@@ -44,19 +44,50 @@ fn entry(dir: &Path, kind: &str, file: &str) -> (serde_json::Value, Vec<u8>) {
     (manifest["metrics"].clone(), std::fs::read(entry.join(file)).unwrap_or_default())
 }
 
+/// One test of these at a time: they share loopback, whose counters one of them reads.
+static LOOPBACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn loopback_turn() -> std::sync::MutexGuard<'static, ()> {
+    LOOPBACK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Bytes sent on loopback so far (every process's), if the kernel shows them.
+fn loopback_sent() -> Option<u64> {
+    std::fs::read_to_string("/sys/class/net/lo/statistics/tx_bytes").ok()?.trim().parse().ok()
+}
+
+/// The bytes a rank's log says it all-reduced.
+fn all_reduced_bytes(err: &str) -> u64 {
+    let line = err.lines().find(|l| l.contains("all-reduces of")).unwrap_or_else(|| panic!("no all-reduce count in:\n{err}"));
+    line.split(" all-reduces of ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap()
+}
+
 #[test]
 fn two_and_three_ranks_train_and_prune_as_one_process_does() {
+    let _turn = loopback_turn();
     let one = tempfile::tempdir().unwrap();
     let path = prune_pipeline(one.path(), 1000);
     let (code, _, err) = output(runner(one.path()).args(["run", path.to_str().unwrap()]));
     assert_eq!(code, 0, "{err}");
     let (train1, _) = entry(one.path(), "train", "");
     let (_, masks1) = entry(one.path(), "prune", "masks.json");
-    for (ranks, port) in [(2, 29710), (3, 29720)] {
+    for (ranks, port) in [(2, 29810), (3, 29830)] {
         let dir = tempfile::tempdir().unwrap();
         let path = prune_pipeline(dir.path(), 1000);
-        for (r, (code, err)) in run_ranks(dir.path(), &path, ranks, port, &[]).iter().enumerate() {
+        let before = loopback_sent();
+        let results = run_ranks(dir.path(), &path, ranks, port, &[]);
+        let sent = loopback_sent().zip(before).map(|(after, before)| after - before);
+        for (r, (code, err)) in results.iter().enumerate() {
             assert_eq!(*code, 0, "rank {r} of {ranks}: {err}");
+        }
+        // What crossed loopback is what a ring sends, 2(N-1)/N of every buffer from each rank,
+        // plus the messages' framing: a model copied each step would add half of it again.
+        let buffers = all_reduced_bytes(&results[0].1);
+        if let Some(sent) = sent {
+            let ring = 2 * (ranks as u64 - 1) * buffers;
+            let ratio = sent as f64 / ring as f64;
+            eprintln!("{ranks} ranks: {sent} bytes on loopback, a ring of {buffers} bytes of buffers sends {ring}: {ratio:.3}");
+            assert!((1.0..1.3).contains(&ratio), "{ranks} ranks: {sent} bytes on loopback for a ring of {ring}: {ratio:.3} of it");
         }
         let (train, _) = entry(dir.path(), "train", "");
         let losses = |m: &serde_json::Value| m["epoch_losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect::<Vec<_>>();
@@ -75,9 +106,10 @@ fn two_and_three_ranks_train_and_prune_as_one_process_does() {
 
 #[test]
 fn ranks_that_run_another_pipeline_are_refused_at_the_join() {
+    let _turn = loopback_turn();
     let dir = tempfile::tempdir().unwrap();
     let path = crate::common::tiny_pipeline(dir.path(), "");
-    let results = run_ranks(dir.path(), &path, 2, 29740, &[&[], &["--set", "stages.train.lr=1e-3"]]);
+    let results = run_ranks(dir.path(), &path, 2, 29850, &[&[], &["--set", "stages.train.lr=1e-3"]]);
     for (r, (code, err)) in results.iter().enumerate() {
         assert_ne!(*code, 0, "rank {r} ran");
         assert!(err.contains("rank 1's pipeline") && err.contains("is not rank 0's"), "rank {r}: {err}");
@@ -87,11 +119,12 @@ fn ranks_that_run_another_pipeline_are_refused_at_the_join() {
 
 #[test]
 fn a_killed_rank_ends_the_others_with_an_error_naming_it() {
+    let _turn = loopback_turn();
     let dir = tempfile::tempdir().unwrap();
     let path = crate::common::tiny_pipeline(dir.path(), "");
     let long = ["--set", "stages.train.epochs=100000"];
-    let mut rank0 = spawn_rank(dir.path(), &path, 2, 0, 29750, &long);
-    let mut rank1 = spawn_rank(dir.path(), &path, 2, 1, 29750, &long);
+    let mut rank0 = spawn_rank(dir.path(), &path, 2, 0, 29870, &long);
+    let mut rank1 = spawn_rank(dir.path(), &path, 2, 1, 29870, &long);
     // Training has begun once rank 0 has its entry.
     let start = Instant::now();
     while std::fs::read_dir(dir.path().join("cache")).map_or(true, |d| d.count() == 0) {
@@ -116,4 +149,39 @@ fn a_killed_rank_ends_the_others_with_an_error_naming_it() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The script of `--emit-slurm`, run with a stand-in `srun` that starts its tasks on this
+/// machine with the variables Slurm gives them: the two ranks train the pipeline together
+/// (job 13: the coordinator on port 29708, the ranks on 29709 and 29710).
+#[test]
+fn the_emitted_sbatch_script_runs_its_ranks() {
+    let _turn = loopback_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let path = crate::common::tiny_pipeline(dir.path(), "");
+    // A layer whose name would end the quoting of a careless script.
+    let layer = dir.path().join("one epoch'; touch pwned; '.toml");
+    std::fs::write(&layer, "[stages.train]\nepochs = 1\n").unwrap();
+    let (code, script, err) = output(runner(dir.path()).args(["run", path.to_str().unwrap(), "--with", layer.to_str().unwrap()]).args(["--emit-slurm", "--nodes", "2", "--gpus-per-node", "1"]));
+    assert_eq!(code, 0, "{err}");
+    for line in ["#SBATCH --nodes=2\n", "#SBATCH --ntasks-per-node=1\n", "srun --kill-on-bad-exit=1", "--slurm --devices 0'"] {
+        assert!(script.contains(line), "{line:?} in:\n{script}");
+    }
+    let file = dir.path().join("job.sbatch");
+    std::fs::write(&file, &script).unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let srun = bin.join("srun");
+    std::fs::write(
+        &srun,
+        "#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nfor t in 0 1; do SLURM_PROCID=$t SLURM_LOCALID=0 SLURM_NTASKS=2 SLURM_JOB_NODELIST=localhost SLURMD_NODENAME=localhost SLURM_JOB_ID=13 \"$@\" & done\nwait -n && wait -n\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&srun, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path_var = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let (code, _, err) = output(std::process::Command::new("bash").arg(&file).env("PATH", path_var).env("RUNNER_CACHE", dir.path().join("cache")).current_dir(dir.path()));
+    assert_eq!(code, 0, "{err}");
+    assert!(!dir.path().join("pwned").exists(), "an argument reached the shell");
+    let (train, _) = entry(dir.path(), "train", "");
+    assert_eq!(train["epoch_losses"].as_array().unwrap().len(), 1, "{train}");
 }
