@@ -150,10 +150,14 @@ where
     }
     let part = shards(n, world.ranks).swap_remove(world.rank);
     let reduce = team.devices.first().map_or(Reduce::Hub, Reduce::for_devices::<B>);
-    let step = data_parallel_reducing(model, team.devices, part, n, payloads, work, reduce);
     if world.is_single() {
-        return Ok(step);
+        return Ok(data_parallel_reducing(model, team.devices, part, n, None, payloads, work, reduce));
     }
+    // Every rank draws the seeds of every rank's shards from its generator (the same on all),
+    // and takes its own: the ranks' drop-path masks differ as the shards of one process do.
+    let local = team.devices.len();
+    let seeds = drop_path_seeds(model, &team.devices[0], world.ranks * local)[world.rank * local..(world.rank + 1) * local].to_vec();
+    let step = data_parallel_reducing(model, team.devices, part, n, Some(seeds), payloads, work, reduce);
     all_reduce_step(model, world, step)
 }
 
@@ -232,11 +236,13 @@ impl Reduce {
 }
 
 /// The shards of examples `part` of a global batch of `n`, on `devices`.
+#[allow(clippy::too_many_arguments)]
 fn data_parallel_reducing<B, P, T>(
     model: &Model<B>,
     devices: &[B::Device],
     part: Range<usize>,
     n: usize,
+    seeds: Option<Vec<Option<u64>>>,
     payloads: Vec<P>,
     work: impl Fn(&Model<B>, Range<usize>, P, f32) -> ShardResult<B, T> + Sync,
     reduce: Reduce,
@@ -253,14 +259,19 @@ where
         let payload = payloads.into_iter().next().expect("one payload per device");
         let range = ranges[0].clone();
         let weight = if range.len() == n { 1.0 } else { range.len() as f32 / n as f32 };
-        let (loss, grads, total) = work(model, range, payload, weight);
+        let seed = seeds.and_then(|s| s.first().copied().flatten());
+        let shard = || work(model, range, payload, weight);
+        let (loss, grads, total) = match seed {
+            Some(seed) => crate::model::with_drop_path_seed(seed, shard),
+            None => shard(),
+        };
         return Step { loss, grads: GradientsParams::from_grads(grads, model), total };
     }
     let main = &devices[0];
     // Shards that share a GPU run in turn on it: threads would only contend for it. On the CPU
     // each shard gets a thread of its own (see `backend::concurrent_shards`).
     let concurrent = crate::backend::concurrent_shards::<B>(main);
-    let seeds = drop_path_seeds(model, main, ranges.len());
+    let seeds = seeds.unwrap_or_else(|| drop_path_seeds(model, main, ranges.len()));
     let mut groups: Vec<Group<'_, B::Device, P>> = Vec::new();
     for (((range, device), payload), seed) in ranges.into_iter().zip(devices).zip(payloads).zip(seeds) {
         match groups.iter_mut().find(|(d, _)| *d == device && !concurrent) {
@@ -383,7 +394,7 @@ mod tests {
     fn grads(model: &Model<B>, devices: &[NdArrayDevice], images: &[f32], labels: &[i64], reduce: Reduce) -> (f64, Vec<f32>) {
         let n = labels.len();
         let per = images.len() / n;
-        let step = data_parallel_reducing(model, devices, 0..n, n, vec![(); devices.len()], |m, range, (), weight| {
+        let step = data_parallel_reducing(model, devices, 0..n, n, None, vec![(); devices.len()], |m, range, (), weight| {
             let device = m.device();
             let x = crate::model::float_tensor::<B, 4>(images[range.start * per..range.end * per].to_vec(), [range.len(), 3, 16, 16], &device);
             let t = targets_tensor::<B>(crate::data::mix::soft_targets(&labels[range.clone()], 5, 0.0, 1.0), 5, &device);
