@@ -28,6 +28,7 @@ pub fn run(args: &RunArgs, cache: &Cache) -> Result<()> {
     let pipeline = load(&args.pipeline, &args.overrides)?;
     let p = &pipeline.pipeline;
     check_memory(&pipeline)?;
+    pipeline::check_ranks(&pipeline, args.world.ranks)?;
     let device_name = pipeline.device_name();
     let mut plan = pipeline::plan(&pipeline, cache, &args.force, &device_name)?;
     if args.dry_run {

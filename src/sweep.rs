@@ -545,20 +545,43 @@ pub fn slurm_script(sweep_path: &Path, with: &[PathBuf], runner: &Path, cache: &
     let s = &sweep.file.slurm;
     let shards = s.shards.unwrap_or(sweep.points.len()).clamp(1, sweep.points.len());
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let cwd = std::env::current_dir()?;
-    let logs = abs(&base.pipeline.runs_dir.join("sweeps").join(&sweep.name));
+    let logs = base.pipeline.runs_dir.join("sweeps").join(&sweep.name);
     let gpus = sweep.file.devices_per_point;
     // A GPU task sees its GPUs as 0..n; the CPU backend has the one device 0, split in shards.
     let cpu = base.pipeline.backend.cpu_only();
     let devices = (0..gpus).map(|d| if cpu { "0".into() } else { d.to_string() }).collect::<Vec<_>>().join(",");
-    let mut out = String::from("#!/bin/bash\n");
-    out.push_str(&format!("# Written by `runner sweep {} --emit-slurm`: {} points in {shards} array tasks.\n", sweep_path.display(), sweep.points.len()));
-    out.push_str("# Submit with `sbatch` from any directory; the cache must be on a filesystem every node sees.\n");
-    out.push_str(&format!("#SBATCH --job-name=nvit-{}\n", sweep.name));
-    out.push_str(&format!("#SBATCH --array=1-{shards}\n"));
-    out.push_str("#SBATCH --ntasks=1\n");
+    let mut resources = vec![format!("--array=1-{shards}"), "--ntasks=1".to_string()];
     if !cpu {
-        out.push_str(&format!("#SBATCH --gpus-per-task={gpus}\n"));
+        resources.push(format!("--gpus-per-task={gpus}"));
+    }
+    let written_by = format!("`runner sweep {} --emit-slurm`: {} points in {shards} array tasks", sweep_path.display(), sweep.points.len());
+    let mut out = slurm_preamble(&written_by, &sweep.name, &resources, s, &logs, "slurm-%A_%a.out", cache)?;
+    out.push_str("# Slurm makes the task's GPUs visible as 0..n-1.\n");
+    let with: String = with.iter().map(|w| format!(" --with {}", shell_quote(&abs(w)))).collect();
+    out.push_str(&format!(
+        "exec {} sweep {}{with} --shard \"$SLURM_ARRAY_TASK_ID/{shards}\" --devices {devices}\n",
+        shell_quote(&abs(runner)),
+        shell_quote(&abs(sweep_path))
+    ));
+    Ok(out)
+}
+
+/// What both `--emit-slurm` scripts begin with: the `#SBATCH` lines (the job's own
+/// `resources`, then `s`'s), the log file under `logs` (created), strict mode, the submitting
+/// directory and the cache.
+fn slurm_preamble(written_by: &str, job: &str, resources: &[String], s: &SlurmSection, logs: &Path, log_file: &str, cache: &Cache) -> Result<String> {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let logs = abs(logs);
+    let logs_text = logs.display().to_string();
+    if logs_text.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        bail!("{logs_text:?}: the log folder goes into `#SBATCH --output=`, which takes no spaces or line breaks\n  hint: set pipeline.runs_dir to a path without them");
+    }
+    let mut out = String::from("#!/bin/bash\n");
+    out.push_str(&format!("# Written by {written_by}.\n"));
+    out.push_str("# Submit with `sbatch` from any directory; the cache must be on a filesystem every node sees.\n");
+    out.push_str(&format!("#SBATCH --job-name=nvit-{job}\n"));
+    for line in resources {
+        out.push_str(&format!("#SBATCH {line}\n"));
     }
     out.push_str(&format!("#SBATCH --cpus-per-task={}\n#SBATCH --mem={}\n#SBATCH --time={}\n", s.cpus_per_task, s.mem, s.time));
     if let Some(p) = &s.partition {
@@ -567,21 +590,10 @@ pub fn slurm_script(sweep_path: &Path, with: &[PathBuf], runner: &Path, cache: &
     for e in &s.extra {
         out.push_str(&format!("#SBATCH {e}\n"));
     }
-    let logs_text = logs.display().to_string();
-    if logs_text.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        bail!("{logs_text:?}: the sweep's log folder goes into `#SBATCH --output=`, which takes no spaces or line breaks\n  hint: set pipeline.runs_dir to a path without them");
-    }
-    out.push_str(&format!("#SBATCH --output={logs_text}/slurm-%A_%a.out\n\n"));
+    out.push_str(&format!("#SBATCH --output={logs_text}/{log_file}\n\n"));
     out.push_str("set -euo pipefail\n");
-    out.push_str(&format!("cd {}\n", shell_quote(&cwd)));
+    out.push_str(&format!("cd {}\n", shell_quote(&std::env::current_dir()?)));
     out.push_str(&format!("[ -n \"${{RUNNER_CACHE:-}}\" ] || export RUNNER_CACHE={}\n", shell_quote(&abs(&cache.root))));
-    out.push_str("# Slurm makes the task's GPUs visible as 0..n-1.\n");
-    let with: String = with.iter().map(|w| format!(" --with {}", shell_quote(&abs(w)))).collect();
-    out.push_str(&format!(
-        "exec {} sweep {}{with} --shard \"$SLURM_ARRAY_TASK_ID/{shards}\" --devices {devices}\n",
-        shell_quote(&abs(runner)),
-        shell_quote(&abs(sweep_path))
-    ));
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     Ok(out)
 }
@@ -606,28 +618,17 @@ pub fn run_slurm_script(pipeline: &crate::config::Pipeline, args: &[String], nod
     if args.iter().any(|a| a.chars().any(|c| c.is_control())) {
         bail!("an argument holds a control character (a line break?): the script passes arguments as words and refuses those");
     }
+    crate::pipeline::check_ranks(pipeline, ranks)?;
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let p = &pipeline.pipeline;
-    let s = SlurmSection::default();
-    let logs = abs(&p.runs_dir.join("slurm"));
-    let logs_text = logs.display().to_string();
-    if logs_text.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        bail!("{logs_text:?}: the log folder goes into `#SBATCH --output=`, which takes no spaces or line breaks\n  hint: set pipeline.runs_dir to a path without them");
-    }
     let name: String = p.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
     let gpu = !p.backend.cpu_only();
-    let mut out = String::from("#!/bin/bash\n");
-    out.push_str(&format!("# Written by `runner run {} --emit-slurm`: {ranks} ranks, {ranks_per_node} on each of {nodes} nodes.\n", pipeline.path.display()));
-    out.push_str("# Submit with `sbatch` from any directory; the cache must be on a filesystem every node sees.\n");
-    out.push_str(&format!("#SBATCH --job-name=nvit-{name}\n#SBATCH --nodes={nodes}\n#SBATCH --ntasks-per-node={ranks_per_node}\n"));
+    let mut resources = vec![format!("--nodes={nodes}"), format!("--ntasks-per-node={ranks_per_node}")];
     if gpu {
-        out.push_str(&format!("#SBATCH --gpus-per-node={ranks_per_node}\n"));
+        resources.push(format!("--gpus-per-node={ranks_per_node}"));
     }
-    out.push_str(&format!("#SBATCH --cpus-per-task={}\n#SBATCH --time={}\n", s.cpus_per_task, s.time));
-    out.push_str(&format!("#SBATCH --output={logs_text}/{name}-%j.out\n\n"));
-    out.push_str("set -euo pipefail\n");
-    out.push_str(&format!("cd {}\n", shell_quote(&std::env::current_dir()?)));
-    out.push_str(&format!("[ -n \"${{RUNNER_CACHE:-}}\" ] || export RUNNER_CACHE={}\n", shell_quote(&abs(&cache.root))));
+    let written_by = format!("`runner run {} --emit-slurm`: {ranks} ranks, {ranks_per_node} on each of {nodes} nodes", pipeline.path.display());
+    let mut out = slurm_preamble(&written_by, &name, &resources, &SlurmSection::default(), &p.runs_dir.join("slurm"), &format!("{name}-%j.out"), cache)?;
     out.push_str("# One task per rank; SLURM_LOCALID picks the task's GPU on its node. A rank that fails ends the job.\n");
     let device = if gpu { "\"$SLURM_LOCALID\"" } else { "0" };
     let words: String = args.iter().map(|a| format!(" {}", quote(a))).collect();
@@ -636,7 +637,6 @@ pub fn run_slurm_script(pipeline: &crate::config::Pipeline, args: &[String], nod
         shell_quote(&abs(runner)),
         shell_quote(&abs(&pipeline.path))
     ));
-    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     Ok(out)
 }
 

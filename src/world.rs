@@ -31,6 +31,8 @@ pub struct World {
     /// `host:port` of the coordinator, which rank 0 serves; every rank's tensor service
     /// listens on `port + 1 + rank`.
     pub coordinator: String,
+    /// The coordinator's port.
+    pub port: u16,
     /// This rank's host name as the others reach it.
     pub host: String,
     /// Every rank's host, once joined (`join`): where a rank that stopped answering is probed.
@@ -47,10 +49,13 @@ pub struct WorldArgs {
     pub slurm: bool,
 }
 
+/// One process alone: no collective.
+pub static SINGLE: World = World { rank: 0, ranks: 1, coordinator: String::new(), port: 0, host: String::new(), hosts: Vec::new() };
+
 impl World {
     /// One process alone: no collective.
     pub fn single() -> Self {
-        World { rank: 0, ranks: 1, coordinator: String::new(), host: String::new(), hosts: Vec::new() }
+        SINGLE.clone()
     }
 
     pub fn is_single(&self) -> bool {
@@ -97,7 +102,7 @@ impl World {
         if host.len() > MAX_HOST {
             bail!("the host name {host:?} is longer than {MAX_HOST} bytes");
         }
-        Ok(World { rank, ranks, coordinator: coordinator.to_string(), host: host.to_string(), hosts: Vec::new() })
+        Ok(World { rank, ranks, coordinator: coordinator.to_string(), port, host: host.to_string(), hosts: Vec::new() })
     }
 
     /// The world of a task of `srun`: `SLURM_PROCID` of `SLURM_NTASKS`; the coordinator on the
@@ -122,9 +127,8 @@ impl World {
     }
 
     /// The coordinator's port and the port of `rank`'s tensor service.
-    pub fn ports(&self, rank: usize) -> Result<(u16, u16)> {
-        let (_, port) = split_host_port(&self.coordinator)?;
-        Ok((port, port + 1 + rank as u16))
+    pub fn ports(&self, rank: usize) -> (u16, u16) {
+        (self.port, self.port + 1 + rank as u16)
     }
 
     /// The coordinator's address, resolved: a rank that cannot reach it is told so before it
@@ -188,6 +192,22 @@ pub fn agree<B: burn::tensor::backend::Backend>(world: &World, device: &B::Devic
     Ok(rows[0][DIGEST] == 1)
 }
 
+/// Refuses replicas that differ: every rank's `digest` of its model (hex) against rank 0's,
+/// with `RUNNER_CHECK_REPLICAS=1` before every step (the tests' proof that the ranks step alike).
+pub fn check_replicas<B: burn::tensor::backend::Backend>(world: &World, device: &B::Device, digest: &str) -> Result<()> {
+    let rows = gather::<B>(world, device, &digest_bytes(digest))?;
+    if let Some((r, row)) = rows.iter().enumerate().skip(1).find(|(_, row)| **row != rows[0]) {
+        bail!("rank {r}'s replica ({}) is not rank 0's ({}): the ranks no longer take the same steps", hex::encode(row), hex::encode(&rows[0]));
+    }
+    Ok(())
+}
+
+/// Whether `RUNNER_CHECK_REPLICAS=1` asks the ranks to compare their replicas before every step.
+pub fn checks_replicas() -> bool {
+    static CHECK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHECK.get_or_init(|| std::env::var("RUNNER_CHECK_REPLICAS").is_ok_and(|v| v == "1"))
+}
+
 /// Without burn's collective only one rank exists (`World::new` refuses more): these are the
 /// identity.
 #[cfg(not(feature = "collective"))]
@@ -233,7 +253,7 @@ mod collective {
         if world.is_single() {
             return Ok(());
         }
-        let (port, own) = world.ports(world.rank)?;
+        let (port, own) = world.ports(world.rank);
         let free = |p: u16, what: &str| -> Result<()> {
             std::net::TcpListener::bind(("0.0.0.0", p)).map(drop).with_context(|| {
                 format!("rank {}: port {p} ({what}) is taken on {}\n  hint: choose another --coordinator port, or end what holds it", world.rank, world.host)
@@ -388,7 +408,7 @@ mod collective {
     /// gone (a TCP connect and nothing more).
     pub fn probe(world: &World, rank: usize) -> Result<()> {
         let Some(host) = world.hosts.get(rank) else { return Ok(()) };
-        let (_, port) = world.ports(rank)?;
+        let (_, port) = world.ports(rank);
         let addr = (host.as_str(), port).to_socket_addrs().ok().and_then(|mut a| a.next());
         if let Some(addr) = addr {
             if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err() {

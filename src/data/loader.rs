@@ -45,6 +45,25 @@ pub struct Loader {
     on_bad_image: OnBadImage,
     pool: Arc<rayon::ThreadPool>,
     skipped: Arc<AtomicUsize>,
+    rank: Option<RankRows>,
+}
+
+/// The rows of every batch one rank of a job decodes: its part of the global batch and, when
+/// Mixup or CutMix mixes each image with its mirror (`n - 1 - i`), those mirrors. The other
+/// rows are left zero; their labels are kept (mixed targets need them).
+#[derive(Debug, Clone, Copy)]
+struct RankRows {
+    ranks: usize,
+    rank: usize,
+    mirrored: bool,
+}
+
+impl RankRows {
+    fn needed(&self, n: usize) -> impl Fn(usize) -> bool {
+        let part = shards(n, self.ranks).get(self.rank).cloned().unwrap_or(0..0);
+        let mirrored = self.mirrored;
+        move |i| part.contains(&i) || (mirrored && part.contains(&(n - 1 - i)))
+    }
 }
 
 pub struct LoaderOptions {
@@ -80,7 +99,19 @@ impl Loader {
             on_bad_image: options.on_bad_image,
             pool: Arc::new(pool),
             skipped: Arc::new(AtomicUsize::new(0)),
+            rank: None,
         }
+    }
+
+    /// A loader for rank `rank` of `ranks` that decodes only the rows of each batch that rank
+    /// trains on (`mirrored`: and the images Mixup or CutMix mixes them with). Under
+    /// `on_bad_image = "skip"` every rank still decodes the whole batch: which images remain,
+    /// and so where the ranks' parts begin, is known only once all are read.
+    pub fn for_rank(mut self, ranks: usize, rank: usize, mirrored: bool) -> Self {
+        if ranks > 1 && self.on_bad_image != OnBadImage::Skip {
+            self.rank = Some(RankRows { ranks, rank, mirrored });
+        }
+        self
     }
 
     pub fn dataset(&self) -> &Arc<dyn Dataset> {
@@ -140,9 +171,15 @@ impl Loader {
     }
 
     fn make_batch(&self, indices: &[usize], epoch: u64) -> Result<Batch, DataError> {
+        let needed = self.rank.map(|rows| rows.needed(indices.len()));
+        let t = &self.transform;
         let items: Vec<Option<(Vec<f32>, i64)>> = indices
             .par_iter()
-            .map(|&i| {
+            .enumerate()
+            .map(|(row, &i)| {
+                if needed.as_ref().is_some_and(|needed| !needed(row)) {
+                    return Ok(Some((vec![0.0; t.channels * (t.size * t.size) as usize], self.dataset.label(i) as i64)));
+                }
                 let img = match self.dataset.image(i) {
                     Ok(img) => img,
                     Err(e @ DataError::BadImage { .. }) if self.on_bad_image == OnBadImage::Skip => {
@@ -158,7 +195,6 @@ impl Loader {
                 Ok(Some((out, self.dataset.label(i) as i64)))
             })
             .collect::<Result<_, DataError>>()?;
-        let t = &self.transform;
         let mut images = Vec::with_capacity(items.len() * t.channels * (t.size * t.size) as usize);
         let mut labels = Vec::with_capacity(items.len());
         for (pixels, label) in items.into_iter().flatten() {
@@ -168,6 +204,21 @@ impl Loader {
         let shape = [labels.len(), t.channels, t.size as usize, t.size as usize];
         Ok(Batch { images, labels, shape })
     }
+}
+
+/// `n` examples in at most `parts` contiguous, non-empty shards whose sizes differ by one at most.
+pub fn shards(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.clamp(1, n.max(1));
+    let (base, extra) = (n / parts, n % parts);
+    let mut start = 0;
+    (0..parts)
+        .map(|k| {
+            let len = base + usize::from(k < extra);
+            start += len;
+            start - len..start
+        })
+        .filter(|r| !r.is_empty())
+        .collect()
 }
 
 /// SplitMix64 of three words: independent streams per (seed, epoch, index).
@@ -211,6 +262,24 @@ mod tests {
         assert_eq!(a[2].0.len(), 2);
         assert_eq!(a[0].1.len(), 4 * 3 * 8 * 8);
         assert_ne!(a, collect(&one, 1), "a new epoch reshuffles");
+    }
+
+    #[test]
+    fn a_rank_decodes_its_part_and_the_mirrors_it_mixes_with() {
+        let full: Vec<Batch> = loader(2).epoch(0).into_iter().map(|b| b.unwrap()).collect();
+        let per = 3 * 8 * 8;
+        let decoded = |batch: &Batch| -> Vec<usize> { (0..batch.labels.len()).filter(|&i| batch.images[i * per..(i + 1) * per].iter().any(|&v| v != 0.0)).collect() };
+        for (mirrored, rows) in [(false, vec![2]), (true, vec![1, 2])] {
+            let rank: Vec<Batch> = loader(2).for_rank(3, 1, mirrored).epoch(0).into_iter().map(|b| b.unwrap()).collect();
+            // A batch of 4 in 3 parts: rank 1 trains on row 2, whose mirror is row 1.
+            assert_eq!(decoded(&rank[0]), rows);
+            for &i in &rows {
+                assert_eq!(rank[0].images[i * per..(i + 1) * per], full[0].images[i * per..(i + 1) * per]);
+            }
+            assert_eq!(rank[0].labels, full[0].labels, "every row keeps its label");
+        }
+        let whole: Vec<Batch> = loader(2).for_rank(1, 0, false).epoch(0).into_iter().map(|b| b.unwrap()).collect();
+        assert_eq!(whole[0].images, full[0].images, "one rank decodes everything");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub use idx::{write_idx, IdxDataset};
 pub use imagefolder::ImageFolder;
-pub use loader::{Batch, Loader};
+pub use loader::{shards, Batch, Loader};
 pub use synthetic::Synthetic;
 pub use transforms::{Mode, TrainAugment, Transform};
 

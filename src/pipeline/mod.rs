@@ -287,6 +287,20 @@ pub fn run(pipeline: &Pipeline, plan: &mut Plan, cache: &Cache, device_name: &st
     crate::backend::dispatch(p.backend, &p.devices, Execute { pipeline, plan, cache, device_name, run_dir, log, world })
 }
 
+/// Refuses, naming each key, settings that `ranks` processes cannot run together: before the
+/// ranks join (and before `--emit-slurm` writes a script that would fail).
+pub fn check_ranks(pipeline: &Pipeline, ranks: usize) -> Result<()> {
+    let problems: Vec<String> = pipeline
+        .stages
+        .iter()
+        .flat_map(|spec| spec.settings.unsupported_with_ranks(spec.kind, ranks).into_iter().map(move |(key, message)| format!("stages.{}.{key} = {message}", spec.name)))
+        .collect();
+    if !problems.is_empty() {
+        anyhow::bail!("{}: {}", pipeline.path.display(), problems.join("\n"));
+    }
+    Ok(())
+}
+
 /// What the ranks of one job must share, compared at the join: the runner's code, the resolved
 /// pipeline, and the plan (every stage's cache key, as far as it is known before running).
 fn identity(pipeline: &Pipeline, plan: &Plan) -> Result<crate::world::Identity> {
@@ -294,12 +308,6 @@ fn identity(pipeline: &Pipeline, plan: &Plan) -> Result<crate::world::Identity> 
     let code: String = crate::sources::SOURCES.iter().map(|(path, hash)| format!("{path} {hash}\n")).collect();
     let keys: String = plan.stages.iter().map(|s| format!("{} {}\n", s.spec.name, s.key)).collect();
     Ok(vec![("runner build", digest(code.as_bytes())), ("pipeline", digest(&serde_json::to_vec(pipeline)?)), ("stage keys", digest(keys.as_bytes()))])
-}
-
-/// Whether the ranks of a job run this stage together; the others run on rank 0 alone while
-/// the other ranks wait for its entry.
-fn together(spec: &StageSpec) -> bool {
-    matches!(spec.kind, stages::StageKind::Train | stages::StageKind::Distill | stages::StageKind::Prune | stages::StageKind::HessianScores)
 }
 
 /// A stage's key once its inputs are known (keys that waited on an input's digest), and
@@ -329,7 +337,7 @@ fn follow<B: AutodiffBackend>(pipeline: &Pipeline, plan: &mut Plan, cache: &Cach
     for planned in &mut plan.stages {
         settle_key(planned, &digests, &keys, cache);
         let spec = &planned.spec;
-        if together(spec) && crate::world::agree::<B::InnerBackend>(world, &devices[0], &spec.name, &planned.key, None)? {
+        if spec.kind.trains() && crate::world::agree::<B::InnerBackend>(world, &devices[0], &spec.name, &planned.key, None)? {
             log.info(&format!("rank {}: {}: running {} with rank 0", world.rank, spec.name, spec.kind.name()));
             let ctx = stage_context::<B>(pipeline, planned, cache, cache.entry_dir(&planned.key), devices, device_name, log, world);
             stages::run(&ctx).with_context(|| format!("stage `{}` ({}) failed on rank {}", spec.name, spec.kind.name(), world.rank))?;
@@ -398,7 +406,7 @@ pub fn execute<B: AutodiffBackend>(
         };
         let (manifest, how) = match cached {
             Some((manifest, lock)) => {
-                if together(spec) {
+                if spec.kind.trains() {
                     crate::world::agree::<B::InnerBackend>(world, &devices[0], &spec.name, &planned.key, Some(false))?;
                 }
                 cache.touch(&planned.key);
@@ -501,7 +509,7 @@ fn run_stage<B: AutodiffBackend>(
     };
     let (lock, found) = cache.lock(&planned.key, waiting, &usable)?;
     let found = found.or_else(&usable);
-    if together(spec) {
+    if spec.kind.trains() {
         crate::world::agree::<B::InnerBackend>(world, &devices[0], &spec.name, &planned.key, Some(found.is_none()))?;
     }
     if let Some(done) = found {

@@ -56,6 +56,12 @@ pub enum StageKind {
 pub type KeyDoc = (&'static str, &'static str, &'static str);
 
 impl StageKind {
+    /// Whether the stage trains (backward passes over training batches): the stages the ranks
+    /// of a job run together, each on its part of every batch.
+    pub fn trains(self) -> bool {
+        matches!(self, StageKind::Train | StageKind::Distill | StageKind::Prune | StageKind::HessianScores)
+    }
+
     pub const ALL: [StageKind; 8] = [
         StageKind::LoadPretrained,
         StageKind::Train,
@@ -260,6 +266,36 @@ impl StageSettings {
         p
     }
 
+    /// The key of the images one step takes and its value (an evaluation's larger batch).
+    pub fn batch(&self) -> Option<(&'static str, usize)> {
+        match self {
+            StageSettings::Train(s) | StageSettings::Distill(DistillSettings(s)) => Some(("batch_size", s.batch_size)),
+            StageSettings::Prune(s) => Some(("batch_size", s.batch_size)),
+            StageSettings::HessianScores(s) => Some(("batch_size", s.batch_size)),
+            StageSettings::Evaluate(s) => Some(("throughput_batch", s.throughput_batch.max(s.batch_size))),
+            StageSettings::ProfileLatency(s) => Some(("batch_size", s.batch_size)),
+            StageSettings::LoadPretrained(_) | StageSettings::Report(_) => None,
+        }
+    }
+
+    /// Settings `ranks` processes cannot run together, as `(key, message)`: known from the
+    /// pipeline file, so they fail before the ranks join.
+    pub fn unsupported_with_ranks(&self, kind: StageKind, ranks: usize) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if ranks < 2 || !kind.trains() {
+            return p;
+        }
+        if let Some((key, batch)) = self.batch().filter(|&(_, batch)| batch < ranks) {
+            p.push((key.into(), format!("{batch}: {ranks} ranks share every batch, one example at least each\n  hint: raise it to {ranks} or more (it stays the global batch)")));
+        }
+        if let StageSettings::Prune(s) = self {
+            if s.stop_on == prune::StopOn::Measured {
+                p.push(("stop_on".into(), format!("\"measured\" with {ranks} ranks: each rank would time the model on its own device and decide apart\n  hint: prune on one process (the ranks can fine-tune after it), or stop_on = \"estimated\"")));
+            }
+        }
+        p
+    }
+
     /// Impossible values as `(key, message)`.
     pub fn validate(&self) -> Vec<(String, String)> {
         match self {
@@ -327,14 +363,8 @@ pub fn key_extra(spec: &StageSpec, device_name: &str) -> BTreeMap<String, String
 /// training on an allocation abort. Counts the input and the activations of a forward pass
 /// (of every block, for training stages), in f32.
 pub fn memory_needed(spec: &StageSpec, model: &ModelConfig) -> Option<(String, usize, f64)> {
-    let (key, batch, training) = match &spec.settings {
-        StageSettings::Train(s) | StageSettings::Distill(DistillSettings(s)) => ("batch_size", s.batch_size, true),
-        StageSettings::Prune(s) => ("batch_size", s.batch_size, true),
-        StageSettings::HessianScores(s) => ("batch_size", s.batch_size, true),
-        StageSettings::Evaluate(s) => ("throughput_batch", s.throughput_batch.max(s.batch_size), false),
-        StageSettings::ProfileLatency(s) => ("batch_size", s.batch_size, false),
-        StageSettings::LoadPretrained(_) | StageSettings::Report(_) => return None,
-    };
+    let (key, batch) = spec.settings.batch()?;
+    let training = spec.kind.trains();
     let mut blocks: Vec<f64> = Vec::new();
     for (stage, (e, dims)) in model.stages().iter().enumerate() {
         let (n, windows) = model.attention_shape(stage);
@@ -449,7 +479,7 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
                 ..TrainAugment::basic(data.crop_scale, data.hflip)
             });
         }
-        Ok(Loader::new(
+        let loader = Loader::new(
             dataset,
             transform,
             LoaderOptions {
@@ -461,7 +491,16 @@ impl<B: AutodiffBackend> StageContext<'_, B> {
                 prefetch: data.prefetch,
                 on_bad_image: data.on_bad_image,
             },
-        ))
+        );
+        Ok(if self.spec.kind.trains() { loader.for_rank(self.world.ranks, self.world.rank, self.mixes()) } else { loader })
+    }
+
+    /// Whether the stage mixes each image with its batch mirror (Mixup or CutMix).
+    fn mixes(&self) -> bool {
+        match &self.spec.settings {
+            StageSettings::Train(s) | StageSettings::Distill(DistillSettings(s)) => s.mixup > 0.0 || s.cutmix > 0.0,
+            _ => false,
+        }
     }
 }
 

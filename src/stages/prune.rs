@@ -393,13 +393,6 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
     let Some(dense) = ctx.input_model::<B>(device)? else {
         anyhow::bail!("prune needs a model: give it an `input` stage");
     };
-    if s.stop_on == StopOn::Measured && !ctx.world.is_single() {
-        anyhow::bail!(
-            "stages.{}.stop_on = \"measured\" with {} ranks: each rank would time the model on its own device and decide apart\n  hint: prune on one process (the ranks can fine-tune after it), or stop_on = \"estimated\"",
-            ctx.spec.name,
-            ctx.world.ranks
-        );
-    }
     let table = ModelLatency::from_json(&ctx.stage_dir(&s.latency)?.join("latency.json"))
         .with_context(|| format!("reading the latency table of stage `{}`", s.latency))?;
     table.check(&dense.config()).with_context(|| format!("the latency table of stage `{}`", s.latency))?;

@@ -12,6 +12,8 @@
 
 use std::ops::Range;
 
+use crate::data::shards;
+
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
@@ -30,8 +32,7 @@ pub struct Team<'a, D> {
 impl<'a, D> Team<'a, D> {
     /// `devices` of this process alone.
     pub fn local(devices: &'a [D]) -> Self {
-        static SINGLE: std::sync::OnceLock<World> = std::sync::OnceLock::new();
-        Team { devices, world: SINGLE.get_or_init(World::single) }
+        Team { devices, world: &crate::world::SINGLE }
     }
 }
 
@@ -85,20 +86,6 @@ impl Summed for crate::prune::Masks {
     }
 }
 
-/// `n` examples in at most `parts` contiguous, non-empty shards whose sizes differ by one at most.
-pub fn shards(n: usize, parts: usize) -> Vec<Range<usize>> {
-    let parts = parts.clamp(1, n.max(1));
-    let (base, extra) = (n / parts, n % parts);
-    let mut start = 0;
-    (0..parts)
-        .map(|k| {
-            let len = base + usize::from(k < extra);
-            start += len;
-            start - len..start
-        })
-        .filter(|r| !r.is_empty())
-        .collect()
-}
 
 /// One step's result over all shards of all ranks.
 pub struct Step<T> {
@@ -148,6 +135,9 @@ where
     if n < world.ranks {
         anyhow::bail!("a batch of {n} examples cannot be shared by {} ranks: raise the batch size to at least {}", world.ranks, world.ranks);
     }
+    if !world.is_single() && crate::world::checks_replicas() {
+        crate::world::check_replicas::<B::InnerBackend>(world, &team.devices[0], &replica_digest(model))?;
+    }
     let part = shards(n, world.ranks).swap_remove(world.rank);
     let reduce = team.devices.first().map_or(Reduce::Hub, Reduce::for_devices::<B>);
     if world.is_single() {
@@ -159,6 +149,21 @@ where
     let seeds = drop_path_seeds(model, &team.devices[0], world.ranks * local)[world.rank * local..(world.rank + 1) * local].to_vec();
     let step = data_parallel_reducing(model, team.devices, part, n, Some(seeds), payloads, work, reduce);
     all_reduce_step(model, world, step)
+}
+
+/// SHA-256 (hex) of every parameter's bytes, in the model's order.
+fn replica_digest<B: AutodiffBackend>(model: &Model<B>) -> String {
+    use burn::module::{ModuleVisitor, Param};
+    use sha2::Digest;
+    struct Hash(sha2::Sha256);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Hash {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.update(param.val().into_data().as_bytes());
+        }
+    }
+    let mut hash = Hash(sha2::Sha256::new());
+    model.visit(&mut hash);
+    hex::encode(hash.0.finalize())
 }
 
 /// The step's gradients, loss and totals summed over the ranks in one buffer: the gradients in

@@ -164,6 +164,28 @@ impl GlobalCollectiveState {
         Ok(())
     }
 
+    /// Ids in the order of each node's lowest peer id rather than of arrival: the ring is
+    /// ordered by node id and floats add in ring order, so arrival order made the sums differ
+    /// from run to run.
+    fn number_nodes_by_peer(&mut self) {
+        let lowest_peer = |peers: &Vec<PeerId>| peers.iter().map(|peer| peer.0).min().unwrap_or(u32::MAX);
+        let mut arrived: Vec<NodeId> = self.node_peers.keys().cloned().collect();
+        arrived.sort_by_key(|node| (lowest_peer(&self.node_peers[node]), *node));
+        let renumber: HashMap<NodeId, NodeId> = arrived
+            .into_iter()
+            .enumerate()
+            .map(|(position, node)| (node, position.into()))
+            .collect();
+        for node in self.registered_nodes.values_mut() {
+            *node = renumber[node];
+        }
+        for (_, _, node) in self.register_requests.iter_mut() {
+            *node = renumber[node];
+        }
+        self.node_addresses = self.node_addresses.drain().map(|(node, address)| (renumber[&node], address)).collect();
+        self.node_peers = self.node_peers.drain().map(|(node, peers)| (renumber[&node], peers)).collect();
+    }
+
     async fn register(
         &mut self,
         session_id: SessionId,
@@ -197,6 +219,7 @@ impl GlobalCollectiveState {
             .push((session_id, request_id, node_id));
 
         if self.registered_nodes.len() == num_nodes as usize {
+            self.number_nodes_by_peer();
             let mut callbacks = vec![];
             core::mem::swap(&mut callbacks, &mut self.register_requests);
 
