@@ -106,7 +106,8 @@ pub enum Command {
         stage: String,
         #[arg(long, value_enum, default_value = "safetensors")]
         format: crate::export::Format,
-        /// The folder to write into (safetensors, created if missing) or the file (onnx).
+        /// The folder to write into (safetensors, created if missing) or the file (onnx; `-`
+        /// for standard output). Only a new or regular file is written over.
         #[arg(long)]
         out: PathBuf,
         #[arg(long = "with", value_name = "FILE")]
@@ -130,7 +131,8 @@ pub enum Command {
         top: usize,
         #[arg(long, default_value_t = 64, value_parser = at_least_one())]
         batch: usize,
-        /// Write the CSV here instead of to standard output.
+        /// Write the CSV here instead of to standard output (`-`). Only a new or regular file
+        /// that is not one of the images is written over.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Backend to run on (default: the pipeline's, on its first device); the model is the

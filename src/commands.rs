@@ -199,6 +199,10 @@ pub fn parse_keep_days(text: &str) -> Result<f64, String> {
     }
 }
 
+/// How deep and how far `cache gc` looks for pipeline files under `--pipelines`.
+const GC_MAX_DEPTH: usize = 8;
+const GC_MAX_ENTRIES: usize = 100_000;
+
 /// `runner cache gc`: removes entries that no pipeline or sweep point under `dir` references
 /// and that were not used within `keep_days`. Entries of a pipeline that cannot be resolved now
 /// (its dataset is missing, say) are kept; a sweep that cannot be expanded stops it.
@@ -208,11 +212,20 @@ pub fn cache_gc(cache: &Cache, dir: &Path, keep_days: f64, dry_run: bool) -> Res
     let mut kept_pipelines = HashSet::new();
     let mut notes = String::new();
     let mut found = 0;
-    let files = walkdir::WalkDir::new(dir).sort_by_file_name().into_iter().filter_map(|e| e.ok());
-    for entry in files.filter(|e| e.path().extension().is_some_and(|x| x == "toml")) {
+    // Bounded: `--pipelines /` would otherwise walk the whole machine.
+    let mut walked = 0usize;
+    let files = walkdir::WalkDir::new(dir).max_depth(GC_MAX_DEPTH).sort_by_file_name().into_iter().filter_map(|e| e.ok());
+    for entry in files {
+        walked += 1;
+        if walked > GC_MAX_ENTRIES {
+            anyhow::bail!("--pipelines {}: more than {GC_MAX_ENTRIES} files and folders under it; nothing removed\n  hint: name the folder that holds your pipeline and sweep files", dir.display());
+        }
+        if !entry.path().extension().is_some_and(|x| x == "toml") {
+            continue;
+        }
         let path = entry.path();
         // Unreadable files go to `load`, whose error keeps their entries below.
-        let doc = std::fs::read_to_string(path).ok().and_then(|t| t.parse::<toml::Table>().ok());
+        let doc = crate::files::read_text(path).ok().and_then(|t| t.parse::<toml::Table>().ok());
         let pipelines = if doc.as_ref().is_some_and(|d| d.contains_key("grid")) {
             // The points are `--set` variants no pipeline file names: expand them.
             let (_, points) = crate::sweep::Sweep::read(path)
@@ -334,10 +347,13 @@ pub fn predict(args: &PredictArgs, cache: &Cache) -> Result<String> {
     let pipeline = load(args.pipeline, args.overrides)?;
     let dir = stage_model_dir(&pipeline, args.stage, cache)?;
     let files = crate::predict::image_files(args.images)?;
-    if let Some(out) = args.out {
+    let out = args.out.filter(|out| *out != Path::new("-"));
+    if let Some(out) = out {
         if out.is_dir() {
             anyhow::bail!("{}: is a folder\n  hint: name the CSV file to write, e.g. --out {}", out.display(), out.join("predictions.csv").display());
         }
+        crate::files::check_output(out)?;
+        crate::files::check_not_input(out, &files)?;
         if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create the folder of the output file", out.display()))?;
         }
@@ -358,7 +374,7 @@ pub fn predict(args: &PredictArgs, cache: &Cache) -> Result<String> {
         _ => backend::dispatch(p.backend, &p.devices[..1], job)?,
     };
     let csv = crate::predict::to_csv(&predictions, top, names.as_deref())?;
-    match args.out {
+    match out {
         Some(out) => {
             crate::files::atomic_write(out, csv.as_bytes())?;
             Ok(format!("{}: top {top} of {} images -> {}\n", args.stage, files.len(), out.display()))

@@ -124,7 +124,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
         }
     }
     for file in &overrides.with {
-        let doc = std::fs::read_to_string(file)
+        let doc = crate::files::read_text(file)
             .map_err(|e| format!("{}: cannot read (--with): {e}", file.display()))
             .and_then(|text| text.parse::<toml::Table>().map_err(|e| format!("{}: {e}", file.display())));
         match doc {
@@ -418,7 +418,7 @@ fn read_extends_chain(path: &Path) -> Result<Vec<(PathBuf, toml::Table)>, String
             return Err(format!("{}: more than {MAX_EXTENDS} files in its `extends` chain", path.display()));
         }
         seen.push(canonical);
-        let text = std::fs::read_to_string(&file).map_err(|e| {
+        let text = crate::files::read_text(&file).map_err(|e| {
             format!("{}: cannot read pipeline file: {e}", file.display())
         })?;
         let doc: toml::Table = toml::from_str(&text)
@@ -434,12 +434,13 @@ fn read_extends_chain(path: &Path) -> Result<Vec<(PathBuf, toml::Table)>, String
                 .as_str()
                 .ok_or_else(|| format!("{}: `extends` must be a file name string", file.display()))?;
             let base = file.parent().unwrap_or(Path::new(".")).join(base);
-            if !base.exists() {
-                return Err(format!(
-                    "{}: extends `{}`, which does not exist",
-                    file.display(),
-                    base.display()
-                ));
+            match std::fs::metadata(&base) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(format!("{}: extends `{}`, which does not exist", file.display(), base.display()));
+                }
+                // A loop of links, say: the system's words name it.
+                Err(e) => return Err(format!("{}: extends `{}`, which cannot be opened: {e}", file.display(), base.display())),
             }
             next = Some(base);
         }
@@ -459,6 +460,10 @@ struct SetOverride {
 
 impl SetOverride {
     fn parse(item: &str) -> Result<Self, String> {
+        // TOML would read a second line as another key and drop it with the value.
+        if item.chars().any(char::is_control) {
+            return Err(format!("--set {item:?}: holds a line break or another control character\n  hint: give one key.path=value per --set"));
+        }
         let (key, raw) = item
             .split_once('=')
             .ok_or_else(|| format!("--set {item}: expected key.path=value"))?;
@@ -491,6 +496,9 @@ impl Provider for SetOverride {
     }
 }
 
+/// The most stages a pipeline holds (the paper's runs have 8; planning is quadratic in them).
+pub const MAX_STAGES: usize = 256;
+
 fn check_unknown_keys(
     figment: &Figment,
     root: &Dict,
@@ -522,10 +530,19 @@ fn check_unknown_keys(
         errors.push(located(figment, "stages", "must be a table of [stages.NAME] tables"));
         return;
     };
+    if stages.len() > MAX_STAGES {
+        errors.push(located(figment, "stages", &format!("has {} stages: at most {MAX_STAGES}", stages.len())));
+        return;
+    }
     for (name, table) in stages {
         let path = format!("stages.{name}");
         if let Err(e) = crate::files::check_name(name) {
             errors.push(located(figment, "stages", &format!("stage name {e}\n  hint: rename the [stages.NAME] table")));
+            continue;
+        }
+        if name.contains('.') {
+            // Key paths (`--set stages.NAME.key`, the checks' own) split at dots.
+            errors.push(located(figment, "stages", &format!("stage name {name:?} contains `.`, which separates the parts of a key path\n  hint: rename the [stages.NAME] table with `_` or `-`")));
             continue;
         }
         let Value::Dict(_, table) = table else {

@@ -16,9 +16,10 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            use nvit::files::in_words;
+            eprintln!("error: {}", in_words(e.to_string()));
             for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                eprintln!("  caused by: {}", in_words(cause.to_string()));
             }
             if e.chain().any(|c| nvit::files::is_disk_full(&c.to_string())) {
                 eprintln!("  hint: the disk is full: free space (`runner cache gc`), or set RUNNER_CACHE to a disk with room; run the same command again to resume");
@@ -29,7 +30,7 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    let cache = Cache::from_env();
+    let cache = Cache::from_env()?;
     match cli.command {
         Command::Run { pipeline, with, mut set, backend, devices, force, dry_run, ranks, rank, coordinator, slurm, emit_slurm, nodes, gpus_per_node } => {
             if let Some(b) = backend {
@@ -68,7 +69,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Export { pipeline, stage, format, out, with, set } => {
-            print!("{}", commands::export(&pipeline, &Overrides { with, set, env: true }, &stage, format, &out, &cache)?);
+            let line = commands::export(&pipeline, &Overrides { with, set, env: true }, &stage, format, &out, &cache)?;
+            // With `--out -` the model itself is on standard output.
+            if out == std::path::Path::new("-") {
+                eprint!("{line}");
+            } else {
+                print!("{line}");
+            }
             Ok(())
         }
         Command::Predict { pipeline, stage, images, top, batch, out, backend, with, set } => {

@@ -136,7 +136,7 @@ pub struct Sweep {
 
 impl Sweep {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the sweep file", path.display()))?;
+        let text = crate::files::read_text(path).with_context(|| format!("{}: cannot read the sweep file", path.display()))?;
         let mut file: SweepFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let dir = path.parent().unwrap_or(Path::new(""));
         file.pipeline = dir.join(&file.pipeline);
@@ -156,6 +156,9 @@ impl Sweep {
     /// `devices_per_point` each.
     pub fn set_devices(mut self, devices: Vec<usize>) -> Result<Self> {
         let per = self.file.devices_per_point;
+        if devices.len() > crate::backend::MAX_DEVICES {
+            bail!("{}: devices lists {} devices: at most {} (one worker process per devices_per_point of them)", self.path.display(), devices.len(), crate::backend::MAX_DEVICES);
+        }
         if devices.is_empty() || per == 0 || devices.len() % per != 0 {
             bail!("{}: devices {devices:?} cannot be split into workers of devices_per_point = {per}", self.path.display());
         }

@@ -43,7 +43,7 @@ fn find(root: &Path, name: &str) -> Result<PathBuf, DataError> {
 const MAX_IDX_BYTES: u64 = 1 << 32;
 
 fn read_all(path: &Path) -> Result<Vec<u8>, DataError> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::file(path, e.to_string()))?;
+    let bytes = crate::files::read_limited(path, MAX_IDX_BYTES).map_err(|e| DataError::file(path, e.to_string()))?;
     if path.extension().is_some_and(|e| e == "gz") {
         // Bounded: a small .gz may inflate without end.
         let mut out = Vec::new();
@@ -91,6 +91,9 @@ impl IdxDataset {
         let labels = find(root, &format!("{}-labels-idx1-ubyte", stem(split)))?;
         let (dims, pixels) = parse(&images, &read_all(&images)?, IMAGES_MAGIC, 3)?;
         let (ldims, labels_data) = parse(&labels, &read_all(&labels)?, LABELS_MAGIC, 1)?;
+        if dims[0] == 0 {
+            return Err(DataError::file(&images, "holds no images (its header gives 0)"));
+        }
         if ldims[0] != dims[0] {
             return Err(DataError::file(
                 &labels,
@@ -98,6 +101,9 @@ impl IdxDataset {
             ));
         }
         let num_classes = labels_data.iter().copied().max().map_or(0, |m| m as usize + 1);
+        if split == Split::Train {
+            check_classes(&labels, &labels_data, num_classes)?;
+        }
         Ok(Self { pixels, labels: labels_data, rows: dims[1], cols: dims[2], num_classes })
     }
 
@@ -111,6 +117,28 @@ impl IdxDataset {
         }
         Ok(files)
     }
+}
+
+/// Refuses training labels that leave a class below the largest without an example: the class
+/// count is the largest label plus one, so one damaged byte (200 among 0 to 9) would silently
+/// make a model of 201 classes.
+fn check_classes(path: &Path, labels: &[u8], num_classes: usize) -> Result<(), DataError> {
+    let mut seen = vec![false; num_classes];
+    for &l in labels {
+        seen[l as usize] = true;
+    }
+    if let Some(missing) = seen.iter().position(|s| !s) {
+        let largest = num_classes - 1;
+        let at = labels.iter().position(|&l| l as usize == largest).unwrap_or(0);
+        return Err(DataError::file(
+            path,
+            format!(
+                "label {largest} (example {at}) makes {num_classes} classes, but class {missing} has no example ({} of {num_classes} classes have none): a damaged label?",
+                seen.iter().filter(|s| !**s).count()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Dataset for IdxDataset {
@@ -190,6 +218,20 @@ mod tests {
         let err = IdxDataset::open(dir.path(), Split::Train).err().unwrap().to_string();
         assert!(err.contains("train-images-idx3-ubyte"), "{err}");
         assert!(err.contains("header promises 4 bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_label_that_leaves_classes_without_examples_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        // The audit's case: one byte of 200 among labels 0 to 9.
+        let mut labels: Vec<u8> = (0..200).map(|i| (i % 10) as u8).collect();
+        labels[57] = 200;
+        write_idx(dir.path(), "train", &vec![vec![0; 4]; 200], 2, 2, &labels).unwrap();
+        let err = IdxDataset::open(dir.path(), Split::Train).err().unwrap().to_string();
+        assert!(err.contains("train-labels-idx1-ubyte: label 200 (example 57) makes 201 classes, but class 10 has no example (190 of 201"), "{err}");
+        write_idx(dir.path(), "t10k", &[], 2, 2, &[]).unwrap();
+        let err = IdxDataset::open(dir.path(), Split::Val).err().unwrap().to_string();
+        assert!(err.contains("t10k-images-idx3-ubyte: holds no images"), "{err}");
     }
 
     #[test]

@@ -41,19 +41,19 @@ impl ImageFolder {
         let mut files = Vec::new();
         // Symlinks are followed (ImageNet is often linked into place); walkdir reports a loop.
         for entry in WalkDir::new(&dir).min_depth(2).max_depth(2).follow_links(true).sort_by_file_name() {
-            let entry = match entry {
-                Ok(entry) => entry,
+            let path = match entry {
+                Ok(entry) if entry.file_type().is_file() && is_image(entry.path()) => entry.into_path(),
+                Ok(_) => continue,
                 Err(e) if e.loop_ancestor().is_some() => continue, // a link to a folder above: no image
+                // A link to nothing is an image that cannot be read: `on_bad_image` decides.
+                Err(e) if e.io_error().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) && e.path().is_some_and(is_image) => e.path().unwrap().to_path_buf(),
                 Err(e) => return Err(DataError::file(&dir, e.to_string())),
             };
-            if !entry.file_type().is_file() || !is_image(entry.path()) {
-                continue;
-            }
-            let class = entry.path().parent().and_then(|p| p.file_name()).unwrap().to_string_lossy();
+            let class = path.parent().and_then(|p| p.file_name()).unwrap().to_string_lossy();
             let label = classes.iter().position(|c| *c == class).ok_or_else(|| {
-                DataError::file(entry.path(), format!("class `{class}` is not a folder of train/"))
+                DataError::file(&path, format!("class `{class}` is not a folder of train/"))
             })?;
-            files.push((entry.into_path(), label));
+            files.push((path, label));
         }
         if files.is_empty() {
             return Err(DataError::file(&dir, "holds no .JPEG, .jpg or .png images under <class>/ folders"));
@@ -93,6 +93,8 @@ impl ImageFolder {
                 if split == Split::Val && !train_classes.contains(&class) {
                     return Err(DataError::file(&dir.join(&class), format!("class `{class}` is not a folder of train/: the model would have no output for it")));
                 }
+                // An unreadable folder is not an empty one.
+                std::fs::read_dir(dir.join(&class)).map_err(|e| DataError::file(&dir.join(&class), format!("cannot list this class folder: {e}")))?;
                 let before = files.len();
                 files.extend(
                     WalkDir::new(dir.join(&class))
@@ -120,8 +122,9 @@ impl ImageFolder {
 
 /// Decodes the image at `path`, its format told by its bytes, not its name.
 pub fn decode(path: &Path) -> Result<DynamicImage, DataError> {
+    // An image that cannot be opened (a link to nothing, no permission) is a bad image too.
     let reader = image::ImageReader::open(path)
-        .map_err(|e| DataError::file(path, e.to_string()))?
+        .map_err(|e| DataError::BadImage { path: path.to_path_buf(), source: image::ImageError::IoError(e) })?
         .with_guessed_format()
         .map_err(|e| DataError::file(path, e.to_string()))?;
     reader.decode().map_err(|source| DataError::BadImage { path: path.to_path_buf(), source })

@@ -45,8 +45,10 @@ impl StateDict {
     /// rebuilders: a `.pth` never runs code here, and anything else in it is an error.
     fn read_pytorch(path: &Path) -> Result<Self> {
         use burn_store::pytorch::PytorchReader;
-        if !path.exists() {
-            bail!("{}: checkpoint does not exist", path.display());
+        match crate::files::regular_file_size(path, crate::files::MAX_CHECKPOINT) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{}: checkpoint does not exist", path.display()),
+            Err(e) => bail!("{}: cannot read checkpoint: {e}", path.display()),
+            Ok(_) => {}
         }
         let reader = ["model", "state_dict"]
             .iter()
@@ -101,7 +103,7 @@ impl StateDict {
     }
 
     fn read_safetensors(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
+        let bytes = crate::files::read_limited(path, crate::files::MAX_CHECKPOINT).with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
         let mut tensors = BTreeMap::new();

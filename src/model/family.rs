@@ -157,7 +157,7 @@ impl ModelConfig {
     /// Reads a `dims.json`, naming the family's own parse error (an untagged enum's would only
     /// say that no family matched).
     pub fn read_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read dims file", path.display()))?;
+        let text = crate::files::read_text(path).with_context(|| format!("{}: cannot read dims file", path.display()))?;
         let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
         let parsed = if value.get("stages").is_some() {
             serde_json::from_value(value).map(ModelConfig::Swin)

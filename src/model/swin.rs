@@ -70,7 +70,7 @@ impl SwinConfig {
         mlp_ratio: f64,
         num_classes: usize,
     ) -> Self {
-        let head_dim = embed_dim / heads[0].max(1);
+        let head_dim = embed_dim / heads.first().copied().unwrap_or(1).max(1);
         let stages = depths
             .iter()
             .zip(heads)

@@ -122,10 +122,19 @@ pub struct EntryInfo {
 }
 
 impl Cache {
-    /// `RUNNER_CACHE` or `.runner-cache/`.
-    pub fn from_env() -> Self {
-        let root = std::env::var_os("RUNNER_CACHE").map(PathBuf::from).unwrap_or_else(|| ".runner-cache".into());
-        Self { root }
+    /// `RUNNER_CACHE` or `.runner-cache/`. An empty value, or one naming anything but a folder,
+    /// is refused: an empty one put entries in the current folder, and a file's cache listed
+    /// nothing without a word.
+    pub fn from_env() -> Result<Self> {
+        let root = match std::env::var_os("RUNNER_CACHE") {
+            None => PathBuf::from(".runner-cache"),
+            Some(v) if v.is_empty() => anyhow::bail!("RUNNER_CACHE is set but empty\n  hint: name the cache's folder, or unset it for ./.runner-cache"),
+            Some(v) => PathBuf::from(v),
+        };
+        if root.exists() && !root.is_dir() {
+            anyhow::bail!("RUNNER_CACHE={}: is not a folder\n  hint: name the cache's folder (created if missing)", root.display());
+        }
+        Ok(Self { root })
     }
 
     pub fn entry_dir(&self, key: &str) -> PathBuf {

@@ -238,6 +238,10 @@ impl LatencyTable {
                     let v = parse(vk, "V_")?[0];
                     for (mk, seconds) in mlps {
                         let mlp = parse(mk, "MLP_")?[0];
+                        // Pruning would otherwise be steered by it, and blame the group sizes.
+                        if !seconds.is_finite() || *seconds < 0.0 {
+                            bail!("{}: {ek} / {qkk} / {vk} / {mk} is {seconds} seconds: a latency is a finite number, not negative", path.display());
+                        }
                         points.insert((e, hq[0], hq[1], v, mlp), *seconds);
                     }
                 }
@@ -306,6 +310,29 @@ impl ModelLatency {
         Ok(())
     }
 
+    /// The model's widths past the ends of the table's grid, one line each: there the table
+    /// gives its widest point's latency (a table profiled for a smaller model, say).
+    pub fn beyond(&self, model: &ModelConfig) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, ((e, blocks), table)) in model.stages().iter().zip(&self.stages).enumerate() {
+            let g = &table.grid;
+            let widest = |axis: &[usize]| axis.last().copied().unwrap_or(0);
+            let mut past = |name: &str, width: usize, axis: &[usize]| {
+                if width > widest(axis) && !out.iter().any(|l: &String| l.starts_with(&format!("stage {i}: {name} "))) {
+                    out.push(format!("stage {i}: {name} {width} is past the grid's widest, {}", widest(axis)));
+                }
+            };
+            past("emb", *e, &g.emb);
+            for d in blocks {
+                past("heads", d.heads, &g.heads);
+                past("qk", d.qk, &g.qk);
+                past("v", d.v, &g.v);
+                past("mlp", d.mlp, &g.mlp);
+            }
+        }
+        out
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         match self.stages.as_slice() {
             [one] => one.to_json(),
@@ -314,7 +341,7 @@ impl ModelLatency {
     }
 
     pub fn from_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read latency table", path.display()))?;
+        let text = crate::files::read_text(path).with_context(|| format!("{}: cannot read latency table", path.display()))?;
         let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
         let staged = value.as_object().is_some_and(|o| !o.is_empty() && o.keys().all(|k| k.starts_with("stage_")));
         if !staged {
@@ -436,6 +463,23 @@ mod tests {
         std::fs::write(&path, serde_json::to_vec(&broken).unwrap()).unwrap();
         let err = ModelLatency::from_json(&path).unwrap_err().to_string();
         assert!(err.ends_with("lat.json: the table has no entry EMB_16 / QK_4_8 / V_1 / MLP_32; every grid combination must be measured"), "{err}");
+
+        // The audit's negative-seconds table was accepted, and prune then blamed the group sizes.
+        let mut negative = json.clone();
+        negative["EMB_16"]["QK_4_8"]["V_1"]["MLP_32"] = serde_json::json!(-0.5);
+        std::fs::write(&path, serde_json::to_vec(&negative).unwrap()).unwrap();
+        let err = ModelLatency::from_json(&path).unwrap_err().to_string();
+        assert!(err.ends_with("lat.json: EMB_16 / QK_4_8 / V_1 / MLP_32 is -0.5 seconds: a latency is a finite number, not negative"), "{err}");
+    }
+
+    #[test]
+    fn widths_past_the_grid_are_named() {
+        let table = ModelLatency { stages: vec![linear_table()] };
+        let fits = ModelConfig::Deit(crate::model::VitConfig::uniform(16, 4, 3, 16, 2, 2, 2.0, 10, false));
+        assert!(table.beyond(&fits).is_empty(), "{:?}", table.beyond(&fits));
+        // Twice the width: emb 32 past 16, qk and v 16 past 8, MLP 64 past 32.
+        let wider = ModelConfig::Deit(crate::model::VitConfig::uniform(16, 4, 3, 32, 2, 2, 2.0, 10, false));
+        assert_eq!(table.beyond(&wider), ["stage 0: emb 32 is past the grid's widest, 16", "stage 0: qk 16 is past the grid's widest, 8", "stage 0: v 16 is past the grid's widest, 8", "stage 0: mlp 64 is past the grid's widest, 32"]);
     }
 
     #[test]

@@ -151,6 +151,11 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings
         }
     };
     latency.check(&config)?;
+    if s.table.is_some() {
+        for line in latency.beyond(&config) {
+            ctx.warn(&format!("the imported table does not reach the model's widths ({line}): the estimate there is the widest point's latency\n  hint: profile the table from this model (leave `table` unset)"));
+        }
+    }
     atomic_write(&ctx.dir.join("latency.json"), &serde_json::to_vec_pretty(&latency.to_json())?)?;
     atomic_write(&ctx.dir.join("latency.csv"), latency.to_csv().as_bytes())?;
     let dense = latency.model_latency(&config);

@@ -287,6 +287,11 @@ fn every_type_error_is_reported_at_once_and_names_with_paths_are_refused() {
     std::fs::write(&path, text).unwrap();
     let err = load(&path, &Overrides::default()).unwrap_err().to_string();
     assert!(err.contains("stage name") && err.contains("\"../report\""), "{err}");
+    // The audit's `[stages."a..b"]` was "found map".
+    let text = std::fs::read_to_string(&path).unwrap().replace("[stages.\"../report\"]", "[stages.\"a..b\"]");
+    std::fs::write(&path, text).unwrap();
+    let err = load(&path, &Overrides::default()).unwrap_err().to_string();
+    assert!(err.contains("stage name \"a..b\" contains `.`") && !err.contains("found map"), "{err}");
 }
 
 #[test]
@@ -297,6 +302,12 @@ fn an_extends_cycle_through_another_folder_is_named_as_a_cycle() {
     std::fs::write(dir.path().join("sub/b.toml"), "extends = \"../sub/../a.toml\"\n").unwrap();
     let err = load(&dir.path().join("a.toml"), &Overrides::default()).unwrap_err().to_string();
     assert!(err.contains("forms a cycle") && err.len() < 1000, "{err}");
+    // The audit's symbolic-link loop was said not to exist.
+    std::os::unix::fs::symlink(dir.path().join("loop1.toml"), dir.path().join("loop2.toml")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("loop2.toml"), dir.path().join("loop1.toml")).unwrap();
+    std::fs::write(dir.path().join("c.toml"), "extends = \"loop1.toml\"\n").unwrap();
+    let err = load(&dir.path().join("c.toml"), &Overrides::default()).unwrap_err().to_string();
+    assert!(err.contains("extends") && err.contains("loop1.toml`, which cannot be opened") && err.contains("symbolic links"), "{err}");
 }
 
 #[test]
@@ -382,6 +393,13 @@ fn more_devices_than_any_machine_has_are_refused() {
     let devices = format!("pipeline.devices=[{}]", vec!["0"; 65].join(", "));
     let err = load(&path, &Overrides { with: Vec::new(), set: vec![devices], env: false }).unwrap_err().to_string();
     assert!(err.contains("pipeline.devices") && err.contains("at most 64"), "{err}");
+    // The audit's sweep with 1,000 workers.
+    crate::common::tiny_pipeline(dir.path(), "");
+    let sweep = dir.path().join("s.toml");
+    std::fs::write(&sweep, format!("pipeline = \"tiny.toml\"\ndevices = [{}]\n[grid]\n\"stages.train.lr\" = [1e-3]\n", vec!["0"; 1000].join(", "))).unwrap();
+    let (code, _, err) = crate::common::output(crate::common::runner(dir.path()).args(["sweep", sweep.to_str().unwrap(), "--dry-run"]));
+    assert_ne!(code, 0);
+    assert!(err.contains("s.toml: devices lists 1000 devices: at most 64"), "{err}");
 }
 
 #[test]
@@ -391,4 +409,74 @@ fn an_mlp_wider_than_the_bound_names_the_key_that_makes_it() {
     let read = |set: &[&str]| load(&path, &Overrides { with: Vec::new(), set: set.iter().map(|s| s.to_string()).collect(), env: false }).unwrap_err().to_string();
     let err = read(&["model.embed_dim=32768", "model.mlp_ratio=4.0"]);
     assert!(err.contains("model.mlp_ratio: gives MLPs of 131072 units"), "{err}");
+}
+
+/// The audit's `--set model.depths=[]` on a Swin panicked (`src/model/swin.rs:73`).
+#[test]
+fn a_swin_without_stages_is_refused_by_name() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/quickstart-swin.toml");
+    for depths in ["[]", "[0]"] {
+        let err = load(&path, &Overrides { with: Vec::new(), set: vec![format!("model.depths={depths}")], env: false }).unwrap_err().to_string();
+        assert!(err.contains("model.depths") && err.contains("needs 1 to 16 stages"), "{depths}: {err}");
+    }
+}
+
+/// The audit's unbounded and blocking reads: `/dev/zero` or a FIFO as the pipeline, a `--with`
+/// layer, an `extends` base, `model.dims`, a stage's `table` or a checkpoint. Each is refused
+/// by name, at once (a FIFO's open would block; `/dev/zero` read until killed for memory).
+#[test]
+fn devices_and_fifos_are_refused_as_inputs_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.toml");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let zero_st = dir.path().join("zero.safetensors");
+    std::os::unix::fs::symlink("/dev/zero", &zero_st).unwrap();
+    let tiny = crate::common::tiny_pipeline(dir.path(), "");
+    let extends = dir.path().join("extends.toml");
+    std::fs::write(&extends, format!("extends = \"{}\"\n", fifo.display())).unwrap();
+    let layer = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let table = tiny.to_str().unwrap().to_string();
+    let dims = layer("dims.toml", "[model]\ndims = \"/dev/zero\"\n".into());
+    let latency = layer("table.toml", "[stages.latency]\nkind = \"profile_latency\"\ninput = \"train\"\ntable = \"/dev/zero\"\n".into());
+    let checkpoint = layer("load.toml", format!("[stages.load]\nkind = \"load_pretrained\"\npath = \"{}\"\n", zero_st.display()));
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["/dev/zero".into()], "/dev/zero: cannot read pipeline file: is a device, not a regular file"),
+        (vec![fifo.to_str().unwrap().into()], "fifo.toml: cannot read pipeline file: is a FIFO, not a regular file"),
+        (vec![extends.to_str().unwrap().into()], "fifo.toml: cannot read pipeline file: is a FIFO"),
+        (vec![table.clone(), "--with".into(), fifo.to_str().unwrap().into()], "fifo.toml: cannot read (--with): is a FIFO"),
+        (vec![table.clone(), "--with".into(), dims], "/dev/zero"),
+        (vec![table.clone(), "--with".into(), latency], "/dev/zero"),
+        (vec![table, "--with".into(), checkpoint], "zero.safetensors"),
+    ];
+    for (args, message) in cases {
+        let mut child = crate::common::runner(dir.path()).arg("run").args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let start = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > std::time::Duration::from_secs(60) {
+                child.kill().unwrap();
+                panic!("{args:?}: still running after 60 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} ran");
+        assert!(err.contains(message) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// The audit's 10^4-stage pipeline planned for over 300 s: the count is bounded when read.
+#[test]
+fn a_pipeline_of_too_many_stages_is_refused_when_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let stages: String = (0..=nvit::config::MAX_STAGES).map(|i| format!("[stages.e{i}]\nkind = \"evaluate\"\n")).collect();
+    let path = crate::common::tiny_pipeline(dir.path(), &stages);
+    let start = std::time::Instant::now();
+    let err = load(&path, &Overrides::default()).unwrap_err().to_string();
+    assert!(err.contains(&format!("has {} stages: at most {}", nvit::config::MAX_STAGES + 3, nvit::config::MAX_STAGES)), "{err}");
+    assert!(start.elapsed().as_secs() < 30);
 }

@@ -613,6 +613,33 @@ fn export_copies_a_run_stages_model_and_names_what_is_wrong() {
     let (code, _, err) = output(runner(dir.path()).args(["export", path, "--stage", "train", "--format", "onnx", "--out", blocker.join("m.onnx").to_str().unwrap()]));
     assert_ne!(code, 0);
     assert!(err.contains("a-file/m.onnx: cannot write the export"), "{err}");
+
+    // Only a new or regular file is written over: not a link (`/dev/stdout` is one), a FIFO or
+    // a device, each named; `-` is standard output.
+    let onnx_export = |out: &Path| output(runner(dir.path()).args(["export", path, "--stage", "train", "--format", "onnx", "--out", out.to_str().unwrap()]));
+    let link = dir.path().join("link.onnx");
+    std::os::unix::fs::symlink(&blocker, &link).unwrap();
+    let fifo = dir.path().join("fifo.onnx");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    for (out, what) in [(&link, "a symbolic link"), (&fifo, "a FIFO")] {
+        let (code, _, err) = onnx_export(out);
+        assert_ne!(code, 0, "{what}");
+        assert!(err.contains(&format!("{}: is {what}; the runner writes its outputs only as regular files", out.display())), "{err}");
+    }
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink() && std::fs::read(&blocker).unwrap().is_empty());
+    let o = runner(dir.path()).args(["export", path, "--stage", "train", "--format", "onnx", "--out", "-"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(o.stdout == std::fs::read(&onnx).unwrap(), "the model on standard output: {} bytes", o.stdout.len());
+    assert!(err.contains("-> standard output"), "{err}");
+    // A killed export's temporary is removed by the next export to the same file.
+    let pid = (900_000..).find(|p| !Path::new(&format!("/proc/{p}")).exists()).unwrap();
+    let left = dir.path().join(format!(".model.onnx.tmp-{pid}-7"));
+    std::fs::write(&left, "half a model").unwrap();
+    std::fs::File::options().write(true).open(&left).unwrap().set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(120)).unwrap();
+    let (code, _, err) = onnx_export(&onnx);
+    assert_eq!(code, 0, "{err}");
+    assert!(!left.exists(), "the killed export's temporary is gone");
 }
 
 /// An ImageFolder whose classes a tiny model tells apart only in part: each image is a class's
@@ -709,4 +736,46 @@ fn predict_gives_the_labels_evaluate_counts_and_names_bad_input() {
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("train: top 1 of 12 images ->"), "{stdout}");
     assert_eq!(std::fs::read_to_string(&csv_out).unwrap().lines().next(), Some("image,class1,prob1"));
+
+    // The audit's `predict --out a.png a.png`: the output would replace the input.
+    let image = val.join("moss/0.png");
+    let before = std::fs::read(&image).unwrap();
+    let (code, _, err) = predict(&["--out", image.to_str().unwrap(), image.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("0.png: is also an input"), "{err}");
+    assert_eq!(std::fs::read(&image).unwrap(), before);
+    // The audit's own command: as root the rename replaced `/dev/full` with a regular file.
+    let is_device = || std::os::unix::fs::FileTypeExt::is_char_device(&std::fs::symlink_metadata("/dev/full").unwrap().file_type());
+    if Path::new("/dev/full").exists() && is_device() {
+        let (code, _, err) = predict(&["--out", "/dev/full", image.to_str().unwrap()]);
+        if !is_device() {
+            // Put the device back before failing (root only could replace it).
+            let _ = std::fs::remove_file("/dev/full");
+            let _ = std::process::Command::new("mknod").args(["-m", "666", "/dev/full", "c", "1", "7"]).status();
+            panic!("/dev/full was replaced: {err}");
+        }
+        assert_ne!(code, 0);
+        assert!(err.contains("/dev/full: is a device; the runner writes its outputs only as regular files"), "{err}");
+    }
+    let (code, stdout, err) = predict(&["--top", "1", "--out", "-", image.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.starts_with("image,class1,prob1\n"), "{stdout}");
+}
+
+/// The audit's `RUNNER_CACHE=""` (entries went into the current folder, `cache ls` showed none)
+/// and `RUNNER_CACHE` naming a file (`cache ls` empty, `gc` "0 entries", exit 0).
+#[test]
+fn a_cache_variable_that_names_no_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::tiny_pipeline(dir.path(), "");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    for (value, message) in [("", "RUNNER_CACHE is set but empty"), (file.to_str().unwrap(), "a-file: is not a folder")] {
+        for args in [vec!["cache", "ls"], vec!["cache", "gc", "--dry-run"], vec!["run", path.to_str().unwrap()]] {
+            let (code, _, err) = output(runner(dir.path()).env("RUNNER_CACHE", value).args(&args));
+            assert_ne!(code, 0, "{args:?} with RUNNER_CACHE={value:?}");
+            assert!(err.contains(message), "{args:?}: {err}");
+        }
+    }
+    assert!(!dir.path().join("runs").exists() && std::fs::read_dir(dir.path()).unwrap().count() == 2, "nothing written");
 }

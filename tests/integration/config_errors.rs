@@ -97,6 +97,9 @@ fn set_overrides_are_checked_and_named() {
     assert!(e.contains("--set stages.train.lr: expected key.path=value"), "{e}");
     let e = errors(OK, &["stages.train.lrr=1"]);
     assert!(e.contains("--set stages.train.lrr=1: unknown key `stages.train.lrr`; did you mean `lr`?"), "{e}");
+    // The audit's case: the second line was read as another key and dropped with the value.
+    let e = errors(OK, &["stages.train.lr=1e-3\nstages.train.epochs=5"]);
+    assert!(e.contains("holds a line break") && e.contains("one key.path=value per --set"), "{e}");
 }
 
 #[test]

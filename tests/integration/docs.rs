@@ -246,3 +246,29 @@ fn the_prune_keys_in_docs_are_runner_stages() {
     let missing: Vec<&&str> = prune.iter().filter(|l| !page.contains(**l)).collect();
     assert!(missing.is_empty(), "docs/pruning.md lacks these lines of `runner stages` (paste its prune section):\n{}", missing.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("\n"));
 }
+
+/// The README's first command, with stand-ins for `apt-get`, `cargo` and `sudo` that only say
+/// how they were called: as root it installs without `sudo` (which Debian's and Ubuntu's root
+/// images lack: the audit's failure), as a user through it.
+#[test]
+fn the_readmes_first_command_works_as_root_and_as_a_user() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let first = readme.lines().skip_while(|l| !l.starts_with("```sh")).nth(2).unwrap();
+    assert!(first.contains("apt-get install -y dataset-fashion-mnist") && first.contains("cargo run --release -- run pipelines/quickstart.toml"), "{first}");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls");
+    for tool in ["apt-get", "cargo", "sudo"] {
+        let stub = dir.path().join(tool);
+        std::fs::write(&stub, format!("#!/bin/sh\necho \"{tool} $*\" >> '{}'\n[ {tool} != sudo ] || exec \"$@\"\n", log.display())).unwrap();
+        std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let path = format!("{}:/usr/bin:/bin", dir.path().display());
+    let status = std::process::Command::new("bash").args(["-c", first]).env("PATH", &path).status().unwrap();
+    assert!(status.success());
+    let calls = std::fs::read_to_string(&log).unwrap();
+    let root = String::from_utf8(std::process::Command::new("id").arg("-u").output().unwrap().stdout).unwrap().trim() == "0";
+    let sudo = if root { "" } else { "sudo apt-get update\n" };
+    assert!(calls.starts_with(&format!("{sudo}apt-get update\n")), "{calls}");
+    assert!(calls.contains("apt-get install -y dataset-fashion-mnist\n") && calls.ends_with("cargo run --release -- run pipelines/quickstart.toml\n"), "{calls}");
+    assert_eq!(calls.contains("sudo"), !root, "{calls}");
+}
