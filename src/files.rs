@@ -36,11 +36,20 @@ const TEMPORARY: &str = ".tmp-";
 pub fn check_output(path: &Path) -> Result<()> {
     // Nothing there (or a parent that is no folder, which the write itself then names).
     let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
-    use std::os::unix::fs::FileTypeExt;
-    let t = meta.file_type();
-    let what = if t.is_file() {
+    if meta.is_file() {
         return Ok(());
-    } else if t.is_symlink() {
+    }
+    let what = kind(meta.file_type());
+    anyhow::bail!(
+        "{}: is {what}; the runner writes its outputs only as regular files, and never replaces anything else\n  hint: name a new or regular file (`--out -` writes to standard output where a command offers it)",
+        path.display()
+    )
+}
+
+/// What a path that is not a regular file is, in words for an error.
+fn kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_symlink() {
         "a symbolic link"
     } else if t.is_dir() {
         "a folder"
@@ -50,11 +59,7 @@ pub fn check_output(path: &Path) -> Result<()> {
         "a socket"
     } else {
         "a device"
-    };
-    anyhow::bail!(
-        "{}: is {what}; the runner writes its outputs only as regular files, and never replaces anything else\n  hint: name a new or regular file (`--out -` writes to standard output where a command offers it)",
-        path.display()
-    )
+    }
 }
 
 /// Refuses `out` when it is one of `inputs` (the same file, by device and inode): the output
@@ -121,18 +126,7 @@ pub fn regular_file_size(path: &Path, limit: u64) -> std::io::Result<u64> {
     use std::io::{Error, ErrorKind};
     let meta = std::fs::metadata(path)?;
     if !meta.is_file() {
-        use std::os::unix::fs::FileTypeExt;
-        let t = meta.file_type();
-        let what = if t.is_dir() {
-            "a folder"
-        } else if t.is_fifo() {
-            "a FIFO"
-        } else if t.is_socket() {
-            "a socket"
-        } else {
-            "a device"
-        };
-        return Err(Error::new(ErrorKind::InvalidInput, format!("is {what}, not a regular file")));
+        return Err(Error::new(ErrorKind::InvalidInput, format!("is {}, not a regular file", kind(meta.file_type()))));
     }
     if meta.len() > limit {
         return Err(Error::new(ErrorKind::InvalidData, format!("is {} bytes, more than the {limit} read of such a file", meta.len())));
