@@ -41,45 +41,12 @@ impl StateDict {
         }
     }
 
-    /// burn-store's reader interprets only the pickle opcodes and the `torch._utils` tensor
-    /// rebuilders: a `.pth` never runs code here, and anything else in it is an error.
+    /// [`super::pth`] reads the tensors exactly as `torch.load` would, and never runs code.
     fn read_pytorch(path: &Path) -> Result<Self> {
-        use burn_store::pytorch::PytorchReader;
-        match crate::files::regular_file_size(path, crate::files::MAX_CHECKPOINT) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{}: checkpoint does not exist", path.display()),
-            Err(e) => bail!("{}: cannot read checkpoint: {e}", path.display()),
-            Ok(_) => {}
-        }
-        let reader = ["model", "state_dict"]
-            .iter()
-            .find_map(|key| PytorchReader::with_top_level_key(path, key).ok().filter(|r| !r.is_empty()))
-            .map(Ok)
-            .unwrap_or_else(|| PytorchReader::new(path))
-            .map_err(|e| anyhow::anyhow!("{}: cannot read PyTorch checkpoint (truncated, corrupt, or holding objects other than tensors): {e}", path.display()))?;
-        let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) as u128;
-        let mut tensors = BTreeMap::new();
-        for (name, snapshot) in reader.into_tensors() {
-            // A tensor's values are in the file, so it cannot hold more bytes than the file: a
-            // larger declared shape (a stride-0 or forged tensor) is refused before it is
-            // allocated.
-            let declared = snapshot.shape.iter().map(|d| *d as u128).product::<u128>() * snapshot.dtype.size() as u128;
-            if declared > file_bytes {
-                bail!(
-                    "{}: tensor `{name}` declares shape {:?} ({declared} bytes), more than the whole file holds ({file_bytes} bytes): a strided view or a damaged file; not read",
-                    path.display(),
-                    snapshot.shape.to_vec()
-                );
-            }
-            let data = snapshot
-                .to_data()
-                .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e:?}", path.display()))?;
-            let shape = data.shape.to_vec();
-            let values = data
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e:?}", path.display()))?;
-            tensors.insert(name, (shape, values));
-        }
+        let tensors = super::pth::read(path).map_err(|e| match e.downcast_ref::<std::io::Error>() {
+            Some(io) if io.kind() == std::io::ErrorKind::NotFound => anyhow::anyhow!("{}: checkpoint does not exist", path.display()),
+            _ => anyhow::anyhow!("{}: cannot read PyTorch checkpoint: {e:#}", path.display()),
+        })?;
         Self { tensors }.checked(path)
     }
 

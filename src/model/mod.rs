@@ -5,6 +5,7 @@ pub mod checkpoint;
 mod family;
 pub mod flops;
 mod fused;
+mod pth;
 mod swin;
 mod timing;
 mod vit;
