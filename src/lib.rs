@@ -21,6 +21,7 @@ pub mod model;
 pub mod parity;
 pub mod pipeline;
 pub mod predict;
+pub mod protobuf;
 pub mod prune;
 pub mod report;
 pub mod runlog;

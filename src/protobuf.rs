@@ -1,6 +1,7 @@
-//! The few Protocol Buffers encodings an ONNX file needs, written out: varints, 32-bit floats
-//! and length-delimited fields (strings, bytes, nested messages). A generated ONNX binding would
-//! need `protoc` at build time for about sixty lines of encoding.
+//! The few Protocol Buffers encodings an ONNX file and a TensorBoard event need, written out:
+//! varints, 32- and 64-bit floats and length-delimited fields (strings, bytes, nested
+//! messages). A generated binding would need `protoc` at build time for about sixty lines of
+//! encoding.
 
 /// A message being encoded: fields are appended in the order they are set.
 #[derive(Default, Clone)]
@@ -8,6 +9,7 @@ pub struct Message(Vec<u8>);
 
 const VARINT: u64 = 0;
 const LENGTH_DELIMITED: u64 = 2;
+const FIXED64: u64 = 1;
 const FIXED32: u64 = 5;
 
 impl Message {
@@ -50,6 +52,12 @@ impl Message {
 
     pub fn float(mut self, field: u32, v: f32) -> Self {
         self.key(field, FIXED32);
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    pub fn double(mut self, field: u32, v: f64) -> Self {
+        self.key(field, FIXED64);
         self.0.extend_from_slice(&v.to_le_bytes());
         self
     }

@@ -32,6 +32,12 @@ impl RunLog {
         Self { file: None, path: None, quiet: true }
     }
 
+    /// The run directory (`runs/<pipeline>/<stamp>/`) the log is in, where a run's curves go;
+    /// `None` for a log without a file.
+    pub fn run_dir(&self) -> Option<&Path> {
+        self.path.as_deref().and_then(Path::parent)
+    }
+
     pub fn info(&self, message: &str) {
         let line = format!("{} {message}", chrono::Local::now().format("%H:%M:%S"));
         if let Some(f) = &self.file {

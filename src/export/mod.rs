@@ -2,7 +2,6 @@
 //! with `dims.json` (what `python/nvit.py` builds a model from) and ONNX.
 
 pub mod onnx;
-mod protobuf;
 
 use std::path::Path;
 

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use burn::tensor::backend::Backend;
 
-use super::protobuf::Message;
+use crate::protobuf::Message;
 use crate::model::checkpoint::{export_split, export_swin_split};
 use crate::model::{BlockDims, Model, Swin, Vit};
 

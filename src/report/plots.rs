@@ -1,5 +1,6 @@
-//! SVG figures: per-block widths of each model (the paper's parameter-redistribution figure)
-//! and the pruning trajectory (estimated latency and loss against step).
+//! SVG figures: per-block widths of each model (the paper's parameter-redistribution figure),
+//! the pruning trajectory (estimated latency and loss against step) and the training curves
+//! (loss and top-1 against epoch).
 
 use std::path::Path;
 
@@ -174,6 +175,46 @@ pub fn trajectory(path: &Path, logs: &[(String, Vec<PruneStep>)]) -> Result<()> 
     root.present().map_err(|e| anyhow!("writing {}: {e}", path.display()))
 }
 
+/// A training stage's curves, from its metrics (`stages::train`): loss and top-1 per epoch,
+/// validation top-1 on the epochs it was measured.
+pub struct Curve {
+    pub stage: String,
+    pub loss: Vec<f64>,
+    pub top1: Vec<f64>,
+    pub val_top1: Vec<(usize, f64)>,
+}
+
+impl Curve {
+    pub fn from_metrics(stage: &str, metrics: &serde_json::Value) -> Result<Self> {
+        let floats = |key: &str| -> Option<Vec<f64>> { metrics.get(key)?.as_array()?.iter().map(|v| v.as_f64()).collect() };
+        let (Some(loss), Some(top1)) = (floats("epoch_losses"), floats("epoch_top1")) else {
+            anyhow::bail!("has no per-epoch curves: it is not a train or distill stage");
+        };
+        let val_top1 = metrics
+            .get("val_top1")
+            .and_then(|v| v.as_array())
+            .map(|pairs| pairs.iter().filter_map(|p| Some((p.get(0)?.as_u64()? as usize, p.get(1)?.as_f64()?))).collect())
+            .unwrap_or_default();
+        Ok(Self { stage: stage.to_string(), loss, top1, val_top1 })
+    }
+}
+
+/// Training loss and top-1 (train, and validation where measured) against epoch.
+pub fn curves(path: &Path, curves: &[Curve]) -> Result<()> {
+    let root = SVGBackend::new(path, (1000, 400)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let panels = root.split_evenly((1, 2));
+    let by_epoch = |v: &[f64]| v.iter().enumerate().map(|(i, &y)| ((i + 1) as f64, y)).collect::<Vec<_>>();
+    let loss: Vec<_> = curves.iter().map(|c| (c.stage.clone(), by_epoch(&c.loss))).collect();
+    let mut top1: Vec<_> = curves.iter().map(|c| (format!("{} train", c.stage), by_epoch(&c.top1))).collect();
+    top1.extend(
+        curves.iter().filter(|c| !c.val_top1.is_empty()).map(|c| (format!("{} val", c.stage), c.val_top1.iter().map(|&(e, v)| (e as f64, v)).collect())),
+    );
+    panel(&panels[0], "training loss", "epoch", &loss)?;
+    panel(&panels[1], "top-1", "epoch", &top1)?;
+    root.present().map_err(|e| anyhow!("writing {}: {e}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,5 +251,15 @@ mod tests {
         let path = dir.path().join("accuracy.svg");
         accuracy(&path, &rows).unwrap();
         assert!(std::fs::read_to_string(&path).unwrap().contains("NViT-S 82.19"));
+
+        let metrics = serde_json::json!({"epoch_losses": [2.0, 1.5, 1.2], "epoch_top1": [0.2, 0.4, 0.5], "val_top1": [[3, 0.45]]});
+        let curve = Curve::from_metrics("distill", &metrics).unwrap();
+        assert_eq!(curve.val_top1, [(3, 0.45)]);
+        let path = dir.path().join("curves.svg");
+        curves(&path, &[curve]).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("training loss") && svg.contains("distill train") && svg.contains("distill val"), "{svg}");
+        let err = Curve::from_metrics("evaluate", &serde_json::json!({"top1": 80.0})).err().unwrap().to_string();
+        assert!(err.contains("not a train or distill stage"), "{err}");
     }
 }

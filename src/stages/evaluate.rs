@@ -6,14 +6,13 @@
 
 
 use anyhow::Result;
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use super::{at_least_one, KeyDoc, StageContext};
 use crate::data::{DatasetKind, Split};
 use crate::model::{Model, ModelConfig};
-use crate::train::{correct, scalar, to_tensors};
+use crate::train::{accuracy, Accuracy};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -64,21 +63,8 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
     };
     let config = model.config();
     let loader = ctx.loader(s.split, &config, s.batch_size, false, None)?;
-    let ce = CrossEntropyLossConfig::new().init(device);
-    let (mut top1, mut top5, mut seen, mut loss_sum) = (0usize, 0usize, 0usize, 0.0);
     let mut progress = ctx.log.progress(&ctx.spec.name, loader.batches_per_epoch() as u64);
-    for batch in loader.epoch(0) {
-        // Like a training step, a batch waits for and holds off other runners' measurements:
-        // three seeds' evaluations at once measured the same shapes up to 1.8x apart.
-        let _working = crate::machine::working();
-        let (images, labels) = to_tensors::<B::InnerBackend>(batch?, device);
-        let n = labels.dims()[0];
-        let logits = model.forward(images).logits();
-        loss_sum += scalar(ce.forward(logits.clone(), labels.clone())) * n as f64;
-        let (a, b) = correct(logits, labels, 5);
-        (top1, top5, seen) = (top1 + a, top5 + b, seen + n);
-        progress.step(&format!("top1 {:.4}", top1 as f64 / seen as f64));
-    }
+    let Accuracy { top1, top5, seen, loss_sum } = accuracy(&model, &loader, device, |a| progress.step(&format!("top1 {:.4}", a.top1 as f64 / a.seen as f64)))?;
     progress.finish();
     if seen == 0 {
         anyhow::bail!("the {:?} split is empty", s.split);

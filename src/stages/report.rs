@@ -2,7 +2,8 @@
 //! stages it names (the first one is the dense baseline of the speedup column) and the
 //! trajectories of the `prune` stages it names, and writes `table.csv` (with the paper's rows
 //! beside the measured ones, marked `source = paper`), `dims.csv`, `widths.svg`,
-//! `trajectory.svg` and a `README.md` that shows them; `results/<pipeline>/` gets a copy.
+//! `trajectory.svg`, `curves.svg` (the per-epoch curves of the training stages it names) and a
+//! `README.md` that shows them; `results/<pipeline>/` gets a copy.
 
 use anyhow::{Context, Result};
 use burn::tensor::backend::AutodiffBackend;
@@ -18,18 +19,22 @@ use crate::report::{plots, table};
 pub struct ReportSettings {
     pub models: Vec<String>,
     pub prunes: Vec<String>,
+    /// Training stages (train, distill) whose per-epoch curves are plotted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub curves: Vec<String>,
     pub paper: bool,
 }
 
 pub const KEYS: &[KeyDoc] = &[
     ("models", "list of strings", "evaluate stages to tabulate; the first is the dense baseline of `speedup`"),
     ("prunes", "list of strings", "prune stages whose trajectories are plotted"),
+    ("curves", "list of strings", "train and distill stages whose per-epoch loss and top-1 are plotted"),
     ("paper", "bool", "add the paper's Table 1 rows (ImageNet-1K, V100), marked source = paper"),
 ];
 
 impl Default for ReportSettings {
     fn default() -> Self {
-        Self { models: Vec::new(), prunes: Vec::new(), paper: true }
+        Self { models: Vec::new(), prunes: Vec::new(), curves: Vec::new(), paper: true }
     }
 }
 
@@ -44,12 +49,13 @@ impl ReportSettings {
 
     pub fn refs(&self) -> Vec<(&'static str, &str)> {
         let models = self.models.iter().map(|m| ("models", m.as_str()));
-        models.chain(self.prunes.iter().map(|p| ("prunes", p.as_str()))).collect()
+        let prunes = self.prunes.iter().map(|p| ("prunes", p.as_str()));
+        models.chain(prunes).chain(self.curves.iter().map(|c| ("curves", c.as_str()))).collect()
     }
 }
 
 /// Files the report writes, all copied to `results/<pipeline>/`.
-pub const OUTPUTS: [&str; 6] = ["table.csv", "dims.csv", "accuracy.svg", "widths.svg", "trajectory.svg", "README.md"];
+pub const OUTPUTS: [&str; 7] = ["table.csv", "dims.csv", "accuracy.svg", "widths.svg", "trajectory.svg", "curves.svg", "README.md"];
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ReportSettings) -> Result<serde_json::Value> {
     let mut evaluated = Vec::new();
@@ -68,6 +74,12 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ReportSettings) -> Res
         trajectories.push((name.clone(), table::read_pruning_log(&ctx.stage_dir(name)?.join("pruning_log.csv"))?));
     }
 
+    let mut curves = Vec::new();
+    for name in &s.curves {
+        let metrics = Manifest::read(&ctx.stage_dir(name)?)?.metrics;
+        curves.push(plots::Curve::from_metrics(name, &metrics).with_context(|| format!("report.curves: stage `{name}`"))?);
+    }
+
     table::write_csv(&ctx.dir.join("table.csv"), &rows)?;
     table::write_dims(&ctx.dir.join("dims.csv"), &widths)?;
     plots::accuracy(&ctx.dir.join("accuracy.svg"), &rows)?;
@@ -75,8 +87,15 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ReportSettings) -> Res
     if !trajectories.is_empty() {
         plots::trajectory(&ctx.dir.join("trajectory.svg"), &trajectories)?;
     }
-    atomic_write(&ctx.dir.join("README.md"), readme(ctx, &rows, &trajectories).as_bytes())?;
-    Ok(serde_json::json!({ "rows": rows.len(), "models": s.models, "prunes": s.prunes }))
+    if !curves.is_empty() {
+        plots::curves(&ctx.dir.join("curves.svg"), &curves)?;
+    }
+    let mut readme = readme(ctx, &rows, &trajectories);
+    if !curves.is_empty() {
+        readme.push_str("## Training curves\n\n![training loss and top-1 against epoch](curves.svg)\n\nPer epoch, with images/s, in each run's `runs/<pipeline>/<stamp>/<stage>/curves.csv` and TensorBoard events (`tensorboard --logdir runs/`).\n");
+    }
+    atomic_write(&ctx.dir.join("README.md"), readme.as_bytes())?;
+    Ok(serde_json::json!({ "rows": rows.len(), "models": s.models, "prunes": s.prunes, "curves": s.curves }))
 }
 
 /// The target of the first prune stage upstream of `stage` (its input, its input's, ...).

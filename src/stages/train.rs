@@ -19,6 +19,7 @@ use crate::data::mix::Mixer;
 use crate::data::randaugment::RandAugment;
 use crate::data::Split;
 use crate::model::{checkpoint, Model};
+use crate::train::curves::{Curves, EpochRow};
 use crate::train::optim::AdamW;
 use crate::train::resume;
 use crate::train::parallel::data_parallel;
@@ -39,6 +40,9 @@ pub struct TrainSettings {
     pub label_smoothing: f64,
     pub grad_clip: Option<f64>,
     pub steps_per_epoch: Option<usize>,
+    /// Validation top-1 every this many epochs and after the last (unset: never).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_every: Option<usize>,
     pub augment: bool,
     pub randaugment_ops: usize,
     pub randaugment_magnitude: f64,
@@ -65,6 +69,7 @@ pub const KEYS: &[KeyDoc] = &[
     ("label_smoothing", "float", "label smoothing of the cross-entropy, in [0, 1)"),
     ("grad_clip", "float", "clip the global norm of all gradients to this, as timm (unset: no clipping)"),
     ("steps_per_epoch", "integer", "cap on optimizer steps per epoch, for quick runs (unset: the whole split)"),
+    ("eval_every", "integer", "top-1 on the validation split every this many epochs and after the last, into the curves (unset: never)"),
     ("augment", "bool", "random-resized crop and flips (else the evaluation transform)"),
     ("randaugment_ops", "integer", "RandAugment operations per image (0: off); needs augment"),
     ("randaugment_magnitude", "float", "RandAugment magnitude in [0, 10] (DeiT: 9)"),
@@ -90,6 +95,7 @@ impl Default for TrainSettings {
             label_smoothing: 0.1,
             grad_clip: None,
             steps_per_epoch: None,
+            eval_every: None,
             augment: true,
             randaugment_ops: 0,
             randaugment_magnitude: 9.0,
@@ -121,8 +127,10 @@ impl TrainSettings {
         if let Some(c) = self.grad_clip {
             positive(&mut p, "grad_clip", c);
         }
-        if let Some(n) = self.steps_per_epoch {
-            at_least_one(&mut p, &[("steps_per_epoch", n)]);
+        for (key, n) in [("steps_per_epoch", self.steps_per_epoch), ("eval_every", self.eval_every)] {
+            if let Some(n) = n {
+                at_least_one(&mut p, &[(key, n)]);
+            }
         }
         if self.randaugment_ops > 16 {
             p.push(("randaugment_ops".into(), format!("must be from 0 to 16 (timm's recipe: 2), got {}", self.randaugment_ops)));
@@ -166,6 +174,9 @@ struct CheckpointState {
     /// Mean training loss of each epoch so far.
     epoch_losses: Vec<f64>,
     last_accuracy: f64,
+    /// Every epoch's row of the curves, so that a resumed run's hold the epochs before.
+    #[serde(default)]
+    curves: Vec<EpochRow>,
 }
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Result<serde_json::Value> {
@@ -216,25 +227,33 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
         total_steps: s.epochs * steps_per_epoch,
     };
     let mut optim = AdamW::<B>::new(s.weight_decay, s.grad_clip);
+    // Opened before the first epoch, so that a missing validation split stops the stage now.
+    let val_loader = match s.eval_every {
+        Some(_) if ctx.writes() => Some(ctx.loader(Split::Val, &config, s.batch_size, false, None)?),
+        _ => None,
+    };
 
     let ckpt = ctx.dir.join("checkpoint");
     let mut start_epoch = 0;
-    let (mut epoch_losses, mut last_accuracy) = (Vec::new(), f64::NAN);
+    let (mut epoch_losses, mut last_accuracy, mut rows) = (Vec::new(), f64::NAN, Vec::new());
     let (restored, restored_optim) = resume::load::<B, CheckpointState>(&ckpt, &model, optim, device, |w| ctx.warn(&w));
     optim = restored_optim;
     if let Some((m, state)) = restored {
         model = m;
         start_epoch = state.epochs_done;
-        (epoch_losses, last_accuracy) = (state.epoch_losses, state.last_accuracy);
+        (epoch_losses, last_accuracy, rows) = (state.epoch_losses, state.last_accuracy, state.curves);
         ctx.log.info(&format!("{}: resuming after epoch {start_epoch} of {}", ctx.spec.name, s.epochs));
     }
 
+    let curves_dir = ctx.writes().then(|| ctx.log.run_dir().map(|d| d.join(&ctx.spec.name))).flatten();
+    let mut curves = Curves::new(curves_dir, rows)?;
     let mut progress = ctx.log.progress(&ctx.spec.name, (s.epochs * steps_per_epoch) as u64);
     progress.set_position((start_epoch * steps_per_epoch) as u64);
     let started = Instant::now();
     let mut images_seen = 0usize;
     for epoch in start_epoch..s.epochs {
         let (mut loss_sum, mut hits, mut seen) = (0.0, 0usize, 0usize);
+        let epoch_started = Instant::now();
         for (i, batch) in loader.epoch(epoch as u64).into_iter().take(steps_per_epoch).enumerate() {
             let step = epoch * steps_per_epoch + i;
             let mut batch = batch?;
@@ -282,14 +301,26 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
         let last_loss = loss_sum / seen as f64;
         last_accuracy = hits as f64 / seen as f64;
         epoch_losses.push(last_loss);
+        let images_per_s = seen as f64 / epoch_started.elapsed().as_secs_f64();
+        let val_top1 = match (&val_loader, s.eval_every) {
+            (Some(loader), Some(k)) if (epoch + 1) % k == 0 || epoch + 1 == s.epochs => {
+                let a = crate::train::accuracy(&model.valid(), loader, device, |_| {})?;
+                Some(a.top1 as f64 / a.seen.max(1) as f64)
+            }
+            _ => None,
+        };
+        let val = val_top1.map(|v| format!(" val top1 {v:.4}")).unwrap_or_default();
         progress.println(&format!(
-            "{}: epoch {}/{} loss {last_loss:.4} train acc {last_accuracy:.4}",
+            "{}: epoch {}/{} loss {last_loss:.4} train acc {last_accuracy:.4}{val}",
             ctx.spec.name,
             epoch + 1,
             s.epochs
         ));
+        let lr = schedule.at((epoch + 1) * steps_per_epoch - 1);
+        curves.push(EpochRow { epoch: epoch + 1, train_loss: last_loss, train_top1: last_accuracy, lr, images_per_s, val_top1 })?;
         if ctx.writes() {
-            resume::save(&ckpt, &model, &optim, &CheckpointState { epochs_done: epoch + 1, epoch_losses: epoch_losses.clone(), last_accuracy })?;
+            let state = CheckpointState { epochs_done: epoch + 1, epoch_losses: epoch_losses.clone(), last_accuracy, curves: curves.rows().to_vec() };
+            resume::save(&ckpt, &model, &optim, &state)?;
         }
     }
     progress.finish();
@@ -306,6 +337,11 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &TrainSettings) -> Resu
         "steps": s.epochs * steps_per_epoch,
         "epoch_losses": epoch_losses,
         "final_train_accuracy": last_accuracy,
+        // The curves without images/s, a measurement of the moment: an entry's metrics are
+        // the same however often it is rebuilt.
+        "epoch_top1": curves.rows().iter().map(|r| r.train_top1).collect::<Vec<_>>(),
+        "epoch_lr": curves.rows().iter().map(|r| r.lr).collect::<Vec<_>>(),
+        "val_top1": curves.rows().iter().filter_map(|r| r.val_top1.map(|v| (r.epoch, v))).collect::<Vec<_>>(),
         "skipped_images": loader.skipped(),
     }))
 }

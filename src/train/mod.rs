@@ -10,6 +10,7 @@ use burn::tensor::{DType, ElementConversion, FloatDType, Int, Tensor, TensorData
 use crate::data::Batch;
 use crate::model::{Model, VitOutput};
 
+pub mod curves;
 pub mod optim;
 pub mod parallel;
 pub mod resume;
@@ -165,6 +166,34 @@ pub fn correct<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>, k: u
     let top1 = hits.clone().slice([0..n, 0..1]).sum().into_scalar().elem::<i64>() as usize;
     let topk = hits.sum().into_scalar().elem::<i64>() as usize;
     (top1, topk)
+}
+
+/// What one pass over a split gives: top-1 and top-5 hits, images, summed cross-entropy.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Accuracy {
+    pub top1: usize,
+    pub top5: usize,
+    pub seen: usize,
+    pub loss_sum: f64,
+}
+
+/// `model` over one pass of `loader` (epoch 0's order), `each` called after every batch. Like a
+/// training step, a batch waits for and holds off other runners' measurements: three seeds'
+/// evaluations at once measured the same shapes up to 1.8x apart.
+pub fn accuracy<B: Backend>(model: &Model<B>, loader: &crate::data::Loader, device: &B::Device, mut each: impl FnMut(&Accuracy)) -> Result<Accuracy> {
+    let mut acc = Accuracy::default();
+    for batch in loader.epoch(0) {
+        let _working = crate::machine::working();
+        let (images, labels) = to_tensors::<B>(batch?, device);
+        let n = labels.dims()[0];
+        let logits = model.forward(images).logits();
+        let loss = burn::nn::loss::CrossEntropyLossConfig::new().init(device).forward(logits.clone(), labels.clone());
+        acc.loss_sum += scalar(loss) * n as f64;
+        let (a, b) = correct(logits, labels, 5);
+        (acc.top1, acc.top5, acc.seen) = (acc.top1 + a, acc.top5 + b, acc.seen + n);
+        each(&acc);
+    }
+    Ok(acc)
 }
 
 /// Linear warm-up from `lr / warmup` to `lr`, then cosine decay to `min_lr`.

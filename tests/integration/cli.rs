@@ -335,8 +335,9 @@ fn two_runners_sharing_a_cache_build_each_stage_once() {
 #[test]
 fn a_killed_run_resumes_from_its_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let path = common::tiny_pipeline(dir.path(), "");
-    let args = ["run", path.to_str().unwrap(), "--set", "stages.train.epochs=40"];
+    let report = "[stages.report]\nkind = \"report\"\nmodels = [\"evaluate\"]\ncurves = [\"train\"]\npaper = false\n";
+    let path = common::tiny_pipeline(dir.path(), report);
+    let args = ["run", path.to_str().unwrap(), "--set", "stages.train.epochs=40", "--set", "stages.train.eval_every=20"];
     let mut child = runner(dir.path()).args(args).stderr(std::process::Stdio::null()).spawn().unwrap();
     let start = Instant::now();
     let state = loop {
@@ -365,10 +366,23 @@ fn a_killed_run_resumes_from_its_last_checkpoint() {
     let (code, _, err) = output(runner(dir.path()).args(args));
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("train: cached") && err.contains("evaluate: cached"), "{err}");
-    let runs: Vec<_> = std::fs::read_dir(dir.path().join("runs/tiny")).unwrap().collect();
+    let mut runs: Vec<_> = std::fs::read_dir(dir.path().join("runs/tiny")).unwrap().map(|e| e.unwrap().path()).collect();
+    runs.sort();
     assert_eq!(runs.len(), 3);
-    let run = runs[0].as_ref().unwrap().path();
-    assert!(run.join("config.toml").exists() && run.join("runner.log").exists());
+    assert!(runs.iter().all(|run| run.join("config.toml").exists() && run.join("runner.log").exists()));
+
+    // The resumed run's curves hold every epoch, the killed run's included, and validation
+    // top-1 on epochs 20 and 40; TensorBoard has an event file; the report plots them.
+    let curves = std::fs::read_to_string(runs[1].join("train/curves.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = curves.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 40, "{curves}");
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row[0], (i + 1).to_string(), "{curves}");
+        assert_eq!(row[5].is_empty(), (i + 1) % 20 != 0, "{curves}");
+    }
+    let events = std::fs::read_dir(runs[1].join("train")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents."));
+    assert_eq!(events.count(), 1);
+    assert!(std::fs::read_to_string(dir.path().join("results/tiny/curves.svg")).unwrap().contains("train val"));
 }
 
 #[test]
