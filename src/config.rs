@@ -312,7 +312,8 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
         }
     }
     if let Some(model) = &model {
-        for (key, message) in model.validate() {
+        let loads = stages.iter().any(|s| s.kind == StageKind::LoadPretrained) && model.init != Some(crate::model::Init::Random);
+        for (key, message) in model.validate_for(loads) {
             errors.push(located(&figment, &format!("model.{key}"), &message));
         }
         for stage in &stages {

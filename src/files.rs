@@ -134,6 +134,17 @@ pub fn regular_file_size(path: &Path, limit: u64) -> std::io::Result<u64> {
     Ok(meta.len())
 }
 
+/// What is wrong with `path` as a file the runner will read whole (at most `limit` bytes), for
+/// a key's message before any work starts: "`P` does not exist", "`P` is a FIFO, not a regular
+/// file", "`P` is ... bytes, more than ...". `None` when it can be read.
+pub fn input_problem(path: &Path, limit: u64) -> Option<String> {
+    match regular_file_size(path, limit) {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(format!("`{}` does not exist", path.display())),
+        Err(e) => Some(format!("`{}` {}", path.display(), in_words(e.to_string()))),
+    }
+}
+
 /// [`read_limited`] as UTF-8 text of at most [`MAX_TEXT`] bytes.
 pub fn read_text(path: &Path) -> std::io::Result<String> {
     String::from_utf8(read_limited(path, MAX_TEXT)?).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "is not UTF-8 text"))

@@ -84,7 +84,9 @@ impl ImageFolder {
     /// Every image of both splits, for the dataset's identity; checks the layout on the way,
     /// so that a missing split, an empty class folder or a validation class that training
     /// does not have is an error before any stage runs.
-    pub fn index_files(root: &Path) -> Result<Vec<PathBuf>, DataError> {
+    /// A link to nothing is an error here unless `skip_bad` (`on_bad_image = "skip"`): a dry run
+    /// finds it, not the first epoch.
+    pub fn index_files(root: &Path, skip_bad: bool) -> Result<Vec<PathBuf>, DataError> {
         let mut files = Vec::new();
         let train_classes = Self::classes(&split_dir(root, Split::Train)?)?;
         for split in [Split::Train, Split::Val] {
@@ -103,9 +105,17 @@ impl ImageFolder {
                         .follow_links(true)
                         .sort_by_file_name()
                         .into_iter()
-                        .filter_map(|e| e.ok())
-                        .filter(|e| e.file_type().is_file() && is_image(e.path()))
-                        .map(|e| e.into_path()),
+                        .filter_map(|e| match e {
+                            Err(e) if !skip_bad && e.io_error().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) && e.path().is_some_and(is_image) => {
+                                Some(Err(e.path().unwrap().to_path_buf()))
+                            }
+                            Err(_) => None,
+                            Ok(e) => (e.file_type().is_file() && is_image(e.path())).then(|| Ok(e.into_path())),
+                        })
+                        .collect::<Result<Vec<_>, PathBuf>>()
+                        .map_err(|link| {
+                            DataError::file(&link, "is a symbolic link to nothing: an image that cannot be read\n  hint: remove it, or set dataset.on_bad_image = \"skip\"")
+                        })?,
                 );
                 if files.len() == before {
                     return Err(DataError::file(&dir.join(&class), "holds no .JPEG, .jpg or .png image: an empty class folder\n  hint: remove it, or add its images"));
@@ -181,16 +191,16 @@ mod tests {
     fn layout_problems_are_errors_naming_the_folder() {
         let dir = tempfile::tempdir().unwrap();
         write_tree(dir.path());
-        assert_eq!(ImageFolder::index_files(dir.path()).unwrap().len(), 12);
+        assert_eq!(ImageFolder::index_files(dir.path(), false).unwrap().len(), 12);
         std::fs::create_dir_all(dir.path().join("train/dog")).unwrap();
-        let err = ImageFolder::index_files(dir.path()).unwrap_err().to_string();
+        let err = ImageFolder::index_files(dir.path(), false).unwrap_err().to_string();
         assert!(err.contains("train/dog") && err.contains("an empty class folder"), "{err}");
         std::fs::remove_dir(dir.path().join("train/dog")).unwrap();
         std::fs::rename(dir.path().join("val/bee"), dir.path().join("val/bees")).unwrap();
-        let err = ImageFolder::index_files(dir.path()).unwrap_err().to_string();
+        let err = ImageFolder::index_files(dir.path(), false).unwrap_err().to_string();
         assert!(err.contains("val/bees") && err.contains("class `bees` is not a folder of train/"), "{err}");
         std::fs::remove_dir_all(dir.path().join("val")).unwrap();
-        let err = ImageFolder::index_files(dir.path()).unwrap_err().to_string();
+        let err = ImageFolder::index_files(dir.path(), false).unwrap_err().to_string();
         assert!(err.contains("missing `val/` folder"), "{err}");
     }
 
@@ -212,7 +222,13 @@ mod tests {
         let train = ImageFolder::open(dir.path(), Split::Train).unwrap();
         assert_eq!(train.class_names(), ["ant", "cat"]);
         assert_eq!(train.len(), 6, "3 linked images of ant and the 3 of the linked cat folder");
-        assert_eq!(ImageFolder::index_files(dir.path()).unwrap().len(), 8);
+        assert_eq!(ImageFolder::index_files(dir.path(), false).unwrap().len(), 8);
+        // The audit's link to nothing passed a dry run and failed the first epoch.
+        let dangling = dir.path().join("train/ant/gone.png");
+        std::os::unix::fs::symlink(dir.path().join("nowhere.png"), &dangling).unwrap();
+        let err = ImageFolder::index_files(dir.path(), false).unwrap_err().to_string();
+        assert!(err.contains("gone.png") && err.contains("symbolic link to nothing") && err.contains("on_bad_image"), "{err}");
+        assert_eq!(ImageFolder::index_files(dir.path(), true).unwrap().len(), 8, "skipped, as training skips it");
     }
 
     #[test]

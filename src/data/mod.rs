@@ -246,7 +246,7 @@ impl DatasetConfig {
         let files = match self.kind {
             DatasetKind::Synthetic => return Ok("synthetic".into()),
             DatasetKind::Idx => IdxDataset::files(&self.root)?,
-            DatasetKind::Imagefolder => ImageFolder::index_files(&self.root)?,
+            DatasetKind::Imagefolder => ImageFolder::index_files(&self.root, self.on_bad_image == OnBadImage::Skip)?,
         };
         let mut hasher = sha2::Sha256::default();
         use sha2::Digest;

@@ -445,6 +445,11 @@ impl ModelSection {
 
     /// Problems as `(key, message)`, relative to `[model]`.
     pub fn validate(&self) -> Vec<(String, String)> {
+        self.validate_for(false)
+    }
+
+    /// [`Self::validate`], for a pipeline whose model comes from a checkpoint (`loads`) or not.
+    pub fn validate_for(&self, loads: bool) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let family = self.family();
         let presets = presets();
@@ -462,10 +467,8 @@ impl ModelSection {
                 return problems;
             }
         }
-        if let Some(d) = &self.dims {
-            if !d.exists() {
-                problems.push(("dims".into(), format!("`{}` does not exist", d.display())));
-            }
+        if let Some(problem) = self.dims.as_deref().and_then(|d| crate::files::input_problem(d, crate::files::MAX_TEXT)) {
+            problems.push(("dims".into(), problem));
         }
         if self.drop_path.is_some_and(|p| !(0.0..1.0).contains(&p)) {
             problems.push(("drop_path".into(), format!("must be in [0, 1), got {}", self.drop_path.unwrap())));
@@ -537,9 +540,10 @@ impl ModelSection {
         }
         match family {
             Family::Deit => {
-                self.validate_deit(&mut problems);
+                let section = if loads { self.as_checkpoint_hint() } else { self.clone() };
+                section.validate_deit(&mut problems);
                 if problems.is_empty() && self.dims.is_none() {
-                    if let Err(e) = self.resolve(self.num_classes.unwrap_or(2)) {
+                    if let Err(e) = section.resolve(self.num_classes.unwrap_or(2)) {
                         problems.push(("preset".into(), format!("{e:#}")));
                     }
                 }
@@ -555,6 +559,16 @@ impl ModelSection {
             }
         }
         problems
+    }
+
+    /// This section as a hint for reading a ViT checkpoint: with no patch size given (by key or
+    /// preset), the checkpoint's own (DINOv2's 14) is the one `image_size` must be a multiple
+    /// of, checked when it is read; the default 16 would refuse DINOv2's 518 px.
+    pub fn as_checkpoint_hint(&self) -> Self {
+        match (self.family(), self.patch_size, &self.preset) {
+            (Family::Deit, None, None) => Self { image_size: None, ..self.clone() },
+            _ => self.clone(),
+        }
     }
 
     fn validate_deit(&self, problems: &mut Vec<(String, String)>) {

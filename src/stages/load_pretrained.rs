@@ -25,22 +25,21 @@ impl LoadPretrainedSettings {
     pub fn validate(&self) -> Vec<(String, String)> {
         if self.path.as_os_str().is_empty() {
             vec![("path".into(), "is required: the checkpoint file to load".into())]
-        } else if !self.path.exists() {
-            vec![("path".into(), format!("`{}` does not exist", self.path.display()))]
         } else {
-            vec![]
+            crate::files::input_problem(&self.path, crate::files::MAX_CHECKPOINT).map(|problem| ("path".into(), problem)).into_iter().collect()
         }
     }
 }
 
 pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &LoadPretrainedSettings) -> Result<serde_json::Value> {
     let classes = ctx.open(Split::Val)?.num_classes();
-    let hint = ctx.model.resolve(classes)?;
     let model = if ctx.model.init == Some(Init::Random) {
+        let hint = ctx.model.resolve(classes)?;
         ctx.log.info(&format!("{}: model.init = random: random weights, `{}` is not read", ctx.spec.name, s.path.display()));
         B::InnerBackend::seed(ctx.device(), ctx.seed);
         hint.init::<B::InnerBackend>(ctx.device())
     } else {
+        let hint = ctx.model.as_checkpoint_hint().resolve(classes)?;
         let loaded = checkpoint::load_pretrained_at::<B::InnerBackend>(&s.path, &hint, ctx.model.image_size, ctx.device())?;
         let model = loaded.model;
         // Another image size is what resampling is for, unless the rest disagrees too.

@@ -100,10 +100,8 @@ impl ProfileLatencySettings {
         let mut p = Vec::new();
         at_least_one(&mut p, &[("batch_size", self.batch_size)]);
         super::repetitions(&mut p, &[("repeats", self.repeats, 1), ("warmup", self.warmup, 0), ("rounds", self.rounds, 1)]);
-        if let Some(t) = &self.table {
-            if !t.exists() {
-                p.push(("table".into(), format!("`{}` does not exist", t.display())));
-            }
+        if let Some(problem) = self.table.as_deref().and_then(|t| crate::files::input_problem(t, crate::files::MAX_TEXT)) {
+            p.push(("table".into(), problem));
         }
         if let Some(t) = self.tokens.filter(|t| *t == 0 || *t > MAX_TOKENS) {
             p.push(("tokens".into(), format!("must be from 1 to {MAX_TOKENS}, got {t}")));

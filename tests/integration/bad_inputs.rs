@@ -122,6 +122,9 @@ const ROWS: &[(&str, &str, &str)] = &[
     ("model.distilled", r#"model.distilled="yes""#, "invalid type"),
     ("model.drop_path", "model.drop_path=1.5", "[0, 1)"),
     ("model.dims", r#"model.dims="/nonexistent/dims.json""#, "does not exist"),
+    // The audit's reads without end and without a writer: refused before they are opened.
+    ("model.dims", r#"model.dims="/dev/zero""#, "is a device, not a regular file"),
+    ("model.dims", r#"model.dims="FIFO""#, "is a FIFO, not a regular file"),
     ("model.init", r#"model.init="zeros""#, "zeros"),
     ("model.redistribute", r#"model.redistribute="yes""#, "invalid type"),
     ("model.class_token", r#"model.class_token="no""#, "invalid type"),
@@ -135,6 +138,8 @@ const ROWS: &[(&str, &str, &str)] = &[
     ("stages.*.input", r#"stages.evaluate.input="nope""#, "names no stage"),
     ("stages.*.seed", "stages.train.seed=-1", "-1"),
     ("stages.load.path", r#"stages.load.path="/nonexistent/model.pth""#, "does not exist"),
+    ("stages.load.path", r#"stages.load.path="FIFO""#, "is a FIFO, not a regular file"),
+    ("stages.load.path", r#"stages.load.path="ZERO_LINK""#, "is a device, not a regular file"),
     ("stages.train.epochs", "stages.train.epochs=0", "from 1 to"),
     ("stages.train.batch_size", "stages.train.batch_size=100000000", "from 1 to"),
     ("stages.train.lr", "stages.train.lr=-1.0", "positive"),
@@ -144,6 +149,7 @@ const ROWS: &[(&str, &str, &str)] = &[
     ("stages.train.label_smoothing", "stages.train.label_smoothing=1.0", "[0, 1)"),
     ("stages.train.grad_clip", "stages.train.grad_clip=0.0", "positive"),
     ("stages.train.steps_per_epoch", "stages.train.steps_per_epoch=0", "from 1 to"),
+    ("stages.train.eval_every", "stages.train.eval_every=0", "from 1 to"),
     ("stages.train.augment", r#"stages.train.augment="yes""#, "invalid type"),
     ("stages.train.randaugment_ops", "stages.train.randaugment_ops=1000000", "from 0 to 16"),
     ("stages.train.randaugment_magnitude", "stages.train.randaugment_magnitude=nan", "[0, 10]"),
@@ -167,6 +173,7 @@ const ROWS: &[(&str, &str, &str)] = &[
     ("stages.latency.repeats", "stages.latency.repeats=0", "from 1 to 10000"),
     ("stages.latency.rounds", "stages.latency.rounds=0", "from 1 to 10000"),
     ("stages.latency.table", r#"stages.latency.table="/nonexistent/table.json""#, "does not exist"),
+    ("stages.latency.table", r#"stages.latency.table="/dev/zero""#, "is a device, not a regular file"),
     ("stages.scores.criterion", r#"stages.scores.criterion="magic""#, "magic"),
     ("stages.scores.batches", "stages.scores.batches=0", "from 1 to"),
     ("stages.scores.batch_size", "stages.scores.batch_size=0", "from 1 to"),
@@ -218,6 +225,7 @@ const ROWS: &[(&str, &str, &str)] = &[
     ("stages.evaluate.speedup_pairs", "stages.evaluate.speedup_pairs=0", "from 1 to 10000"),
     ("stages.report.models", "stages.report.models=[]", "is required"),
     ("stages.report.prunes", r#"stages.report.prunes=["nope"]"#, "names no stage"),
+    ("stages.report.curves", r#"stages.report.curves=["nope"]"#, "names no stage"),
     ("stages.report.paper", r#"stages.report.paper="yes""#, "invalid type"),
 ];
 
@@ -239,6 +247,11 @@ fn every_key_has_a_bad_value_that_is_refused_by_name() {
     let path = base(dir.path());
     let file = dir.path().join("a-file");
     std::fs::write(&file, "").unwrap();
+    let fifo = dir.path().join("a-fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    // A `.safetensors` that links to /dev/zero.
+    let zero_link = dir.path().join("model.safetensors");
+    std::os::unix::fs::symlink("/dev/zero", &zero_link).unwrap();
     let read = |set: Vec<String>| load(&path, &Overrides { with: Vec::new(), set, env: false });
     read(Vec::new()).unwrap_or_else(|e| panic!("the base pipeline is valid: {e}"));
 
@@ -258,7 +271,10 @@ fn every_key_has_a_bad_value_that_is_refused_by_name() {
     let mut failures = Vec::new();
     let distill_rows = ROWS.iter().filter(|(k, _, _)| k.starts_with("stages.train.")).map(|(k, s, w)| (k.replace("stages.train.", "stages.distill."), s.replace("stages.train.", "stages.distill."), *w));
     for (key, set, words) in ROWS.iter().map(|(k, s, w)| (k.to_string(), s.to_string(), *w)).chain(distill_rows) {
-        let set: Vec<String> = set.split("; ").map(|s| s.replace("FILE", &file.display().to_string())).collect();
+        let set: Vec<String> = set
+            .split("; ")
+            .map(|s| s.replace("FILE", &file.display().to_string()).replace("FIFO", &fifo.display().to_string()).replace("ZERO_LINK", &zero_link.display().to_string()))
+            .collect();
         let named = set.last().unwrap().split('=').next().unwrap().to_string();
         match read(set.clone()) {
             Ok(_) => failures.push(format!("{key}: {set:?} was accepted")),

@@ -271,6 +271,36 @@ fn each_variant_runs_through_prune_distill_evaluate_and_export() {
     }
 }
 
+/// The audit's DINOv2 (patch 14) at 518 px without a preset was refused because the default
+/// patch 16 does not divide 518. This checkpoint's patch is 8: at 40 px, which 16 does not
+/// divide either, it loads, resampled, and evaluates; a size its own patch does not divide
+/// is refused when it is read, naming the checkpoint's patch.
+#[test]
+fn without_a_patch_size_the_checkpoint_decides_what_image_size_must_divide() {
+    for (size, ok) in [(40, true), (36, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let checkpoint = fixture("dinov2-resized").join("model.safetensors");
+        let pipeline = format!(
+            "[pipeline]\nname = \"dino\"\nresults_dir = \"{d}/results\"\nruns_dir = \"{d}/runs\"\n\
+             [dataset]\nkind = \"synthetic\"\nclasses = 10\ntrain_size = 8\nval_size = 8\nsynthetic_size = {size}\nworkers = 1\n\
+             [model]\nimage_size = {size}\n\
+             [stages.load]\nkind = \"load_pretrained\"\npath = \"{}\"\n\
+             [stages.evaluate]\nkind = \"evaluate\"\ninput = \"load\"\nbatch_size = 8\nthroughput_batch = 2\nthroughput_repeats = 1\nwarmup = 0\n",
+            checkpoint.display()
+        );
+        let path = dir.path().join("dino.toml");
+        std::fs::write(&path, pipeline).unwrap();
+        let (code, _, err) = common::output(common::runner(dir.path()).args(["run", path.to_str().unwrap()]));
+        if ok {
+            assert_eq!(code, 0, "{err}");
+            assert!(err.contains("position embedding resampled from 48 px (6x6 patches) to 40 px (5x5)"), "{err}");
+        } else {
+            assert!(code != 0 && err.contains("image_size 36 is not a multiple of the checkpoint's patch size 8"), "{err}");
+        }
+    }
+}
+
 /// Another image size is resampled, but not when [model] disagrees with the checkpoint on
 /// anything else: the error names every disagreement, the image size among them.
 #[test]
