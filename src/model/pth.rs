@@ -699,7 +699,8 @@ pub fn read(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
     let mut out = BTreeMap::new();
     for (name, value) in entries {
         let Value::Tensor(t) = value else { bail!("`{name}` is {}, not a tensor", value.what()) };
-        let numel = t.size.iter().map(|&d| d as u128).product::<u128>();
+        // Checked: 64 dimensions of 2^63 overflow even a u128, and a wrapped product is small.
+        let numel = t.size.iter().try_fold(1u128, |n, &d| n.checked_mul(d as u128)).unwrap_or(u128::MAX);
         if numel > budget {
             bail!(
                 "tensor `{name}` declares shape {:?} ({numel} values), more than the whole file holds ({file_len} bytes): a stride-0 view or a damaged file; not read",
@@ -957,6 +958,8 @@ mod tests {
         assert!(err.contains("reaches element 5 of storage `0`"), "{err}");
         let err = read(tensor_pickle("FloatStorage", 4, 0, &[2, 2], &[-1, 1]), &[("0", &four, false)]).unwrap_err();
         assert!(err.contains("stride entry that is the integer -1"), "{err}");
+        let err = read(tensor_pickle("FloatStorage", 4, 0, &[1 << 30; 5], &[0; 5]), &[("0", &four, false)]).unwrap_err();
+        assert!(err.contains("more than the whole file holds"), "a product past 2^128 is not wrapped: {err}");
         let err = read(tensor_pickle("FloatStorage", 4, 0, &[4], &[1]), &[]).unwrap_err();
         assert!(err.contains("storage `0` is missing from the archive"), "{err}");
         let err = read(tensor_pickle("FloatStorage", 4, 0, &[4], &[1]), &[("0", &four[..8], false)]).unwrap_err();
