@@ -23,15 +23,31 @@ fn prune_and_distill_pipeline(dir: &Path) -> std::path::PathBuf {
 
 /// `ranks` runner processes on `pipeline` meeting at `port`, with `extra` arguments per rank;
 /// their exit codes and stderr, in rank order.
+/// Ranks that have not all finished after ten minutes are killed and the test fails with their
+/// logs: a hang in an all-reduce must not hold CI until its own limit.
 fn run_ranks(dir: &Path, pipeline: &Path, ranks: usize, port: u16, extra: &[&[&str]]) -> Vec<(i32, String)> {
-    let children: Vec<Child> = (0..ranks).map(|r| spawn_rank(dir, pipeline, ranks, r, port, extra.get(r).copied().unwrap_or(&[]))).collect();
-    children
-        .into_iter()
+    let mut children: Vec<Child> = (0..ranks).map(|r| spawn_rank(dir, pipeline, ranks, r, port, extra.get(r).copied().unwrap_or(&[]))).collect();
+    let logs: Vec<std::thread::JoinHandle<String>> = children
+        .iter_mut()
         .map(|c| {
-            let o = c.wait_with_output().unwrap();
-            (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stderr).into())
+            let mut stderr = c.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+                text
+            })
         })
-        .collect()
+        .collect();
+    let start = Instant::now();
+    while !children.iter_mut().all(|c| c.try_wait().unwrap().is_some()) {
+        if start.elapsed() > Duration::from_secs(600) {
+            children.iter_mut().for_each(|c| drop(c.kill()));
+            let logs: Vec<String> = logs.into_iter().map(|l| l.join().unwrap()).collect();
+            panic!("{ranks} ranks did not finish in 600 s (hung?); their logs:\n{}", logs.join("\n-----\n"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    children.iter_mut().zip(logs).map(|(c, log)| (c.wait().unwrap().code().unwrap_or(-1), log.join().unwrap())).collect()
 }
 
 fn spawn_rank(dir: &Path, pipeline: &Path, ranks: usize, rank: usize, port: u16, extra: &[&str]) -> Child {

@@ -66,6 +66,12 @@ impl<P: Protocol> SyncService<P> {
                 .expect("Peer closed connection unexpectedly");
         }
         loop {
+            // nvit's patch: the wait is registered before the list is checked. 0.21.0 made it
+            // after, so a request that came in between woke nobody (`notify_waiters` keeps no
+            // permit) and the sync waited forever: three runner ranks hung in CI this way, all
+            // in the same all-reduce, with every request delivered.
+            let mut notified = std::pin::pin!(self.sync_notif.notified());
+            notified.as_mut().enable();
             {
                 // nvit's patch: 0.21.0 compared and cleared a copy of the list, so the shared
                 // one kept every id and a node's second sync never returned. One id of each
@@ -81,7 +87,7 @@ impl<P: Protocol> SyncService<P> {
                 }
             }
             // Wait for the next sync to come in
-            self.sync_notif.notified().await
+            notified.await
         }
     }
 
