@@ -292,9 +292,10 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
             errors.push(located(&figment, &format!("dataset.{key}"), &message));
         }
     }
+    // Whether the model comes from a checkpoint, which then decides what [model] leaves open.
+    let loads = model.as_ref().is_some_and(|m| stages.iter().any(|s| s.kind == StageKind::LoadPretrained) && m.init != Some(crate::model::Init::Random));
     if let (Some(dataset), Some(model)) = (&dataset, &model) {
         // The model's channels are known here unless a checkpoint will say them.
-        let loads = stages.iter().any(|s| s.kind == StageKind::LoadPretrained) && model.init != Some(crate::model::Init::Random);
         let resolved = (!loads).then(|| model.resolve(2).ok()).flatten();
         let channels = model.in_chans.or_else(|| resolved.as_ref().map(|c| c.in_chans()));
         if let Some((key, message)) = channels.and_then(|c| dataset.check_channels(c)) {
@@ -312,7 +313,6 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Pipeline, ConfigErrors
         }
     }
     if let Some(model) = &model {
-        let loads = stages.iter().any(|s| s.kind == StageKind::LoadPretrained) && model.init != Some(crate::model::Init::Random);
         for (key, message) in model.validate_for(loads) {
             errors.push(located(&figment, &format!("model.{key}"), &message));
         }

@@ -46,7 +46,7 @@ impl ImageFolder {
                 Ok(_) => continue,
                 Err(e) if e.loop_ancestor().is_some() => continue, // a link to a folder above: no image
                 // A link to nothing is an image that cannot be read: `on_bad_image` decides.
-                Err(e) if e.io_error().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) && e.path().is_some_and(is_image) => e.path().unwrap().to_path_buf(),
+                Err(e) if dangling_image(&e).is_some() => dangling_image(&e).unwrap().to_path_buf(),
                 Err(e) => return Err(DataError::file(&dir, e.to_string())),
             };
             let class = path.parent().and_then(|p| p.file_name()).unwrap().to_string_lossy();
@@ -106,10 +106,7 @@ impl ImageFolder {
                         .sort_by_file_name()
                         .into_iter()
                         .filter_map(|e| match e {
-                            Err(e) if !skip_bad && e.io_error().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) && e.path().is_some_and(is_image) => {
-                                Some(Err(e.path().unwrap().to_path_buf()))
-                            }
-                            Err(_) => None,
+                            Err(e) => dangling_image(&e).filter(|_| !skip_bad).map(|link| Err(link.to_path_buf())),
                             Ok(e) => (e.file_type().is_file() && is_image(e.path())).then(|| Ok(e.into_path())),
                         })
                         .collect::<Result<Vec<_>, PathBuf>>()
@@ -128,6 +125,12 @@ impl ImageFolder {
     pub fn class_names(&self) -> &[String] {
         &self.classes
     }
+}
+
+/// The image a walk could not follow because it is a symbolic link to nothing.
+fn dangling_image(e: &walkdir::Error) -> Option<&Path> {
+    let missing = e.io_error().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound);
+    e.path().filter(|p| missing && is_image(p))
 }
 
 /// Decodes the image at `path`, its format told by its bytes, not its name.
