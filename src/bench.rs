@@ -648,6 +648,8 @@ pub struct BenchLatency {
     pub rounds: usize,
     pub pairs: usize,
     pub backend: BackendKind,
+    pub runtime: crate::onnxruntime::Runtime,
+    pub onnxruntime_provider: crate::onnxruntime::Provider,
     pub threads: usize,
     pub out: Option<PathBuf>,
 }
@@ -678,6 +680,7 @@ fn between_widths(dense: &VitConfig, pruned: &VitConfig, t: f64) -> VitConfig {
 
 struct LatencyJob<'a> {
     args: &'a BenchLatency,
+    clock: &'a crate::onnxruntime::Clock,
     /// `(name, config)`, the dense model first.
     sets: &'a [(String, VitConfig)],
     table_out: &'a Path,
@@ -688,9 +691,9 @@ impl BackendJob for LatencyJob<'_> {
     fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output> {
         use crate::model::ModelConfig;
         use crate::prune::ModelLatency;
-        use crate::stages::profile_latency::{profile, time_block, Workload};
+        use crate::stages::profile_latency::{profile, Workload};
         type I<B> = <B as AutodiffBackend>::InnerBackend;
-        let (device, args) = (&devices[0], self.args);
+        let (device, args, clock) = (&devices[0], self.args, self.clock);
         let dense = ModelConfig::Deit(self.sets[0].1.clone());
         let workload = Workload { batch: args.batch, tokens: None, warmup: 1, repeats: args.repeats };
         let table = match &args.table {
@@ -699,7 +702,7 @@ impl BackendJob for LatencyJob<'_> {
                 let (e, blocks) = &dense.stages()[0];
                 let grid = args.grid.grid(*e, blocks);
                 let points = grid.points().len();
-                let table = profile::<I<B>>(&dense, 0, grid, &workload, args.rounds, Vec::new(), device, |values| {
+                let table = profile::<I<B>>(clock, &dense, 0, grid, &workload, args.rounds, Vec::new(), device, |values| {
                     let n = values.len();
                     if n % 64 == 0 || n % points == 0 {
                         eprintln!("profiling the latency table: round {} of {}, {} of {points} points", n.div_ceil(points), args.rounds, (n - 1) % points + 1);
@@ -713,7 +716,6 @@ impl BackendJob for LatencyJob<'_> {
             }
         };
         table.check(&dense)?;
-        let timing = crate::model::Timing::<I<B>>::new(&dense, args.batch, device);
         let dense_model = dense.init::<I<B>>(device);
         let mut rows = Vec::new();
         for (name, config) in self.sets {
@@ -721,10 +723,10 @@ impl BackendJob for LatencyJob<'_> {
             eprintln!("timing {name}");
             let model_config = ModelConfig::Deit(config.clone());
             let estimate = table.model_latency(&model_config);
-            let blocks_alone = config.blocks.iter().map(|d| time_block::<I<B>>(&model_config, 0, config.embed_dim, d, &workload, device)).sum();
+            let blocks_alone = config.blocks.iter().map(|d| clock.time_block::<I<B>>(&model_config, 0, config.embed_dim, d, &workload, device)).sum::<Result<f64>>()?;
             let model = model_config.init::<I<B>>(device);
-            let time = timing.median(&model, 1, args.repeats);
-            let measured = timing.paired(&model, &dense_model, 1, args.pairs);
+            let time = clock.median(&model, args.batch, 1, args.repeats, device)?;
+            let measured = clock.paired(&model, &dense_model, args.batch, 1, args.pairs, device)?;
             rows.push(LatencyRow { name: name.clone(), config: config.clone(), estimate, blocks_alone, model: time, measured });
         }
         Ok((rows, table))
@@ -766,9 +768,15 @@ pub fn latency(args: &BenchLatency) -> Result<String> {
     use_threads(args.threads);
     let device = backend::device_name(args.backend, 0);
     let gpu = backend::is_gpu(args.backend, 0);
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/bench/latency-{}-{}.csv", args.backend, file_part(&device, gpu))));
+    let clock = crate::onnxruntime::Clock::new(args.runtime, args.onnxruntime_provider, format!("{} on {device} {} threads", args.backend, args.threads))?;
+    let runtime = clock.describe();
+    let timed_on = match args.runtime {
+        crate::onnxruntime::Runtime::Backend => args.backend.to_string(),
+        crate::onnxruntime::Runtime::Onnxruntime => "onnxruntime".to_string(),
+    };
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/bench/latency-{timed_on}-{}.csv", file_part(&device, gpu))));
     let table_out = out.with_extension("table.json");
-    let (rows, table) = backend::dispatch(args.backend, &[0], LatencyJob { args, sets: &sets, table_out: &table_out })?;
+    let (rows, table) = backend::dispatch(args.backend, &[0], LatencyJob { args, clock: &clock, sets: &sets, table_out: &table_out })?;
     let table_source = match &args.table {
         Some(t) => t.display().to_string(),
         None => format!("{} ({} grid, {} points, median of {} rounds, monotone)", table_out.display(), format!("{:?}", args.grid).to_lowercase(), table.stages[0].grid.points().len(), args.rounds),
@@ -777,7 +785,7 @@ pub fn latency(args: &BenchLatency) -> Result<String> {
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record([
         "set", "embed_dim", "params_m", "gflops", "estimated_ms", "blocks_alone_ms", "model_ms", "estimated_ratio", "blocks_alone_ratio", "measured_ratio",
-        "measured_min", "measured_max", "pairs", "estimate_error", "batch", "backend", "device", "threads", "table",
+        "measured_min", "measured_max", "pairs", "estimate_error", "batch", "backend", "device", "threads", "table", "runtime",
     ])?;
     let d = &rows[0];
     let mut text = String::new();
@@ -806,6 +814,7 @@ pub fn latency(args: &BenchLatency) -> Result<String> {
             &device,
             &args.threads.to_string(),
             &table_source,
+            &runtime,
         ])?;
         text.push_str(&format!(
             "{}: estimated {est:.3}, blocks alone {alone:.3}, measured {:.3} ({:.3}-{:.3} over {} pairs): the estimate is {:+.1}% off; the blocks are {:.0}% of the model's {} ms\n",
@@ -820,7 +829,7 @@ pub fn latency(args: &BenchLatency) -> Result<String> {
         ));
     }
     crate::files::atomic_write(&out, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
-    text.push_str(&format!("-> {} ({} on {device}, {} threads, batch {}; table: {table_source})\n", out.display(), args.backend, args.threads, args.batch));
+    text.push_str(&format!("-> {} ({runtime}, batch {}; table: {table_source})\n", out.display(), args.batch));
     Ok(text)
 }
 
@@ -851,6 +860,8 @@ mod tests {
             batch: 1,
             repeats: 1,
             rounds: 1,
+            runtime: crate::onnxruntime::Runtime::Backend,
+            onnxruntime_provider: crate::onnxruntime::Provider::Cpu,
             pairs: 1,
             backend: crate::backend::BackendKind::Flex,
             threads: 1,

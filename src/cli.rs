@@ -311,6 +311,13 @@ pub enum BenchCommand {
         pairs: usize,
         #[arg(long, value_enum, default_value = "flex")]
         backend: BackendKind,
+        /// Where blocks and models are timed: the backend, or ONNX Runtime (each exported to
+        /// ONNX as `runner export` writes it; `pip install onnxruntime`).
+        #[arg(long, value_enum, default_value = "backend")]
+        runtime: crate::onnxruntime::Runtime,
+        /// With --runtime onnxruntime: its execution provider.
+        #[arg(long, value_enum, default_value = "cpu")]
+        onnxruntime_provider: crate::onnxruntime::Provider,
         /// Default: every core.
         #[arg(long)]
         threads: Option<usize>,

@@ -18,6 +18,7 @@ pub mod interrupt;
 pub mod machine;
 pub mod manifest;
 pub mod model;
+pub mod onnxruntime;
 pub mod parity;
 pub mod pipeline;
 pub mod predict;

@@ -99,9 +99,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print!("{}", nvit::bench::kernels(&nvit::bench::BenchKernels { backend, attention, layer_norm, steps, threads, out })?);
             Ok(())
         }
-        Command::Bench { command: BenchCommand::Latency { dense, pruned, between, table, grid, batch, repeats, rounds, pairs, backend, threads, out } } => {
+        Command::Bench { command: BenchCommand::Latency { dense, pruned, between, table, grid, batch, repeats, rounds, pairs, backend, runtime, onnxruntime_provider, threads, out } } => {
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let args = nvit::bench::BenchLatency { dense, pruned, between, table, grid, batch, repeats, rounds, pairs, backend, threads, out };
+            let args = nvit::bench::BenchLatency { dense, pruned, between, table, grid, batch, repeats, rounds, pairs, backend, runtime, onnxruntime_provider, threads, out };
             print!("{}", nvit::bench::latency(&args)?);
             Ok(())
         }

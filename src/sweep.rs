@@ -501,7 +501,7 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
     }
     let readme = format!(
         "# sweep {}\n\nWritten by `runner sweep {}`: {} points over `{}`, {finished} finished. Every row was measured by this \
-         repository's `evaluate` stage (backend and device in each row); `speedup` is over the point's first \
+         repository's `evaluate` stage (backend, device and the runtime it was timed on in each row); `speedup` is over the point's first \
          evaluated model: the median of paired measurements (`speedup_min`, `speedup_max`, `speedup_pairs`) where the \
          model's `evaluate` stage names it as its `baseline`, else the ratio of throughputs; {}. `latency_reached` is the estimated latency the point's prune stage reached, \
          as a fraction of dense, beside its `latency_target`, and `latency_measured` the paired measurement's (1 / `speedup`).\n\n{}\n![top-1 against measured speedup](accuracy.svg)\n",
@@ -534,7 +534,7 @@ fn write_combined(sweep: &Sweep, pipelines: &[Pipeline], root: &Path, cache: &Ca
 const SEED_KEY: &str = "pipeline.seed";
 
 fn table_columns() -> Vec<String> {
-    ["model", "dataset", "top1", "top5", "params_m", "gflops", "images_per_s", "speedup", "speedup_min", "speedup_max", "speedup_pairs", "resolution", "latency_target", "backend", "device"]
+    ["model", "dataset", "top1", "top5", "params_m", "gflops", "images_per_s", "speedup", "speedup_min", "speedup_max", "speedup_pairs", "resolution", "latency_target", "backend", "device", "runtime"]
         .map(String::from)
         .to_vec()
 }

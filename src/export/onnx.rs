@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use burn::tensor::backend::Backend;
 
 use crate::protobuf::Message;
-use crate::model::checkpoint::{export_split, export_swin_split};
-use crate::model::{BlockDims, Model, Swin, Vit};
+use crate::model::checkpoint::{export_block, export_split, export_swin_block, export_swin_split};
+use crate::model::{Block, BlockDims, Model, Swin, SwinBlock, Vit};
 
 /// The operator set the graph is written against (`LayerNormalization` needs 17).
 pub const OPSET: i64 = 17;
@@ -73,12 +73,7 @@ pub fn to_onnx<B: Backend>(model: &Vit<B>, spec: &InputSpec) -> Vec<u8> {
 
     let scale = (c.head_dim as f32).powf(-0.5);
     for (i, d) in c.blocks.iter().enumerate() {
-        let name = |s: &str| format!("blocks.{i}.{s}");
-        let y = g.layer_norm(&x, &name("norm1"), &sd);
-        let out = g.attention(&y, &name("attn"), &sd, d, scale, None);
-        let out = g.layer_scale(&out, &name("ls1"), &sd);
-        x = g.node("Add", &[&x, &out], &[]);
-        x = g.mlp_branch(&x, &format!("blocks.{i}"), &sd);
+        x = g.vit_block(&x, &format!("blocks.{i}"), d, scale, &sd, None);
     }
 
     if !c.fc_norm {
@@ -150,28 +145,7 @@ pub fn to_onnx_swin<B: Backend>(model: &Swin<B>, spec: &InputSpec) -> Vec<u8> {
         }
         prev = e;
         for (j, (d, block)) in stage.blocks.iter().zip(&layer.blocks).enumerate() {
-            let name = format!("layers.{i}.blocks.{j}");
-            let (win, shift) = (block.window as i64, block.shift as i64);
-            let (per_side, n) = (side / win, win * win);
-            let y = g.layer_norm(&x, &format!("{name}.norm1"), &sd);
-            let y = g.reshape(&y, &[-1, side, side, e]);
-            let y = if shift > 0 { g.roll(&y, shift, side) } else { y };
-            let windows = g.reshape(&y, &[-1, per_side, win, per_side, win, e]);
-            let windows = g.node("Transpose", &[&windows], &[Attr::Ints("perm", vec![0, 1, 3, 2, 4, 5])]);
-            let windows = g.reshape(&windows, &[-1, n, e]);
-            // `[1, windows, heads, n, n]`, added to the scores viewed per image.
-            let bias = block.attention_bias(1, &model.head.weight.device());
-            let [nw, h, _, _] = bias.dims();
-            let values = bias.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
-            let bias = g.floats(&format!("{name}.attn.bias"), &[1, nw, h, n as usize, n as usize], &values);
-            let out = g.attention(&windows, &format!("{name}.attn"), &sd, d, scale, Some((&bias, nw as i64, n)));
-            let out = g.reshape(&out, &[-1, per_side, per_side, win, win, e]);
-            let out = g.node("Transpose", &[&out], &[Attr::Ints("perm", vec![0, 1, 3, 2, 4, 5])]);
-            let out = g.reshape(&out, &[-1, side, side, e]);
-            let out = if shift > 0 { g.roll(&out, side - shift, side) } else { out };
-            let out = g.reshape(&out, &[-1, side * side, e]);
-            x = g.node("Add", &[&x, &out], &[]);
-            x = g.mlp_branch(&x, &name, &sd);
+            x = g.swin_block(&x, &format!("layers.{i}.blocks.{j}"), block, d, side, scale, &sd, None);
         }
     }
     let x = g.layer_norm(&x, "norm", &sd);
@@ -179,6 +153,25 @@ pub fn to_onnx_swin<B: Backend>(model: &Swin<B>, spec: &InputSpec) -> Vec<u8> {
     let logits = g.linear(&pooled, "head.fc", &sd);
     g.node_named("Identity", &[&logits], &[], "logits");
     g.finish(ModelShape { image_size: c.image_size, in_chans: c.in_chans, num_classes: c.num_classes, dims: serde_json::to_string(c).expect("a config serializes") }, spec)
+}
+
+/// One ViT block of width `e` alone over `tokens` tokens, as [`to_onnx`] writes each block: input
+/// `x` `[batch, tokens, e]`, output `y` of the same shape. What `profile_latency` times in ONNX
+/// Runtime.
+pub fn vit_block_to_onnx<B: Backend>(block: &Block<B>, d: &BlockDims, e: usize, tokens: usize, head_dim: usize) -> Vec<u8> {
+    let sd = export_block(block, e).tensors;
+    let mut g = Graph::new();
+    g.vit_block("x", "blocks.0", d, (head_dim as f32).powf(-0.5), &sd, Some("y"));
+    g.block_file(tokens, e)
+}
+
+/// One Swin block alone, of a stage `side` tokens on a side, as [`to_onnx_swin`] writes each
+/// block: input `x` `[batch, side * side, e]`, output `y` of the same shape.
+pub fn swin_block_to_onnx<B: Backend>(block: &SwinBlock<B>, d: &BlockDims, e: usize, side: usize, head_dim: usize) -> Vec<u8> {
+    let sd = export_swin_block(block).tensors;
+    let mut g = Graph::new();
+    g.swin_block("x", "layers.0.blocks.0", block, d, side as i64, (head_dim as f32).powf(-0.5), &sd, Some("y"));
+    g.block_file(side * side, e)
 }
 
 /// A model of either family as ONNX.
@@ -336,6 +329,14 @@ impl Graph {
         self.node("Transpose", &[&flat], &[Attr::Ints("perm", vec![0, 2, 1])])
     }
 
+    /// A block's file: this graph between input `x` and output `y`, `[batch, tokens, e]` both.
+    fn block_file(self, tokens: usize, e: usize) -> Vec<u8> {
+        let dims = [Dim::Batch, Dim::Fixed(tokens), Dim::Fixed(e)];
+        let input = value_info("x", &dims, "a block's input tokens");
+        let output = value_info("y", &dims, "the block's output tokens");
+        self.encode(input, output, BTreeMap::new(), "One transformer block of a Vision Transformer with per-block widths (NViT), as the runner times it")
+    }
+
     /// The model file: this graph between input `images` and output `logits`, with the
     /// input's expectations and the model's shapes in its metadata.
     fn finish(self, shape: ModelShape, spec: &InputSpec) -> Vec<u8> {
@@ -348,6 +349,18 @@ impl Graph {
         );
         let input = value_info("images", &[Dim::Batch, Dim::Fixed(shape.in_chans), Dim::Fixed(shape.image_size), Dim::Fixed(shape.image_size)], &input_doc);
         let output = value_info("logits", &[Dim::Batch, Dim::Fixed(shape.num_classes)], "class scores before the softmax");
+        let mut meta = BTreeMap::new();
+        meta.insert("image_size", shape.image_size.to_string());
+        meta.insert("mean", format!("{:?}", spec.mean));
+        meta.insert("std", format!("{:?}", spec.std));
+        meta.insert("dims", shape.dims);
+        if let Some(classes) = &spec.classes {
+            meta.insert("classes", serde_json::to_string(classes).expect("strings serialize"));
+        }
+        self.encode(input, output, meta, "A Vision Transformer with per-block widths (NViT); input `images`, output `logits`")
+    }
+
+    fn encode(self, input: Message, output: Message, meta: BTreeMap<&str, String>, doc: &str) -> Vec<u8> {
         let mut graph = Message::new();
         for node in &self.nodes {
             graph = graph.message(1, node);
@@ -357,20 +370,11 @@ impl Graph {
             graph = graph.message(5, t);
         }
         graph = graph.message(11, &input).message(12, &output);
-
-        let mut meta = BTreeMap::new();
-        meta.insert("image_size", shape.image_size.to_string());
-        meta.insert("mean", format!("{:?}", spec.mean));
-        meta.insert("std", format!("{:?}", spec.std));
-        meta.insert("dims", shape.dims);
-        if let Some(classes) = &spec.classes {
-            meta.insert("classes", serde_json::to_string(classes).expect("strings serialize"));
-        }
         let mut model = Message::new()
             .int(1, IR_VERSION)
             .string(2, "nvit runner")
             .string(3, env!("CARGO_PKG_VERSION"))
-            .string(6, "A Vision Transformer with per-block widths (NViT); input `images`, output `logits`")
+            .string(6, doc)
             .message(7, &graph)
             .message(8, &Message::new().string(1, "").int(2, OPSET));
         for (k, v) in meta {
@@ -379,15 +383,57 @@ impl Graph {
         model.into_bytes()
     }
 
+    /// ViT block `prefix` over `x`: attention, then the MLP, each a residual branch with
+    /// LayerScale's gain where the block has one. `out` names the block's output (a graph's).
+    fn vit_block(&mut self, x: &str, prefix: &str, d: &BlockDims, scale: f32, sd: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, out: Option<&str>) -> String {
+        let y = self.layer_norm(x, &format!("{prefix}.norm1"), sd);
+        let attn = self.attention(&y, &format!("{prefix}.attn"), sd, d, scale, None);
+        let attn = self.layer_scale(&attn, &format!("{prefix}.ls1"), sd);
+        let x = self.node("Add", &[x, &attn], &[]);
+        self.mlp_branch(&x, prefix, sd, out)
+    }
+
+    /// Swin block `prefix` over `x` `[batch, side * side, E]`: attention within windows (the
+    /// cyclic shift as two slices concatenated, each head's relative position bias and the
+    /// shifted windows' mask one constant), then the MLP.
+    #[allow(clippy::too_many_arguments)]
+    fn swin_block<B: Backend>(&mut self, x: &str, prefix: &str, block: &SwinBlock<B>, d: &BlockDims, side: i64, scale: f32, sd: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, out: Option<&str>) -> String {
+        let e = sd[&format!("{prefix}.norm1.weight")].0[0] as i64;
+        let (win, shift) = (block.window as i64, block.shift as i64);
+        let (per_side, n) = (side / win, win * win);
+        let y = self.layer_norm(x, &format!("{prefix}.norm1"), sd);
+        let y = self.reshape(&y, &[-1, side, side, e]);
+        let y = if shift > 0 { self.roll(&y, shift, side) } else { y };
+        let windows = self.reshape(&y, &[-1, per_side, win, per_side, win, e]);
+        let windows = self.node("Transpose", &[&windows], &[Attr::Ints("perm", vec![0, 1, 3, 2, 4, 5])]);
+        let windows = self.reshape(&windows, &[-1, n, e]);
+        // `[1, windows, heads, n, n]`, added to the scores viewed per image.
+        let bias = block.attention_bias(1, &block.norm1.gamma.device());
+        let [nw, h, _, _] = bias.dims();
+        let values = bias.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+        let bias = self.floats(&format!("{prefix}.attn.bias"), &[1, nw, h, n as usize, n as usize], &values);
+        let attn = self.attention(&windows, &format!("{prefix}.attn"), sd, d, scale, Some((&bias, nw as i64, n)));
+        let attn = self.reshape(&attn, &[-1, per_side, per_side, win, win, e]);
+        let attn = self.node("Transpose", &[&attn], &[Attr::Ints("perm", vec![0, 1, 3, 2, 4, 5])]);
+        let attn = self.reshape(&attn, &[-1, side, side, e]);
+        let attn = if shift > 0 { self.roll(&attn, side - shift, side) } else { attn };
+        let attn = self.reshape(&attn, &[-1, side * side, e]);
+        let x = self.node("Add", &[x, &attn], &[]);
+        self.mlp_branch(&x, prefix, sd, out)
+    }
+
     /// The residual MLP branch of block `prefix`: `x + fc2(gelu(fc1(norm2(x))))`, LayerScale's
-    /// gain on the branch where the block has one.
-    fn mlp_branch(&mut self, x: &str, prefix: &str, sd: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> String {
+    /// gain on the branch where the block has one; the sum named `out` where given.
+    fn mlp_branch(&mut self, x: &str, prefix: &str, sd: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, out: Option<&str>) -> String {
         let y = self.layer_norm(x, &format!("{prefix}.norm2"), sd);
         let hidden = self.linear(&y, &format!("{prefix}.mlp.fc1"), sd);
         let hidden = self.gelu(&hidden);
-        let out = self.linear(&hidden, &format!("{prefix}.mlp.fc2"), sd);
-        let out = self.layer_scale(&out, &format!("{prefix}.ls2"), sd);
-        self.node("Add", &[x, &out], &[])
+        let branch = self.linear(&hidden, &format!("{prefix}.mlp.fc2"), sd);
+        let branch = self.layer_scale(&branch, &format!("{prefix}.ls2"), sd);
+        match out {
+            Some(name) => self.node_named("Add", &[x, &branch], &[], name),
+            None => self.node("Add", &[x, &branch], &[]),
+        }
     }
 
     /// Multi-head attention `prefix` over `x` `[batch, tokens, E]` with block `d`'s widths;

@@ -153,17 +153,7 @@ fn export_with<B: Backend>(model: &Vit<B>, fuse: bool) -> StateDict {
     }
     w.put("pos_embed", model.pos_embed.dims().to_vec(), to_vec(&model.pos_embed.val()));
     for (i, block) in model.blocks.iter().enumerate() {
-        let p = format!("blocks.{i}");
-        w.norm(&format!("{p}.norm1"), &block.norm1);
-        w.attention(&format!("{p}.attn"), &block.attn, fuse);
-        w.norm(&format!("{p}.norm2"), &block.norm2);
-        w.linear(&format!("{p}.mlp.fc1"), &block.mlp.fc1);
-        w.linear(&format!("{p}.mlp.fc2"), &block.mlp.fc2);
-        for (n, ls) in [("ls1", &block.ls1), ("ls2", &block.ls2)] {
-            if let Some(ls) = ls {
-                w.put(&format!("{p}.{n}.gamma"), vec![e], to_vec(&ls.gamma.val()));
-            }
-        }
+        w.block(&format!("blocks.{i}"), block, e, fuse);
     }
     if let Some(n) = &model.norm {
         w.norm("norm", n);
@@ -178,6 +168,21 @@ fn export_with<B: Backend>(model: &Vit<B>, fuse: bool) -> StateDict {
     w.sd
 }
 
+/// One ViT block of width `e` alone, as block 0 (`blocks.0.*`, split `q`/`k`/`v`): what a latency
+/// table times in ONNX Runtime.
+pub fn export_block<B: Backend>(block: &super::Block<B>, e: usize) -> StateDict {
+    let mut w = Writer::default();
+    w.block("blocks.0", block, e, false);
+    w.sd
+}
+
+/// One Swin block alone, as `layers.0.blocks.0.*` (split `q`/`k`/`v`).
+pub fn export_swin_block<B: Backend>(block: &super::SwinBlock<B>) -> StateDict {
+    let mut w = Writer::default();
+    w.swin_block("layers.0.blocks.0", block, false);
+    w.sd
+}
+
 /// Burn modules into a state dict in PyTorch layout.
 #[derive(Default)]
 struct Writer {
@@ -185,6 +190,29 @@ struct Writer {
 }
 
 impl Writer {
+    fn block<B: Backend>(&mut self, p: &str, block: &super::Block<B>, e: usize, fuse: bool) {
+        self.norm(&format!("{p}.norm1"), &block.norm1);
+        self.attention(&format!("{p}.attn"), &block.attn, fuse);
+        self.norm(&format!("{p}.norm2"), &block.norm2);
+        self.linear(&format!("{p}.mlp.fc1"), &block.mlp.fc1);
+        self.linear(&format!("{p}.mlp.fc2"), &block.mlp.fc2);
+        for (n, ls) in [("ls1", &block.ls1), ("ls2", &block.ls2)] {
+            if let Some(ls) = ls {
+                self.put(&format!("{p}.{n}.gamma"), vec![e], to_vec(&ls.gamma.val()));
+            }
+        }
+    }
+
+    fn swin_block<B: Backend>(&mut self, p: &str, block: &super::SwinBlock<B>, fuse: bool) {
+        self.norm(&format!("{p}.norm1"), &block.norm1);
+        self.attention(&format!("{p}.attn"), &block.attn, fuse);
+        let table = &block.relative_position_bias_table;
+        self.put(&format!("{p}.attn.relative_position_bias_table"), table.dims().to_vec(), to_vec(&table.val()));
+        self.norm(&format!("{p}.norm2"), &block.norm2);
+        self.linear(&format!("{p}.mlp.fc1"), &block.mlp.fc1);
+        self.linear(&format!("{p}.mlp.fc2"), &block.mlp.fc2);
+    }
+
     fn put(&mut self, name: &str, shape: Vec<usize>, data: Vec<f32>) {
         self.sd.tensors.insert(name.to_string(), (shape, data));
     }
@@ -705,14 +733,7 @@ fn export_swin_with<B: Backend>(model: &Swin<B>, fuse: bool) -> StateDict {
             w.linear(&format!("layers.{i}.downsample.reduction"), &merge.reduction);
         }
         for (j, block) in layer.blocks.iter().enumerate() {
-            let p = format!("layers.{i}.blocks.{j}");
-            w.norm(&format!("{p}.norm1"), &block.norm1);
-            w.attention(&format!("{p}.attn"), &block.attn, fuse);
-            let table = &block.relative_position_bias_table;
-            w.put(&format!("{p}.attn.relative_position_bias_table"), table.dims().to_vec(), to_vec(&table.val()));
-            w.norm(&format!("{p}.norm2"), &block.norm2);
-            w.linear(&format!("{p}.mlp.fc1"), &block.mlp.fc1);
-            w.linear(&format!("{p}.mlp.fc2"), &block.mlp.fc2);
+            w.swin_block(&format!("layers.{i}.blocks.{j}"), block, fuse);
         }
     }
     w.norm("norm", &model.norm);

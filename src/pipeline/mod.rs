@@ -111,7 +111,7 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, force: &[String], device_name: &
             model: serde_json::to_value(&pipeline.model)?,
             seed: spec.seed(pipeline.pipeline.seed),
             backend: pipeline.pipeline.backend.to_string(),
-            extra: stages::key_extra(spec, device_name),
+            extra: stages::key_extra(spec, device_name)?,
         };
         let key = key_input.key();
         let forced = force.iter().any(|f| f == "all" || *f == spec.name);

@@ -271,13 +271,24 @@ impl LatencyTable {
         Self::new(grid, values)
     }
 
-    /// `emb,heads,qk,v,mlp,seconds` rows.
-    pub fn to_csv(&self) -> String {
-        let mut out = String::from("emb,heads,qk,v,mlp,seconds\n");
+    /// `emb,heads,qk,v,mlp,seconds,runtime` rows: one per grid point, each naming the runtime
+    /// it was timed on.
+    pub fn to_csv(&self, runtime: &str) -> String {
+        let runtime = csv_field(runtime);
+        let mut out = String::from("emb,heads,qk,v,mlp,seconds,runtime\n");
         for (n, (e, d)) in self.grid.points().into_iter().enumerate() {
-            out.push_str(&format!("{e},{},{},{},{},{:e}\n", d.heads, d.qk, d.v, d.mlp, self.values[n]));
+            out.push_str(&format!("{e},{},{},{},{},{:e},{runtime}\n", d.heads, d.qk, d.v, d.mlp, self.values[n]));
         }
         out
+    }
+}
+
+/// `text` as one CSV field: quoted where it holds a comma or a quote.
+pub fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
     }
 }
 
@@ -358,14 +369,14 @@ impl ModelLatency {
         Ok(Self { stages })
     }
 
-    /// `emb,heads,qk,v,mlp,seconds` rows, led by a `stage` column when there are several.
-    pub fn to_csv(&self) -> String {
+    /// `emb,heads,qk,v,mlp,seconds,runtime` rows. led by a `stage` column when there are several.
+    pub fn to_csv(&self, runtime: &str) -> String {
         match self.stages.as_slice() {
-            [one] => one.to_csv(),
+            [one] => one.to_csv(runtime),
             many => {
-                let mut out = String::from("stage,emb,heads,qk,v,mlp,seconds\n");
+                let mut out = String::from("stage,emb,heads,qk,v,mlp,seconds,runtime\n");
                 for (i, t) in many.iter().enumerate() {
-                    out.extend(t.to_csv().lines().skip(1).map(|l| format!("{i},{l}\n")));
+                    out.extend(t.to_csv(runtime).lines().skip(1).map(|l| format!("{i},{l}\n")));
                 }
                 out
             }
@@ -443,7 +454,7 @@ mod tests {
         let path = dir.path().join("lat.json");
         std::fs::write(&path, serde_json::to_vec(&latency.to_json()).unwrap()).unwrap();
         assert_eq!(ModelLatency::from_json(&path).unwrap(), latency);
-        assert!(latency.to_csv().starts_with("stage,emb,heads,qk,v,mlp,seconds\n0,8,1,1,1,1,"));
+        assert!(latency.to_csv("flex").starts_with("stage,emb,heads,qk,v,mlp,seconds,runtime\n0,8,1,1,1,1,"));
         let deit = ModelLatency { stages: vec![a] };
         assert!(deit.check(&swin.into()).unwrap_err().to_string().starts_with("the latency table has 1 stage table(s), and the swin model has 2 stages"));
     }

@@ -11,14 +11,14 @@ use anyhow::{Context, Result};
 use crate::files::atomic_write;
 
 /// Columns of `metrics.csv`, in order.
-pub const METRICS_COLUMNS: [&str; 15] = [
+pub const METRICS_COLUMNS: [&str; 16] = [
     "model", "dataset", "split", "images", "top1", "top5", "loss", "params_m", "gflops", "images_per_s", "latency_ms",
-    "batch", "backend", "device", "pipeline",
+    "batch", "backend", "device", "pipeline", "runtime",
 ];
 
-/// A row is identified by these: re-evaluating the same model on the same data and device
-/// replaces its row.
-const METRICS_KEY: [&str; 5] = ["model", "dataset", "split", "backend", "device"];
+/// A row is identified by these: re-evaluating the same model on the same data, device and
+/// timing runtime replaces its row.
+const METRICS_KEY: [&str; 6] = ["model", "dataset", "split", "backend", "device", "runtime"];
 
 /// A JSON value as a CSV cell: strings unquoted, absent values empty.
 pub fn csv_cell(value: &serde_json::Value) -> String {

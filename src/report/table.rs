@@ -37,6 +37,10 @@ pub struct Row {
     pub latency_target: Option<f64>,
     pub backend: String,
     pub device: String,
+    /// Where images/s and the speedup were timed: the backend, or ONNX Runtime with its version,
+    /// provider and threads.
+    #[serde(default)]
+    pub runtime: String,
 }
 
 /// The paper's Table 1 (NViT, ImageNet-1K, 224 px, from DeiT-B distilled): model, top-1,
@@ -71,6 +75,7 @@ pub fn paper_rows() -> Vec<Row> {
             latency_target,
             backend: String::new(),
             device: "V100, batch 256".into(),
+            runtime: "PyTorch".into(),
         })
         .collect()
 }
@@ -104,6 +109,7 @@ pub fn measured_rows(models: &[(serde_json::Value, Option<f64>)]) -> Result<Vec<
                 latency_target: *latency_target,
                 backend: text("backend"),
                 device: text("device"),
+                runtime: text("runtime"),
             })
         })
         .collect()
@@ -310,7 +316,11 @@ pub fn markdown(rows: &[Row]) -> String {
             },
             r.resolution,
             opt(r.latency_target),
-            if r.backend.is_empty() { r.device.clone() } else { format!("{} {}", r.backend, r.device) }
+            match (r.backend.is_empty(), r.runtime.starts_with("onnxruntime")) {
+                (true, _) => r.device.clone(),
+                (false, false) => format!("{} {}", r.backend, r.device),
+                (false, true) => format!("{} {}, timed in {}", r.backend, r.device, r.runtime),
+            }
         ));
     }
     s
@@ -339,6 +349,7 @@ mod tests {
             latency_target: Some(0.5),
             backend: String::new(),
             device: String::new(),
+            runtime: String::new(),
         };
         let rows = vec![
             (String::new(), row("a", 80.0, 2.0), Some(0.49)),
@@ -380,8 +391,8 @@ mod tests {
         all.extend(paper_rows());
         write_csv(&path, &all).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with("source,model,dataset,top1,top5,params_m,gflops,images_per_s,speedup,speedup_min,speedup_max,speedup_pairs,resolution,latency_target,backend,device\n"));
-        assert!(text.contains("\npaper,NViT-B,imagenet-1k,83.29,,34.0,6.8,,1.86,,,,224,0.54,,\"V100, batch 256\"\n"), "{text}");
+        assert!(text.starts_with("source,model,dataset,top1,top5,params_m,gflops,images_per_s,speedup,speedup_min,speedup_max,speedup_pairs,resolution,latency_target,backend,device,runtime\n"));
+        assert!(text.contains("\npaper,NViT-B,imagenet-1k,83.29,,34.0,6.8,,1.86,,,,224,0.54,,\"V100, batch 256\",PyTorch\n"), "{text}");
         assert!(measured_rows(&[(serde_json::json!({"model": "x"}), None)]).unwrap_err().to_string().contains("`images_per_s`"));
     }
 }

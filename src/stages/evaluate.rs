@@ -1,6 +1,7 @@
 //! `evaluate`: top-1 and top-5 (the two heads averaged for distilled models), loss, params,
-//! FLOPs, and measured inference throughput on the chosen backend: images/s and per-batch
-//! latency at a stated batch size, after warm-up, the median of repeats. With a `baseline`
+//! FLOPs, and measured inference throughput on the chosen backend, or in ONNX Runtime with
+//! `runtime = "onnxruntime"`: images/s and per-batch latency at a stated batch size, after
+//! warm-up, the median of repeats. With a `baseline`
 //! (the dense model's stage), also the speedup over it measured in pairs: the two models timed
 //! alternately in this process, on the same input, so that what slows the machine slows both.
 
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{at_least_one, KeyDoc, StageContext};
 use crate::data::{DatasetKind, Split};
 use crate::model::{Model, ModelConfig};
+use crate::onnxruntime::{Clock, Provider, Runtime};
 use crate::train::{accuracy, Accuracy};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -25,6 +27,8 @@ pub struct EvaluateSettings {
     pub model_id: Option<String>,
     pub baseline: Option<String>,
     pub speedup_pairs: usize,
+    pub runtime: Runtime,
+    pub onnxruntime_provider: Provider,
 }
 
 pub const KEYS: &[KeyDoc] = &[
@@ -36,11 +40,24 @@ pub const KEYS: &[KeyDoc] = &[
     ("model_id", "string", "the model's name in metrics.csv (unset: the input stage's name)"),
     ("baseline", "string", "a stage whose model (the dense one) this one's speedup is measured against, in pairs (unset: none)"),
     ("speedup_pairs", "integer", "with a baseline: timed passes of each model, alternated; the speedup is the median of the pairs' ratios"),
+    crate::stages::profile_latency::RUNTIME_KEY,
+    crate::stages::profile_latency::PROVIDER_KEY,
 ];
 
 impl Default for EvaluateSettings {
     fn default() -> Self {
-        Self { split: Split::Val, batch_size: 256, throughput_batch: 64, throughput_repeats: 10, warmup: 2, model_id: None, baseline: None, speedup_pairs: 20 }
+        Self {
+            split: Split::Val,
+            batch_size: 256,
+            throughput_batch: 64,
+            throughput_repeats: 10,
+            warmup: 2,
+            model_id: None,
+            baseline: None,
+            speedup_pairs: 20,
+            runtime: Runtime::Backend,
+            onnxruntime_provider: Provider::Cpu,
+        }
     }
 }
 
@@ -71,9 +88,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
     }
 
     let baseline = s.baseline.as_deref().map(|name| baseline_model(ctx, name, &config)).transpose()?;
-    let timing = crate::model::Timing::new(&config, s.throughput_batch, device);
-    let median = timing.median(&model, s.warmup, s.throughput_repeats);
-    let paired = baseline.map(|base| timing.paired(&base, &model, s.warmup, s.speedup_pairs));
+    let clock = Clock::new(s.runtime, s.onnxruntime_provider, format!("{} on {}", ctx.backend, ctx.device_name))?;
+    let median = clock.median(&model, s.throughput_batch, s.warmup, s.throughput_repeats, device)?;
+    let paired = baseline.map(|base| clock.paired(&base, &model, s.throughput_batch, s.warmup, s.speedup_pairs, device)).transpose()?;
 
     let data = ctx.dataset;
     let dataset = match data.kind {
@@ -97,6 +114,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &EvaluateSettings) -> R
         "throughput_measured": crate::machine::MEASURED_ALONE,
         "backend": ctx.backend.to_string(),
         "device": ctx.device_name,
+        "runtime": clock.describe(),
         "pipeline": ctx.pipeline_name,
         "image_size": config.image_size(),
         "family": config.family().to_string(),

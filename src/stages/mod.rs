@@ -28,6 +28,7 @@ use crate::data::{Dataset, DatasetConfig, Loader, Split};
 use crate::model::{checkpoint, Family, Model, ModelConfig, ModelSection};
 use crate::files::atomic_write;
 use crate::manifest::Manifest;
+use crate::onnxruntime::{Provider, Runtime};
 use crate::runlog::RunLog;
 
 pub use distill::DistillSettings;
@@ -135,10 +136,10 @@ impl StageKind {
             StageKind::LoadPretrained => &["src/stages/load_pretrained.rs", "src/data"],
             StageKind::Train => &["src/stages/train.rs", "src/train", "src/data"],
             StageKind::Distill => &["src/stages/distill.rs", "src/stages/train.rs", "src/train", "src/data"],
-            StageKind::ProfileLatency => &["src/stages/profile_latency.rs", "src/prune"],
+            StageKind::ProfileLatency => &["src/stages/profile_latency.rs", "src/prune", "src/onnxruntime.rs", "src/export/onnx.rs"],
             StageKind::HessianScores => &["src/stages/hessian_scores.rs", "src/prune", "src/train", "src/data"],
-            StageKind::Prune => &["src/stages/prune.rs", "src/prune", "src/train", "src/data"],
-            StageKind::Evaluate => &["src/stages/evaluate.rs", "src/machine.rs", "src/train", "src/data"],
+            StageKind::Prune => &["src/stages/prune.rs", "src/prune", "src/train", "src/data", "src/onnxruntime.rs", "src/export/onnx.rs"],
+            StageKind::Evaluate => &["src/stages/evaluate.rs", "src/machine.rs", "src/train", "src/data", "src/onnxruntime.rs", "src/export/onnx.rs"],
             StageKind::Report => &["src/stages/report.rs", "src/report"],
         };
         let mut paths = vec!["Cargo.lock", "src/files.rs", "src/model", "src/stages/mod.rs"];
@@ -334,9 +335,25 @@ impl StageSettings {
     }
 }
 
-/// Facts outside the settings that a stage's output depends on, for its cache key.
-pub fn key_extra(spec: &StageSpec, device_name: &str) -> BTreeMap<String, String> {
+/// The runtime a stage times on, where it times at all: `(runtime, provider)`.
+pub fn timing_runtime(spec: &StageSpec) -> Option<(Runtime, Provider)> {
+    match &spec.settings {
+        StageSettings::ProfileLatency(s) if s.table.is_none() => Some((s.runtime, s.onnxruntime_provider)),
+        StageSettings::Prune(s) if s.stop_on == prune::StopOn::Measured => Some((s.runtime, s.onnxruntime_provider)),
+        StageSettings::Evaluate(s) => Some((s.runtime, s.onnxruntime_provider)),
+        _ => None,
+    }
+}
+
+/// Facts outside the settings that a stage's output depends on, for its cache key: the device
+/// of a stage that times, and the ONNX Runtime version of one that times there (loading it: a
+/// pipeline that asks for a missing ONNX Runtime stops before any stage runs).
+pub fn key_extra(spec: &StageSpec, device_name: &str) -> Result<BTreeMap<String, String>> {
     let mut extra = BTreeMap::new();
+    if let Some((Runtime::Onnxruntime, provider)) = timing_runtime(spec) {
+        let version = crate::onnxruntime::Onnxruntime::new(provider).map(|o| o.describe()).with_context(|| format!("stages.{}.runtime = \"onnxruntime\"", spec.name))?;
+        extra.insert("onnxruntime".into(), version);
+    }
     match &spec.settings {
         StageSettings::LoadPretrained(s) => {
             extra.insert("checkpoint".into(), crate::files::file_identity(&s.path));
@@ -349,13 +366,16 @@ pub fn key_extra(spec: &StageSpec, device_name: &str) -> BTreeMap<String, String
                 extra.insert("table".into(), crate::files::file_identity(path));
             }
         }
+        StageSettings::Prune(p) if p.stop_on == prune::StopOn::Measured => {
+            extra.insert("device".into(), device_name.into());
+        }
         StageSettings::Train(_)
         | StageSettings::Distill(_)
         | StageSettings::HessianScores(_)
         | StageSettings::Prune(_)
         | StageSettings::Report(_) => {}
     }
-    extra
+    Ok(extra)
 }
 
 /// A lower bound on the memory one step of the stage needs with `model`, and the key whose

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::{at_least_one, KeyDoc, StageContext};
 use crate::files::atomic_write;
 use crate::model::{BlockDims, ModelConfig};
+use crate::onnxruntime::{Clock, Provider, Runtime};
 use crate::prune::{Grid, LatencyTable, ModelLatency};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -56,6 +57,8 @@ pub struct ProfileLatencySettings {
     pub repeats: usize,
     pub rounds: usize,
     pub table: Option<PathBuf>,
+    pub runtime: Runtime,
+    pub onnxruntime_provider: Provider,
 }
 
 pub const KEYS: &[KeyDoc] = &[
@@ -71,7 +74,13 @@ pub const KEYS: &[KeyDoc] = &[
     ("repeats", "integer", "timed passes per grid point; the median is kept"),
     ("rounds", "integer", "times the whole grid is timed; each point's median over the rounds is kept"),
     ("table", "path", "import this table (reference JSON layout) instead of measuring"),
+    RUNTIME_KEY,
+    PROVIDER_KEY,
 ];
+
+/// The `runtime` key of the stages that time (profile_latency, prune, evaluate).
+pub const RUNTIME_KEY: KeyDoc = ("runtime", "string", "where latency is timed: `backend` (the pipeline's backend) or `onnxruntime` (exported to ONNX as `runner export` writes it, timed in ONNX Runtime at the runner's threads: `pip install onnxruntime`)");
+pub const PROVIDER_KEY: KeyDoc = ("onnxruntime_provider", "string", "with runtime = \"onnxruntime\": `cpu` or `cuda` (onnxruntime-gpu's CUDA provider)");
 
 impl Default for ProfileLatencySettings {
     fn default() -> Self {
@@ -88,6 +97,8 @@ impl Default for ProfileLatencySettings {
             repeats: 5,
             rounds: 3,
             table: None,
+            runtime: Runtime::Backend,
+            onnxruntime_provider: Provider::Cpu,
         }
     }
 }
@@ -102,6 +113,9 @@ impl ProfileLatencySettings {
         super::repetitions(&mut p, &[("repeats", self.repeats, 1), ("warmup", self.warmup, 0), ("rounds", self.rounds, 1)]);
         if let Some(problem) = self.table.as_deref().and_then(|t| crate::files::input_problem(t, crate::files::MAX_TEXT)) {
             p.push(("table".into(), problem));
+        }
+        if self.table.is_some() && self.runtime != Runtime::Backend {
+            p.push(("runtime".into(), "times the profile, and `table` imports one instead: leave one of them unset".into()));
         }
         if let Some(t) = self.tokens.filter(|t| *t == 0 || *t > MAX_TOKENS) {
             p.push(("tokens".into(), format!("must be from 1 to {MAX_TOKENS}, got {t}")));
@@ -124,6 +138,11 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings
         anyhow::bail!("profile_latency needs a model (for its widths and token count): give it an `input` stage");
     };
     let config = model.config();
+    let clock = Clock::new(s.runtime, s.onnxruntime_provider, format!("{} on {}", ctx.backend, ctx.device_name))?;
+    let runtime = match &s.table {
+        Some(path) => format!("imported from {}", path.display()),
+        None => clock.describe(),
+    };
     let latency = match &s.table {
         Some(path) => ModelLatency::from_json(path)?,
         None => {
@@ -141,10 +160,10 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings
                 pick(&s.grid_qk, &mut grid.qk);
                 pick(&s.grid_v, &mut grid.v);
                 pick(&s.grid_mlp, &mut grid.mlp);
-                tables.push(measure(ctx, s, grid, &config, stage)?);
+                tables.push(measure(ctx, s, &clock, grid, &config, stage)?);
             }
             let measured = ModelLatency { stages: tables };
-            atomic_write(&ctx.dir.join("latency_measured.csv"), measured.to_csv().as_bytes())?;
+            atomic_write(&ctx.dir.join("latency_measured.csv"), measured.to_csv(&runtime).as_bytes())?;
             ModelLatency { stages: measured.stages.into_iter().map(LatencyTable::monotone).collect() }
         }
     };
@@ -155,14 +174,15 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings
         }
     }
     atomic_write(&ctx.dir.join("latency.json"), &serde_json::to_vec_pretty(&latency.to_json())?)?;
-    atomic_write(&ctx.dir.join("latency.csv"), latency.to_csv().as_bytes())?;
+    atomic_write(&ctx.dir.join("latency.csv"), latency.to_csv(&runtime).as_bytes())?;
     let dense = latency.model_latency(&config);
-    ctx.log.info(&format!("{}: the input model's estimated latency is {:.3} ms per batch of {}", ctx.spec.name, dense * 1e3, s.batch_size));
+    ctx.log.info(&format!("{}: the input model's estimated latency is {:.3} ms per batch of {} ({runtime})", ctx.spec.name, dense * 1e3, s.batch_size));
     Ok(serde_json::json!({
         "points": latency.stages.iter().map(|t| t.grid.points().len()).sum::<usize>(),
         "model_latency_s": dense,
         "batch_size": s.batch_size,
         "device": ctx.device_name,
+        "runtime": runtime,
     }))
 }
 
@@ -175,7 +195,7 @@ struct Partial {
 
 /// Times one block of `config`'s stream `stage` at every point of `grid`, `rounds` times; each
 /// point's median over the rounds.
-fn measure<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings, grid: Grid, config: &ModelConfig, stage: usize) -> Result<LatencyTable> {
+fn measure<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings, clock: &Clock, grid: Grid, config: &ModelConfig, stage: usize) -> Result<LatencyTable> {
     let device = ctx.device();
     let points = grid.points();
     let name = if config.stages().len() > 1 { format!("{} stage {stage}", ctx.spec.name) } else { ctx.spec.name.clone() };
@@ -194,7 +214,7 @@ fn measure<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings
         progress.set_position(values.len() as u64);
     }
     let workload = Workload { batch: s.batch_size, tokens: s.tokens, warmup: s.warmup, repeats: s.repeats };
-    let table = profile::<B::InnerBackend>(config, stage, grid.clone(), &workload, s.rounds, values, device, |values| {
+    let table = profile::<B::InnerBackend>(clock, config, stage, grid.clone(), &workload, s.rounds, values, device, |values| {
         let n = values.len() - 1;
         atomic_write(&partial, &serde_json::to_vec(&Partial { grid: grid.clone(), values: values.to_vec() })?)?;
         let (e, dims) = &points[n % points.len()];
@@ -205,11 +225,12 @@ fn measure<B: AutodiffBackend>(ctx: &StageContext<B>, s: &ProfileLatencySettings
     Ok(table)
 }
 
-/// Times one block of `config`'s stream `stage` at every point of `grid`, the whole grid
-/// `rounds` times over, on from `values` (the timings a killed run kept, in that order);
+/// Times one block of `config`'s stream `stage` at every point of `grid` on `clock`, the whole
+/// grid `rounds` times over, on from `values` (the timings a killed run kept, in that order);
 /// `after` sees the timings so far after each. Each point's median over the rounds.
 #[allow(clippy::too_many_arguments)]
 pub fn profile<B: Backend>(
+    clock: &Clock,
     config: &ModelConfig,
     stage: usize,
     grid: Grid,
@@ -228,7 +249,7 @@ pub fn profile<B: Backend>(
     for n in values.len()..points.len() * rounds {
         crate::interrupt::check()?;
         let (e, dims) = &points[n % points.len()];
-        values.push(time_block::<B>(config, stage, *e, dims, workload, device));
+        values.push(clock.time_block::<B>(config, stage, *e, dims, workload, device)?);
         after(&values)?;
     }
     let medians = (0..points.len()).map(|p| crate::machine::median(values.iter().skip(p).step_by(points.len()).copied().collect())).collect();

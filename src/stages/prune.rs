@@ -18,6 +18,7 @@ use super::{at_least_one, non_negative, positive, Extras, KeyDoc, StageContext};
 use crate::data::Split;
 use crate::model::{checkpoint, Model};
 use crate::files::atomic_write;
+use crate::onnxruntime::{Clock, Provider, Runtime};
 use crate::prune::saliency::{gate_gradients, rng, score};
 use crate::prune::{compact, greedy, Criterion, Masks, ModelLatency, Normalizers, Structure};
 use crate::data::mix::soft_targets;
@@ -99,6 +100,8 @@ pub struct PruneSettings {
     pub kd_weight: f64,
     pub temperature: f64,
     pub augment: bool,
+    pub runtime: Runtime,
+    pub onnxruntime_provider: Provider,
 }
 
 pub const KEYS: &[KeyDoc] = &[
@@ -132,6 +135,8 @@ pub const KEYS: &[KeyDoc] = &[
     ("kd_weight", "float", "weight of the distillation loss against the dense model"),
     ("temperature", "float", "distillation temperature T"),
     ("augment", "bool", "training transforms (else the evaluation transform)"),
+    crate::stages::profile_latency::RUNTIME_KEY,
+    crate::stages::profile_latency::PROVIDER_KEY,
 ];
 
 impl Default for PruneSettings {
@@ -167,6 +172,8 @@ impl Default for PruneSettings {
             kd_weight: 1e5,
             temperature: 3.0,
             augment: true,
+            runtime: Runtime::Backend,
+            onnxruntime_provider: Provider::Cpu,
         }
     }
 }
@@ -188,6 +195,9 @@ impl PruneSettings {
         }
         non_negative(&mut p, "eta", self.eta);
         super::repetitions(&mut p, &[("measure_pairs", self.measure_pairs, 1)]);
+        if self.runtime != Runtime::Backend && self.stop_on == StopOn::Estimated {
+            p.push(("runtime".into(), "times the measured stop, and stop_on = \"estimated\" times nothing (the latency table's runtime decides the estimate)\n  hint: set stop_on = \"measured\", or leave runtime unset".into()));
+        }
         if self.selection == Selection::Exact && self.allocation == Allocation::Uniform {
             p.push(("selection".into(), "`exact` chooses every width itself: it cannot be combined with allocation = \"uniform\"".into()));
         }
@@ -261,15 +271,16 @@ struct Measured {
 
 impl Measured {
     fn new(target: f64) -> Self {
-        Self { correction: 1.0, next_at: (1.0 + target) / 2.0, last: None, log: String::from("step,prune_step,est_ratio,measured_ratio,measured_min,measured_max,pairs,correction\n") }
+        Self { correction: 1.0, next_at: (1.0 + target) / 2.0, last: None, log: String::from("step,prune_step,est_ratio,measured_ratio,measured_min,measured_max,pairs,correction,runtime\n") }
     }
 }
 
-/// The compact model of `student` under `masks` against `dense`, timed alternately in pairs of
-/// forward passes of `batch` random images: its latency as a fraction of dense's.
-fn measure<B: AutodiffBackend>(dense: &Model<B::InnerBackend>, student: &Model<B>, masks: &Masks, batch: usize, pairs: usize, device: &B::Device) -> Result<crate::machine::Ratio> {
+/// The compact model of `student` under `masks` against `dense`, timed on `clock`
+/// alternately in pairs of forward passes of `batch` random images: its latency as a fraction
+/// of dense's.
+fn measure<B: AutodiffBackend>(clock: &Clock, dense: &Model<B::InnerBackend>, student: &Model<B>, masks: &Masks, batch: usize, pairs: usize, device: &B::Device) -> Result<crate::machine::Ratio> {
     let small = compact(&student.valid(), masks, device)?;
-    Ok(crate::model::Timing::new(&dense.config(), batch, device).paired(&small, dense, 2, pairs))
+    clock.paired(&small, dense, batch, 2, pairs, device)
 }
 
 /// Progress in per mille of the latency to remove, which is what ends the stage (not the
@@ -427,6 +438,9 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         last_loss: f64::NAN,
         measured: (s.stop_on == StopOn::Measured).then(|| Measured::new(s.latency_target)),
     };
+    // Loaded before the first step: a missing ONNX Runtime stops the stage at once.
+    let clock = (s.stop_on == StopOn::Measured).then(|| Clock::new(s.runtime, s.onnxruntime_provider, format!("{} on {}", ctx.backend, ctx.device_name))).transpose()?;
+    let runtime = crate::prune::latency_table::csv_field(&clock.as_ref().map(Clock::describe).unwrap_or_default());
     let ckpt = ctx.dir.join("checkpoint");
     let (restored, mut optim) = resume::load::<B, PruneState>(&ckpt, &student, AdamW::<B>::new(s.weight_decay, None), device, |w| ctx.warn(&w));
     if let Some((model, saved)) = restored {
@@ -491,11 +505,11 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
                 let mut done = reached(ratio, target);
                 if let Some(m) = state.measured.as_mut() {
                     if done || ratio * m.correction <= m.next_at {
-                        let r = measure(&teacher, &student, &state.masks, s.measure_batch, s.measure_pairs, device)?;
+                        let r = measure(clock.as_ref().expect("a clock where stop_on is measured"), &teacher, &student, &state.masks, s.measure_batch, s.measure_pairs, device)?;
                         m.correction = r.median / ratio;
                         m.next_at = s.latency_target + (r.median - s.latency_target) / 2.0;
                         m.last = Some(r);
-                        m.log.push_str(&format!("{step},{prune_step},{ratio:.5},{:.5},{:.5},{:.5},{},{:.5}\n", r.median, r.min, r.max, r.pairs, m.correction));
+                        m.log.push_str(&format!("{step},{prune_step},{ratio:.5},{:.5},{:.5},{:.5},{},{:.5},{runtime}\n", r.median, r.min, r.max, r.pairs, m.correction));
                         ctx.log.info(&format!("{}: step {prune_step}: estimated {ratio:.3} of dense, measured {:.3} ({:.3}-{:.3} over {} pairs)", ctx.spec.name, r.median, r.min, r.max, r.pairs));
                         done = reached(r.median, s.latency_target);
                     } else {
@@ -563,6 +577,7 @@ pub fn run<B: AutodiffBackend>(ctx: &StageContext<B>, s: &PruneSettings) -> Resu
         "latency_measured_min": last.map(|r| r.min),
         "latency_measured_max": last.map(|r| r.max),
         "measure_pairs": last.map(|r| r.pairs),
+        "latency_measured_runtime": clock.as_ref().map(Clock::describe),
         "params": small.config().params(),
         "flops": small.config().flops(),
         "final_loss": last_loss,

@@ -100,14 +100,14 @@ fn evaluate_writes_its_row_and_training_lowers_the_loss() {
 
     let csv = std::fs::read_to_string(dir.path().join("results/tiny/metrics.csv")).unwrap();
     let mut lines = csv.lines();
-    assert_eq!(lines.next().unwrap(), "model,dataset,split,images,top1,top5,loss,params_m,gflops,images_per_s,latency_ms,batch,backend,device,pipeline");
+    assert_eq!(lines.next().unwrap(), "model,dataset,split,images,top1,top5,loss,params_m,gflops,images_per_s,latency_ms,batch,backend,device,pipeline,runtime");
     let row: Vec<&str> = lines.next().unwrap().split(',').collect();
     assert_eq!(&row[..4], ["train", "synthetic-4c-16px", "val", "32"]);
     let top1: f64 = row[4].parse().unwrap();
     assert!(top1 > 25.0, "a trained model beats chance (25%) on its synthetic classes: {top1}");
     assert_eq!(row[11], "8");
     assert!(row[9].parse::<f64>().unwrap() > 0.0);
-    assert_eq!(&row[12..], ["flex", "test-cpu", "tiny"]);
+    assert_eq!(&row[12..], ["flex", "test-cpu", "tiny", "flex on test-cpu"]);
     assert!(lines.next().is_none());
 }
 

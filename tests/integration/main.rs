@@ -26,6 +26,7 @@ mod docs;
 mod gradient_parity;
 mod nvit_pipelines;
 mod onnx_export;
+mod onnxruntime;
 mod prune;
 mod pytorch_loader;
 mod resume;

@@ -145,3 +145,44 @@ fn a_swin_runs_in_tract_as_in_the_runner_and_timm() {
         }
     }
 }
+
+/// The blocks `runtime = "onnxruntime"` times: one ViT block (LayerScale, odd widths) and one
+/// shifted Swin block alone, as ONNX files of input `x` and output `y`, computing in tract what
+/// the runner's block computes.
+#[test]
+fn a_block_alone_runs_in_tract_as_in_the_runner() {
+    use nvit::model::{BlockDims, SwinBlock};
+    let _rng = common::rng_turn();
+    let device = Default::default();
+    let run = |bytes: Vec<u8>, input: Vec<f32>, shape: [usize; 3]| -> Vec<f32> {
+        let proto = tract_onnx::onnx().proto_model_for_read(&mut bytes.as_slice()).unwrap().graph.unwrap();
+        assert_eq!((proto.input[0].name.as_str(), proto.output[0].name.as_str()), ("x", "y"));
+        let runnable = tract_onnx::onnx().model_for_read(&mut bytes.as_slice()).unwrap().into_typed().unwrap().into_runnable().unwrap();
+        let x = tract_ndarray::Array3::from_shape_vec(shape, input).unwrap();
+        let out = runnable.run(tvec!(Tensor::from(x).into())).unwrap();
+        assert_eq!(out[0].shape(), &shape);
+        out[0].to_array_view::<f32>().unwrap().iter().copied().collect()
+    };
+    let input = |shape: [usize; 3]| (0..shape.iter().product::<usize>()).map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0).collect::<Vec<f32>>();
+    let close = |what: &str, ours: Vec<f32>, theirs: Vec<f32>| {
+        let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(worst < 1e-4, "{what}: max |runner - onnx| = {worst}");
+    };
+
+    let mut config = VitConfig::uniform(16, 4, 3, 24, 1, 2, 2.0, 4, true);
+    config.init_values = Some(0.5);
+    let d = BlockDims { heads: 3, qk: 5, v: 7, mlp: 9 };
+    let block = config.block::<NdArray>(20, d, &device);
+    let shape = [2, 17, 20];
+    let x = burn::tensor::Tensor::<NdArray, 3>::from_data(TensorData::new(input(shape), shape), &device);
+    let ours = block.forward(x).into_data().to_vec::<f32>().unwrap();
+    close("ViT block", ours, run(onnx::vit_block_to_onnx(&block, &d, 20, 17, config.head_dim), input(shape), shape));
+
+    // An 8 x 8 map in windows of 4, shifted by 2.
+    let d = BlockDims { heads: 2, qk: 6, v: 5, mlp: 12 };
+    let block = SwinBlock::<NdArray>::new(12, d, 4, 2, 8, (6f64).powf(-0.5), &device);
+    let shape = [2, 64, 12];
+    let x = burn::tensor::Tensor::<NdArray, 3>::from_data(TensorData::new(input(shape), shape), &device);
+    let ours = block.forward(x, None).into_data().to_vec::<f32>().unwrap();
+    close("Swin block", ours, run(onnx::swin_block_to_onnx(&block, &d, 12, 8, 6), input(shape), shape));
+}

@@ -165,7 +165,7 @@ fn prune_stops_at_the_latency_target_and_compacts_to_the_masks() {
 
     let csv = std::fs::read_to_string(dir.path().join("results/tiny/metrics.csv")).unwrap();
     assert!(csv.lines().any(|l| l.starts_with("distill,")), "the evaluated model is the distilled one: {csv}");
-    assert!(csv.lines().skip(1).all(|l| l.ends_with(",tiny")), "rows name the pipeline that published them: {csv}");
+    assert!(csv.lines().skip(1).all(|l| l.ends_with(",tiny,flex on test-cpu")), "rows name the pipeline that published them and where they were timed: {csv}");
 
     // The report: both measured models (speedup over the first) above the paper's rows, the
     // widths of each, and the figures, all in results/tiny/.
@@ -288,8 +288,10 @@ fn stop_on_measured_times_the_compact_model_and_stops_on_what_it_measured() {
     let dir = tempfile::tempdir().unwrap();
     let entry = prune_entry(dir.path(), "latency_target = 0.5\nstop_on = \"measured\"\nmeasure_batch = 4\nmeasure_pairs = 3\nmax_prune_steps = 60\n");
     let log = std::fs::read_to_string(entry.join("latency_measured.csv")).unwrap();
-    let rows: Vec<Vec<f64>> = log.lines().skip(1).map(|l| l.split(',').map(|x| x.parse().unwrap()).collect()).collect();
+    // Eight numbers, then the runtime they were timed on.
+    let rows: Vec<Vec<f64>> = log.lines().skip(1).map(|l| l.split(',').take(8).map(|x| x.parse().unwrap()).collect()).collect();
     assert!(!rows.is_empty(), "{log}");
+    assert!(log.lines().skip(1).all(|l| l.ends_with(" on test-cpu")), "{log}");
     // The first measurement comes once the estimate is halfway down: at most 0.75 of dense.
     assert!(rows[0][2] <= 0.75 + 1e-9 && rows[0][2] > 0.5, "{log}");
     for r in &rows {
@@ -301,6 +303,7 @@ fn stop_on_measured_times_the_compact_model_and_stops_on_what_it_measured() {
     let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(entry.join("manifest.json")).unwrap()).unwrap();
     let m = &manifest["metrics"];
     assert_eq!(m["stop_on"], "measured");
+    assert!(m["latency_measured_runtime"].as_str().unwrap().ends_with(" on test-cpu"), "{m}");
     let last = m["latency_measured"].as_f64().unwrap();
     assert!((last - rows.last().unwrap()[3]).abs() < 1e-4, "{m}");
     assert_eq!(m["target_reached"].as_bool().unwrap(), last <= 0.5 * (1.0 + 1e-9), "reached means measured at or under the target: {m}");

@@ -112,7 +112,7 @@ fn a_swin_runs_through_every_stage() {
     assert_eq!(measured.stages.iter().map(|t| t.grid.emb.clone()).collect::<Vec<_>>(), [vec![4, 8], vec![8, 16]]);
     assert!(measured.model_latency(&dense) > 0.0);
     let csv = std::fs::read_to_string(dir_of("latency").join("latency.csv")).unwrap();
-    assert!(csv.starts_with("stage,emb,heads,qk,v,mlp,seconds\n0,4,1,"), "{csv}");
+    assert!(csv.starts_with("stage,emb,heads,qk,v,mlp,seconds,runtime\n0,4,1,"), "{csv}");
 
     // Scores for every unit, EMB per stage.
     let scores: Masks = serde_json::from_slice(&std::fs::read(dir_of("scores").join("scores.json")).unwrap()).unwrap();
