@@ -59,6 +59,8 @@ struct Loaded {
     library: PathBuf,
     version: String,
     environment: ort::environment::Environment,
+    /// The intra-op threads of the one pool every session shares.
+    threads: usize,
 }
 
 static LOADED: OnceLock<std::result::Result<Loaded, String>> = OnceLock::new();
@@ -83,12 +85,17 @@ fn load() -> Result<Loaded> {
     if !version.starts_with("1.") || minor < OLDEST_MINOR {
         bail!("ONNX Runtime {version} ({}) is older than 1.{OLDEST_MINOR}, the oldest the runner loads\n  {INSTALL}", library.display());
     }
-    let environment = ort::init_from(&library)
-        .map_err(|e| anyhow!("{e}"))?
-        .with_name("nvit")
-        .build()
-        .map_err(|e| anyhow!("ONNX Runtime {version} ({}): {e}", library.display()))?;
-    Ok(Loaded { library, version, environment })
+    // One thread pool for every session, as many threads as the runner's CPU backends use: two
+    // sessions timed in pairs with a pool each had the idle one's threads spinning on the cores
+    // the other ran on.
+    let threads = rayon::current_num_threads();
+    let fail = |e: &dyn std::fmt::Display| anyhow!("ONNX Runtime {version} ({}): {e}", library.display());
+    let pool = ort::environment::GlobalThreadPoolOptions::default()
+        .with_intra_threads(threads)
+        .and_then(|p| p.with_inter_threads(1))
+        .map_err(|e| fail(&e))?;
+    let environment = ort::init_from(&library).map_err(|e| anyhow!("{e}"))?.with_name("nvit").with_global_thread_pool(pool).build().map_err(|e| fail(&e))?;
+    Ok(Loaded { library, version, environment, threads })
 }
 
 /// `ORT_DYLIB_PATH`, or the library inside the `onnxruntime` package of `python3`.
@@ -151,7 +158,6 @@ fn library_version(path: &Path) -> Result<String> {
 /// models, all graph optimizations on, as a deployment creates them.
 pub struct Onnxruntime {
     provider: Provider,
-    threads: usize,
     loaded: &'static Loaded,
 }
 
@@ -169,12 +175,12 @@ impl Onnxruntime {
                 );
             }
         }
-        Ok(Self { provider, threads: rayon::current_num_threads(), loaded })
+        Ok(Self { provider, loaded })
     }
 
     /// What every latency figure timed here says of where it was timed.
     pub fn describe(&self) -> String {
-        format!("onnxruntime {} {} {} threads", self.loaded.version, self.provider.name(), self.threads)
+        format!("onnxruntime {} {} {} threads", self.loaded.version, self.provider.name(), self.loaded.threads)
     }
 
     /// A session of `model` (an ONNX file's bytes) whose one input is random values of `shape`.
@@ -183,10 +189,6 @@ impl Onnxruntime {
         let mut builder = ort::session::Session::builder(&self.loaded.environment)
             .map_err(|e| fail(&e))?
             .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)
-            .map_err(|e| fail(&e))?
-            .with_intra_threads(self.threads)
-            .map_err(|e| fail(&e))?
-            .with_inter_threads(1)
             .map_err(|e| fail(&e))?;
         if self.provider == Provider::Cuda {
             builder = builder.with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()]).map_err(|e| fail(&e))?;
