@@ -90,11 +90,13 @@ fn load() -> Result<Loaded> {
     // the other ran on.
     let threads = rayon::current_num_threads();
     let fail = |e: &dyn std::fmt::Display| anyhow!("ONNX Runtime {version} ({}): {e}", library.display());
+    // First: any other call into `ort` would load a library of its own choosing, or panic.
+    let environment = ort::init_from(&library).map_err(|e| anyhow!("{e}"))?;
     let pool = ort::environment::GlobalThreadPoolOptions::default()
         .with_intra_threads(threads)
         .and_then(|p| p.with_inter_threads(1))
         .map_err(|e| fail(&e))?;
-    let environment = ort::init_from(&library).map_err(|e| anyhow!("{e}"))?.with_name("nvit").with_global_thread_pool(pool).build().map_err(|e| fail(&e))?;
+    let environment = environment.with_name("nvit").with_global_thread_pool(pool).build().map_err(|e| fail(&e))?;
     Ok(Loaded { library, version, environment, threads })
 }
 
