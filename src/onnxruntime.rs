@@ -85,9 +85,8 @@ fn load() -> Result<Loaded> {
     if !version.starts_with("1.") || minor < OLDEST_MINOR {
         bail!("ONNX Runtime {version} ({}) is older than 1.{OLDEST_MINOR}, the oldest the runner loads\n  {INSTALL}", library.display());
     }
-    // One thread pool for every session, as many threads as the runner's CPU backends use: two
-    // sessions timed in pairs with a pool each had the idle one's threads spinning on the cores
-    // the other ran on.
+    // One thread pool for every session, as many threads as the runner's CPU backends use: with
+    // a pool each, two sessions timed in pairs keep twice as many threads as there are cores.
     let threads = rayon::current_num_threads();
     let fail = |e: &dyn std::fmt::Display| anyhow!("ONNX Runtime {version} ({}): {e}", library.display());
     // First: any other call into `ort` would load a library of its own choosing, or panic.
